@@ -1,0 +1,312 @@
+"""The command line: `optimize` (the main job) and `tailor {optimize,inspect,eval,bench}`.
+
+Bad input prints one line on stderr and exits 2; --debug shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from tailor.errors import TailorError
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+# keys a --config file may set, with their defaults; CLI flags given explicitly win
+OPTIMIZE_DEFAULTS: dict[str, Any] = {
+    "model": None, "budget": 1.0, "output": None, "objective": "latency", "seq_len": 1024,
+    "batch": 1, "format": None, "force": False, "trust_remote_code": False,
+}
+
+
+class ValidationFailed(Exception):
+    """The written artifact does not reproduce the model; nothing was moved into place."""
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+def _optimize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="an .onnx file or an HF model directory "
+                   "(default: the embedded all-MiniLM-L6-v2, exported to ONNX)")
+    p.add_argument("--budget", type=str, help="cost of the result as a fraction of the original, "
+                   "in (0, 1] (default 1.0)")
+    p.add_argument("-o", "--output", help="artifact directory (default: <model name>-tailored)")
+    p.add_argument("--objective", choices=["latency", "flops", "kv_memory"])
+    p.add_argument("--seq-len", "--prompt-len", dest="seq_len", type=int,
+                   help="workload prompt length the cost is measured for (default 1024)")
+    p.add_argument("--batch", type=int, help="workload batch size (default 1)")
+    p.add_argument("--format", help="comma list of safetensors,onnx (torch inputs; default "
+                   "safetensors); ONNX inputs always give ONNX")
+    p.add_argument("--config", help="TOML or YAML file of these options (an artifact's run.yaml "
+                   "replays its run)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
+    p.add_argument("--force", action="store_true", default=None, help="replace an existing output")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow an HF config that asks for remote code")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailor", description="Compile a transformer to a cost budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _optimize_args(sub.add_parser("optimize", help="compile a model to a budget and write an artifact"))
+    p = sub.add_parser("inspect", help="print the recognised structure of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length for FLOP counts")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("eval", help="quality of an artifact: perplexity, and KL/top-1 vs a reference")
+    p.add_argument("artifact")
+    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--reference", help="the original model (HF directory or .onnx)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the artifact's own)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("bench", help="latency of an artifact beside its reference, in one run")
+    p.add_argument("artifact")
+    p.add_argument("--reference", required=True, help="the original model (HF directory or .onnx)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(COMMANDS[args.command], args)
+
+
+def optimize_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optimize", description="Compile a model to a cost budget.")
+    _optimize_args(parser)
+    return _run(cmd_optimize, parser.parse_args(argv))
+
+
+def _run(fn, args) -> int:
+    try:
+        return fn(args) or 0
+    except TailorError as e:
+        if getattr(args, "debug", False):
+            raise
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        return 2
+    except ValidationFailed as e:
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        return 130
+
+
+# ---- optimize ----------------------------------------------------------------------------------
+
+def resolve_config(args) -> dict[str, Any]:
+    """Defaults < --config file < flags given on the command line."""
+    cfg = dict(OPTIMIZE_DEFAULTS)
+    if args.config:
+        cfg.update(read_config(Path(args.config)))
+    for key in OPTIMIZE_DEFAULTS:
+        val = getattr(args, key, None)
+        if val is not None:
+            cfg[key] = val
+    if isinstance(cfg["format"], str):
+        cfg["format"] = [f.strip() for f in cfg["format"].split(",") if f.strip()]
+    return cfg
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TailorError(f"{path}: no such config file")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise TailorError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} "
+                          f"({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise TailorError(f"{path}: a config is a mapping of option names to values")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(OPTIMIZE_DEFAULTS))
+    if unknown:
+        raise TailorError(f"{path}: unknown option(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(OPTIMIZE_DEFAULTS)}")
+    return data
+
+
+def cmd_optimize(args) -> int:
+    import tailor
+    from tailor.api import StageLog, reference_outputs
+    from tailor.plan import check_budget
+    from tailor.quality.validate import as_json, compare_outputs
+    from tailor.runtime.artifact import check_output_dir
+
+    cfg = resolve_config(args)
+    cfg["budget"] = check_budget(cfg["budget"])
+    model = cfg["model"]
+    if model is None:
+        from tailor.cli.default_model import minilm_onnx
+        model = str(minilm_onnx(log=lambda m: console.print(f"[dim]{m}[/dim]")))
+        cfg["model"] = model
+    if not Path(model).exists():
+        raise TailorError(f"{model}: no such file or directory")
+    out = Path(cfg["output"] or f"{Path(model).resolve().with_suffix('').name}-tailored")
+    cfg["output"] = str(out)
+    if not args.dry_run:
+        check_output_dir(out, bool(cfg["force"]))
+
+    def stage_done(name, secs):
+        console.print(f"  {name:<9} {secs:6.2f} s")
+
+    stages = StageLog(stage_done)
+    console.print(f"tailor: {model} → {out} (budget {cfg['budget']:g}, objective {cfg['objective']})")
+    compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], seq_len=cfg["seq_len"],
+                              batch=cfg["batch"], formats=cfg["format"],
+                              trust_remote_code=bool(cfg["trust_remote_code"]), stages=stages)
+    if args.dry_run:
+        print_structure(compiled.report["model"])
+        console.print(f"dry run: would write {out}/ with plan.json, report.json, run.yaml, "
+                      f"{', '.join(compiled.formats)} model, manifest.json "
+                      f"({len(compiled.plan.rewrites)} rewrites); nothing written")
+        return 0
+
+    compiled.run_config = {k: v for k, v in cfg.items() if k not in ("force",)}
+    graph = compiled.graph
+    ids, expected = reference_outputs(compiled.model, graph.vocab_size)
+    atol = 1e-5 if not compiled.plan.rewrites else None
+    checks: list = []
+
+    def validate(tmp: Path) -> None:
+        reloaded = tailor.load(tmp)
+        import torch
+        with torch.no_grad():
+            got = reloaded.model(torch.from_numpy(ids)).float().numpy()
+        checks.extend(compare_outputs(expected, got, atol))
+        for c in checks:
+            console.print(f"  {c.line()}", style="green" if c.ok else "red")
+        if not all(c.ok for c in checks):
+            raise ValidationFailed(f"the written model does not reproduce the original; "
+                                   f"{out} was not written")
+        report = json.loads((tmp / "report.json").read_text())
+        report["validation"] = as_json(checks)
+        report["stages"] = stages.times
+        _rewrite_json(tmp, "report.json", report)
+
+    with stages("write"):
+        compiled.save(out, force=bool(cfg["force"]), check=validate)
+    compiled.report["validation"] = [c.__dict__ for c in checks]
+    print_summary(compiled, out)
+    return 0
+
+
+def _rewrite_json(folder: Path, name: str, data: dict) -> None:
+    """Update a file inside a not-yet-published artifact and its manifest entry."""
+    from tailor.runtime.artifact import MANIFEST, sha256_file
+
+    (folder / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][name] = sha256_file(folder / name)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def print_summary(compiled, out: Path) -> None:
+    t = Table(title=f"tailor result → {out}", show_lines=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    plan = compiled.plan
+    t.add_row("rewrites applied", str(len(plan.rewrites)) if plan.rewrites else "none (identity)")
+    for obj, ratio in plan.predicted.items():
+        t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}")
+    for c in compiled.report.get("validation", []):
+        t.add_row(c["name"], ("✓ " if c["ok"] else "✗ ") + c["detail"])
+    t.add_row("artifact", ", ".join(sorted(p.name for p in out.iterdir())))
+    console.print(t)
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from tailor.api import describe
+    from tailor.passes.cost import Workload
+    from tailor.rewriter.capture import capture
+
+    if args.seq_len < 1:
+        raise TailorError("--seq-len must be positive")
+    cap = capture(args.model, trust_remote_code=args.trust_remote_code)
+    info = describe(cap.graph, Workload(seq_len=args.seq_len))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_structure(info)
+    return 0
+
+
+def print_structure(info: dict) -> None:
+    console.print(f"{info['task']} · {info['backend']} · {info['layers']} layers · hidden "
+                  f"{info['hidden_size']} · vocab {info['vocab_size']} · positions {info['positional']}"
+                  f" · {info['params'] / 1e6:.2f} M params · {info['flops'] / 1e9:.2f} GFLOP at "
+                  f"{info['workload']['batch']}×{info['workload']['seq_len']} tokens")
+    t = Table()
+    for col in ("layer", "heads", "kv heads", "head dim", "attention", "ffn", "ffn width", "norm",
+                "params", "attn GFLOP", "ffn GFLOP"):
+        t.add_column(col, justify="right")
+    for b in info["blocks"]:
+        attn = ("causal" if b["causal"] else "bidir") + (" rope" if b["rope"] else "") + f" {b['attention_op']}"
+        t.add_row(str(b["layer"]), str(b["heads"]), str(b["kv_heads"]), str(b["head_dim"]), attn,
+                  f"{b['ffn']} {b['activation']}", str(b["ffn_width"]),
+                  f"{b['norm']} {b['residual'].replace('_', '-')}", f"{b['params']:,}",
+                  f"{b['attn_flops'] / 1e9:.3f}", f"{b['ffn_flops'] / 1e9:.3f}")
+    console.print(t)
+
+
+# ---- eval and bench ----------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from tailor.quality.metrics import evaluate
+
+    result = evaluate(Path(args.artifact), Path(args.text), reference=args.reference,
+                      tokenizer=args.tokenizer, seq_len=args.seq_len, windows=args.windows)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        t = Table(title=f"quality of {args.artifact} on {args.text}")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in result.items():
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        console.print(t)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tailor.quality.metrics import bench
+
+    result = bench(Path(args.artifact), args.reference, seq_len=args.seq_len, batch=args.batch,
+                   repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(f"reference {result['reference_ms']:.2f} ms · artifact {result['artifact_ms']:.2f} ms"
+                      f" · ratio {result['ratio']:.3f} (median of {args.repeats}, interleaved, "
+                      f"batch {args.batch} × {args.seq_len} tokens, this machine)")
+    return 0
+
+
+COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "eval": cmd_eval, "bench": cmd_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Validation lines in the Optimum style: ✓ shapes match, ✓ max abs diff ... ."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'✓' if self.ok else '✗'} {self.detail}"
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float | None) -> list[Check]:
+    """Shapes and max abs difference; atol None reports the difference without judging it
+    (a budgeted rewrite is meant to differ: its quality is measured elsewhere)."""
+    ref, got = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+    checks = [Check("shapes", ref.shape == got.shape,
+                    f"shapes match: {tuple(got.shape)}" if ref.shape == got.shape
+                    else f"shapes differ: reference {tuple(ref.shape)}, result {tuple(got.shape)}")]
+    if ref.shape != got.shape:
+        return checks
+    finite = bool(np.isfinite(got).all())
+    diff = float(np.abs(ref - got).max()) if ref.size else 0.0
+    if not finite:
+        checks.append(Check("max_abs_diff", False, "result has NaN or inf values"))
+    elif atol is None:
+        checks.append(Check("max_abs_diff", True, f"max abs diff {diff:.3g} (rewritten model)"))
+    else:
+        ok = diff <= atol
+        checks.append(Check("max_abs_diff", ok,
+                            f"max abs diff {diff:.3g} {'≤' if ok else '>'} {atol:g}"))
+    return checks
+
+
+def as_json(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]

@@ -1,0 +1,230 @@
+"""Capture: a model (HF module, HF directory, or .onnx file) -> TransformerGraph + its source.
+
+Loading never unpickles: HF weights only from safetensors, configs from JSON, ONNX as ONNX.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from tailor.errors import TailorError
+from tailor.rewriter.fx_dataflow import FxDataflow
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_dataflow import OnnxDataflow
+from tailor.rewriter.recognize import recognize
+
+# files worth carrying into an artifact so the result stays HF-loadable; never pickles
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
+                   "generation_config.json", "added_tokens.json")
+
+
+@dataclass
+class TorchSource:
+    module: torch.nn.Module            # a transformers PreTrainedModel, in eval mode
+    path: Path | None = None           # the HF directory it came from, if any
+
+    backend = "torch"
+
+    @property
+    def config(self):
+        return self.module.config
+
+
+@dataclass
+class OnnxSource:
+    model: ir.Model
+    path: Path
+    input_names: list[str] = field(default_factory=list)
+
+    backend = "onnx"
+
+
+@dataclass
+class Captured:
+    graph: TransformerGraph
+    source: TorchSource | OnnxSource
+    model_hash: str
+
+
+def capture(model: Any, *, trust_remote_code: bool = False, seq_len: int = 16) -> Captured:
+    """Recognise any supported model. `model` is an nn.Module, an HF directory or an .onnx path."""
+    if isinstance(model, torch.nn.Module):
+        return capture_torch(model, seq_len=seq_len)
+    if not isinstance(model, (str, Path)):
+        raise TailorError(f"cannot compile a {type(model).__name__}: pass a transformers model, "
+                          f"an HF model directory or an .onnx file")
+    path = Path(model)
+    if not path.exists():
+        raise TailorError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            module = load_hf_directory(path, trust_remote_code=trust_remote_code)
+            return capture_torch(module, seq_len=seq_len, path=path)
+        if (path / "model.onnx").is_file():
+            return capture_onnx(path / "model.onnx")
+        raise TailorError(f"{path}: a directory without config.json (HF model) or model.onnx")
+    return capture_onnx(path)
+
+
+# ---- torch ---------------------------------------------------------------------------------
+
+def load_hf_directory(path: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    import transformers
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TailorError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TailorError(f"{path / 'config.json'}: expected a JSON object")
+    if config.get("auto_map") and not trust_remote_code:
+        raise TailorError(f"{path}: config.json asks for remote code (auto_map); refusing to run "
+                          f"it — pass --trust-remote-code if you trust this model")
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise TailorError(f"{path}: config.json names architecture {archs[:1] or 'none'}, which "
+                          f"transformers {transformers.__version__} does not provide")
+    has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if not has_st:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
+        raise TailorError(f"{path}: no model.safetensors{extra}")
+    try:
+        module, info = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
+                                           local_files_only=True, output_loading_info=True,
+                                           trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types for broken folders
+        raise TailorError(f"{path}: could not load the model: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys")}
+    if bad:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
+        raise TailorError(f"{path}: weights do not match the config ({detail})")
+    return module.eval()
+
+
+def example_input_ids(vocab_size: int, seq_len: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
+
+
+def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | None = None) -> Captured:
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise TailorError(f"{type(module).__name__} is not a transformers model (no config.vocab_size)")
+    module.eval()
+    ids = example_input_ids(int(config.vocab_size), seq_len)
+    old_cache = getattr(config, "use_cache", None)
+    config.use_cache = False  # a DynamicCache in the outputs does not export
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (ids,), strict=False)
+    except Exception as e:
+        raise TailorError(f"torch.export could not capture {type(module).__name__}: "
+                          f"{str(e).splitlines()[0]}") from None
+    finally:
+        if old_cache is not None:
+            config.use_cache = old_cache
+    graph = recognize(FxDataflow(program))
+    return Captured(graph, TorchSource(module, path), hash_state_dict(module))
+
+
+def hash_state_dict(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+# ---- ONNX ----------------------------------------------------------------------------------
+
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    """Refuse external-data locations that leave the model's folder (../, absolute, symlinks)."""
+    root = folder.resolve()
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        tensors.extend(a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / loc).resolve()
+        if Path(loc).is_absolute() or not target.is_relative_to(root):
+            raise TailorError(f"refusing external data '{loc}' of tensor '{t.name}': it points "
+                              f"outside the model's folder {folder}")
+        if not target.is_file():
+            raise TailorError(f"external data '{loc}' of tensor '{t.name}' is missing")
+
+
+def load_onnx(path: Path) -> ir.Model:
+    if path.stat().st_size == 0:
+        raise TailorError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise TailorError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
+    if not proto.graph.node:
+        raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
+    check_external_data(proto, path.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+        return ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise TailorError(f"{path}: could not read the ONNX model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def capture_onnx(path: Path) -> Captured:
+    model = load_onnx(path)
+    graph = recognize(OnnxDataflow(model))
+    names = [v.name for v in model.graph.inputs]
+    return Captured(graph, OnnxSource(model, path, names), hash_files([path] + _external_files(model, path)))
+
+
+def _external_files(model: ir.Model, path: Path) -> list[Path]:
+    files = set()
+    for v in model.graph.initializers.values():
+        loc = getattr(v.const_value, "location", None)
+        if loc:
+            files.add(path.parent / loc)
+    return sorted(files)
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for an exported transformer from token ids; names as HF exporters write them."""
+    b, t = input_ids.shape
+    feeds = {}
+    for name, _shape, dtype in model_inputs:
+        if "input_ids" in name:
+            arr = input_ids
+        elif "attention_mask" in name:
+            arr = np.ones((b, t))
+        elif "token_type" in name:
+            arr = np.zeros((b, t))
+        elif "position_ids" in name:
+            arr = np.broadcast_to(np.arange(t), (b, t))
+        else:
+            raise TailorError(f"the ONNX model has an input '{name}' tailor does not know how to "
+                              f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
+        feeds[name] = np.ascontiguousarray(arr).astype(dtype)
+    return feeds

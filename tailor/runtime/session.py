@@ -1,0 +1,55 @@
+"""Runnable models with one calling convention: model(input_ids [B, T]) -> tensor.
+
+Causal LMs return logits [B, T, V]; encoders and bare decoders return hidden states [B, T, H].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from tailor.rewriter.capture import onnx_feeds
+
+_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+               "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
+class HFModel(torch.nn.Module):
+    """A transformers model, returning its main output tensor."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner.eval()
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if getattr(out, "logits", None) is not None else out[0]
+
+
+class OrtModel(torch.nn.Module):
+    """An ONNX model run by onnxruntime, behind the same nn.Module call."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        super().__init__()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_specs = [(i.name, i.shape, _ORT_DTYPES.get(i.type, np.int64))
+                            for i in self.session.get_inputs()]
+
+    def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.session.run(None, onnx_feeds(self.input_specs, input_ids))[0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported through onnxruntime yet; "
+                             "pass unpadded batches")
+        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
