@@ -17,8 +17,9 @@ from rich.table import Table
 
 from tailor.errors import TailorError
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# piped output gets a fixed wide layout instead of rich's 80-column default
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 # keys a --config file may set, with their defaults; CLI flags given explicitly win
 OPTIMIZE_DEFAULTS: dict[str, Any] = {

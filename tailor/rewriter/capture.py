@@ -99,6 +99,7 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False) -> torch.n
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
         extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise TailorError(f"{path}: no model.safetensors{extra}")
+    transformers.utils.logging.disable_progress_bar()
     try:
         module, info = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
                                            local_files_only=True, output_loading_info=True,

@@ -35,7 +35,7 @@ def export_onnx(module: torch.nn.Module, path: Path, *, encoder: bool, seq_len: 
         args, names = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
         shapes = {"input_ids": dyn, "attention_mask": dyn}
     else:
-        args, names, shapes = (ids,), ["input_ids"], {"input_ids": dyn, "attention_mask": None}
+        args, names, shapes = (ids,), ["input_ids"], {"input_ids": dyn}
     out = "last_hidden_state" if encoder else "logits"
     old_cache = getattr(module.config, "use_cache", None)
     module.config.use_cache = False
