@@ -1,0 +1,155 @@
+"""Bad input: one clear line on stderr, exit code 2, nothing written, input unchanged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tailor.cli.main import main, optimize_main
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fails(argv, capsys, *, expect: str, fn=optimize_main):
+    assert fn(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:") and expect in err, err
+    return err
+
+
+def _mlp_onnx(path: Path) -> Path:
+    """A valid ONNX model that is not a transformer."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.1] * 16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                               helper.make_node("Relu", ["h"], ["y"])], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+def test_missing_path(tmp_path, capsys):
+    _fails([str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out")], capsys, expect="no such file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage \x00\x01 not onnx", "truncated"])
+def test_corrupt_onnx(content, tmp_path, capsys, tiny_onnx):
+    bad = tmp_path / "bad.onnx"
+    if content == "truncated":
+        data = tiny_onnx["llama"].read_bytes()
+        content = data[: len(data) // 3]
+    bad.write_bytes(content)
+    _fails([str(bad), "-o", str(tmp_path / "out")], capsys, expect=str(bad))
+    assert not (tmp_path / "out").exists()
+    assert bad.read_bytes() == content
+
+
+def test_not_a_transformer(tmp_path, capsys):
+    path = _mlp_onnx(tmp_path / "mlp.onnx")
+    err = _fails([str(path), "-o", str(tmp_path / "out")], capsys, expect="no attention found")
+    assert "MatMul" in err  # says what it did find
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("budget", ["0", "-0.5", "1.5", "nan", "abc"])
+def test_bad_budget(budget, tiny_onnx, tmp_path, capsys):
+    _fails([str(tiny_onnx["llama"]), "--budget", budget, "-o", str(tmp_path / "out")], capsys,
+           expect="budget")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_budget_names_the_smallest(tiny_onnx, tmp_path, capsys):
+    _fails([str(tiny_onnx["llama"]), "--budget", "0.5", "-o", str(tmp_path / "out")], capsys,
+           expect="smallest reachable budget is 1.0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails([str(tiny_onnx["gpt2"]), "-o", str(out)], capsys, expect="--force")
+    assert _snapshot(out) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert optimize_main([str(tiny_onnx["gpt2"]), "-o", str(out), "--force"]) == 0
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    # nothing left behind beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_remote_code_refused(tiny_hf_dirs, tmp_path, capsys):
+    d = tmp_path / "remote"
+    d.mkdir()
+    for p in tiny_hf_dirs["llama"].iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    before = _snapshot(d)
+    _fails([str(d), "-o", str(tmp_path / "out")], capsys, expect="remote code")
+    assert _snapshot(d) == before
+
+
+def test_pickle_weights_refused(tiny_hf_dirs, tmp_path, capsys):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_bytes((tiny_hf_dirs["llama"] / "config.json").read_bytes())
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    _fails([str(d), "-o", str(tmp_path / "out")], capsys, expect="never loaded")
+
+
+def test_mismatched_weights(tiny_hf_dirs, tmp_path, capsys):
+    d = tmp_path / "mismatch"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((tiny_hf_dirs["llama"] / "model.safetensors").read_bytes())
+    cfg = json.loads((tiny_hf_dirs["llama"] / "config.json").read_text())
+    cfg["hidden_size"], cfg["intermediate_size"] = 128, 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    _fails([str(d), "-o", str(tmp_path / "out")], capsys, expect="could not load")
+
+
+def test_external_data_escaping_folder_refused(tiny_onnx, tmp_path, capsys):
+    model = onnx.load(str(tiny_onnx["llama"]))
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    init.data_location = TensorProto.EXTERNAL
+    del init.external_data[:]
+    init.external_data.add(key="location", value="../secret.bin")
+    init.ClearField("raw_data")
+    sub = tmp_path / "m"
+    sub.mkdir()
+    onnx.save(model, str(sub / "model.onnx"))
+    _fails([str(sub / "model.onnx"), "-o", str(tmp_path / "out")], capsys, expect="outside the model's folder")
+
+
+def test_inspect_bad_input(tmp_path, capsys):
+    _fails(["inspect", str(_mlp_onnx(tmp_path / "mlp.onnx"))], capsys, expect="not a transformer", fn=main)
+
+
+def test_bad_config_file(tiny_onnx, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('budget = 1.0\nbudjet = 0.5\n')
+    _fails([str(tiny_onnx["llama"]), "--config", str(cfg)], capsys, expect="unknown option(s) budjet")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tailor", "optimize", str(tmp_path / "x.onnx"), "--debug"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tailor", "optimize", str(tmp_path / "x.onnx")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.onnx'}: no such file or directory"]
