@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tailor.errors import TailorError
+from tailor.runtime.session import open_model
 
 
 def read_text(path: Path) -> str:
@@ -48,14 +49,6 @@ def encoder_metrics(hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> di
     return {"mean_cosine_to_reference": float(torch.cosine_similarity(emb, ref, -1).mean())}
 
 
-def _runner(model_path: str):
-    from tailor.api import Compiled
-    import tailor
-
-    compiled: Compiled = tailor.compile(model_path, 1.0)
-    return compiled.model
-
-
 def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokenizer: str | None = None,
              seq_len: int = 1024, windows: int = 8) -> dict:
     import tailor
@@ -67,7 +60,7 @@ def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokeni
         raise TailorError(f"{tok_dir}: no tokenizer files; pass --tokenizer DIR")
     tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, trust_remote_code=False)
     ids = token_windows(tok(read_text(text))["input_ids"], seq_len, windows)
-    ref_model = _runner(reference) if reference else None
+    ref_model = open_model(reference) if reference else None
     outs, refs = [], []
     with torch.no_grad():
         for row in ids:
@@ -89,9 +82,9 @@ def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1,
     """Median latency of the artifact and its reference, timed alternately in one process."""
     import tailor
 
-    art = tailor.load(artifact).model
-    ref = _runner(reference)
-    vocab = int(tailor.load(artifact).report["model"]["vocab_size"])
+    loaded = tailor.load(artifact)
+    art, ref = loaded.model, open_model(reference)
+    vocab = int(loaded.report["model"]["vocab_size"])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     times = {"artifact": [], "reference": []}
     with torch.no_grad():

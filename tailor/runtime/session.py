@@ -10,7 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from tailor.rewriter.capture import onnx_feeds
+from tailor.errors import TailorError
+from tailor.rewriter.capture import load_hf_directory, load_onnx, onnx_feeds
 
 _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
@@ -53,3 +54,16 @@ class OrtModel(torch.nn.Module):
             raise ValueError("padding masks are not supported through onnxruntime yet; "
                              "pass unpadded batches")
         return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
+
+
+def open_model(path: str | Path) -> torch.nn.Module:
+    """A runnable model from an HF directory or an .onnx file, without capturing it."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFModel(load_hf_directory(path))
+    if path.is_dir() and (path / "model.onnx").is_file():
+        path = path / "model.onnx"
+    if path.is_file():
+        load_onnx(path)  # the same checks as capture: readable, external data inside the folder
+        return OrtModel(path)
+    raise TailorError(f"{path}: no such model (an HF directory or an .onnx file)")
