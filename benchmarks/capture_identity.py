@@ -67,7 +67,8 @@ def main() -> None:
             print(f"skipping refllama-16m: {REFLLAMA} not found", file=sys.stderr)
     print(f"# capture + identity round trip, {date.today()}, {platform.machine()} "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| model | backend | layers | heads/kv/head_dim | FFN | params | capture | artifact vs input model (same runtime) | artifact vs original torch model |")
+    print("| model | backend | layers | heads/kv/head_dim | FFN | params | capture "
+          "| artifact vs input model (same runtime) | artifact vs original torch model |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -17,8 +17,15 @@ import yaml
 from tailor.errors import TailorError
 from tailor.passes.cost import Workload, model_flops
 from tailor.plan import OBJECTIVES, Plan, check_budget
-from tailor.rewriter.capture import (TOKENIZER_FILES, Captured, OnnxSource, TorchSource, capture,
-                                     example_input_ids, load_hf_directory)
+from tailor.rewriter.capture import (
+    TOKENIZER_FILES,
+    Captured,
+    OnnxSource,
+    TorchSource,
+    capture,
+    example_input_ids,
+    load_hf_directory,
+)
 from tailor.rewriter.export import export_onnx, save_onnx
 from tailor.rewriter.graph import TransformerGraph
 from tailor.runtime.artifact import verify_artifact, write_artifact

@@ -129,7 +129,8 @@ def test_external_data_escaping_folder_refused(tiny_onnx, tmp_path, capsys):
     sub = tmp_path / "m"
     sub.mkdir()
     onnx.save(model, str(sub / "model.onnx"))
-    _fails([str(sub / "model.onnx"), "-o", str(tmp_path / "out")], capsys, expect="outside the model's folder")
+    _fails([str(sub / "model.onnx"), "-o", str(tmp_path / "out")], capsys,
+           expect="outside the model's folder")
 
 
 def test_inspect_bad_input(tmp_path, capsys):

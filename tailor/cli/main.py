@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -52,7 +52,7 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", default=None, help="replace an existing output")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow an HF config that asks for remote code")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the recognised structure")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -177,8 +177,9 @@ def cmd_optimize(args) -> int:
     compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], seq_len=cfg["seq_len"],
                               batch=cfg["batch"], formats=cfg["format"],
                               trust_remote_code=bool(cfg["trust_remote_code"]), stages=stages)
-    if args.dry_run:
+    if args.dry_run or args.verbose:
         print_structure(compiled.report["model"])
+    if args.dry_run:
         console.print(f"dry run: would write {out}/ with plan.json, report.json, run.yaml, "
                       f"{', '.join(compiled.formats)} model, manifest.json "
                       f"({len(compiled.plan.rewrites)} rewrites); nothing written")
@@ -233,8 +234,8 @@ def print_summary(compiled, out: Path) -> None:
         t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}")
     for c in compiled.report.get("validation", []):
         t.add_row(c["name"], ("✓ " if c["ok"] else "✗ ") + c["detail"])
-    t.add_row("artifact", ", ".join(sorted(p.name for p in out.iterdir())))
     console.print(t)
+    console.print(f"artifact {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
 # ---- inspect -----------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ def print_structure(info: dict) -> None:
                 "params", "attn GFLOP", "ffn GFLOP"):
         t.add_column(col, justify="right")
     for b in info["blocks"]:
-        attn = ("causal" if b["causal"] else "bidir") + (" rope" if b["rope"] else "") + f" {b['attention_op']}"
+        attn = " ".join(["causal" if b["causal"] else "bidir"] + (["rope"] if b["rope"] else [])
+                        + [b["attention_op"]])
         t.add_row(str(b["layer"]), str(b["heads"]), str(b["kv_heads"]), str(b["head_dim"]), attn,
                   f"{b['ffn']} {b['activation']}", str(b["ffn_width"]),
                   f"{b['norm']} {b['residual'].replace('_', '-')}", f"{b['params']:,}",

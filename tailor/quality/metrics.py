@@ -51,8 +51,9 @@ def encoder_metrics(hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> di
 
 def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokenizer: str | None = None,
              seq_len: int = 1024, windows: int = 8) -> dict:
-    import tailor
     from transformers import AutoTokenizer
+
+    import tailor
 
     compiled = tailor.load(artifact)
     tok_dir = Path(tokenizer) if tokenizer else artifact

@@ -7,8 +7,8 @@ ir.Value, ir.Node), so everything the rules find points straight back into the b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np

@@ -132,7 +132,8 @@ class FxDataflow(Dataflow):
         name = _packet_name(node.target)
         if name == "linear":
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            return LinearInfo(self.param(node.args[1]), self.param(bias) if bias is not None else None, "out_in")
+            bias_ref = self.param(bias) if bias is not None else None
+            return LinearInfo(self.param(node.args[1]), bias_ref, "out_in")
         if name == "addmm":
             return LinearInfo(self.param(node.args[2]), self.param(node.args[0]), "in_out")
         return LinearInfo(self.param(node.args[1]), None, "in_out")  # matmul/mm by a weight
@@ -146,7 +147,8 @@ class FxDataflow(Dataflow):
         args = list(node.args)
         mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
         causal = bool(args[5] if len(args) > 5 else node.kwargs.get("is_causal", False))
-        return AttentionInfo(args[0], args[1], args[2], mask if isinstance(mask, torch.fx.Node) else None, causal)
+        mask = mask if isinstance(mask, torch.fx.Node) else None
+        return AttentionInfo(args[0], args[1], args[2], mask, causal)
 
     def split_range(self, node, value):
         name = _packet_name(node.target)

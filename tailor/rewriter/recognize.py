@@ -12,8 +12,7 @@ import numpy as np
 from tailor.errors import UnrecognizedModel
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import Dataflow
-from tailor.rewriter.graph import (FFN, Attention, Block, Embedding, Norm, Projection,
-                                   TransformerGraph)
+from tailor.rewriter.graph import FFN, Attention, Block, Embedding, Norm, Projection, TransformerGraph
 from tailor.rewriter.rules.attention import AttentionSite, find_attention
 from tailor.rewriter.rules.embedding import RULE as EMBEDDING
 from tailor.rewriter.rules.ffn import RULE as FFN_RULE
@@ -149,7 +148,8 @@ class _Recognizer:
         first_node = g.producer(sites[0].q) or g.nodes()[0]
         emb = EMBEDDING.match(g, first_node)
         if emb is None:
-            raise UnrecognizedModel("no token embedding: no table lookup indexed by the model's token-id input")
+            raise UnrecognizedModel("no token embedding: no table lookup indexed by the model's "
+                                    "token-id input")
         emb_norm = self.norm_before(first_in)
         embedding = Embedding(emb.token, emb.position, emb.extra, emb_norm.norm if emb_norm else None)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import Dataflow
+from tailor.rewriter.rules import match_all
 
 
 @dataclass
@@ -135,11 +136,4 @@ RULES = (FusedAttentionRule(), DecomposedAttentionRule())
 
 
 def find_attention(g: Dataflow) -> list[AttentionSite]:
-    sites = []
-    for node in g.nodes():
-        for rule in RULES:
-            if g.op(node) in rule.pattern:
-                site = rule.match(g, node)
-                if site is not None:
-                    sites.append(site)
-    return sites
+    return match_all(g, RULES)

@@ -11,6 +11,7 @@ from typing import Any
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import Dataflow
 from tailor.rewriter.graph import Norm
+from tailor.rewriter.rules import match_all
 
 # ops that may appear between mean(x^2) and the normalised value
 _STATS_OPS = {df.ADD, df.SQRT, df.RSQRT, df.RECIPROCAL, df.DIV, df.MUL, df.VIEW, df.SUB,
@@ -110,11 +111,4 @@ RULES = (FusedNormRule(), DecomposedNormRule())
 
 
 def find_norms(g: Dataflow) -> list[NormSite]:
-    sites = []
-    for node in g.nodes():
-        for rule in RULES:
-            if g.op(node) in rule.pattern:
-                site = rule.match(g, node)
-                if site is not None:
-                    sites.append(site)
-    return sites
+    return match_all(g, RULES)
