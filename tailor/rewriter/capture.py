@@ -178,6 +178,13 @@ def load_onnx(path: Path) -> ir.Model:
     if not proto.graph.node:
         raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
     check_external_data(proto, path.parent)
+    if not proto.graph.value_info:
+        # exporters like the TorchScript one write no intermediate shapes; recognition needs
+        # head_dim, which shape inference with data propagation recovers from Reshape targets
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception:  # inference is best effort; recognition says what it still misses
+            pass
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
         return ir.serde.deserialize_model(proto)

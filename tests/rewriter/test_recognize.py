@@ -75,3 +75,18 @@ def test_networkx_view(tiny_models):
     path = nx.shortest_path(nxg, "embedding", "head")
     assert path == ["embedding"] + [f"layer{i}.{p}" for i in range(3) for p in ("attn", "ffn")] + ["head"]
     assert nxg.nodes["layer0.attn"]["kv_heads"] == 2
+
+
+def test_torchscript_exported_bert(tiny_models, tmp_path):
+    """The legacy TorchScript exporter (as used by many published .onnx files) writes no
+    intermediate shapes and a different decomposition; recognition still finds the structure."""
+    import torch
+
+    from tailor.runtime.session import HFModel
+
+    path = tmp_path / "legacy_bert.onnx"
+    ids = torch.randint(0, 96, (2, 12))
+    torch.onnx.export(HFModel(tiny_models["bert"]), (ids,), str(path), dynamo=False,
+                      input_names=["input_ids"], output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}}, opset_version=17)
+    _check(capture(path).graph, "bert")
