@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -167,23 +168,19 @@ def reference_outputs(model: torch.nn.Module, vocab: int, seq_len: int = 16) -> 
 
 
 class StageLog:
-    """Times pipeline stages; the CLI prints one line per stage."""
+    """Times pipeline stages. The CLI passes `status` (a spinner while a stage runs) and
+    `on_done` (one line per finished stage)."""
 
-    def __init__(self, on_done=None):
+    def __init__(self, on_done=None, status=None):
         self.times: dict[str, float] = {}
         self.on_done = on_done
+        self.status = status
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        log = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, exc_type, *_):
-                log.times[name] = round(time.perf_counter() - self.t0, 3)
-                if exc_type is None and log.on_done:
-                    log.on_done(name, log.times[name])
-                return False
-
-        return _Stage()
+        t0 = time.perf_counter()
+        with self.status(name) if self.status else contextlib.nullcontext():
+            yield
+        self.times[name] = round(time.perf_counter() - t0, 3)
+        if self.on_done:
+            self.on_done(name, self.times[name])

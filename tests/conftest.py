@@ -47,12 +47,17 @@ def build_model(name: str) -> torch.nn.Module:
     config = family_config(name)
     config.use_cache = False
     model = tf.BertModel(config) if name == "bert" else tf.AutoModelForCausalLM.from_config(config)
-    # random init leaves norms at 1 and biases at 0; perturb them so a mix-up would show
+    return perturb_vectors(model).eval()
+
+
+def perturb_vectors(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves norms at 1 and biases at 0 (which exporters fold away or merge);
+    perturb them so that every weight is distinct and a mix-up would show."""
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -172,7 +172,7 @@ def cmd_optimize(args) -> int:
     def stage_done(name, secs):
         console.print(f"  {name:<9} {secs:6.2f} s")
 
-    stages = StageLog(stage_done)
+    stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
     console.print(f"tailor: {model} → {out} (budget {cfg['budget']:g}, objective {cfg['objective']})")
     compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], seq_len=cfg["seq_len"],
                               batch=cfg["batch"], formats=cfg["format"],

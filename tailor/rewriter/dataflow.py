@@ -183,7 +183,8 @@ class Dataflow(ABC):
             node = self.producer(value)
             if node is None or self.op(node) != VIEW:
                 return value
-            ins = self.data_inputs(node)
+            # a cast of a weight (w.float()) views the weight itself
+            ins = self.data_inputs(node) or [i for i in self.inputs(node) if self.param(i)][:1]
             if len(ins) != 1:
                 return value
             value = ins[0]

@@ -43,6 +43,7 @@ class Norm:
     weight: ParamRef | None
     bias: ParamRef | None
     nodes: list[str]
+    weight_offset: float = 0.0   # the scale is (offset + weight): Gemma's norms use 1 + w
 
     @property
     def params(self) -> int:
@@ -62,6 +63,7 @@ class Attention:
     causal: bool
     kind: str                 # "sdpa" (one fused op) | "decomposed" (matmul/softmax/matmul)
     nodes: list[str]
+    qk_norms: list[Norm] = field(default_factory=list)   # per-head q/k norms (Qwen3, Gemma 3)
 
     @property
     def projections(self) -> list[Projection]:
@@ -69,7 +71,7 @@ class Attention:
 
     @property
     def params(self) -> int:
-        return sum(p.params for p in self.projections)
+        return sum(p.params for p in self.projections) + sum(n.params for n in self.qk_norms)
 
 
 @dataclass

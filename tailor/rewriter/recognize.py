@@ -28,11 +28,10 @@ class _Recognizer:
         self.norm_by_input = {}
         for s in self.norms:
             self.norm_by_input.setdefault(id(g.skip_views_back(s.input)), s)
-        self.stop = set(self.norm_by_output)
 
     # -- helpers --------------------------------------------------------------------------
     def projection(self, value, what: str, layer: int):
-        t = trace_projection(self.g, value, self.stop)
+        t = trace_projection(self.g, value, self.norm_by_output)
         if len(t.sources) != 1:
             found = "none" if not t.sources else f"{len(t.sources)} linear layers"
             raise UnrecognizedModel(
@@ -40,10 +39,10 @@ class _Recognizer:
                 f"found {found}")
         (src,) = t.sources
         node = src.linear
-        return Projection.of(self.g.linear(node), self.g.node_name(node), src.columns), node, t.rope
+        return Projection.of(self.g.linear(node), self.g.node_name(node), src.columns), node, t
 
-    def linear_projection(self, node) -> Projection:
-        return Projection.of(self.g.linear(node), self.g.node_name(node))
+    def linear_projection(self, node, columns=None) -> Projection:
+        return Projection.of(self.g.linear(node), self.g.node_name(node), columns)
 
     def norm_after(self, value) -> NormSite | None:
         return self.norm_by_input.get(id(self.g.skip_views_back(value)))
@@ -62,8 +61,8 @@ class _Recognizer:
     # -- one block --------------------------------------------------------------------------
     def block(self, i: int, site: AttentionSite):
         g = self.g
-        q, q_node, rope_q = self.projection(site.q, "query", i)
-        k, _, rope_k = self.projection(site.k, "key", i)
+        q, q_node, tq = self.projection(site.q, "query", i)
+        k, _, tk = self.projection(site.k, "key", i)
         v, _, _ = self.projection(site.v, "value", i)
         o_node = next((c for c, _ in g.view_consumers(site.out) if g.op(c) == df.LINEAR), None)
         if o_node is None:
@@ -76,8 +75,8 @@ class _Recognizer:
         n_heads, n_kv = q.out_features // hd, k.out_features // hd
         if n_heads % n_kv:
             raise UnrecognizedModel(f"layer {i}: {n_heads} query heads do not group over {n_kv} KV heads")
-        attn = Attention(q, k, v, o, n_heads, n_kv, hd, rope_q and rope_k, site.causal, site.kind,
-                         site.nodes)
+        attn = Attention(q, k, v, o, n_heads, n_kv, hd, tq.rope and tk.rope, site.causal, site.kind,
+                         site.nodes, [n.norm for n in tq.norms + tk.norms])
 
         attn_in = g.data_inputs(q_node)[0]
         res1 = next((c for c, _ in g.view_consumers(g.output(o_node)) if g.op(c) == df.ADD), None)
@@ -93,7 +92,8 @@ class _Recognizer:
             residual, stream_in = "post_norm", g.skip_views_back(attn_in)
         else:
             raise UnrecognizedModel(f"layer {i}: the residual add after attention reads neither the "
-                                    f"attention input nor its norm's input")
+                                    f"attention input nor its norm's input (parallel attention and "
+                                    f"FFN, as in GPT-NeoX, GPT-J and Falcon, is not supported yet)")
         stream = g.output(res1)
         if residual == "post_norm":
             post = self.norm_after(stream)
@@ -107,9 +107,10 @@ class _Recognizer:
             raise UnrecognizedModel(f"layer {i}: found attention but no feed-forward branch closing "
                                     f"with a residual add after it (parallel or MoE blocks are not "
                                     f"supported yet)")
-        up = self.linear_projection(ffn_site.up)
-        ffn = FFN(ffn_site.kind, ffn_site.activation, up.out_features, up,
-                  self.linear_projection(ffn_site.gate) if ffn_site.gate is not None else None,
+        up = self.linear_projection(ffn_site.up, ffn_site.up_columns)
+        gate = self.linear_projection(ffn_site.gate, ffn_site.gate_columns) \
+            if ffn_site.gate is not None else None
+        ffn = FFN(ffn_site.kind, ffn_site.activation, up.out_features, up, gate,
                   self.linear_projection(ffn_site.down), ffn_site.nodes)
         out = g.output(ffn_site.residual_add)
         if residual == "pre_norm":

@@ -22,6 +22,9 @@ class FFNSite:
     down: Any
     residual_add: Any    # the add that closes the block
     nodes: list[str]
+    # for one fused gate_up linear (Phi-3): the output columns of each half
+    gate_columns: tuple[int, int] | None = None
+    up_columns: tuple[int, int] | None = None
 
 
 class FFNRule:
@@ -60,13 +63,36 @@ class FFNRule:
             return None
         activation = _activation(g, ops, nodes)
         if len(inputs) == 1:
-            return FFNSite("mlp", activation, None, inputs[0], down, residual, nodes)
+            halves = _fused_halves(g, inputs[0])
+            if halves is None:
+                return FFNSite("mlp", activation, None, inputs[0], down, residual, nodes)
+            (gate_cols, _), (up_cols, _) = halves
+            return FFNSite("gated", activation, inputs[0], inputs[0], down, residual, nodes,
+                           gate_cols, up_cols)
         gate = next((n for n in inputs if any(g.op(c) in df.ACTIVATIONS
                                               for c, _ in g.view_consumers(g.output(n)))), None)
         if gate is None:
             return None
         up = inputs[1] if gate is inputs[0] else inputs[0]
         return FFNSite("gated", activation, gate, up, down, residual, nodes)
+
+
+def _fused_halves(g: Dataflow, linear):
+    """A gate_up linear split in two along its output: ((gate columns, value), (up columns, value)),
+    the gate being the half that goes through the activation."""
+    parts = []
+    for c, v in g.view_consumers(g.output(linear)):
+        if g.op(c) in (df.SPLIT, df.SLICE):
+            for out in g.outputs(c):
+                r = g.split_range(c, out)
+                if r is not None:
+                    parts.append(((r[0], r[1]), out))
+    if len(parts) != 2:
+        return None
+    gated = [p for p in parts if any(g.op(c) in df.ACTIVATIONS for c, _ in g.view_consumers(p[1]))]
+    if len(gated) != 1:
+        return None
+    return gated[0], next(p for p in parts if p is not gated[0])
 
 
 def _activation(g: Dataflow, ops: set[str], nodes) -> str:

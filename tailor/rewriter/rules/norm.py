@@ -57,16 +57,16 @@ class DecomposedNormRule:
         normed, nodes = self._normalised(g, node, x, centred)
         if normed is None:
             return None
-        out, w, b = g.output(normed), None, None
+        out, w, b, offset = g.output(normed), None, None, 0.0
         scale = self._affine(g, out, df.MUL)
         if scale is not None:
-            w, out = scale
+            w, offset, out = scale
             nodes.append(g.node_name(g.producer(out)))
             shift = self._affine(g, out, df.ADD)
             if shift is not None:
-                b, out = shift
+                b, _, out = shift
                 nodes.append(g.node_name(g.producer(out)))
-        return NormSite(Norm(kind, w, b, nodes), x, out)
+        return NormSite(Norm(kind, w, b, nodes, offset), x, out)
 
     @staticmethod
     def _normalised(g: Dataflow, mean_node, x, centred):
@@ -89,13 +89,25 @@ class DecomposedNormRule:
 
     @staticmethod
     def _affine(g: Dataflow, value, op):
+        """The scale (op MUL) or shift (op ADD) applied to `value`: (weight, offset, output).
+        A scale of (1 + w), as in Gemma, is the weight w with offset 1."""
         cons = [c for c, _ in g.view_consumers(value)]
         if len(cons) != 1 or g.op(cons[0]) != op:
             return None
-        params = [g.param(i) for i in g.inputs(cons[0]) if g.param(i) is not None]
-        if len(params) != 1 or len(params[0].shape) != 1:
+        node = cons[0]
+        others = [i for i in g.inputs(node) if i is not None and not g.same_value(i, value)]
+        if len(others) != 1:
             return None
-        return params[0], g.output(cons[0])
+        src = g.skip_views_back(others[0])
+        ref, offset = g.param(src), 0.0
+        shifted = g.producer(src)
+        if ref is None and op == df.MUL and shifted is not None and g.op(shifted) == df.ADD:
+            refs = [r for r in (g.param(g.skip_views_back(i)) for i in g.inputs(shifted)) if r]
+            if len(refs) == 1 and g.scalar_operand(shifted) is not None:
+                ref, offset = refs[0], g.scalar_operand(shifted)
+        if ref is None or len(ref.shape) != 1:
+            return None
+        return ref, offset, g.output(node)
 
 
 def _is_square(g: Dataflow, node) -> bool:

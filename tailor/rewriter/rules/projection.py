@@ -15,7 +15,8 @@ from typing import Any
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import Dataflow
 
-_THROUGH = {df.VIEW, df.ADD, df.SUB, df.MUL, df.DIV, df.NEG, df.CONCAT, df.SLICE, df.SPLIT}
+_THROUGH = {df.VIEW, df.ADD, df.SUB, df.MUL, df.DIV, df.NEG, df.CONCAT, df.SLICE, df.SPLIT,
+            df.LAYER_NORM, df.RMS_NORM}
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,23 @@ class Source:
 class Trace:
     sources: set[Source]
     rope: bool
+    norms: list[Any]          # norm sites passed through (QK-norm)
 
 
-def trace_projection(g: Dataflow, value, stop: set[int]) -> Trace:
-    """Every linear feeding `value` without crossing another linear, a norm output (ids in
-    `stop`) or a non-elementwise op; with the columns a split selected on the way."""
+def trace_projection(g: Dataflow, value, norm_outputs: dict[int, Any]) -> Trace:
+    """Every linear feeding `value` without crossing another linear or a non-elementwise op,
+    with the columns a split selected on the way. Per-head norms on the way (QK-norm, as in
+    Qwen3 and Gemma 3) are walked through and reported: `norm_outputs` maps id(value) -> site."""
     rope = False
+    norms: list[Any] = []
 
     def walk(v, ranges: tuple, depth: int) -> set[Source]:
         nonlocal rope
-        if v is None or depth > 40 or id(v) in stop:
+        if v is None or depth > 40:
             return set()
+        site = norm_outputs.get(id(v))
+        if site is not None and all(n is not site for n in norms):
+            norms.append(site)
         node = g.producer(v)
         if node is None:
             return set()
@@ -57,7 +64,8 @@ def trace_projection(g: Dataflow, value, stop: set[int]) -> Trace:
             rope = True
         return _merge(set().union(*parts)) if parts else set()
 
-    return Trace(walk(value, (), 0), rope)
+    sources = walk(value, (), 0)
+    return Trace(sources, rope, norms)
 
 
 def _merge(found: set[Source]) -> set[Source]:
