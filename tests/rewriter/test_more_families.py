@@ -49,7 +49,8 @@ def _check(g, name):
         assert (b.ffn.kind, b.ffn.activation, b.ffn.width) == (kind, act, 96)
     if name == "phi3":
         f, a = g.blocks[0].ffn, g.blocks[0].attn
-        assert f.gate.weight.name == f.up.weight.name and (f.gate.columns, f.up.columns) == ((0, 96), (96, 192))
+        assert f.gate.weight.name == f.up.weight.name
+        assert (f.gate.columns, f.up.columns) == ((0, 96), (96, 192))
         assert (a.q.columns, a.k.columns, a.v.columns) == ((0, 64), (64, 96), (96, 128))
     if name == "qwen3":
         assert len(g.blocks[0].attn.qk_norms) == 2
