@@ -22,7 +22,8 @@ class HFModel(torch.nn.Module):
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
-        self.inner = inner.eval()
+        self.inner = inner
+        self.eval()  # the wrapper too: a later .train(mode) restore must not turn dropout on
 
     @property
     def config(self):
