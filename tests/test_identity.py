@@ -80,3 +80,20 @@ def test_hf_directory_cli_with_onnx_format(tiny_hf_dirs, tiny_models, tmp_path, 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     with torch.no_grad():
         assert (hf(ids).logits.numpy() - expected).max() <= 1e-5
+
+
+def test_onnx_with_external_data(tiny_onnx, tmp_path):
+    """Weights in a side file inside the model's folder load; the artifact runs the same."""
+    import onnx
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    proto = onnx.load(str(tiny_onnx["llama"]))
+    onnx.save(proto, str(folder / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    assert (folder / "weights.bin").stat().st_size > 10_000
+    compiled = tailor.compile(folder / "model.onnx")
+    out = compiled.save(tmp_path / "art")
+    ids = ids_for(batch=1).numpy()
+    ref = OrtModel(folder / "model.onnx").run_numpy(ids)
+    assert np.abs(OrtModel(out / "model.onnx").run_numpy(ids) - ref).max() <= 1e-5
