@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,8 +17,20 @@ import torch
 import yaml
 
 from tailor.errors import TailorError
-from tailor.passes.cost import Workload, model_flops
-from tailor.plan import OBJECTIVES, Plan, check_budget
+from tailor.passes.cost import OBJECTIVES, CostModel, Workload, get_target, model_flops
+from tailor.passes.profile import (
+    Calibration,
+    apply_options,
+    calibration_data_free,
+    calibration_from_text,
+    divergence,
+    model_outputs,
+    run_profile,
+)
+from tailor.passes.registry import PASSES
+from tailor.passes.search import price, search, structure_of
+from tailor.plan import Plan, check_budget
+from tailor.quality.metrics import evaluate_pair, load_tokenizer, read_text
 from tailor.rewriter.capture import (
     TOKENIZER_FILES,
     Captured,
@@ -33,8 +46,7 @@ from tailor.runtime.artifact import verify_artifact, write_artifact
 from tailor.runtime.session import HFModel, OrtModel
 
 FORMATS = ("safetensors", "onnx")
-# rewrite passes the search may use; the identity plan is all this build can produce
-AVAILABLE_PASSES: tuple[str, ...] = ()
+BASE_CONFIG = "base_config.json"
 
 
 @dataclass
@@ -64,9 +76,12 @@ class Compiled:
             save_onnx(src.model, tmp / "model.onnx")
             _copy_tokenizer(src.path.parent, tmp)
             return
-        module = src.module
+        module = self.model.inner  # the rewritten model (the source itself at budget 1.0)
         if "safetensors" in self.formats:
             module.save_pretrained(tmp, safe_serialization=True)
+            if self.plan.rewrites:
+                # reloading replays the plan's structure on the original architecture
+                (tmp / BASE_CONFIG).write_text(src.module.config.to_json_string())
         if "onnx" in self.formats:
             export_onnx(module, tmp / "model.onnx", encoder=self.graph.task == "encoder")
         if src.path is not None:
@@ -80,31 +95,90 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             (dst / name).write_bytes((src / name).read_bytes())
 
 
-def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", seq_len: int = 1024,
-            batch: int = 1, formats: tuple[str, ...] | None = None,
-            trust_remote_code: bool = False, stages: "StageLog | None" = None) -> Compiled:
+def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int = 1024,
+            gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
+            calib: str | Path | None = None, tokenizer: str | Path | None = None,
+            calib_windows: int = 16, calib_len: int = 512, eval_text: str | Path | None = None,
+            seed: int = 0, formats: tuple[str, ...] | None = None, trust_remote_code: bool = False,
+            use_cache: bool = True, progress: bool = False, stages: "StageLog | None" = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
-    of the original under `objective` for a workload of `batch` × `seq_len` tokens."""
+    of the original under `objective` (latency | flops | kv_memory) for a workload of `batch`
+    sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`."""
     budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise TailorError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    passes = list(passes) if passes is not None else list(PASSES)
+    unknown = sorted(set(passes) - set(PASSES))
+    if unknown:
+        raise TailorError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join(PASSES)}")
     stages = stages or StageLog()
     with stages("capture"):
         cap = capture(model, trust_remote_code=trust_remote_code)
     formats = _resolve_formats(formats, cap)
-    workload = Workload(batch=batch, seq_len=seq_len)
-    with stages("search"):
-        plan = Plan(cap.model_hash, budget, objective, {"batch": batch, "seq_len": seq_len},
-                    rewrites=[], predicted={objective: 1.0})
-        if budget < 1.0:
-            passes = ", ".join(AVAILABLE_PASSES) or "none in this build"
-            raise TailorError(f"budget {budget:g} is unreachable: with the available rewrite passes "
-                              f"({passes}) the smallest reachable budget is 1.0")
-    runnable = HFModel(cap.source.module) if isinstance(cap.source, TorchSource) \
-        else OrtModel(cap.source.path)
-    report = {"model": describe(cap.graph, workload), "plan": {"rewrites": plan.rewrites,
-              "predicted_cost_ratio": plan.predicted}, "stages": stages.times}
+    workload = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
+    cost_model = CostModel(cap.graph, workload, get_target(target))
+    plan = Plan(cap.model_hash, budget, objective,
+                {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
+    report: dict[str, Any] = {"model": describe(cap.graph, workload)}
+    runnable: torch.nn.Module
+    if budget >= 1.0:
+        runnable = HFModel(cap.source.module) if isinstance(cap.source, TorchSource) \
+            else OrtModel(cap.source.path)
+        plan.predicted = {o: 1.0 for o in OBJECTIVES}
+    else:
+        if not isinstance(cap.source, TorchSource):
+            raise TailorError("budgets below 1.0 need calibration, which for ONNX inputs comes with "
+                              "the ONNX back end; pass the HF model (directory or module) for now")
+        module, graph = cap.source.module, cap.graph
+        with stages("profile"):
+            cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
+            prof, options = run_profile(module, graph, cal, passes, model_hash=cap.model_hash,
+                                        settings={"windows": calib_windows, "len": calib_len, "seed": seed},
+                                        progress=progress, use_cache=use_cache)
+            for o in options:
+                o.loss = prof.option_kl.get(o.key, 0.0)
+        with stages("search"):
+            price(options, cost_model)
+            reference = model_outputs(module, cal.heldout_ids)
+            is_lm = graph.task == "causal-lm"
+
+            def measure(chosen):
+                variant = apply_options(copy.deepcopy(module), graph, chosen, prof.signals)
+                return divergence(reference, model_outputs(variant, cal.heldout_ids), is_lm)
+
+            result = search(options, cost_model, budget, objective, measure)
+        with stages("rewrite"):
+            variant = apply_options(copy.deepcopy(module), graph, result.chosen, prof.signals)
+            runnable = HFModel(variant)
+        plan.rewrites = [o.to_json() for o in result.chosen]
+        plan.predicted = cost_model.ratios(structure_of(graph, result.chosen))
+        report["calibration"] = {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
+                                 "heldout_windows": int(cal.heldout_ids.shape[0])}
+        report["search"] = {"predicted_kl": result.predicted_kl, "measured_kl_heldout": result.measured_kl,
+                            "iterations": result.iterations, "candidates": len(options)}
+        report["signals"] = {"block_influence": prof.signals.block_influence,
+                             "ffn_contribution": prof.signals.ffn_contribution}
+        if eval_text is not None:
+            with stages("evaluate"):
+                report["quality"] = evaluate_pair(HFModel(module), runnable, Path(eval_text),
+                                                  _tokenizer_dir(cap.source, tokenizer), graph.task)
+    report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
+    report["stages"] = stages.times
     return Compiled(runnable, plan, report, cap.graph, cap.source, formats)
+
+
+def _tokenizer_dir(source: TorchSource, tokenizer) -> Path | None:
+    return Path(tokenizer) if tokenizer else source.path
+
+
+def _calibration(module, graph, source: TorchSource, calib, tokenizer, windows: int, length: int,
+                 seed: int) -> Calibration:
+    if calib is None:
+        return calibration_data_free(module, graph.vocab_size, length, windows, seed)
+    tok_dir = _tokenizer_dir(source, tokenizer)
+    if tok_dir is None:
+        raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a module)")
+    return calibration_from_text(read_text(Path(calib)), load_tokenizer(tok_dir), length, windows, str(calib))
 
 
 def load(folder: str | Path) -> Compiled:
@@ -118,13 +192,48 @@ def load(folder: str | Path) -> Compiled:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise TailorError(f"{folder}/report.json: unreadable") from None
-    if "model.safetensors" in files or "model.safetensors.index.json" in files:
-        model: torch.nn.Module = HFModel(load_hf_directory(folder))
+    if BASE_CONFIG in files and plan.rewrites:
+        model: torch.nn.Module = HFModel(load_rewritten(folder, plan))
+    elif "model.safetensors" in files or "model.safetensors.index.json" in files:
+        model = HFModel(load_hf_directory(folder))
     elif "model.onnx" in files:
         model = OrtModel(folder / "model.onnx")
     else:
         raise TailorError(f"{folder}: the artifact holds no model (model.safetensors or model.onnx)")
     return Compiled(model, plan, report)
+
+
+def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
+    """Rebuild a rewritten model: the original architecture from base_config.json, the plan's
+    structural edits (shapes only), then the weights from safetensors (strictly)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tailor.passes.base import Option
+
+    cfg = json.loads((folder / BASE_CONFIG).read_text())
+    if cfg.get("auto_map"):
+        raise TailorError(f"{folder}/{BASE_CONFIG}: remote code is not loaded")
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None:
+        raise TailorError(f"{folder}/{BASE_CONFIG}: unknown architecture {arch!r}")
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"},
+                                              model_type=cfg["model_type"])
+    model = cls(config).eval()
+    graph = capture(model).graph
+    apply_options(model, graph, [Option.from_json(r) for r in plan.rewrites], None)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {graph.lm_head.weight.name} if graph.lm_head is not None and graph.tied_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise TailorError(f"{folder}: weights do not match the plan's structure "
+                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        model.tie_weights()
+    return model
 
 
 def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:

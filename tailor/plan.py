@@ -28,7 +28,8 @@ class Plan:
     model_hash: str
     budget: float
     objective: str = "latency"
-    workload: dict[str, int] = field(default_factory=lambda: {"batch": 1, "seq_len": 1024})
+    workload: dict[str, int] = field(default_factory=lambda: {"batch": 1, "prompt_len": 1024, "gen_len": 0})
+    target: str = "h100"
     rewrites: list[dict[str, Any]] = field(default_factory=list)   # chosen options, in order
     predicted: dict[str, float] = field(default_factory=dict)      # cost ratio per objective
     schema_version: int = SCHEMA_VERSION
@@ -50,10 +51,16 @@ class Plan:
             raise TailorError(f"{where}: plan schema {version} is newer than this tailor reads "
                               f"({SCHEMA_VERSION}); upgrade tailor")
         try:
+            rewrites = data.get("rewrites", [])
+            if not isinstance(rewrites, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("pass"), str) and isinstance(r.get("layer"), int)
+                    and isinstance(r.get("choice"), dict) for r in rewrites):
+                raise ValueError("rewrites must be a list of {pass, layer, choice} objects")
             plan = cls(model_hash=str(data["model_hash"]), budget=check_budget(data["budget"]),
                        objective=str(data.get("objective", "latency")),
                        workload={str(k): int(v) for k, v in data.get("workload", {}).items()},
-                       rewrites=list(data.get("rewrites", [])),
+                       target=str(data.get("target", "h100")),
+                       rewrites=rewrites,
                        predicted={str(k): float(v) for k, v in data.get("predicted", {}).items()},
                        schema_version=version)
         except (KeyError, TypeError, ValueError) as e:

@@ -248,7 +248,7 @@ def cmd_inspect(args) -> int:
     if args.seq_len < 1:
         raise TailorError("--seq-len must be positive")
     cap = capture(args.model, trust_remote_code=args.trust_remote_code)
-    info = describe(cap.graph, Workload(seq_len=args.seq_len))
+    info = describe(cap.graph, Workload(prompt_len=args.seq_len))
     if args.json:
         print(json.dumps(info, indent=2))
     else:

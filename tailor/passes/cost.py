@@ -1,20 +1,194 @@
-"""What each part of a transformer costs: parameters and forward FLOPs for a workload.
+"""The one cost model: FLOPs, bytes moved and KV-cache bytes of every component for a workload
+on a target, turned into roofline latency. Every pass prices its options here.
 
-This is the start of the single cost model every pass prices its options with. FLOPs count a
-multiply-add as 2. Causal attention touches (T+1)/2 keys per query on average.
+A model's shape after rewriting is a `Structure`: per layer, whether it is kept, whether its FFN
+is kept, which KV groups and how many query heads per group its attention keeps. The cost of a
+structure is a sum over layers, so an option's cost is the difference between the structure
+with that one change and the dense one, exactly, and a plan's cost is the dense cost plus the
+sum of its options' deltas (options of one layer are combined by the search's constraints).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from tailor.rewriter.graph import FFN, Attention, Block, Projection, TransformerGraph
+from tailor.errors import TailorError
+from tailor.rewriter.graph import Attention, Projection, TransformerGraph
+
+OBJECTIVES = ("latency", "flops", "kv_memory")
 
 
 @dataclass(frozen=True)
 class Workload:
     batch: int = 1
-    seq_len: int = 1024
+    prompt_len: int = 1024
+    gen_len: int = 0          # generated tokens after the prompt (decode steps)
 
+    @property
+    def seq_len(self) -> int:  # tokens a prefill processes
+        return self.prompt_len
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    flops_per_s: float        # dense matmul peak at `bytes_per_element`
+    bytes_per_s: float        # memory bandwidth
+    bytes_per_element: int    # weights, activations and KV cache
+
+    def override(self, flops_per_s: float | None = None, bytes_per_s: float | None = None) -> "Target":
+        return replace(self, flops_per_s=flops_per_s or self.flops_per_s,
+                       bytes_per_s=bytes_per_s or self.bytes_per_s)
+
+
+# Vendor peaks (dense bf16 tensor cores on GPUs; fp32 on the CPU, a 2-core development machine
+# class, refined by measurement in the CPU back-end issue).
+TARGETS = {
+    "cpu": Target("cpu", 1.0e11, 2.0e10, 4),
+    "a100": Target("a100", 312e12, 2.0e12, 2),
+    "h100": Target("h100", 989e12, 3.35e12, 2),
+    "h200": Target("h200", 989e12, 4.8e12, 2),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise TailorError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+@dataclass
+class LayerShape:
+    kept: bool = True
+    ffn: bool = True
+    kv_groups: int = 0               # KV heads kept
+    queries_per_group: int = 0       # query heads kept per KV head
+    own_kv: bool = True              # False when the layer reads another layer's KV cache
+    ffn_width: int | None = None     # FFN channels kept (None: all)
+
+
+@dataclass
+class Structure:
+    layers: list[LayerShape] = field(default_factory=list)
+
+    @classmethod
+    def dense(cls, graph: TransformerGraph) -> "Structure":
+        return cls([LayerShape(True, True, b.attn.num_kv_heads, b.attn.num_heads // b.attn.num_kv_heads)
+                    for b in graph.blocks])
+
+    def copy(self) -> "Structure":
+        return Structure([replace(s) for s in self.layers])
+
+
+@dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+    kv_bytes: float = 0.0
+    latency: float = 0.0
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.flops + o.flops, self.bytes + o.bytes, self.kv_bytes + o.kv_bytes,
+                    self.latency + o.latency)
+
+    def get(self, objective: str) -> float:
+        return {"latency": self.latency, "flops": self.flops, "kv_memory": self.kv_bytes}[objective]
+
+
+class CostModel:
+    def __init__(self, graph: TransformerGraph, workload: Workload, target: Target):
+        self.graph, self.workload, self.target = graph, workload, target
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _matmul(self, tokens: int, n_in: int, n_out: int, weight_reads: int) -> Cost:
+        """tokens × (n_in -> n_out) with the weight read `weight_reads` times (once per step)."""
+        e = self.target.bytes_per_element
+        flops = 2.0 * tokens * n_in * n_out
+        by = weight_reads * n_in * n_out * e + tokens * (n_in + n_out) * e
+        return self._roofline(flops, by)
+
+    def _roofline(self, flops: float, by: float, kv: float = 0.0) -> Cost:
+        t = max(flops / self.target.flops_per_s, by / self.target.bytes_per_s)
+        return Cost(flops, by, kv, t)
+
+    def _phases(self):
+        """(tokens processed, matmul passes over the weights, mean keys per query) per phase."""
+        w = self.workload
+        yield w.batch * w.prompt_len, 1, None
+        for step in range(w.gen_len) if w.gen_len <= 64 else []:
+            yield w.batch, 1, w.prompt_len + step + 1
+        if w.gen_len > 64:  # decode steps differ only in context length: one pass at the mean
+            yield w.batch * w.gen_len, w.gen_len, w.prompt_len + (w.gen_len + 1) / 2
+
+    def projections(self, projs: list[tuple[int, int]]) -> Cost:
+        total = Cost()
+        for tokens, reads, _ in self._phases():
+            for n_in, n_out in projs:
+                total = total + self._matmul(tokens, n_in, n_out, reads)
+        return total
+
+    def attention_core(self, a: Attention, heads: int, kv_heads: int, own_kv: bool) -> Cost:
+        """q·kᵀ and p·v, plus reading (decode) and writing (prefill) the KV cache."""
+        w, e, d = self.workload, self.target.bytes_per_element, a.head_dim
+        total = Cost()
+        kv_per_token = 2 * kv_heads * d * e
+        for tokens, _, keys in self._phases():
+            if keys is None:  # prefill: causal attention sees (T+1)/2 keys on average
+                keys_per_q = (w.prompt_len + 1) / 2 if a.causal else w.prompt_len
+                # a fused kernel reads q and k, v once and writes the output (and the KV cache)
+                by = tokens * (2 * heads * d * e + kv_per_token * (2 if own_kv else 1))
+            else:
+                keys_per_q = keys
+                by = tokens * keys * kv_per_token  # every decode token reads the whole cache
+            flops = 4.0 * tokens * heads * keys_per_q * d
+            total = total + self._roofline(flops, by)
+        if own_kv and heads > 0:
+            total.kv_bytes = w.batch * (w.prompt_len + w.gen_len) * kv_per_token
+        return total
+
+    # -- components of one layer ---------------------------------------------------------------
+    def attention(self, layer: int, shape: LayerShape) -> Cost:
+        a = self.graph.blocks[layer].attn
+        heads = shape.kv_groups * shape.queries_per_group
+        if not shape.kept or heads == 0:
+            return Cost()
+        d, hidden = a.head_dim, a.q.in_features
+        kv_cols = shape.kv_groups * d if shape.own_kv else 0
+        projs = [(hidden, heads * d), (heads * d, a.o.out_features)]
+        projs += [(hidden, kv_cols), (hidden, kv_cols)] if kv_cols else []
+        return self.projections(projs) + self.attention_core(a, heads, shape.kv_groups, shape.own_kv)
+
+    def ffn(self, layer: int, shape: LayerShape) -> Cost:
+        if not shape.kept or not shape.ffn:
+            return Cost()
+        f = self.graph.blocks[layer].ffn
+        width = f.width if shape.ffn_width is None else shape.ffn_width
+        return self.projections([(p.in_features, width) if p is not f.down else (width, p.out_features)
+                                 for p in f.projections])
+
+    def layer(self, layer: int, shape: LayerShape) -> Cost:
+        return self.attention(layer, shape) + self.ffn(layer, shape)
+
+    def fixed(self) -> Cost:
+        """What no rewrite removes: the head (the embedding is a lookup)."""
+        head: Projection | None = self.graph.lm_head
+        return self.projections([(head.in_features, head.out_features)]) if head else Cost()
+
+    def total(self, structure: Structure) -> Cost:
+        total = self.fixed()
+        for i, shape in enumerate(structure.layers):
+            total = total + self.layer(i, shape)
+        return total
+
+    def ratio(self, structure: Structure, objective: str) -> float:
+        dense = self.total(Structure.dense(self.graph)).get(objective)
+        return self.total(structure).get(objective) / dense if dense else 1.0
+
+    def ratios(self, structure: Structure) -> dict[str, float]:
+        dense, cur = self.total(Structure.dense(self.graph)), self.total(structure)
+        return {o: (cur.get(o) / dense.get(o) if dense.get(o) else 1.0) for o in OBJECTIVES}
+
+
+# ---- plain FLOP counts for `tailor inspect` ----------------------------------------------------
 
 def projection_flops(p: Projection, tokens: int) -> int:
     return 2 * tokens * p.in_features * p.out_features
@@ -29,14 +203,10 @@ def attention_flops(a: Attention, w: Workload) -> int:
     return int(proj + core)
 
 
-def ffn_flops(f: FFN, w: Workload) -> int:
+def ffn_flops(f, w: Workload) -> int:
     return sum(projection_flops(p, w.batch * w.seq_len) for p in f.projections)
-
-
-def block_flops(b: Block, w: Workload) -> int:
-    return attention_flops(b.attn, w) + ffn_flops(b.ffn, w)
 
 
 def model_flops(g: TransformerGraph, w: Workload) -> int:
     head = projection_flops(g.lm_head, w.batch * w.seq_len) if g.lm_head else 0
-    return sum(block_flops(b, w) for b in g.blocks) + head
+    return sum(attention_flops(b.attn, w) + ffn_flops(b.ffn, w) for b in g.blocks) + head

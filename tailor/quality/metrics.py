@@ -49,34 +49,39 @@ def encoder_metrics(hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> di
     return {"mean_cosine_to_reference": float(torch.cosine_similarity(emb, ref, -1).mean())}
 
 
-def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokenizer: str | None = None,
-             seq_len: int = 1024, windows: int = 8) -> dict:
+def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise TailorError(f"{folder}: no tokenizer files; pass --tokenizer DIR")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+
+
+def evaluate_pair(reference, candidate, text: Path, tokenizer_dir: Path | None, task: str, *,
+                  seq_len: int = 1024, windows: int = 12) -> dict:
+    """Quality of `candidate` (model(input_ids) -> tensor) on a text, against `reference` if given:
+    the same windows for both."""
+    if tokenizer_dir is None:
+        raise TailorError("evaluating on a text needs a tokenizer: pass --tokenizer DIR")
+    ids = token_windows(load_tokenizer(tokenizer_dir)(read_text(text))["input_ids"], seq_len, windows)
+    with torch.no_grad():
+        out = torch.cat([candidate(row[None]) for row in ids])
+        ref = torch.cat([reference(row[None]) for row in ids]) if reference is not None else None
+    result = {"text": str(text), "windows": int(ids.shape[0]), "seq_len": seq_len}
+    result.update(lm_metrics(out, ids, ref) if task == "causal-lm" else encoder_metrics(out, ref))
+    return result
+
+
+def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokenizer: str | None = None,
+             seq_len: int = 1024, windows: int = 8) -> dict:
     import tailor
 
     compiled = tailor.load(artifact)
-    tok_dir = Path(tokenizer) if tokenizer else artifact
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
-        raise TailorError(f"{tok_dir}: no tokenizer files; pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True, trust_remote_code=False)
-    ids = token_windows(tok(read_text(text))["input_ids"], seq_len, windows)
-    ref_model = open_model(reference) if reference else None
-    outs, refs = [], []
-    with torch.no_grad():
-        for row in ids:
-            outs.append(compiled.model(row[None]))
-            if ref_model is not None:
-                refs.append(ref_model(row[None]))
-    out = torch.cat(outs)
-    ref = torch.cat(refs) if refs else None
     task = compiled.report.get("model", {}).get("task", "")
-    result = {"windows": int(ids.shape[0]), "seq_len": seq_len}
-    if task == "causal-lm":
-        result.update(lm_metrics(out, ids, ref))
-    else:
-        result.update(encoder_metrics(out, ref))
-    return result
+    return evaluate_pair(open_model(reference) if reference else None, compiled.model, text,
+                         Path(tokenizer) if tokenizer else Path(artifact), task,
+                         seq_len=seq_len, windows=windows)
 
 
 def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20) -> dict:

@@ -1,0 +1,27 @@
+"""ffn_skip: drop the FFN branch of a pre-norm block (FFN-SkipLLM), replaced by the mean of its
+output on calibration data, so the residual stream keeps its average offset."""
+from __future__ import annotations
+
+from tailor.passes.base import Option
+from tailor.passes.cost import LayerShape
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.torch_surgery import ffn_path, replace_with_constant
+
+NAME = "ffn_skip"
+
+
+def candidates(graph: TransformerGraph, signals) -> list[Option]:
+    # post-norm blocks normalise after the FFN's residual add: the branch is not separable there
+    return [Option(NAME, b.index, {}, (f"ffn:{b.index}",), label=f"skip FFN {b.index}")
+            for b in graph.blocks if b.residual == "pre_norm"]
+
+
+def reshape(option: Option, shape: LayerShape) -> None:
+    shape.ffn = False
+
+
+def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    for o in options:
+        replace_with_constant(model, ffn_path(model, graph.blocks[o.layer]), graph.hidden_size,
+                              returns_tuple=False,
+                              mean=signals.ffn_mean[o.layer] if signals is not None else None)

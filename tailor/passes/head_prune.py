@@ -1,0 +1,100 @@
+"""head_prune: structured attention-head pruning, GQA-aware, with bias compensation (FLAP).
+
+Heads are ranked by FLAP's fluctuation metric: for each input channel c of the output
+projection, Var(x_c) · ||W_o[:, c]||², summed over the head's channels. A choice keeps the g most
+important KV groups and, inside each, the m most important query heads (the same m in every
+group, so grouped-query attention stays regular). The removed heads' mean contribution
+W_o[:, removed] · E[x_removed] moves into the output projection's bias. Keeping no group at all
+removes the attention branch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tailor.errors import TailorError
+from tailor.passes.base import Option
+from tailor.passes.cost import LayerShape
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.torch_surgery import (
+    add_bias,
+    attention_path,
+    module_path,
+    replace_with_constant,
+    slice_linear,
+)
+
+NAME = "head_prune"
+
+
+def head_scores(graph: TransformerGraph, signals, layer: int) -> np.ndarray:
+    """FLAP importance per query head, shape [kv_heads, queries_per_group]."""
+    a = graph.blocks[layer].attn
+    per_channel = np.asarray(signals.o_input_var[layer]) * np.asarray(signals.o_col_norm2[layer])
+    per_head = per_channel.reshape(a.num_heads, a.head_dim).sum(1)
+    return per_head.reshape(a.num_kv_heads, a.num_heads // a.num_kv_heads)
+
+
+def _choice(scores: np.ndarray, groups: int, per_group: int) -> dict:
+    order = np.argsort(-scores.sum(1), kind="stable")[:groups]
+    kept = sorted(int(g) for g in order)
+    queries = [sorted(int(q) for q in np.argsort(-scores[g], kind="stable")[:per_group]) for g in kept]
+    return {"kv_heads": kept, "queries": queries}
+
+
+def candidates(graph: TransformerGraph, signals) -> list[Option]:
+    out = []
+    for b in graph.blocks:
+        a = b.attn
+        if any(p.columns is not None for p in a.projections):
+            continue  # fused qkv (GPT-2, Phi-3): slicing a fused weight is not supported yet
+        q_per = a.num_heads // a.num_kv_heads
+        scores = head_scores(graph, signals, b.index)
+        for g in range(a.num_kv_heads + 1):
+            for m in ([0] if g == 0 else range(1, q_per + 1)):
+                if (g, m) == (a.num_kv_heads, q_per):
+                    continue
+                choice = _choice(scores, g, m) if g else {"kv_heads": [], "queries": []}
+                label = "drop attention" if g == 0 else f"keep {g}/{a.num_kv_heads} KV × {m}/{q_per} q"
+                out.append(Option(NAME, b.index, choice, (f"attn:{b.index}",),
+                                  label=f"layer {b.index}: {label}"))
+    return out
+
+
+def reshape(option: Option, shape: LayerShape) -> None:
+    kept = option.choice["kv_heads"]
+    shape.kv_groups = len(kept)
+    shape.queries_per_group = len(option.choice["queries"][0]) if kept else 0
+
+
+def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    for o in options:
+        b = graph.blocks[o.layer]
+        a = b.attn
+        q_per, d = a.num_heads // a.num_kv_heads, a.head_dim
+        kept_groups, queries = o.choice["kv_heads"], o.choice["queries"]
+        if not kept_groups:  # the whole attention branch becomes its mean output
+            replace_with_constant(model, attention_path(model, b), graph.hidden_size, returns_tuple=True,
+                                  mean=signals.attn_mean[o.layer] if signals is not None else None)
+            continue
+        q_heads = [g * q_per + q for g, qs in zip(kept_groups, queries) for q in qs]
+        q_cols = torch.tensor([h * d + i for h in q_heads for i in range(d)], dtype=torch.long)
+        kv_cols = torch.tensor([g * d + i for g in kept_groups for i in range(d)], dtype=torch.long)
+        removed = torch.tensor(sorted(set(range(a.num_heads * d)) - set(q_cols.tolist())),
+                               dtype=torch.long)
+        delta = torch.zeros(a.o.out_features)
+        if signals is not None and len(removed):
+            w_o = model.get_submodule(module_path(a.o.weight.name)).weight.data
+            mean = torch.as_tensor(np.asarray(signals.o_input_mean[o.layer]), dtype=w_o.dtype)
+            delta = w_o[:, removed] @ mean[removed]
+        slice_linear(model, a.q, rows=q_cols)
+        slice_linear(model, a.k, rows=kv_cols)
+        slice_linear(model, a.v, rows=kv_cols)
+        slice_linear(model, a.o, cols=q_cols)
+        add_bias(model, a.o, delta)  # on reload (no signals) the value comes from the weights
+        attn = model.get_submodule(attention_path(model, b))
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = len(queries[0])
+        elif len(queries[0]) != q_per:
+            raise TailorError(f"layer {o.layer}: {type(attn).__name__} has no num_key_value_groups; "
+                              f"only whole KV groups can be pruned there")

@@ -1,0 +1,299 @@
+"""Profile: one calibration run that collects every signal the passes and the search need.
+
+Signals (forward hooks on the modules the TransformerGraph points to):
+- block influence per layer: 1 - cos(block input, block output) of the residual stream (ShortGPT);
+- FFN contribution: |FFN output| / |block input|, and the FFN's mean output (for ffn_skip);
+- the attention branch's mean output (for dropping attention);
+- per output-projection input channel: mean and variance, and the weight-column norms (FLAP);
+- per layer pair: cosine similarity of their keys (KVSharer-style ranking).
+Then every candidate option of every pass is applied alone to a copy of the model and its real
+KL to the dense model is measured on the calibration tokens: the search's loss estimates.
+
+Results are cached on disk, keyed by (model hash, data hash, settings), with a checksum, so a
+second compile at another budget costs no calibration.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tailor.errors import TailorError
+from tailor.passes.base import Option
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.torch_surgery import attention_path, block_path, ffn_path, module_path
+
+PROFILE_VERSION = 1
+
+
+@dataclass
+class Signals:
+    block_influence: list[float]
+    ffn_contribution: list[float]
+    ffn_mean: list[list[float]]
+    attn_mean: list[list[float]]
+    o_input_mean: list[list[float]]
+    o_input_var: list[list[float]]
+    o_col_norm2: list[list[float]]
+    down_input_mean: list[list[float]]
+    down_input_var: list[list[float]]
+    down_col_norm2: list[list[float]]
+    kv_similarity: list[list[float]]
+
+
+@dataclass
+class Profile:
+    signals: Signals
+    option_kl: dict[str, float]
+    data: str                      # where the calibration tokens came from
+    tokens: int
+    key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        return cls(Signals(**d["signals"]), {k: float(v) for k, v in d["option_kl"].items()},
+                   d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}))
+
+
+# ---- calibration data ----------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    profile_ids: torch.Tensor     # [N, T] windows the signals and option losses are measured on
+    heldout_ids: torch.Tensor     # [M, T] windows the search's refine loop measures plans on
+    source: str                   # human-readable: file and hash, or "data-free"
+    digest: str
+
+
+def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str) -> Calibration:
+    ids = tokenizer(text)["input_ids"]
+    n = min(windows, len(ids) // window)
+    if n < 2:
+        raise TailorError(f"calibration text {name} has {len(ids)} tokens: need at least "
+                          f"{2 * window} (two windows of {window})")
+    t = torch.tensor(ids[: n * window]).view(n, window)
+    held = max(1, n // 4)
+    digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    return Calibration(t[: n - held], t[n - held:], f"{name} ({n} windows of {window} tokens)", digest)
+
+
+def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
+    """Sequences sampled from the model itself, starting from random tokens (no user data)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (windows, 1), generator=gen)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        if hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False:
+            out = model.generate(ids, do_sample=True, top_k=0, max_new_tokens=window - 1,
+                                 min_new_tokens=window - 1, pad_token_id=0)
+        else:  # encoders: random tokens are the data-free set
+            out = torch.randint(0, vocab, (windows, window), generator=gen)
+    held = max(1, windows // 4)
+    return Calibration(out[: windows - held], out[windows - held:],
+                       f"data-free: {windows} sequences of {window} tokens sampled from the model",
+                       f"free-{seed}-{windows}-{window}")
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def model_outputs(model, ids: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            out = model(input_ids=ids[i:i + batch], use_cache=False)
+            t = out.logits if getattr(out, "logits", None) is not None else out[0]
+            outs.append(t.float())
+    return outs
+
+
+def divergence(reference: list[torch.Tensor], outputs: list[torch.Tensor], is_lm: bool) -> float:
+    """Mean per-token KL(reference || output) for LMs; 1 - cosine of hidden states otherwise."""
+    total, count = 0.0, 0
+    for ref, out in zip(reference, outputs):
+        if is_lm:
+            lp_ref, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(out.double(), -1)
+            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+        else:
+            kl = 1 - torch.cosine_similarity(ref.double(), out.double(), dim=-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signals:
+    n = graph.num_layers
+    acc: dict[str, list] = {k: [None] * n for k in
+                            ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_sum", "o_sq", "d_sum", "d_sq",
+                             "k", "tok")}
+    hooks = []
+    block_in: list = [None] * n
+
+    def add(dst, i, val):
+        acc[dst][i] = val if acc[dst][i] is None else acc[dst][i] + val
+
+    for b in graph.blocks:
+        i = b.index
+
+        def block_pre_hook(mod, args, kwargs, i=i):
+            block_in[i] = (args[0] if args else kwargs["hidden_states"]).double()
+
+        def block_hook(mod, args, kwargs, out, i=i):
+            x, y = block_in[i], _first(out).double()
+            add("bi", i, float((1 - torch.cosine_similarity(x, y, dim=-1)).sum()))
+            add("tok", i, x.shape[0] * x.shape[1])
+
+        def ffn_hook(mod, args, kwargs, out, i=i):
+            y = _first(out).double()
+            x = block_in[i]
+            add("ffn_norm", i, float((y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-9)).sum()))
+            add("ffn_sum", i, y.sum((0, 1)))
+
+        def attn_hook(mod, args, kwargs, out, i=i):
+            add("attn_sum", i, _first(out).double().sum((0, 1)))
+
+        def o_pre_hook(mod, args, i=i):
+            x = args[0].double()
+            add("o_sum", i, x.sum((0, 1)))
+            add("o_sq", i, (x * x).sum((0, 1)))
+
+        def down_pre_hook(mod, args, i=i):
+            x = args[0].double()
+            add("d_sum", i, x.sum((0, 1)))
+            add("d_sq", i, (x * x).sum((0, 1)))
+
+        def k_hook(mod, args, out, i=i):
+            acc["k"][i] = out.double().flatten(0, 1)  # last batch only: enough for a ranking
+
+        block = model.get_submodule(block_path(model, b))
+        hooks += [
+            block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
+            block.register_forward_hook(block_hook, with_kwargs=True),
+            model.get_submodule(ffn_path(model, b)).register_forward_hook(ffn_hook, with_kwargs=True),
+            model.get_submodule(attention_path(model, b)).register_forward_hook(attn_hook, with_kwargs=True),
+            model.get_submodule(module_path(b.attn.o.weight.name)).register_forward_pre_hook(o_pre_hook),
+            model.get_submodule(module_path(b.attn.k.weight.name)).register_forward_hook(k_hook),
+            model.get_submodule(module_path(b.ffn.down.weight.name)).register_forward_pre_hook(down_pre_hook),
+        ]
+    try:
+        model_outputs(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    tok = acc["tok"]
+    o_mean = [acc["o_sum"][i] / tok[i] for i in range(n)]
+    o_var = [acc["o_sq"][i] / tok[i] - o_mean[i] ** 2 for i in range(n)]
+    d_mean = [acc["d_sum"][i] / tok[i] for i in range(n)]
+    d_var = [acc["d_sq"][i] / tok[i] - d_mean[i] ** 2 for i in range(n)]
+
+    def col_norm2(p):
+        w = model.get_submodule(module_path(p.weight.name)).weight.detach().double()
+        return (w * w).sum(0).tolist()
+
+    ks = acc["k"]
+    sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
+            else 0.0 for j in range(n)] for i in range(n)]
+    return Signals(
+        block_influence=[acc["bi"][i] / tok[i] for i in range(n)],
+        ffn_contribution=[acc["ffn_norm"][i] / tok[i] for i in range(n)],
+        ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
+        attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
+        o_input_mean=[m.tolist() for m in o_mean],
+        o_input_var=[v.clamp_min(0).tolist() for v in o_var],
+        o_col_norm2=[col_norm2(b.attn.o) for b in graph.blocks],
+        down_input_mean=[m.tolist() for m in d_mean], down_input_var=[v.clamp_min(0).tolist() for v in d_var],
+        down_col_norm2=[col_norm2(b.ffn.down) for b in graph.blocks], kv_similarity=sim)
+
+
+def apply_options(model, graph: TransformerGraph, options: list[Option], signals: Signals | None):
+    """Apply options of several passes to `model` in place, in the order that keeps indices valid."""
+    from tailor.passes.registry import APPLY_ORDER, PASSES
+
+    for name in APPLY_ORDER:
+        chosen = [o for o in options if o.pass_name == name]
+        if chosen:
+            PASSES[name].apply_torch(model, graph, chosen, signals)
+    return model
+
+
+def measure_options(model, graph: TransformerGraph, options: list[Option], signals: Signals,
+                    ids: torch.Tensor, reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
+    is_lm = graph.task == "causal-lm"
+    result = {}
+    for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
+        variant = apply_options(copy.deepcopy(model), graph, [o], signals)
+        result[o.key] = divergence(reference, model_outputs(variant, ids), is_lm)
+    return result
+
+
+# ---- cache -----------------------------------------------------------------------------------------
+
+def cache_path(key: str) -> Path:
+    from tailor.cli.default_model import cache_dir
+
+    return cache_dir() / "profiles" / f"{key}.json"
+
+
+def profile_key(model_hash: str, data_digest: str, settings: dict) -> str:
+    blob = json.dumps({"model": model_hash, "data": data_digest, "settings": settings,
+                       "version": PROFILE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_cached(key: str) -> Profile | None:
+    path = cache_path(key)
+    try:
+        d = json.loads(path.read_text())
+        body = json.dumps(d["profile"], sort_keys=True)
+        if hashlib.sha256(body.encode()).hexdigest() != d["checksum"]:
+            return None  # corrupt: recompute
+        return Profile.from_json(d["profile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(profile: Profile) -> None:
+    path = cache_path(profile.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = profile.to_json()
+    data = {"checksum": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+            "profile": body}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list[str], *,
+                model_hash: str, settings: dict, progress: bool = True,
+                use_cache: bool = True) -> tuple[Profile, list[Option]]:
+    """Signals, the candidate options of `passes`, and each option's measured KL."""
+    from tailor.passes.registry import candidates_for
+
+    key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes)})
+    cached = load_cached(key) if use_cache else None
+    if cached is not None:
+        cached.extra["cached"] = True
+        return cached, candidates_for(graph, cached.signals, passes)
+    signals = collect_signals(model, graph, calib.profile_ids)
+    candidates = candidates_for(graph, signals, passes)
+    reference = model_outputs(model, calib.profile_ids)
+    option_kl = measure_options(model, graph, candidates, signals, calib.profile_ids, reference, progress)
+    prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
+    if use_cache:
+        store(prof)
+    prof.extra["cached"] = False
+    return prof, candidates

@@ -1,0 +1,132 @@
+"""One budgeted search over every pass's options.
+
+A multiple-choice knapsack solved exactly with scipy's HiGHS MILP:
+    minimise   Σ loss_o · x_o
+    subject to Σ cost_o · x_o ≤ (B - 1) · cost(dense)      (cost_o < 0: what option o saves)
+               Σ_{o claims r} x_o ≤ 1   for every resource r (a layer's attention, its FFN, ...)
+               x_o ∈ {0, 1}
+Losses start as each option's KL measured alone. Options interact, so a refine loop applies the
+plan, measures its real KL on held-out calibration windows, scales the chosen options' losses by
+measured / predicted and solves again; the best measured plan wins. Deterministic: HiGHS on the
+same inputs returns the same solution and ties break on option order.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from tailor.errors import TailorError
+from tailor.passes.base import Option
+from tailor.passes.cost import CostModel, Structure
+from tailor.passes.registry import PASSES
+
+
+def structure_of(graph, options: list[Option]) -> Structure:
+    s = Structure.dense(graph)
+    for o in options:
+        PASSES[o.pass_name].reshape(o, s.layers[o.layer])
+    return s
+
+
+def price(options: list[Option], cost_model: CostModel) -> None:
+    """Fill each option's cost change per objective, exactly under the cost model."""
+    graph = cost_model.graph
+    dense = cost_model.total(Structure.dense(graph))
+    for o in options:
+        cur = cost_model.total(structure_of(graph, [o]))
+        o.cost = {k: cur.get(k) - dense.get(k) for k in ("latency", "flops", "kv_memory")}
+
+
+def _claims_matrix(options: list[Option]):
+    claims = sorted({c for o in options for c in o.claims})
+    rows = np.zeros((len(claims), len(options)))
+    for j, o in enumerate(options):
+        for c in o.claims:
+            rows[claims.index(c), j] = 1.0
+    return rows
+
+
+def solve(options: list[Option], losses: np.ndarray, objective: str, limit: float,
+          dense_cost: float) -> list[Option]:
+    """The options minimising total loss with total cost change ≤ limit (a negative fraction of
+    the dense cost). Costs enter as fractions of the dense cost: in seconds they would be far
+    below the solver's feasibility tolerance."""
+    if not options:
+        return []
+    cost = np.array([o.cost[objective] for o in options]) / dense_cost
+    # a tiny preference for cheaper plans among equal losses keeps the choice stable
+    c = losses + 1e-12 * cost / (np.abs(cost).max() or 1.0)
+    cons = [LinearConstraint(cost[None, :], -np.inf, limit)]
+    claims = _claims_matrix(options)
+    if len(claims):
+        cons.append(LinearConstraint(claims, -np.inf, 1.0))
+    res = milp(c, constraints=cons, integrality=np.ones(len(options)), bounds=Bounds(0, 1))
+    if res.x is None:
+        return None
+    return [o for o, x in zip(options, res.x) if x > 0.5]
+
+
+def smallest_ratio(options: list[Option], objective: str, dense_cost: float) -> float:
+    """The lowest cost ratio any combination of the options reaches."""
+    if not options:
+        return 1.0
+    cost = np.array([o.cost[objective] for o in options]) / dense_cost
+    cons = [LinearConstraint(_claims_matrix(options), -np.inf, 1.0)]
+    res = milp(cost, constraints=cons, integrality=np.ones(len(options)), bounds=Bounds(0, 1))
+    return 1.0 + float(res.fun)
+
+
+@dataclass
+class SearchResult:
+    chosen: list[Option]
+    predicted_kl: float
+    measured_kl: float | None
+    iterations: list[dict] = field(default_factory=list)
+
+
+def search(options: list[Option], cost_model: CostModel, budget: float, objective: str,
+           measure: Callable[[list[Option]], float] | None, *, max_iter: int = 4) -> SearchResult:
+    dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
+    if budget >= 1.0:
+        return SearchResult([], 0.0, 0.0 if measure else None)
+    floor = smallest_ratio(options, objective, dense)
+    # a little slack on the floor: the MILP's own feasibility tolerance
+    if budget < floor - 1e-9:
+        names = ", ".join(sorted({o.pass_name for o in options})) or "none"
+        raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
+                          f"{names} the smallest reachable budget is {floor:.3f}")
+    limit = budget - 1.0
+    losses = np.array([max(o.loss, 0.0) for o in options])
+    best: SearchResult | None = None
+    history = []
+    tried: set[tuple[str, ...]] = set()
+    for it in range(max_iter):
+        chosen = solve(options, losses, objective, limit, dense)
+        if chosen is None:
+            break
+        keys = tuple(sorted(o.key for o in chosen))
+        predicted = float(sum(losses[options.index(o)] for o in chosen))
+        if keys in tried or measure is None:
+            if best is None:
+                best = SearchResult(chosen, predicted, None)
+            break
+        tried.add(keys)
+        measured = measure(chosen)
+        history.append({"iteration": it, "options": [o.label for o in chosen],
+                        "predicted_kl": predicted, "measured_kl": measured})
+        if best is None or measured < best.measured_kl:
+            best = SearchResult(copy.copy(chosen), predicted, measured)
+        if measured <= 1.1 * predicted:
+            break  # the estimates hold
+        factor = measured / max(predicted, 1e-12)
+        for o in chosen:  # these interact badly together: make them look as costly as they are
+            losses[options.index(o)] *= factor
+    best.iterations = history
+    reached = cost_model.ratio(structure_of(cost_model.graph, best.chosen), objective)
+    if reached > budget + 1e-6:  # the solver's answer must hold under the cost model itself
+        raise RuntimeError(f"search returned a plan at {reached:.4f} for budget {budget}")
+    return best

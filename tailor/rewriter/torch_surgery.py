@@ -1,0 +1,136 @@
+"""Structural edits of a torch model, addressed through the TransformerGraph.
+
+Modules are found from the weight names recognition recorded (state-dict keys), never from
+architecture-specific attribute names: a projection's module owns its weight; a block's module
+is the deepest module owning all of the block's weights; likewise the attention and the FFN.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from tailor.errors import TailorError
+from tailor.rewriter.graph import Block, Projection
+
+
+def module_path(weight_name: str) -> str:
+    return weight_name.rsplit(".", 1)[0]
+
+
+def common_module(model: nn.Module, weight_names: list[str]) -> str:
+    paths = [module_path(n).split(".") for n in weight_names]
+    prefix = os.path.commonprefix(paths)
+    return ".".join(prefix)
+
+
+def block_path(model: nn.Module, block: Block) -> str:
+    names = [p.weight.name for p in block.attn.projections + block.ffn.projections]
+    names += [n.weight.name for n in block.norms if n.weight is not None]
+    return common_module(model, names)
+
+
+def attention_path(model: nn.Module, block: Block) -> str:
+    return common_module(model, [p.weight.name for p in block.attn.projections])
+
+
+def ffn_path(model: nn.Module, block: Block) -> str:
+    return common_module(model, [p.weight.name for p in block.ffn.projections])
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+class ConstantBranch(nn.Module):
+    """A residual branch replaced by its mean output on calibration data, whatever the input
+    (a skipped FFN or attention). Returns (value, None) where the replaced module returned a
+    tuple (HF attention modules do)."""
+
+    def __init__(self, hidden: int, returns_tuple: bool, dtype=torch.float32):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+        self.register_buffer("mean_output", torch.zeros(hidden, dtype=dtype))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.mean_output.to(hidden_states.dtype).expand_as(hidden_states)
+        return (out, None) if self.returns_tuple else out
+
+
+def replace_with_constant(model: nn.Module, path: str, hidden: int, returns_tuple: bool,
+                          mean=None) -> None:
+    dtype = next(model.parameters()).dtype
+    branch = ConstantBranch(hidden, returns_tuple, dtype)
+    if mean is not None:
+        branch.mean_output.copy_(torch.as_tensor(mean, dtype=dtype))
+    set_module(model, path, branch)
+
+
+# ---- linear layers -----------------------------------------------------------------------------
+
+def _linear(model: nn.Module, p: Projection) -> nn.Linear:
+    mod = model.get_submodule(module_path(p.weight.name))
+    if not isinstance(mod, nn.Linear):
+        raise TailorError(f"{module_path(p.weight.name)} is a {type(mod).__name__}; structural "
+                          f"pruning supports nn.Linear projections")
+    return mod
+
+
+def slice_linear(model: nn.Module, p: Projection, *, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> nn.Linear:
+    """Keep output rows `rows` and input columns `cols` of a projection, in place of the module."""
+    old = _linear(model, p)
+    w = old.weight.data
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    bias = old.bias.data[rows] if old.bias is not None and rows is not None else \
+        (old.bias.data if old.bias is not None else None)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
+    new.weight.data.copy_(w)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    set_module(model, module_path(p.weight.name), new)
+    return new
+
+
+def add_bias(model: nn.Module, p: Projection, delta: torch.Tensor) -> None:
+    """bias += delta, creating the bias if the projection had none."""
+    lin = _linear(model, p)
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                            device=lin.weight.device))
+    lin.bias.data += delta.to(lin.bias.dtype)
+
+
+# ---- layers --------------------------------------------------------------------------------------
+
+def remove_layers(model: nn.Module, paths: list[str]) -> None:
+    """Delete blocks from their ModuleList; renumber the KV-cache index of the ones after."""
+    by_list: dict[str, list[int]] = {}
+    for path in paths:
+        parent, _, idx = path.rpartition(".")
+        if not idx.isdigit() or not isinstance(model.get_submodule(parent), nn.ModuleList):
+            raise TailorError(f"cannot remove {path}: it is not an entry of a ModuleList")
+        by_list.setdefault(parent, []).append(int(idx))
+    for parent, idxs in by_list.items():
+        layers = model.get_submodule(parent)
+        kept = [m for i, m in enumerate(layers) if i not in set(idxs)]
+        keep_idx = [i for i in range(len(layers)) if i not in set(idxs)]
+        setattr_path = parent
+        set_module(model, setattr_path, nn.ModuleList(kept))
+        for new_i, m in enumerate(kept):
+            for sub in m.modules():
+                if isinstance(getattr(sub, "layer_idx", None), int):
+                    sub.layer_idx = new_i
+        cfg = getattr(model, "config", None)
+        if cfg is not None:
+            for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+                if isinstance(getattr(cfg, attr, None), int) and getattr(cfg, attr) == len(layers):
+                    setattr(cfg, attr, len(kept))
+            lt = getattr(cfg, "layer_types", None)
+            if isinstance(lt, list) and len(lt) == len(layers):
+                cfg.layer_types = [lt[i] for i in keep_idx]
