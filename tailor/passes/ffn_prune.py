@@ -1,8 +1,9 @@
 """ffn_prune: keep a fraction of an FFN's channels (FLAP, LLM-Pruner's channel groups).
 
 Channels are ranked by FLAP's fluctuation metric on the down projection's input:
-Var(h_c) · ||W_down[:, c]||². The removed channels' mean contribution W_down[:, removed] · E[h_removed]
-moves into the down projection's bias, so the branch keeps its average output.
+Var(h_c) · ||W_down[:, c]||². The kept channels of the down projection and its bias are then
+refitted by least squares on calibration statistics (FLAP's bias compensation generalised), so
+the branch reproduces its full output as closely as the kept channels allow.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from tailor.passes.base import Option
 from tailor.passes.cost import LayerShape
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import add_bias, module_path, slice_linear
+from tailor.rewriter.torch_surgery import add_bias, reconstruct_inputs, slice_linear
 
 NAME = "ffn_prune"
 KEEP = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -47,14 +48,11 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
     for o in options:
         f = graph.blocks[o.layer].ffn
         kept = torch.tensor(o.choice["channels"], dtype=torch.long)
-        removed = torch.tensor(sorted(set(range(f.width)) - set(kept.tolist())), dtype=torch.long)
-        delta = torch.zeros(f.down.out_features)
-        if signals is not None and len(removed):
-            w = model.get_submodule(module_path(f.down.weight.name)).weight.data
-            mean = torch.as_tensor(np.asarray(signals.down_input_mean[o.layer]), dtype=w.dtype)
-            delta = w[:, removed] @ mean[removed]
         for p in (f.gate, f.up):
             if p is not None:
                 slice_linear(model, p, rows=kept)
-        slice_linear(model, f.down, cols=kept)
-        add_bias(model, f.down, delta)  # on reload (no signals) the value comes from the weights
+        if signals is not None:
+            reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
+        else:  # reload: shapes only, the weights come from the artifact
+            slice_linear(model, f.down, cols=kept)
+            add_bias(model, f.down, torch.zeros(f.down.out_features))

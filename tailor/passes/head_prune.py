@@ -3,9 +3,10 @@
 Heads are ranked by FLAP's fluctuation metric: for each input channel c of the output
 projection, Var(x_c) · ||W_o[:, c]||², summed over the head's channels. A choice keeps the g most
 important KV groups and, inside each, the m most important query heads (the same m in every
-group, so grouped-query attention stays regular). The removed heads' mean contribution
-W_o[:, removed] · E[x_removed] moves into the output projection's bias. Keeping no group at all
-removes the attention branch.
+group, so grouped-query attention stays regular). The output projection's kept columns and its
+bias are refitted by least squares on calibration statistics (FLAP's bias compensation
+generalised: the removed heads' mean contribution is its uncorrelated special case). Keeping no
+group at all replaces the attention branch by its mean output.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import (
     add_bias,
     attention_path,
-    module_path,
+    reconstruct_inputs,
     replace_with_constant,
     slice_linear,
 )
@@ -80,18 +81,14 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
         q_heads = [g * q_per + q for g, qs in zip(kept_groups, queries) for q in qs]
         q_cols = torch.tensor([h * d + i for h in q_heads for i in range(d)], dtype=torch.long)
         kv_cols = torch.tensor([g * d + i for g in kept_groups for i in range(d)], dtype=torch.long)
-        removed = torch.tensor(sorted(set(range(a.num_heads * d)) - set(q_cols.tolist())),
-                               dtype=torch.long)
-        delta = torch.zeros(a.o.out_features)
-        if signals is not None and len(removed):
-            w_o = model.get_submodule(module_path(a.o.weight.name)).weight.data
-            mean = torch.as_tensor(np.asarray(signals.o_input_mean[o.layer]), dtype=w_o.dtype)
-            delta = w_o[:, removed] @ mean[removed]
         slice_linear(model, a.q, rows=q_cols)
         slice_linear(model, a.k, rows=kv_cols)
         slice_linear(model, a.v, rows=kv_cols)
-        slice_linear(model, a.o, cols=q_cols)
-        add_bias(model, a.o, delta)  # on reload (no signals) the value comes from the weights
+        if signals is not None:
+            reconstruct_inputs(model, a.o, q_cols, signals.o_gram[o.layer])
+        else:  # reload: shapes only, the weights come from the artifact
+            slice_linear(model, a.o, cols=q_cols)
+            add_bias(model, a.o, torch.zeros(a.o.out_features))
         attn = model.get_submodule(attention_path(model, b))
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = len(queries[0])

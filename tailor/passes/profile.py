@@ -18,10 +18,11 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -46,6 +47,12 @@ class Signals:
     down_input_var: list[list[float]]
     down_col_norm2: list[list[float]]
     kv_similarity: list[list[float]]
+    # E[x̃ x̃ᵀ] of the inputs of the output and down projections, x̃ = [x; 1]: what least-squares
+    # compensation of pruned channels needs. Kept out of JSON (cached in safetensors).
+    o_gram: list[np.ndarray] = field(default_factory=list, repr=False)
+    down_gram: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    GRAMS = ("o_gram", "down_gram")
 
 
 @dataclass
@@ -58,11 +65,20 @@ class Profile:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, signals=replace(self.signals, o_gram=[], down_gram=[])))
+        for g in Signals.GRAMS:
+            d["signals"].pop(g)
+        return d
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{g}.{i}": np.ascontiguousarray(a) for g in Signals.GRAMS
+                for i, a in enumerate(getattr(self.signals, g))}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Profile":
-        return cls(Signals(**d["signals"]), {k: float(v) for k, v in d["option_kl"].items()},
+    def from_json(cls, d: dict, arrays: dict[str, np.ndarray]) -> "Profile":
+        n = len(d["signals"]["block_influence"])
+        grams = {g: [arrays[f"{g}.{i}"] for i in range(n)] for g in Signals.GRAMS}
+        return cls(Signals(**d["signals"], **grams), {k: float(v) for k, v in d["option_kl"].items()},
                    d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}))
 
 
@@ -131,6 +147,13 @@ def divergence(reference: list[torch.Tensor], outputs: list[torch.Tensor], is_lm
     return total / max(count, 1)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1]."""
+    flat = x.reshape(-1, x.shape[-1])
+    aug = torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], 1)
+    return aug.T @ aug
+
+
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -139,7 +162,7 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
     n = graph.num_layers
     acc: dict[str, list] = {k: [None] * n for k in
                             ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_sum", "o_sq", "d_sum", "d_sq",
-                             "k", "tok")}
+                             "o_gram", "d_gram", "k", "tok")}
     hooks = []
     block_in: list = [None] * n
 
@@ -170,11 +193,13 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
             x = args[0].double()
             add("o_sum", i, x.sum((0, 1)))
             add("o_sq", i, (x * x).sum((0, 1)))
+            add("o_gram", i, _gram(x))
 
         def down_pre_hook(mod, args, i=i):
             x = args[0].double()
             add("d_sum", i, x.sum((0, 1)))
             add("d_sq", i, (x * x).sum((0, 1)))
+            add("d_gram", i, _gram(x))
 
         def k_hook(mod, args, out, i=i):
             acc["k"][i] = out.double().flatten(0, 1)  # last batch only: enough for a ranking
@@ -216,7 +241,9 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
         o_input_var=[v.clamp_min(0).tolist() for v in o_var],
         o_col_norm2=[col_norm2(b.attn.o) for b in graph.blocks],
         down_input_mean=[m.tolist() for m in d_mean], down_input_var=[v.clamp_min(0).tolist() for v in d_var],
-        down_col_norm2=[col_norm2(b.ffn.down) for b in graph.blocks], kv_similarity=sim)
+        down_col_norm2=[col_norm2(b.ffn.down) for b in graph.blocks], kv_similarity=sim,
+        o_gram=[(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)],
+        down_gram=[(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)])
 
 
 def apply_options(model, graph: TransformerGraph, options: list[Option], signals: Signals | None):
@@ -255,25 +282,39 @@ def profile_key(model_hash: str, data_digest: str, settings: dict) -> str:
 
 
 def load_cached(key: str) -> Profile | None:
+    from safetensors.numpy import load_file
+
     path = cache_path(key)
     try:
         d = json.loads(path.read_text())
         body = json.dumps(d["profile"], sort_keys=True)
-        if hashlib.sha256(body.encode()).hexdigest() != d["checksum"]:
+        arrays_path = path.with_suffix(".safetensors")
+        if hashlib.sha256(body.encode()).hexdigest() != d["checksum"] or \
+                _sha_file(arrays_path) != d["arrays_checksum"]:
             return None  # corrupt: recompute
-        return Profile.from_json(d["profile"])
+        return Profile.from_json(d["profile"], load_file(str(arrays_path)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _sha_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def store(profile: Profile) -> None:
+    from safetensors.numpy import save_file
+
     path = cache_path(profile.key)
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = path.with_suffix(".safetensors")
+    tmp_arrays = path.with_suffix(f".{os.getpid()}.tmp.safetensors")
+    save_file(profile.arrays(), str(tmp_arrays))
     body = profile.to_json()
     data = {"checksum": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
-            "profile": body}
+            "arrays_checksum": _sha_file(tmp_arrays), "profile": body}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
+    os.replace(tmp_arrays, arrays)
     os.replace(tmp, path)
 
 

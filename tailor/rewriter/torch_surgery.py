@@ -134,3 +134,27 @@ def remove_layers(model: nn.Module, paths: list[str]) -> None:
             lt = getattr(cfg, "layer_types", None)
             if isinstance(lt, list) and len(lt) == len(layers):
                 cfg.layer_types = [lt[i] for i in keep_idx]
+
+
+def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram) -> None:
+    """Drop input channels of a projection and refit the rest by least squares on calibration
+    statistics: the kept weights and a bias that best reproduce the full output.
+
+    With x̃ = [x; 1], G = E[x̃ x̃ᵀ] and W̃ = [W | b], the fit over kept channels K̃ = K ∪ {1} is
+        [W_K | b'] = W̃ G[:, K̃] (G[K̃, K̃] + λI)⁻¹
+    (the removed channels' mean contribution, FLAP's bias compensation, is the special case of
+    uncorrelated channels).
+    """
+    lin = _linear(model, p)
+    w = lin.weight.data.double()
+    n_in = w.shape[1]
+    b = lin.bias.data.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    g = torch.as_tensor(gram, dtype=torch.float64)
+    idx = torch.cat([kept, torch.tensor([n_in])])
+    a = g[idx][:, idx]
+    a = a + 1e-6 * a.diagonal().mean() * torch.eye(len(idx), dtype=torch.float64)
+    sol = torch.linalg.solve(a, (torch.cat([w, b[:, None]], 1) @ g[:, idx]).T).T
+    new = slice_linear(model, p, cols=kept)
+    new.weight.data.copy_(sol[:, :-1].to(new.weight.dtype))
+    add_bias(model, p, torch.zeros(w.shape[0]))
+    _linear(model, p).bias.data.copy_(sol[:, -1].to(new.weight.dtype))
