@@ -81,7 +81,9 @@ class Compiled:
             module.save_pretrained(tmp, safe_serialization=True)
             if self.plan.rewrites:
                 # reloading replays the plan's structure on the original architecture
-                (tmp / BASE_CONFIG).write_text(src.module.config.to_json_string())
+                base = src.module.config.to_dict()
+                base["architectures"] = [type(src.module).__name__]
+                (tmp / BASE_CONFIG).write_text(json.dumps(base, indent=2, default=str))
         if "onnx" in self.formats:
             export_onnx(module, tmp / "model.onnx", encoder=self.graph.task == "encoder")
         if src.path is not None:
@@ -244,7 +246,8 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
         "backend": graph.backend, "task": graph.task, "layers": graph.num_layers,
         "hidden_size": graph.hidden_size, "vocab_size": graph.vocab_size,
         "positional": graph.positional, "tied_embeddings": graph.tied_embeddings,
-        "params": graph.params, "workload": {"batch": workload.batch, "seq_len": workload.seq_len},
+        "params": graph.params, "workload": {"batch": workload.batch, "prompt_len": workload.prompt_len,
+                                             "gen_len": workload.gen_len},
         "flops": model_flops(graph, workload),
         "blocks": [{
             "layer": b.index, "heads": b.attn.num_heads, "kv_heads": b.attn.num_kv_heads,

@@ -70,9 +70,16 @@ def test_bad_budget(budget, tiny_onnx, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_budget_names_the_smallest(tiny_onnx, tmp_path, capsys):
+def test_onnx_budget_below_one_explains(tiny_onnx, tmp_path, capsys):
     _fails([str(tiny_onnx["llama"]), "--budget", "0.5", "-o", str(tmp_path / "out")], capsys,
-           expect="smallest reachable budget is 1.0")
+           expect="ONNX")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_budget_names_the_smallest(tiny_hf_dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    _fails([str(tiny_hf_dirs["llama"]), "--budget", "0.05", "--passes", "ffn_prune", "--calib-windows", "4",
+            "--calib-len", "32", "-o", str(tmp_path / "out")], capsys, expect="smallest reachable budget is 0.")
     assert not (tmp_path / "out").exists()
 
 

@@ -25,13 +25,13 @@ def test_config_replays_a_run(tiny_onnx, tmp_path):
     first = tmp_path / "first"
     assert optimize_main([str(tiny_onnx["llama"]), "-o", str(first), "--seq-len", "256"]) == 0
     run = yaml.safe_load((first / "run.yaml").read_text())
-    assert run["model"] == str(tiny_onnx["llama"]) and run["seq_len"] == 256 and run["budget"] == 1.0
+    assert run["model"] == str(tiny_onnx["llama"]) and run["prompt_len"] == 256 and run["budget"] == 1.0
     # replay from the recorded config, overriding only the output
     second = tmp_path / "second"
     assert optimize_main(["--config", str(first / "run.yaml"), "-o", str(second)]) == 0
     plan1 = json.loads((first / "plan.json").read_text())
     plan2 = json.loads((second / "plan.json").read_text())
-    assert plan1 == plan2 and plan1["workload"]["seq_len"] == 256
+    assert plan1 == plan2 and plan1["workload"]["prompt_len"] == 256
     assert (first / "model.onnx").read_bytes() == (second / "model.onnx").read_bytes()
 
 

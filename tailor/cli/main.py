@@ -23,8 +23,10 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 # keys a --config file may set, with their defaults; CLI flags given explicitly win
 OPTIMIZE_DEFAULTS: dict[str, Any] = {
-    "model": None, "budget": 1.0, "output": None, "objective": "latency", "seq_len": 1024,
-    "batch": 1, "format": None, "force": False, "trust_remote_code": False,
+    "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": 1024,
+    "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
+    "calib_windows": 16, "calib_len": 512, "eval": None, "seed": 0, "format": None,
+    "force": False, "trust_remote_code": False,
 }
 
 
@@ -40,10 +42,22 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=str, help="cost of the result as a fraction of the original, "
                    "in (0, 1] (default 1.0)")
     p.add_argument("-o", "--output", help="artifact directory (default: <model name>-tailored)")
-    p.add_argument("--objective", choices=["latency", "flops", "kv_memory"])
-    p.add_argument("--seq-len", "--prompt-len", dest="seq_len", type=int,
+    p.add_argument("--objective", choices=["latency", "flops", "kv_memory"],
+                   help="what the budget limits (default latency)")
+    p.add_argument("--prompt-len", "--seq-len", dest="prompt_len", type=int,
                    help="workload prompt length the cost is measured for (default 1024)")
+    p.add_argument("--gen-len", type=int, help="workload generated tokens (default 0)")
     p.add_argument("--batch", type=int, help="workload batch size (default 1)")
+    p.add_argument("--target", choices=["cpu", "a100", "h100", "h200"],
+                   help="hardware the cost model prices for (default h100)")
+    p.add_argument("--passes", help="comma list of rewrite passes the search may use "
+                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune)")
+    p.add_argument("--calib", help="calibration text file (default: data-free, sampled from the model)")
+    p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
+    p.add_argument("--calib-windows", type=int, help="calibration windows (default 16)")
+    p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--eval", help="text file to report perplexity / KL / top-1 on (never calibrated on)")
+    p.add_argument("--seed", type=int, help="seed for data-free calibration (default 0)")
     p.add_argument("--format", help="comma list of safetensors,onnx (torch inputs; default "
                    "safetensors); ONNX inputs always give ONNX")
     p.add_argument("--config", help="TOML or YAML file of these options (an artifact's run.yaml "
@@ -124,8 +138,9 @@ def resolve_config(args) -> dict[str, Any]:
         val = getattr(args, key, None)
         if val is not None:
             cfg[key] = val
-    if isinstance(cfg["format"], str):
-        cfg["format"] = [f.strip() for f in cfg["format"].split(",") if f.strip()]
+    for key in ("format", "passes"):
+        if isinstance(cfg[key], str):
+            cfg[key] = [f.strip() for f in cfg[key].split(",") if f.strip()]
     return cfg
 
 
@@ -174,9 +189,13 @@ def cmd_optimize(args) -> int:
 
     stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
     console.print(f"tailor: {model} → {out} (budget {cfg['budget']:g}, objective {cfg['objective']})")
-    compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], seq_len=cfg["seq_len"],
-                              batch=cfg["batch"], formats=cfg["format"],
-                              trust_remote_code=bool(cfg["trust_remote_code"]), stages=stages)
+    compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], prompt_len=cfg["prompt_len"],
+                              gen_len=cfg["gen_len"], batch=cfg["batch"], target=cfg["target"],
+                              passes=cfg["passes"], calib=cfg["calib"], tokenizer=cfg["tokenizer"],
+                              calib_windows=cfg["calib_windows"], calib_len=cfg["calib_len"],
+                              eval_text=cfg["eval"], seed=cfg["seed"], formats=cfg["format"],
+                              trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
+                              stages=stages)
     if args.dry_run or args.verbose:
         print_structure(compiled.report["model"])
     if args.dry_run:
@@ -188,7 +207,9 @@ def cmd_optimize(args) -> int:
     compiled.run_config = {k: v for k, v in cfg.items() if k not in ("force",)}
     graph = compiled.graph
     ids, expected = reference_outputs(compiled.model, graph.vocab_size)
-    atol = 1e-5 if not compiled.plan.rewrites else None
+    # the artifact must reproduce the compiled model (the input itself at budget 1.0); how far a
+    # rewritten model is from the original is quality, measured in the search and --eval
+    atol = 1e-5
     checks: list = []
 
     def validate(tmp: Path) -> None:
@@ -229,9 +250,21 @@ def print_summary(compiled, out: Path) -> None:
     t.add_column("what")
     t.add_column("value", justify="right")
     plan = compiled.plan
-    t.add_row("rewrites applied", str(len(plan.rewrites)) if plan.rewrites else "none (identity)")
+    if not plan.rewrites:
+        t.add_row("rewrites applied", "none (identity)")
+    for r in plan.rewrites:
+        t.add_row(r["pass"], f"{r['label']} (est. KL {r['estimated_kl']:.4f})")
     for obj, ratio in plan.predicted.items():
-        t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}")
+        t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}" + (" ← budget" if obj == plan.objective else ""))
+    search = compiled.report.get("search")
+    if search and search.get("measured_kl_heldout") is not None:
+        t.add_row("KL to original (held-out calib)", f"{search['measured_kl_heldout']:.4f}")
+    quality = compiled.report.get("quality")
+    if quality:
+        for k in ("perplexity", "reference_perplexity", "kl_to_reference", "top1_agreement",
+                  "mean_cosine_to_reference"):
+            if k in quality:
+                t.add_row(f"{k} ({Path(quality['text']).name})", f"{quality[k]:.4f}")
     for c in compiled.report.get("validation", []):
         t.add_row(c["name"], ("✓ " if c["ok"] else "✗ ") + c["detail"])
     console.print(t)
@@ -260,7 +293,7 @@ def print_structure(info: dict) -> None:
     console.print(f"{info['task']} · {info['backend']} · {info['layers']} layers · hidden "
                   f"{info['hidden_size']} · vocab {info['vocab_size']} · positions {info['positional']}"
                   f" · {info['params'] / 1e6:.2f} M params · {info['flops'] / 1e9:.2f} GFLOP at "
-                  f"{info['workload']['batch']}×{info['workload']['seq_len']} tokens")
+                  f"{info['workload']['batch']}×{info['workload']['prompt_len']} tokens")
     t = Table()
     for col in ("layer", "heads", "kv heads", "head dim", "attention", "ffn", "ffn width", "norm",
                 "params", "attn GFLOP", "ffn GFLOP"):

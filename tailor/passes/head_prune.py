@@ -78,6 +78,9 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
             replace_with_constant(model, attention_path(model, b), graph.hidden_size, returns_tuple=True,
                                   mean=signals.attn_mean[o.layer] if signals is not None else None)
             continue
+        if len({len(qs) for qs in queries}) != 1 or len(queries) != len(kept_groups):
+            raise TailorError(f"layer {o.layer}: every kept KV group must keep the same number of query "
+                              f"heads (grouped-query attention), got {queries}")
         q_heads = [g * q_per + q for g, qs in zip(kept_groups, queries) for q in qs]
         q_cols = torch.tensor([h * d + i for h in q_heads for i in range(d)], dtype=torch.long)
         kv_cols = torch.tensor([g * d + i for g in kept_groups for i in range(d)], dtype=torch.long)

@@ -141,7 +141,7 @@ def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram
     statistics: the kept weights and a bias that best reproduce the full output.
 
     With x̃ = [x; 1], G = E[x̃ x̃ᵀ] and W̃ = [W | b], the fit over kept channels K̃ = K ∪ {1} is
-        [W_K | b'] = W̃ G[:, K̃] (G[K̃, K̃] + λI)⁻¹
+        [W_K | b'] = W̃ G[:, K̃] G[K̃, K̃]⁺
     (the removed channels' mean contribution, FLAP's bias compensation, is the special case of
     uncorrelated channels).
     """
@@ -152,8 +152,9 @@ def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram
     g = torch.as_tensor(gram, dtype=torch.float64)
     idx = torch.cat([kept, torch.tensor([n_in])])
     a = g[idx][:, idx]
-    a = a + 1e-6 * a.diagonal().mean() * torch.eye(len(idx), dtype=torch.float64)
-    sol = torch.linalg.solve(a, (torch.cat([w, b[:, None]], 1) @ g[:, idx]).T).T
+    rhs = (torch.cat([w, b[:, None]], 1) @ g[:, idx]).T
+    # the pseudo-inverse copes with channels that never vary on the calibration data
+    sol = (torch.linalg.pinv(a, hermitian=True, rtol=1e-12) @ rhs).T
     new = slice_linear(model, p, cols=kept)
     new.weight.data.copy_(sol[:, :-1].to(new.weight.dtype))
     add_bias(model, p, torch.zeros(w.shape[0]))

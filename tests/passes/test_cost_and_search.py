@@ -1,0 +1,75 @@
+"""The cost model's budget semantics and the MILP search on synthetic options."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tailor.errors import TailorError
+from tailor.passes.base import Option
+from tailor.passes.cost import CostModel, Structure, Workload, get_target
+from tailor.passes.search import price, search, solve, structure_of
+from tailor.rewriter.capture import capture
+
+
+@pytest.fixture(scope="module")
+def llama_graph(tiny_models):
+    return capture(tiny_models["llama"]).graph
+
+
+def test_dense_ratio_is_one_and_skips_are_exact(llama_graph):
+    cm = CostModel(llama_graph, Workload(1, 256, 16), get_target("h100"))
+    dense = Structure.dense(llama_graph)
+    assert cm.ratios(dense) == {"latency": 1.0, "flops": 1.0, "kv_memory": 1.0}
+    skip = dense.copy()
+    skip.layers[1].kept = False
+    total, layer = cm.total(dense), cm.layer(1, dense.layers[1])
+    assert cm.total(skip).flops == pytest.approx(total.flops - layer.flops)
+    assert cm.ratio(skip, "kv_memory") == pytest.approx(2 / 3)
+
+
+def test_kv_memory_follows_kv_heads(llama_graph):
+    cm = CostModel(llama_graph, Workload(2, 128, 64), get_target("a100"))
+    half = Structure.dense(llama_graph)
+    for s in half.layers:
+        s.kv_groups = 1  # of 2
+    assert cm.ratio(half, "kv_memory") == pytest.approx(0.5)
+    assert cm.ratio(half, "latency") < 1.0
+
+
+def test_unknown_target():
+    with pytest.raises(TailorError, match="unknown target"):
+        get_target("tpu")
+
+
+def _opt(layer, claims, cost, loss, name="x"):
+    return Option(name, layer, {"i": layer}, claims, {"latency": cost, "flops": cost, "kv_memory": 0.0},
+                  loss, f"{name}{layer}")
+
+
+def test_solve_respects_exclusive_claims():
+    opts = [_opt(0, ("attn:0", "ffn:0"), -0.5, 1.0, "skip"), _opt(0, ("ffn:0",), -0.3, 0.2, "ffn"),
+            _opt(1, ("attn:1",), -0.2, 0.1, "head"), _opt(1, ("attn:1",), -0.35, 0.4, "head")]
+    chosen = solve(opts, np.array([o.loss for o in opts]), "latency", -0.5, 1.0)
+    claims = [c for o in chosen for c in o.claims]
+    assert len(claims) == len(set(claims))
+    assert sum(o.cost["latency"] for o in chosen) <= -0.5 + 1e-9
+    # the cheapest way to save half: ffn0 + head1 (0.3), not skip0 (1.0)
+    assert sorted(o.label for o in chosen) == ["ffn0", "head1"]
+
+
+def test_search_budget_met_unreachable_and_deterministic(llama_graph):
+    from tailor.passes.registry import candidates_for
+    from tests.passes.test_passes import fake_signals
+
+    cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
+    opts = candidates_for(llama_graph, fake_signals(llama_graph), ["layer_skip", "ffn_prune", "head_prune"])
+    price(opts, cm)
+    rng = np.random.default_rng(0)
+    for o in opts:
+        o.loss = float(rng.random())
+    a = search(opts, cm, 0.6, "latency", measure=None)
+    b = search(opts, cm, 0.6, "latency", measure=None)
+    assert [o.key for o in a.chosen] == [o.key for o in b.chosen]
+    assert cm.ratio(structure_of(llama_graph, a.chosen), "latency") <= 0.6 + 1e-9
+    with pytest.raises(TailorError, match=r"smallest reachable budget is 0\.\d+"):
+        search(opts, cm, 0.01, "latency", measure=None)

@@ -1,0 +1,150 @@
+"""Each pass against its reference behaviour on tiny models: exact where the math says so."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tailor
+from tailor.passes.base import Option
+from tailor.passes.profile import Signals, apply_options, collect_signals
+from tailor.rewriter.capture import capture
+from tests.conftest import build_model, ids_for
+
+
+def fake_signals(graph) -> Signals:
+    """Signals with every statistic flat: enough to enumerate candidates."""
+    n, h = graph.num_layers, graph.hidden_size
+    a, f = graph.blocks[0].attn, graph.blocks[0].ffn
+    hd = a.num_heads * a.head_dim
+    return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * hd] * n,
+                   [[1.0] * hd] * n, [[1.0] * hd] * n, [[0.0] * f.width] * n, [[1.0] * f.width] * n,
+                   [[1.0] * f.width] * n, [[0.0] * n] * n)
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _calib_ids():
+    return ids_for(batch=4, seq=32, seed=5)
+
+
+def _apply(model, options):
+    g = capture(model).graph
+    signals = collect_signals(model, g, _calib_ids())
+    return apply_options(copy.deepcopy(model), g, options, signals)
+
+
+def test_skipping_an_identity_block_changes_nothing():
+    model = build_model("llama")
+    with torch.no_grad():  # block 1 adds nothing to the residual stream
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    ids = ids_for()
+    rewritten = _apply(model, [Option("layer_skip", 1, {}, ())])
+    assert len(rewritten.model.layers) == 2 and rewritten.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in rewritten.model.layers] == [0, 1]
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-5
+
+
+def test_pruning_zeroed_heads_changes_nothing():
+    model = build_model("llama")  # 4 query heads in 2 KV groups, head_dim 16
+    with torch.no_grad():  # the second query head of each group writes nothing through o_proj
+        w = model.model.layers[0].self_attn.o_proj.weight
+        w[:, 16:32] = 0
+        w[:, 48:64] = 0
+    ids = ids_for()
+    rewritten = _apply(model, [Option("head_prune", 0, {"kv_heads": [0, 1], "queries": [[0], [0]]}, ())])
+    attn = rewritten.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 32
+    assert attn.num_key_value_groups == 1
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-4
+    with pytest.raises(tailor.TailorError, match="same number of query heads"):
+        _apply(model, [Option("head_prune", 0, {"kv_heads": [0, 1], "queries": [[0], [0, 1]]}, ())])
+
+
+def test_pruning_a_whole_zeroed_group_is_exact():
+    model = build_model("llama")
+    with torch.no_grad():  # KV group 1 = query heads 2, 3: they write nothing
+        model.model.layers[2].self_attn.o_proj.weight[:, 32:64] = 0
+    ids = ids_for()
+    rewritten = _apply(model, [Option("head_prune", 2, {"kv_heads": [0], "queries": [[0, 1]]}, ())])
+    assert rewritten.model.layers[2].self_attn.k_proj.out_features == 16
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-4
+
+
+def test_compensation_is_exact_for_a_constant_head_output():
+    """Qwen2 has v biases: with zero v weights a KV group's heads output their v bias whatever
+    they attend to; pruning them moves that constant into the o_proj bias, exactly."""
+    model = build_model("qwen2")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[16:32] = 0  # KV group 1's values
+    ids = ids_for()
+    rewritten = _apply(model, [Option("head_prune", 1, {"kv_heads": [0], "queries": [[0, 1]]}, ())])
+    assert rewritten.model.layers[1].self_attn.o_proj.bias is not None
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-4
+
+
+def test_pruning_dead_ffn_channels_is_exact():
+    model = build_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 48:] = 0  # channels 48.. write nothing
+    ids = ids_for()
+    rewritten = _apply(model, [Option("ffn_prune", 0, {"channels": list(range(48))}, ())])
+    assert rewritten.model.layers[0].mlp.down_proj.in_features == 48
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-4
+
+
+def test_ffn_skip_keeps_the_mean():
+    model = build_model("llama")
+    with torch.no_grad():  # an FFN whose output is a constant: its bias
+        down = model.model.layers[1].mlp.down_proj
+        down.weight.zero_()
+        model.model.layers[1].mlp.down_proj = torch.nn.Linear(96, 64, bias=True)
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.bias.normal_()
+    ids = ids_for()
+    rewritten = _apply(model, [Option("ffn_skip", 1, {}, ())])
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-4
+
+
+def test_compile_smoke_budget_met_and_reload_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    kwargs = dict(prompt_len=256, calib_windows=4, calib_len=32, target="h100")
+    c = tailor.compile(model, budget=0.6, **kwargs)
+    assert c.plan.rewrites and c.plan.predicted["latency"] <= 0.6 + 1e-9
+    assert c.report["calibration"]["data"].startswith("data-free") and not c.report["calibration"]["cached"]
+    ids = ids_for()
+    with torch.no_grad():
+        out = c.model(ids)
+    assert torch.isfinite(out).all()
+    loaded = tailor.load(c.save(tmp_path / "art"))
+    with torch.no_grad():
+        assert (loaded.model(ids) - out).abs().max() <= 1e-5
+    # a second compile at another budget reuses the profile
+    c2 = tailor.compile(model, budget=0.8, **kwargs)
+    assert c2.report["calibration"]["cached"] and c2.plan.predicted["latency"] <= 0.8 + 1e-9
+    # a corrupted cache entry is detected and recomputed
+    for f in (tmp_path / "cache" / "profiles").glob("*.json"):
+        f.write_text(f.read_text().replace('"block_influence": [', '"block_influence": [9, ', 1))
+    c3 = tailor.compile(model, budget=0.8, **kwargs)
+    assert not c3.report["calibration"]["cached"]
+    assert [r["label"] for r in c3.plan.rewrites] == [r["label"] for r in c2.plan.rewrites]
+
+
+def test_passes_selection_and_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    kwargs = dict(prompt_len=128, calib_windows=4, calib_len=32)
+    c = tailor.compile(model, budget=0.8, passes=["ffn_prune"], **kwargs)
+    assert {r["pass"] for r in c.plan.rewrites} == {"ffn_prune"}
+    with pytest.raises(tailor.TailorError, match="smallest reachable budget"):
+        tailor.compile(model, budget=0.05, passes=["ffn_prune"], **kwargs)
+    with pytest.raises(tailor.TailorError, match="unknown pass"):
+        tailor.compile(model, budget=0.8, passes=["magic"], **kwargs)
+    assert np.isfinite(c.report["search"]["measured_kl_heldout"])
