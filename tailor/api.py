@@ -25,10 +25,11 @@ from tailor.passes.profile import (
     calibration_from_text,
     divergence,
     model_outputs,
+    neutral_signals,
     run_profile,
 )
-from tailor.passes.registry import PASSES
-from tailor.passes.search import price, search, structure_of
+from tailor.passes.registry import PASSES, candidates_for
+from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
 from tailor.quality.metrics import evaluate_pair, load_tokenizer, read_text
 from tailor.rewriter.capture import (
@@ -132,6 +133,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             raise TailorError("budgets below 1.0 need calibration, which for ONNX inputs comes with "
                               "the ONNX back end; pass the HF model (directory or module) for now")
         module, graph = cap.source.module, cap.graph
+        # before any calibration: is the budget reachable at all? (costs depend on shapes only)
+        structural = candidates_for(graph, neutral_signals(graph), passes)
+        price(structural, cost_model)
+        check_reachable(structural, cost_model, budget, objective)
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
             prof, options = run_profile(module, graph, cal, passes, model_hash=cap.model_hash,

@@ -78,8 +78,9 @@ def test_onnx_budget_below_one_explains(tiny_onnx, tmp_path, capsys):
 
 def test_unreachable_budget_names_the_smallest(tiny_hf_dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-    _fails([str(tiny_hf_dirs["llama"]), "--budget", "0.05", "--passes", "ffn_prune", "--calib-windows", "4",
-            "--calib-len", "32", "-o", str(tmp_path / "out")], capsys, expect="smallest reachable budget is 0.")
+    _fails([str(tiny_hf_dirs["llama"]), "--budget", "0.05", "--passes", "ffn_prune", "--calib-windows",
+            "4", "--calib-len", "32", "-o", str(tmp_path / "out")], capsys,
+           expect="smallest reachable budget is 0.")
     assert not (tmp_path / "out").exists()
 
 

@@ -82,6 +82,17 @@ class Profile:
                    d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}))
 
 
+def neutral_signals(graph: TransformerGraph) -> Signals:
+    """Flat statistics: enough to enumerate every pass's candidates and price them before any
+    calibration (costs depend on shapes only)."""
+    n, h = graph.num_layers, graph.hidden_size
+    hd = [b.attn.num_heads * b.attn.head_dim for b in graph.blocks]
+    fw = [b.ffn.width for b in graph.blocks]
+    return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * d for d in hd],
+                   [[1.0] * d for d in hd], [[1.0] * d for d in hd], [[0.0] * w for w in fw],
+                   [[1.0] * w for w in fw], [[1.0] * w for w in fw], [[0.0] * n] * n)
+
+
 # ---- calibration data ----------------------------------------------------------------------------
 
 @dataclass

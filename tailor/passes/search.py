@@ -80,6 +80,16 @@ def smallest_ratio(options: list[Option], objective: str, dense_cost: float) -> 
     return 1.0 + float(res.fun)
 
 
+def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str) -> None:
+    """Refuse a budget no combination of options reaches, naming the smallest one that is."""
+    dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
+    floor = smallest_ratio(options, objective, dense)
+    if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
+        names = ", ".join(sorted({o.pass_name for o in options})) or "none"
+        raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
+                          f"{names} the smallest reachable budget is {floor:.3f}")
+
+
 @dataclass
 class SearchResult:
     chosen: list[Option]
@@ -93,12 +103,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
     if budget >= 1.0:
         return SearchResult([], 0.0, 0.0 if measure else None)
-    floor = smallest_ratio(options, objective, dense)
-    # a little slack on the floor: the MILP's own feasibility tolerance
-    if budget < floor - 1e-9:
-        names = ", ".join(sorted({o.pass_name for o in options})) or "none"
-        raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
-                          f"{names} the smallest reachable budget is {floor:.3f}")
+    check_reachable(options, cost_model, budget, objective)
     limit = budget - 1.0
     losses = np.array([max(o.loss, 0.0) for o in options])
     best: SearchResult | None = None

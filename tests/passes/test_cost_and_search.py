@@ -58,11 +58,12 @@ def test_solve_respects_exclusive_claims():
 
 
 def test_search_budget_met_unreachable_and_deterministic(llama_graph):
+    from tailor.passes.profile import neutral_signals
     from tailor.passes.registry import candidates_for
-    from tests.passes.test_passes import fake_signals
 
     cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
-    opts = candidates_for(llama_graph, fake_signals(llama_graph), ["layer_skip", "ffn_prune", "head_prune"])
+    passes = ["layer_skip", "ffn_prune", "head_prune"]
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph), passes)
     price(opts, cm)
     rng = np.random.default_rng(0)
     for o in opts:

@@ -9,19 +9,9 @@ import torch
 
 import tailor
 from tailor.passes.base import Option
-from tailor.passes.profile import Signals, apply_options, collect_signals
+from tailor.passes.profile import apply_options, collect_signals
 from tailor.rewriter.capture import capture
 from tests.conftest import build_model, ids_for
-
-
-def fake_signals(graph) -> Signals:
-    """Signals with every statistic flat: enough to enumerate candidates."""
-    n, h = graph.num_layers, graph.hidden_size
-    a, f = graph.blocks[0].attn, graph.blocks[0].ffn
-    hd = a.num_heads * a.head_dim
-    return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * hd] * n,
-                   [[1.0] * hd] * n, [[1.0] * hd] * n, [[0.0] * f.width] * n, [[1.0] * f.width] * n,
-                   [[1.0] * f.width] * n, [[0.0] * n] * n)
 
 
 def _out(model, ids):
