@@ -7,7 +7,8 @@ A multiple-choice knapsack solved exactly with scipy's HiGHS MILP:
                x_o ∈ {0, 1}
 Losses start as each option's KL measured alone. Options interact, so a refine loop applies the
 plan, measures its real KL on held-out calibration windows, scales the chosen options' losses by
-measured / predicted and solves again; the best measured plan wins. Deterministic: HiGHS on the
+measured / predicted and solves again; the plan each pass reaches alone is measured as well, and
+the best measured plan wins. Deterministic: HiGHS on the
 same inputs returns the same solution and ties break on option order.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ class SearchResult:
 
 
 def search(options: list[Option], cost_model: CostModel, budget: float, objective: str,
-           measure: Callable[[list[Option]], float] | None, *, max_iter: int = 4) -> SearchResult:
+           measure: Callable[[list[Option]], float] | None, *, max_iter: int = 8) -> SearchResult:
     dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
     if budget >= 1.0:
         return SearchResult([], 0.0, 0.0 if measure else None)
@@ -130,6 +131,28 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         factor = measured / max(predicted, 1e-12)
         for o in chosen:  # these interact badly together: make them look as costly as they are
             losses[options.index(o)] *= factor
+    # Interactions grow with compression and can defeat the additive estimates; the plans each
+    # pass reaches on its own are cheap to measure, so they compete too.
+    if measure is not None:
+        initial = np.array([max(o.loss, 0.0) for o in options])
+        for name in sorted({o.pass_name for o in options}):
+            idx = [i for i, o in enumerate(options) if o.pass_name == name]
+            sub = [options[i] for i in idx]
+            if smallest_ratio(sub, objective, dense) > budget + 1e-9:
+                continue
+            chosen = solve(sub, initial[idx], objective, limit, dense)
+            keys = tuple(sorted(o.key for o in chosen or []))
+            if not chosen or keys in tried:
+                continue
+            tried.add(keys)
+            measured = measure(chosen)
+            history.append({"iteration": f"{name} only", "options": [o.label for o in chosen],
+                            "predicted_kl": float(sum(o.loss for o in chosen)),
+                            "measured_kl": measured})
+            if best is None or best.measured_kl is None or measured < best.measured_kl:
+                best = SearchResult(copy.copy(chosen), sum(o.loss for o in chosen), measured)
+    if best is None:
+        raise RuntimeError(f"the solver found no plan for budget {budget} although one is reachable")
     best.iterations = history
     reached = cost_model.ratio(structure_of(cost_model.graph, best.chosen), objective)
     if reached > budget + 1e-6:  # the solver's answer must hold under the cost model itself

@@ -1,0 +1,115 @@
+"""Quality vs budget on refllama-16m: tailor's plan beside single-technique baselines.
+
+Objective latency (target h100, prompt 1024, no decode), calibration on code-calib.txt (16
+windows of 512 tokens), evaluation on the first 12 windows of 1024 tokens of code-eval.txt (the
+same windows for every row). Baselines, each cut down to the same predicted cost:
+- ShortGPT: drop the layers of lowest block influence until the budget is met;
+- FLAP uniform: the same (KV groups, query heads per group) in every layer, the mildest that
+  meets the budget, with the same least-squares compensation tailor uses;
+- FFN skip: drop the FFNs of lowest contribution until the budget is met.
+A baseline that cannot reach a budget says so.
+
+    python benchmarks/quality_vs_budget.py [--budgets 0.9,0.75,0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from tailor.passes.cost import CostModel, Workload, get_target
+from tailor.passes.profile import (apply_options, calibration_from_text, divergence, model_outputs,
+                                   run_profile)
+from tailor.passes.registry import PASSES
+from tailor.passes.search import price, search, structure_of
+from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, token_windows
+from tailor.rewriter.capture import capture
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = (REPO / "../shared").resolve()
+MODEL = SHARED / "models" / "refllama-16m"
+
+
+def greedy(options, key, cm, budget):
+    chosen = []
+    for o in sorted(options, key=key):
+        if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget:
+            break
+        chosen.append(o)
+    return chosen if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget + 1e-9 else None
+
+
+def flap_uniform(options, cm, budget):
+    heads = [o for o in options if o.pass_name == "head_prune"]
+    shapes = sorted({(len(o.choice["kv_heads"]), len(o.choice["queries"][0]) if o.choice["queries"] else 0)
+                     for o in heads}, key=lambda s: -s[0] * max(s[1], 1))
+    for g, m in shapes:
+        chosen = [o for o in heads if len(o.choice["kv_heads"]) == g and
+                  (len(o.choice["queries"][0]) if o.choice["queries"] else 0) == m]
+        if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget + 1e-9:
+            return chosen
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="0.9,0.75,0.5")
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    t0 = time.time()
+    cap = capture(MODEL)
+    model, graph = cap.source.module, cap.graph
+    tok = load_tokenizer(MODEL)
+    cal = calibration_from_text(read_text(SHARED / "data" / "code-calib.txt"), tok, 512, 16, "code-calib.txt")
+    prof, options = run_profile(model, graph, cal, list(PASSES), model_hash=cap.model_hash,
+                                settings={"windows": 16, "len": 512, "seed": 0}, progress=True)
+    for o in options:
+        o.loss = prof.option_kl[o.key]
+    cm = CostModel(graph, Workload(1, 1024, 0), get_target("h100"))
+    price(options, cm)
+    eval_ids = token_windows(tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"], 1024, 12)
+    dense_logits = torch.cat(model_outputs(model, eval_ids, batch=1))
+    reference = model_outputs(model, cal.heldout_ids)
+
+    def measure(chosen):
+        variant = apply_options(copy.deepcopy(model), graph, chosen, prof.signals)
+        return divergence(reference, model_outputs(variant, cal.heldout_ids), True)
+
+    rows = []
+
+    def row(budget, method, chosen):
+        if chosen is None:
+            rows.append(f"| {budget} | {method} | unreachable | | | | |")
+            return
+        variant = apply_options(copy.deepcopy(model), graph, chosen, prof.signals)
+        m = lm_metrics(torch.cat(model_outputs(variant, eval_ids, batch=1)), eval_ids, dense_logits)
+        ratio = cm.ratio(structure_of(graph, chosen), "latency")
+        what = ", ".join(sorted({o.pass_name for o in chosen})) or "—"
+        rows.append(f"| {budget} | {method} | {ratio:.3f} | {m['perplexity']:.3f} | "
+                    f"{m['perplexity'] / dense_ppl:.3f} | {m['kl_to_reference']:.4f} | "
+                    f"{m['top1_agreement']:.3f} | {what} ({len(chosen)} rewrites) |")
+
+    dense_ppl = lm_metrics(dense_logits, eval_ids, None)["perplexity"]
+    rows.append(f"| 1.0 | dense | 1.000 | {dense_ppl:.3f} | 1.000 | 0 | 1.000 | — |")
+    skips = [o for o in options if o.pass_name == "layer_skip"]
+    ffns = [o for o in options if o.pass_name == "ffn_skip"]
+    bi, contrib = prof.signals.block_influence, prof.signals.ffn_contribution
+    for b in budgets:
+        row(b, "**tailor**", search(options, cm, b, "latency", measure).chosen)
+        row(b, "ShortGPT (layer skip by block influence)", greedy(skips, lambda o: bi[o.layer], cm, b))
+        row(b, "FLAP uniform head pruning", flap_uniform(options, cm, b))
+        row(b, "FFN skip by contribution", greedy(ffns, lambda o: contrib[o.layer], cm, b))
+    print(f"# quality vs budget, refllama-16m, {date.today()}, {platform.machine()} CPU, "
+          f"torch {torch.__version__}, {time.time() - t0:.0f} s (profile cached: {prof.extra['cached']})")
+    print("| budget | method | predicted latency ratio | ppl | ppl / dense | KL to dense | top-1 agreement | rewrites |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
