@@ -334,8 +334,10 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
                 use_cache: bool = True) -> tuple[Profile, list[Option]]:
     """Signals, the candidate options of `passes`, and each option's measured KL."""
     from tailor.passes.registry import candidates_for
+    from tailor.rewriter.torch_surgery import RIDGE
 
-    key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes)})
+    # everything that changes a measured number is part of the key
+    key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes), "ridge": RIDGE})
     cached = load_cached(key) if use_cache else None
     if cached is not None:
         cached.extra["cached"] = True

@@ -136,6 +136,11 @@ def remove_layers(model: nn.Module, paths: list[str]) -> None:
                 cfg.layer_types = [lt[i] for i in keep_idx]
 
 
+# strength of the pull toward the plainly sliced weights, relative to the mean input power;
+# on refllama-16m 0.1 generalised slightly better from code-calib to code-eval than 0 or 1
+RIDGE = 0.1
+
+
 def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram) -> None:
     """Drop input channels of a projection and refit the rest by least squares on calibration
     statistics: the kept weights and a bias that best reproduce the full output.
@@ -152,9 +157,16 @@ def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram
     g = torch.as_tensor(gram, dtype=torch.float64)
     idx = torch.cat([kept, torch.tensor([n_in])])
     a = g[idx][:, idx]
-    rhs = (torch.cat([w, b[:, None]], 1) @ g[:, idx]).T
+    w_aug = torch.cat([w, b[:, None]], 1)
+    rhs = (w_aug @ g[:, idx]).T
+    # ridge toward the plainly sliced weights (not toward zero): the fit may only move them as
+    # far as the calibration statistics support; the bias column is left free
+    lam = RIDGE * a.diagonal()[:-1].mean()
+    reg = torch.eye(len(idx), dtype=torch.float64) * lam
+    reg[-1, -1] = 0
+    rhs = rhs + reg @ w_aug[:, idx].T
     # the pseudo-inverse copes with channels that never vary on the calibration data
-    sol = (torch.linalg.pinv(a, hermitian=True, rtol=1e-12) @ rhs).T
+    sol = (torch.linalg.pinv(a + reg, hermitian=True, rtol=1e-12) @ rhs).T
     new = slice_linear(model, p, cols=kept)
     new.weight.data.copy_(sol[:, :-1].to(new.weight.dtype))
     add_bias(model, p, torch.zeros(w.shape[0]))
