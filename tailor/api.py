@@ -32,6 +32,7 @@ from tailor.passes.registry import PASSES, candidates_for
 from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
 from tailor.quality.metrics import evaluate_pair, load_tokenizer, read_text
+from tailor.quality.plots import plan_picture
 from tailor.rewriter.capture import (
     TOKENIZER_FILES,
     Captured,
@@ -70,6 +71,8 @@ class Compiled:
     def _write(self, tmp: Path) -> None:
         (tmp / "plan.json").write_text(self.plan.dumps())
         (tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+        if self.plan.rewrites and self.graph is not None:
+            plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png")
         if self.run_config is not None:
             (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
         src = self.source

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tailor.errors import TailorError
+from tailor.plan import check_budget
 
 # piped output gets a fixed wide layout instead of rich's 80-column default
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -26,7 +27,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": 1024,
     "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
     "calib_windows": 16, "calib_len": 512, "eval": None, "seed": 0, "format": None,
-    "force": False, "trust_remote_code": False,
+    "force": False, "trust_remote_code": False, "sweep": None,
 }
 
 
@@ -58,6 +59,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512)")
     p.add_argument("--eval", help="text file to report perplexity / KL / top-1 on (never calibrated on)")
     p.add_argument("--seed", type=int, help="seed for data-free calibration (default 0)")
+    p.add_argument("--sweep", help="comma list of budgets: one artifact each under OUT, plus "
+                   "OUT/pareto.png (quality vs budget beside single-technique plans)")
     p.add_argument("--format", help="comma list of safetensors,onnx (torch inputs; default "
                    "safetensors); ONNX inputs always give ONNX")
     p.add_argument("--config", help="TOML or YAML file of these options (an artifact's run.yaml "
@@ -164,10 +167,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def cmd_optimize(args) -> int:
-    import tailor
-    from tailor.api import StageLog, reference_outputs
-    from tailor.plan import check_budget
-    from tailor.quality.validate import as_json, compare_outputs
     from tailor.runtime.artifact import check_output_dir
 
     cfg = resolve_config(args)
@@ -184,44 +183,56 @@ def cmd_optimize(args) -> int:
     if not args.dry_run:
         check_output_dir(out, bool(cfg["force"]))
 
+    if cfg["sweep"]:
+        return _sweep(cfg, model, out)
+    _optimize_one(cfg, model, out, cfg["budget"], dry_run=args.dry_run, verbose=args.verbose)
+    return 0
+
+
+def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: bool = False,
+                  verbose: bool = False):
+    """One compile + validated artifact; returns the Compiled (None on a dry run)."""
+    import torch
+
+    import tailor
+    from tailor.api import StageLog, reference_outputs
+    from tailor.quality.validate import as_json, compare_outputs
+
     def stage_done(name, secs):
         console.print(f"  {name:<9} {secs:6.2f} s")
 
     stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
-    console.print(f"tailor: {model} → {out} (budget {cfg['budget']:g}, objective {cfg['objective']})")
-    compiled = tailor.compile(model, cfg["budget"], objective=cfg["objective"], prompt_len=cfg["prompt_len"],
+    console.print(f"tailor: {model} → {out} (budget {budget:g}, objective {cfg['objective']})")
+    compiled = tailor.compile(model, budget, objective=cfg["objective"], prompt_len=cfg["prompt_len"],
                               gen_len=cfg["gen_len"], batch=cfg["batch"], target=cfg["target"],
                               passes=cfg["passes"], calib=cfg["calib"], tokenizer=cfg["tokenizer"],
                               calib_windows=cfg["calib_windows"], calib_len=cfg["calib_len"],
                               eval_text=cfg["eval"], seed=cfg["seed"], formats=cfg["format"],
                               trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
                               stages=stages)
-    if args.dry_run or args.verbose:
+    if dry_run or verbose:
         print_structure(compiled.report["model"])
-    if args.dry_run:
+    if dry_run:
         console.print(f"dry run: would write {out}/ with plan.json, report.json, run.yaml, "
                       f"{', '.join(compiled.formats)} model, manifest.json "
                       f"({len(compiled.plan.rewrites)} rewrites); nothing written")
-        return 0
+        return None
 
-    compiled.run_config = {k: v for k, v in cfg.items() if k not in ("force",)}
-    graph = compiled.graph
-    ids, expected = reference_outputs(compiled.model, graph.vocab_size)
-    # the artifact must reproduce the compiled model (the input itself at budget 1.0); how far a
-    # rewritten model is from the original is quality, measured in the search and --eval
-    atol = 1e-5
+    compiled.run_config = {k: v for k, v in cfg.items() if k not in ("force", "sweep")} | {"budget": budget}
+    ids, expected = reference_outputs(compiled.model, compiled.graph.vocab_size)
     checks: list = []
 
     def validate(tmp: Path) -> None:
+        # the artifact must reproduce the compiled model (the input itself at budget 1.0); how far
+        # a rewritten model is from the original is quality, measured in the search and --eval
         reloaded = tailor.load(tmp)
-        import torch
         with torch.no_grad():
             got = reloaded.model(torch.from_numpy(ids)).float().numpy()
-        checks.extend(compare_outputs(expected, got, atol))
+        checks.extend(compare_outputs(expected, got, 1e-5))
         for c in checks:
             console.print(f"  {c.line()}", style="green" if c.ok else "red")
         if not all(c.ok for c in checks):
-            raise ValidationFailed(f"the written model does not reproduce the original; "
+            raise ValidationFailed(f"the written model does not reproduce the compiled one; "
                                    f"{out} was not written")
         report = json.loads((tmp / "report.json").read_text())
         report["validation"] = as_json(checks)
@@ -232,6 +243,32 @@ def cmd_optimize(args) -> int:
         compiled.save(out, force=bool(cfg["force"]), check=validate)
     compiled.report["validation"] = [c.__dict__ for c in checks]
     print_summary(compiled, out)
+    return compiled
+
+
+def _sweep(cfg: dict, model: str, out: Path) -> int:
+    """One artifact per budget under OUT (the profile is computed once and cached), then
+    OUT/sweep.json and OUT/pareto.png: quality vs budget for tailor and for the plan each pass
+    reaches alone (measured by the search)."""
+    from tailor.quality.plots import pareto_plot
+
+    budgets = sorted({float(b) for b in str(cfg["sweep"]).split(",")}, reverse=True)
+    for b in budgets:
+        check_budget(b)
+    out.mkdir(parents=True, exist_ok=True)
+    points = []
+    for b in budgets:
+        compiled = _optimize_one(cfg, model, out / f"budget-{b:g}", b)
+        search = compiled.report.get("search", {})
+        quality = compiled.report.get("quality", {})
+        points.append({"budget": b, "method": "tailor", "kl_heldout": search.get("measured_kl_heldout"),
+                       "perplexity": quality.get("perplexity"), "kl_eval": quality.get("kl_to_reference")})
+        for it in search.get("iterations", []):
+            if isinstance(it["iteration"], str):  # "<pass> only": a single-technique plan
+                points.append({"budget": b, "method": it["iteration"], "kl_heldout": it["measured_kl"]})
+    (out / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
+    pareto_plot(points, out / "pareto.png", "kl_heldout")
+    console.print(f"sweep: {out}/sweep.json, {out}/pareto.png")
     return 0
 
 

@@ -138,3 +138,22 @@ def test_passes_selection_and_unreachable(tmp_path, monkeypatch):
     with pytest.raises(tailor.TailorError, match="unknown pass"):
         tailor.compile(model, budget=0.8, passes=["magic"], **kwargs)
     assert np.isfinite(c.report["search"]["measured_kl_heldout"])
+
+
+def test_cli_sweep_writes_artifacts_and_plots(tiny_hf_dirs, tmp_path, monkeypatch):
+    import json
+
+    from tailor.cli.main import optimize_main
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    assert optimize_main([str(tiny_hf_dirs["llama"]), "--sweep", "0.9,0.7", "--calib-windows", "4",
+                          "--calib-len", "32", "--prompt-len", "128", "-o", str(out)]) == 0
+    points = json.loads((out / "sweep.json").read_text())
+    tailor_points = {p["budget"]: p for p in points if p["method"] == "tailor"}
+    assert set(tailor_points) == {0.9, 0.7}
+    assert (out / "pareto.png").stat().st_size > 1000
+    for b in ("0.9", "0.7"):
+        plan = json.loads((out / f"budget-{b}" / "plan.json").read_text())
+        assert plan["budget"] == float(b) and plan["predicted"]["latency"] <= float(b) + 1e-9
+        assert (out / f"budget-{b}" / "plan.png").is_file()
