@@ -27,8 +27,8 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
     out = []
     for b in graph.blocks:
         f = b.ffn
-        if any(p.columns is not None for p in f.projections):
-            continue  # a fused gate_up weight (Phi-3): not sliced yet
+        if any(p.columns is not None or p.layout != "out_in" for p in f.projections):
+            continue  # fused gate_up (Phi-3) or Conv1D layout (GPT-2): not sliced yet
         order = np.argsort(-channel_scores(signals, b.index), kind="stable")
         for keep in KEEP:
             n = max(8, int(round(f.width * keep / 8)) * 8)  # multiples of 8 stay kernel-friendly

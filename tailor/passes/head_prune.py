@@ -47,8 +47,8 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
     out = []
     for b in graph.blocks:
         a = b.attn
-        if any(p.columns is not None for p in a.projections):
-            continue  # fused qkv (GPT-2, Phi-3): slicing a fused weight is not supported yet
+        if any(p.columns is not None or p.layout != "out_in" for p in a.projections):
+            continue  # fused qkv (GPT-2, Phi-3) or Conv1D layout: not sliced yet
         q_per = a.num_heads // a.num_kv_heads
         scores = head_scores(graph, signals, b.index)
         for g in range(a.num_kv_heads + 1):

@@ -237,8 +237,9 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
     d_var = [acc["d_sq"][i] / tok[i] - d_mean[i] ** 2 for i in range(n)]
 
     def col_norm2(p):
+        """||W[:, c]||² per input channel c, whatever the weight layout."""
         w = model.get_submodule(module_path(p.weight.name)).weight.detach().double()
-        return (w * w).sum(0).tolist()
+        return (w * w).sum(0 if p.layout == "out_in" else 1).tolist()
 
     ks = acc["k"]
     sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape

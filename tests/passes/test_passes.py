@@ -157,3 +157,19 @@ def test_cli_sweep_writes_artifacts_and_plots(tiny_hf_dirs, tmp_path, monkeypatc
         plan = json.loads((out / f"budget-{b}" / "plan.json").read_text())
         assert plan["budget"] == float(b) and plan["predicted"]["latency"] <= float(b) + 1e-9
         assert (out / f"budget-{b}" / "plan.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "gpt2", "bert"])
+def test_every_family_compiles_under_budget(name, tmp_path, monkeypatch):
+    """Encoders (post-norm: no FFN skip), fused projections (GPT-2: only whole blocks and FFNs)
+    and GQA variants all get a plan that meets the budget, runs, and reloads exactly."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    c = tailor.compile(build_model(name), budget=0.75, prompt_len=128, calib_windows=4, calib_len=32)
+    assert c.plan.rewrites and c.plan.predicted["latency"] <= 0.75 + 1e-9
+    ids = ids_for()
+    with torch.no_grad():
+        out = c.model(ids)
+        assert torch.isfinite(out).all()
+        assert (tailor.load(c.save(tmp_path / "a")).model(ids) - out).abs().max() <= 1e-5
+    if name == "bert":
+        assert all(r["pass"] != "ffn_skip" for r in c.plan.rewrites)
