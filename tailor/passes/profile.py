@@ -122,8 +122,15 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
     torch.manual_seed(seed)
     with torch.no_grad():
         if hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False:
-            out = model.generate(ids, do_sample=True, top_k=0, max_new_tokens=window - 1,
-                                 min_new_tokens=window - 1, pad_token_id=0)
+            import transformers
+
+            level = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # padding advice irrelevant to unpadded sampling
+            try:
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                     max_new_tokens=window - 1, min_new_tokens=window - 1, pad_token_id=0)
+            finally:
+                transformers.logging.set_verbosity(level)
         else:  # encoders: random tokens are the data-free set
             out = torch.randint(0, vocab, (windows, window), generator=gen)
     held = max(1, windows // 4)
