@@ -173,3 +173,38 @@ def test_every_family_compiles_under_budget(name, tmp_path, monkeypatch):
         assert (tailor.load(c.save(tmp_path / "a")).model(ids) - out).abs().max() <= 1e-5
     if name == "bert":
         assert all(r["pass"] != "ffn_skip" for r in c.plan.rewrites)
+
+
+def test_kv_share_is_exact_when_the_source_computes_the_same_keys():
+    """Layer 1 adds nothing and has layer 2's input norm and k/v weights: layer 2 reading layer
+    1's keys and values is then exactly what it computed itself."""
+    model = build_model("llama")
+    with torch.no_grad():
+        src, dst = model.model.layers[1], model.model.layers[2]
+        src.self_attn.o_proj.weight.zero_()
+        src.mlp.down_proj.weight.zero_()
+        src.input_layernorm.weight.copy_(dst.input_layernorm.weight)
+        src.self_attn.k_proj.weight.copy_(dst.self_attn.k_proj.weight)
+        src.self_attn.v_proj.weight.copy_(dst.self_attn.v_proj.weight)
+    ids = ids_for()
+    rewritten = _apply(model, [Option("kv_share", 2, {"source": 1}, ())])
+    assert not hasattr(rewritten.model.layers[2].self_attn, "k_proj")
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-5
+    # a copy of the rewritten model is wired to its own source layer
+    twin = copy.deepcopy(rewritten)
+    with torch.no_grad():
+        twin.model.layers[1].self_attn.k_proj.weight.mul_(2)
+    assert (_out(twin, ids) - _out(rewritten, ids)).abs().max() > 1e-4
+    assert (_out(rewritten, ids) - _out(model, ids)).abs().max() <= 1e-5
+
+
+def test_kv_share_saves_kv_memory_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    c = tailor.compile(model, budget=0.7, objective="kv_memory", passes=["kv_share"], prompt_len=128,
+                       calib_windows=4, calib_len=32)
+    assert {r["pass"] for r in c.plan.rewrites} == {"kv_share"}
+    assert c.plan.predicted["kv_memory"] <= 0.7 + 1e-9
+    ids = ids_for()
+    with torch.no_grad():
+        assert (tailor.load(c.save(tmp_path / "a")).model(ids) - c.model(ids)).abs().max() <= 1e-5

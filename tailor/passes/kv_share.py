@@ -1,0 +1,108 @@
+"""kv_share: layer j attends over the keys and values of an earlier layer i (CLA, KVSharer).
+
+Layer j keeps its own queries and output projection; its key/value projections and its KV cache
+go. Candidates pair j with the layer before it and with the earlier layer whose keys were most
+similar on calibration data (KVSharer ranks pairs by similarity, then verifies; here the
+verification is the measured KL every option gets). Layers with per-head q/k norms, fused or
+Conv1D projections, or a different KV shape are not paired.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tailor.passes.base import Option
+from tailor.passes.cost import LayerShape
+from tailor.rewriter.graph import Block, TransformerGraph
+from tailor.rewriter.torch_surgery import attention_path, module_path, set_module
+
+NAME = "kv_share"
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SharedKVAttention(nn.Module):
+    """Attention with its own q/o projections over another layer's keys and values.
+
+    The source layer's k/v projection outputs are caught by forward hooks (bound methods of this
+    module, so a deepcopy of the model rewires them to the copy) in the same forward pass."""
+
+    def __init__(self, own: nn.Module, own_block: Block, source_k: nn.Module, source_v: nn.Module,
+                 q_name: str, o_name: str):
+        super().__init__()
+        self.q_proj = own.get_submodule(q_name)
+        self.o_proj = own.get_submodule(o_name)
+        self.head_dim = own_block.attn.head_dim
+        self.groups = own_block.attn.num_heads // own_block.attn.num_kv_heads
+        self.scaling = getattr(own, "scaling", self.head_dim ** -0.5)
+        self.is_causal = own_block.attn.causal
+        self.rope = own_block.attn.rope
+        self._source = [source_k, source_v]  # a list: not submodules of this layer
+        self._kv: list[torch.Tensor | None] = [None, None]
+        source_k.register_forward_hook(self._catch_k)
+        source_v.register_forward_hook(self._catch_v)
+
+    def _catch_k(self, module, args, out):
+        self._kv[0] = out
+
+    def _catch_v(self, module, args, out):
+        self._kv[1] = out
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k, v = (x.view(b, t, -1, self.head_dim).transpose(1, 2) for x in self._kv)
+        if self.rope and position_embeddings is not None:
+            cos, sin = (c.unsqueeze(1) for c in position_embeddings)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if self.groups > 1:
+            k, v = k.repeat_interleave(self.groups, 1), v.repeat_interleave(self.groups, 1)
+        causal = self.is_causal and attention_mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal,
+                                             scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+
+def _shareable(block: Block) -> bool:
+    a = block.attn
+    return not a.qk_norms and all(p.columns is None and p.layout == "out_in" for p in a.projections)
+
+
+def candidates(graph: TransformerGraph, signals) -> list[Option]:
+    out = []
+    sim = np.asarray(signals.kv_similarity) if signals is not None else None
+    for b in graph.blocks[1:]:
+        j = b.index
+        sources = {j - 1}
+        if sim is not None and j > 1:
+            sources.add(int(np.argmax(sim[j, :j])))
+        for i in sorted(sources):
+            src = graph.blocks[i]
+            if not (_shareable(b) and _shareable(src)) or \
+                    (src.attn.num_kv_heads, src.attn.head_dim) != (b.attn.num_kv_heads, b.attn.head_dim):
+                continue
+            out.append(Option(NAME, j, {"source": i}, (f"attn:{j}", f"attn:{i}", f"layer:{i}"),
+                              label=f"layer {j} reads layer {i}'s KV"))
+    return out
+
+
+def reshape(option: Option, shape: LayerShape) -> None:
+    shape.own_kv = False
+
+
+def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    for o in options:
+        own, src = graph.blocks[o.layer], graph.blocks[o.choice["source"]]
+        path = attention_path(model, own)
+        attn = model.get_submodule(path)
+        rel = len(path) + 1
+        shared = SharedKVAttention(attn, own, model.get_submodule(module_path(src.attn.k.weight.name)),
+                                   model.get_submodule(module_path(src.attn.v.weight.name)),
+                                   module_path(own.attn.q.weight.name)[rel:],
+                                   module_path(own.attn.o.weight.name)[rel:])
+        set_module(model, path, shared)
