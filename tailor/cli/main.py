@@ -52,7 +52,7 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["cpu", "a100", "h100", "h200"],
                    help="hardware the cost model prices for (default h100)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
-                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune)")
+                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share)")
     p.add_argument("--calib", help="calibration text file (default: data-free, sampled from the model)")
     p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
     p.add_argument("--calib-windows", type=int, help="calibration windows (default 16)")

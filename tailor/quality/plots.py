@@ -35,6 +35,10 @@ def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path) -> N
     ax.set_xticks(range(heads + 1), [f"h{i}" for i in range(heads)] + ["FFN"])
     ax.set_yticks(range(graph.num_layers), [f"layer {i}" for i in range(graph.num_layers)])
     ax.set_title("kept by the plan (FFN: fraction of channels)")
+    for r in rewrites:
+        if r["pass"] == "kv_share":
+            ax.text(-0.45, r["layer"], f"KV←{r['choice']['source']}", ha="left", va="center", fontsize=7,
+                    color="crimson")
     for (i, j), v in np.ndenumerate(grid):
         if j == heads and 0 < v < 1:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
