@@ -118,10 +118,9 @@ def remove_layers(model: nn.Module, paths: list[str]) -> None:
         by_list.setdefault(parent, []).append(int(idx))
     for parent, idxs in by_list.items():
         layers = model.get_submodule(parent)
-        kept = [m for i, m in enumerate(layers) if i not in set(idxs)]
         keep_idx = [i for i in range(len(layers)) if i not in set(idxs)]
-        setattr_path = parent
-        set_module(model, setattr_path, nn.ModuleList(kept))
+        kept = [layers[i] for i in keep_idx]
+        set_module(model, parent, nn.ModuleList(kept))
         for new_i, m in enumerate(kept):
             for sub in m.modules():
                 if isinstance(getattr(sub, "layer_idx", None), int):
