@@ -208,3 +208,17 @@ def test_kv_share_saves_kv_memory_and_reloads(tmp_path, monkeypatch):
     ids = ids_for()
     with torch.no_grad():
         assert (tailor.load(c.save(tmp_path / "a")).model(ids) - c.model(ids)).abs().max() <= 1e-5
+
+
+def test_rewritten_model_exports_to_onnx(tmp_path, monkeypatch):
+    """A budgeted torch plan can ship as ONNX: onnxruntime runs the rewritten model, same outputs."""
+    from tailor.runtime.session import OrtModel
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    c = tailor.compile(build_model("qwen2"), budget=0.7, prompt_len=128, calib_windows=4, calib_len=32,
+                       passes=["head_prune", "ffn_prune", "kv_share"], formats=("safetensors", "onnx"))
+    out = c.save(tmp_path / "a")
+    ids = ids_for(batch=1)
+    with torch.no_grad():
+        expected = c.model(ids).numpy()
+    assert np.abs(OrtModel(out / "model.onnx").run_numpy(ids.numpy()) - expected).max() <= 1e-4
