@@ -109,10 +109,13 @@ def calibration_from_text(text: str, tokenizer, window: int, windows: int, name:
     if n < 2:
         raise TailorError(f"calibration text {name} has {len(ids)} tokens: need at least "
                           f"{2 * window} (two windows of {window})")
-    t = torch.tensor(ids[: n * window]).view(n, window)
-    held = max(1, n // 4)
+    # windows spread evenly over the whole text (not its first pages), every 4th one held out
+    starts = np.linspace(0, len(ids) - window, n).astype(int)
+    t = torch.tensor(np.stack([ids[s:s + window] for s in starts]))
+    held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1
     digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
-    return Calibration(t[: n - held], t[n - held:], f"{name} ({n} windows of {window} tokens)", digest)
+    return Calibration(t[torch.from_numpy(~held)], t[torch.from_numpy(held)],
+                       f"{name} ({n} windows of {window} tokens spread over {len(ids)})", digest)
 
 
 def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
