@@ -152,13 +152,21 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             reference = model_outputs(module, cal.heldout_ids)
             is_lm = graph.task == "causal-lm"
 
+            best: dict[str, Any] = {}  # the best measured rewritten model: the search's answer
+
             def measure(chosen):
                 variant = apply_options(copy.deepcopy(module), graph, chosen, prof.signals)
-                return divergence(reference, model_outputs(variant, cal.heldout_ids), is_lm)
+                kl = divergence(reference, model_outputs(variant, cal.heldout_ids), is_lm)
+                if not best or kl < best["kl"]:
+                    best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
+                return kl
 
             result = search(options, cost_model, budget, objective, measure)
         with stages("rewrite"):
-            variant = apply_options(copy.deepcopy(module), graph, result.chosen, prof.signals)
+            if best.get("keys") == sorted(o.key for o in result.chosen):
+                variant = best["model"]
+            else:
+                variant = apply_options(copy.deepcopy(module), graph, result.chosen, prof.signals)
             runnable = HFModel(variant)
         plan.rewrites = [o.to_json() for o in result.chosen]
         plan.predicted = cost_model.ratios(structure_of(graph, result.chosen))

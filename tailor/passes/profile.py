@@ -30,6 +30,7 @@ from tailor.errors import TailorError
 from tailor.passes.base import Option
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, block_path, ffn_path, module_path
+from tailor.runtime.artifact import sha256_file
 
 PROFILE_VERSION = 1
 
@@ -312,15 +313,11 @@ def load_cached(key: str) -> Profile | None:
         body = json.dumps(d["profile"], sort_keys=True)
         arrays_path = path.with_suffix(".safetensors")
         if hashlib.sha256(body.encode()).hexdigest() != d["checksum"] or \
-                _sha_file(arrays_path) != d["arrays_checksum"]:
+                sha256_file(arrays_path) != d["arrays_checksum"]:
             return None  # corrupt: recompute
         return Profile.from_json(d["profile"], load_file(str(arrays_path)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _sha_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def store(profile: Profile) -> None:
@@ -333,7 +330,7 @@ def store(profile: Profile) -> None:
     save_file(profile.arrays(), str(tmp_arrays))
     body = profile.to_json()
     data = {"checksum": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
-            "arrays_checksum": _sha_file(tmp_arrays), "profile": body}
+            "arrays_checksum": sha256_file(tmp_arrays), "profile": body}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp_arrays, arrays)

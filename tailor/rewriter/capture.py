@@ -20,6 +20,7 @@ from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
+from tailor.runtime.artifact import sha256_files
 
 # files worth carrying into an artifact so the result stays HF-loadable; never pickles
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -197,7 +198,8 @@ def capture_onnx(path: Path) -> Captured:
     model = load_onnx(path)
     graph = recognize(OnnxDataflow(model))
     names = [v.name for v in model.graph.inputs]
-    return Captured(graph, OnnxSource(model, path, names), hash_files([path] + _external_files(model, path)))
+    digest = sha256_files([path] + _external_files(model, path))
+    return Captured(graph, OnnxSource(model, path, names), "sha256:" + digest)
 
 
 def _external_files(model: ir.Model, path: Path) -> list[Path]:
@@ -207,15 +209,6 @@ def _external_files(model: ir.Model, path: Path) -> list[Path]:
         if loc:
             files.add(path.parent / loc)
     return sorted(files)
-
-
-def hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,7 +19,8 @@ def module_path(weight_name: str) -> str:
     return weight_name.rsplit(".", 1)[0]
 
 
-def common_module(model: nn.Module, weight_names: list[str]) -> str:
+def common_module(weight_names: list[str]) -> str:
+    """The deepest module path owning all these weights."""
     paths = [module_path(n).split(".") for n in weight_names]
     prefix = os.path.commonprefix(paths)
     return ".".join(prefix)
@@ -28,15 +29,15 @@ def common_module(model: nn.Module, weight_names: list[str]) -> str:
 def block_path(model: nn.Module, block: Block) -> str:
     names = [p.weight.name for p in block.attn.projections + block.ffn.projections]
     names += [n.weight.name for n in block.norms if n.weight is not None]
-    return common_module(model, names)
+    return common_module(names)
 
 
 def attention_path(model: nn.Module, block: Block) -> str:
-    return common_module(model, [p.weight.name for p in block.attn.projections])
+    return common_module([p.weight.name for p in block.attn.projections])
 
 
 def ffn_path(model: nn.Module, block: Block) -> str:
-    return common_module(model, [p.weight.name for p in block.ffn.projections])
+    return common_module([p.weight.name for p in block.ffn.projections])
 
 
 def set_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -22,12 +22,18 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def sha256_file(path: Path) -> str:
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the files' bytes in order, read in chunks (weights can be large)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_files([path])
 
 
 def check_output_dir(out: Path, force: bool) -> None:
