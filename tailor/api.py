@@ -8,7 +8,7 @@ import contextlib
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,11 @@ import torch
 import yaml
 
 from tailor.errors import TailorError
+from tailor.passes.attn_pattern import DEFAULT_GRID
 from tailor.passes.cost import OBJECTIVES, CostModel, Workload, get_target, model_flops
 from tailor.passes.profile import (
     Calibration,
+    add_attention_data,
     apply_options,
     calibration_data_free,
     calibration_from_text,
@@ -33,6 +35,7 @@ from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
 from tailor.quality.metrics import evaluate_pair, load_tokenizer, read_text
 from tailor.quality.plots import plan_picture
+from tailor.quality.retrieval import RetrievalTemplate
 from tailor.rewriter.capture import (
     TOKENIZER_FILES,
     Captured,
@@ -106,10 +109,15 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
             calib_windows: int = 16, calib_len: int = 512, eval_text: str | Path | None = None,
             seed: int = 0, formats: tuple[str, ...] | None = None, trust_remote_code: bool = False,
+            attn_lengths: list[int] | None = None, validation_len: int | None = None,
+            retrieval_template: dict | None = None,
             use_cache: bool = True, progress: bool = False, stages: "StageLog | None" = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
-    of the original under `objective` (latency | flops | kv_memory) for a workload of `batch`
-    sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`."""
+    of the original under `objective` (latency | flops | kv_memory | attention) for a workload
+    of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
+    Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
+    plans validated at `validation_len` (default 3/4 prompt_len), with synthetic retrieval
+    sequences written from `retrieval_template` (default: code-shaped `name = value` lines)."""
     budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise TailorError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -142,21 +150,30 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         check_reachable(structural, cost_model, budget, objective)
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
+            settings: dict[str, Any] = {"windows": calib_windows, "len": calib_len, "seed": seed}
+            if graph.task == "causal-lm" or "attn_pattern" in passes:
+                lengths = sorted(attn_lengths or {max(64, prompt_len // 2), prompt_len})
+                template = RetrievalTemplate.parse(retrieval_template or {})
+                tok = _tokenizer_dir(cap.source, tokenizer)
+                add_attention_data(cal, lengths, validation_len or max(64, 3 * prompt_len // 4),
+                                   load_tokenizer(tok) if tok and graph.task == "causal-lm" else None,
+                                   template=template, seed=seed)
+                if "attn_pattern" in passes:
+                    settings["attn"] = {"lengths": lengths, "grid": [g.to_json() for g in DEFAULT_GRID],
+                                        "template": asdict(template), "retrieval": cal.retrieval_weight}
             prof, options = run_profile(module, graph, cal, passes, model_hash=cap.model_hash,
-                                        settings={"windows": calib_windows, "len": calib_len, "seed": seed},
-                                        progress=progress, use_cache=use_cache)
-            for o in options:
-                o.loss = prof.option_kl.get(o.key, 0.0)
+                                        settings=settings, progress=progress, use_cache=use_cache)
+            for o in options:  # measured alone where the pass measures; its own estimate otherwise
+                o.loss = prof.option_kl.get(o.key, o.loss)
         with stages("search"):
             price(options, cost_model)
-            reference = model_outputs(module, cal.heldout_ids)
-            is_lm = graph.task == "causal-lm"
+            heldout = HeldOut(module, graph, cal)
 
             best: dict[str, Any] = {}  # the best measured rewritten model: the search's answer
 
             def measure(chosen):
                 variant = apply_options(copy.deepcopy(module), graph, chosen, prof.signals)
-                kl = divergence(reference, model_outputs(variant, cal.heldout_ids), is_lm)
+                kl = heldout.divergence(variant)
                 if not best or kl < best["kl"]:
                     best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
                 return kl
@@ -171,7 +188,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         plan.rewrites = [o.to_json() for o in result.chosen]
         plan.predicted = cost_model.ratios(structure_of(graph, result.chosen))
         report["calibration"] = {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
-                                 "heldout_windows": int(cal.heldout_ids.shape[0])}
+                                 "heldout_windows": int(cal.heldout_ids.shape[0]),
+                                 "heldout_retrieval_sequences": len(cal.heldout_retrieval),
+                                 "retrieval_weight": cal.retrieval_weight}
+        if prof.signals.attention is not None:
+            report["attention_profile"] = prof.signals.attention.to_json()
         report["search"] = {"predicted_kl": result.predicted_kl, "measured_kl_heldout": result.measured_kl,
                             "iterations": result.iterations, "candidates": len(options)}
         report["signals"] = {"block_influence": prof.signals.block_influence,
@@ -183,6 +204,34 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
     report["stages"] = stages.times
     return Compiled(runnable, plan, report, cap.graph, cap.source, formats)
+
+
+class HeldOut:
+    """What the search's refine loop measures a plan on: next-token KL on held-out calibration
+    windows (and on windows of the validation length, not profiled, when attention is profiled)
+    and, weighted, the KL at the answers of held-out retrieval sequences of that length."""
+
+    def __init__(self, module, graph: TransformerGraph, cal: Calibration):
+        self.cal, self.is_lm = cal, graph.task == "causal-lm"
+        self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
+        self.reference = [model_outputs(module, t) for t in self.texts]
+        self.retrieval = [s.ids for s in cal.heldout_retrieval]
+        self.ret_reference = self._answers(module)
+
+    def _answers(self, model) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(input_ids=ids[None], use_cache=False).logits.float()[:, s.answer_start - 1:-1]
+                    for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
+
+    def divergence(self, model) -> float:
+        """Text KL (the mean over the calibration length and the validation length) and the
+        retrieval answers' KL, weighted."""
+        kl = float(np.mean([divergence(ref, model_outputs(model, t), self.is_lm)
+                            for ref, t in zip(self.reference, self.texts)]))
+        if not self.retrieval:
+            return kl
+        w = self.cal.retrieval_weight
+        return (1 - w) * kl + w * divergence(self.ret_reference, self._answers(model), self.is_lm)
 
 
 def _tokenizer_dir(source: TorchSource, tokenizer) -> Path | None:

@@ -10,7 +10,8 @@ from typing import Any
 from tailor.errors import TailorError
 
 SCHEMA_VERSION = 1
-OBJECTIVES = ("latency", "flops", "kv_memory")
+# attention: the FLOPs of attention itself (q·kᵀ and p·v), i.e. the density of the attention
+OBJECTIVES = ("latency", "flops", "kv_memory", "attention")
 
 
 def check_budget(budget: Any) -> float:

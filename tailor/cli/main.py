@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tailor.errors import TailorError
-from tailor.plan import check_budget
+from tailor.plan import OBJECTIVES, check_budget
 
 # piped output gets a fixed wide layout instead of rich's 80-column default
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -43,7 +43,7 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=str, help="cost of the result as a fraction of the original, "
                    "in (0, 1] (default 1.0)")
     p.add_argument("-o", "--output", help="artifact directory (default: <model name>-tailored)")
-    p.add_argument("--objective", choices=["latency", "flops", "kv_memory"],
+    p.add_argument("--objective", choices=list(OBJECTIVES),
                    help="what the budget limits (default latency)")
     p.add_argument("--prompt-len", "--seq-len", dest="prompt_len", type=int,
                    help="workload prompt length the cost is measured for (default 1024)")

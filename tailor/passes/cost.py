@@ -2,7 +2,8 @@
 on a target, turned into roofline latency. Every pass prices its options here.
 
 A model's shape after rewriting is a `Structure`: per layer, whether it is kept, whether its FFN
-is kept, which KV groups and how many query heads per group its attention keeps. The cost of a
+is kept, which KV groups and how many query heads per group its attention keeps, and each KV
+head's attention pattern (attention work and KV cache ∝ the keys a head keeps). The cost of a
 structure is a sum over layers, so an option's cost is the difference between the structure
 with that one change and the dense one, exactly, and a plan's cost is the dense cost plus the
 sum of its options' deltas (options of one layer are combined by the search's constraints).
@@ -12,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tailor.errors import TailorError
+from tailor.plan import OBJECTIVES
 from tailor.rewriter.graph import Attention, Projection, TransformerGraph
-
-OBJECTIVES = ("latency", "flops", "kv_memory")
+from tailor.runtime.attention_patterns import Pattern
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class LayerShape:
     queries_per_group: int = 0       # query heads kept per KV head
     own_kv: bool = True              # False when the layer reads another layer's KV cache
     ffn_width: int | None = None     # FFN channels kept (None: all)
+    kv_patterns: tuple[Pattern | None, ...] | None = None   # per kept KV head (None: all dense)
 
 
 @dataclass
@@ -85,13 +87,19 @@ class Cost:
     bytes: float = 0.0
     kv_bytes: float = 0.0
     latency: float = 0.0
+    attn_flops: float = 0.0
 
     def __add__(self, o: "Cost") -> "Cost":
         return Cost(self.flops + o.flops, self.bytes + o.bytes, self.kv_bytes + o.kv_bytes,
-                    self.latency + o.latency)
+                    self.latency + o.latency, self.attn_flops + o.attn_flops)
+
+    def __sub__(self, o: "Cost") -> "Cost":
+        return Cost(self.flops - o.flops, self.bytes - o.bytes, self.kv_bytes - o.kv_bytes,
+                    self.latency - o.latency, self.attn_flops - o.attn_flops)
 
     def get(self, objective: str) -> float:
-        return {"latency": self.latency, "flops": self.flops, "kv_memory": self.kv_bytes}[objective]
+        return {"latency": self.latency, "flops": self.flops, "kv_memory": self.kv_bytes,
+                "attention": self.attn_flops}[objective]
 
 
 class CostModel:
@@ -126,23 +134,33 @@ class CostModel:
                 total = total + self._matmul(tokens, n_in, n_out, reads)
         return total
 
-    def attention_core(self, a: Attention, heads: int, kv_heads: int, own_kv: bool) -> Cost:
-        """q·kᵀ and p·v, plus reading (decode) and writing (prefill) the KV cache."""
+    def attention_core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
+                       own_kv: bool) -> Cost:
+        """q·kᵀ and p·v, plus reading (decode) and writing (prefill) the KV cache; each KV head
+        (with its query heads) over the keys its pattern keeps."""
         w, e, d = self.workload, self.target.bytes_per_element, a.head_dim
+        n, kv_heads = w.prompt_len, len(patterns)
+        heads = kv_heads * queries_per_group
         total = Cost()
-        kv_per_token = 2 * kv_heads * d * e
         for tokens, _, keys in self._phases():
-            if keys is None:  # prefill: causal attention sees (T+1)/2 keys on average
-                keys_per_q = (w.prompt_len + 1) / 2 if a.causal else w.prompt_len
+            if keys is None:  # prefill: keys per query summed over the KV heads
+                if a.causal:
+                    kept = [(n + 1) / 2 if p is None else p.kept_keys_causal(n) / n for p in patterns]
+                else:
+                    kept = [n if p is None else min(n, p.kept_keys_bidirectional(n) / n) for p in patterns]
                 # a fused kernel reads q and k, v once and writes the output (and the KV cache)
-                by = tokens * (2 * heads * d * e + kv_per_token * (2 if own_kv else 1))
-            else:
-                keys_per_q = keys
-                by = tokens * keys * kv_per_token  # every decode token reads the whole cache
-            flops = 4.0 * tokens * heads * keys_per_q * d
-            total = total + self._roofline(flops, by)
+                by = tokens * (2 * heads * d * e + 2 * kv_heads * d * e * (2 if own_kv else 1))
+            else:  # decode: every new token reads each head's cache
+                kept = [keys if p is None else min(keys, p.span(int(keys))) for p in patterns]
+                by = tokens * sum(kept) * 2 * d * e
+            flops = 4.0 * tokens * queries_per_group * sum(kept) * d
+            step = self._roofline(flops, by)
+            step.attn_flops = flops
+            total = total + step
         if own_kv and heads > 0:
-            total.kv_bytes = w.batch * (w.prompt_len + w.gen_len) * kv_per_token
+            length = w.prompt_len + w.gen_len
+            cached = sum(length if p is None else p.span(length) for p in patterns)
+            total.kv_bytes = w.batch * cached * 2 * d * e
         return total
 
     # -- components of one layer ---------------------------------------------------------------
@@ -155,7 +173,9 @@ class CostModel:
         kv_cols = shape.kv_groups * d if shape.own_kv else 0
         projs = [(hidden, heads * d), (heads * d, a.o.out_features)]
         projs += [(hidden, kv_cols), (hidden, kv_cols)] if kv_cols else []
-        return self.projections(projs) + self.attention_core(a, heads, shape.kv_groups, shape.own_kv)
+        patterns = list(shape.kv_patterns or [None] * shape.kv_groups)
+        return self.projections(projs) + self.attention_core(a, shape.queries_per_group, patterns,
+                                                              shape.own_kv)
 
     def ffn(self, layer: int, shape: LayerShape) -> Cost:
         if not shape.kept or not shape.ffn:

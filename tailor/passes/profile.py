@@ -27,12 +27,13 @@ import torch
 from tqdm import tqdm
 
 from tailor.errors import TailorError
+from tailor.passes.attention_profile import AttentionInfluence, profile_attention
 from tailor.passes.base import Option
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, block_path, ffn_path, module_path
 from tailor.runtime.artifact import sha256_file
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Signals:
     # compensation of pruned channels needs. Kept out of JSON (cached in safetensors).
     o_gram: list[np.ndarray] = field(default_factory=list, repr=False)
     down_gram: list[np.ndarray] = field(default_factory=list, repr=False)
+    # per (layer, KV head, pattern): the measured cost of sparse attention (attn_pattern)
+    attention: AttentionInfluence | None = None
 
     GRAMS = ("o_gram", "down_gram")
 
@@ -66,9 +69,11 @@ class Profile:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        d = asdict(replace(self, signals=replace(self.signals, o_gram=[], down_gram=[])))
+        d = asdict(replace(self, signals=replace(self.signals, o_gram=[], down_gram=[], attention=None)))
         for g in Signals.GRAMS:
             d["signals"].pop(g)
+        att = self.signals.attention
+        d["signals"]["attention"] = att.to_json() if att is not None else None
         return d
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -79,6 +84,8 @@ class Profile:
     def from_json(cls, d: dict, arrays: dict[str, np.ndarray]) -> "Profile":
         n = len(d["signals"]["block_influence"])
         grams = {g: [arrays[f"{g}.{i}"] for i in range(n)] for g in Signals.GRAMS}
+        att = d["signals"].pop("attention", None)
+        grams["attention"] = AttentionInfluence.from_json(att) if att is not None else None
         return cls(Signals(**d["signals"], **grams), {k: float(v) for k, v in d["option_kl"].items()},
                    d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}))
 
@@ -102,6 +109,14 @@ class Calibration:
     heldout_ids: torch.Tensor     # [M, T] windows the search's refine loop measures plans on
     source: str                   # human-readable: file and hash, or "data-free"
     digest: str
+    stream: torch.Tensor | None = None   # all calibration tokens, for longer windows
+    # attention profiling: windows per length, retrieval sequences per length (profile) and at
+    # the validation length (the refine loop), and the weight of retrieval in every loss
+    attn_texts: dict[int, torch.Tensor] = field(default_factory=dict)
+    heldout_long_ids: torch.Tensor | None = None    # text windows at the validation length
+    retrieval: dict[int, list] = field(default_factory=dict)
+    heldout_retrieval: list = field(default_factory=list)
+    retrieval_weight: float = 0.0
 
 
 def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str) -> Calibration:
@@ -114,9 +129,10 @@ def calibration_from_text(text: str, tokenizer, window: int, windows: int, name:
     starts = np.linspace(0, len(ids) - window, n).astype(int)
     t = torch.tensor(np.stack([ids[s:s + window] for s in starts]))
     held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1
-    digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.tensor(ids).numpy().tobytes()).hexdigest()[:16]
     return Calibration(t[torch.from_numpy(~held)], t[torch.from_numpy(held)],
-                       f"{name} ({n} windows of {window} tokens spread over {len(ids)})", digest)
+                       f"{name} ({n} windows of {window} tokens spread over {len(ids)})", digest,
+                       stream=torch.tensor(ids))
 
 
 def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
@@ -140,7 +156,34 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
     held = max(1, windows // 4)
     return Calibration(out[: windows - held], out[windows - held:],
                        f"data-free: {windows} sequences of {window} tokens sampled from the model",
-                       f"free-{seed}-{windows}-{window}")
+                       f"free-{seed}-{windows}-{window}", stream=out[: windows - held].reshape(-1))
+
+
+def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
+                       template=None, windows_tokens: int = 2048, samples: int = 4,
+                       retrieval_weight: float = 0.25, seed: int = 0) -> None:
+    """Windows of each profiled length spread over the calibration tokens, and synthetic
+    retrieval sequences (when there is a tokenizer to write them with)."""
+    from tailor.quality.retrieval import RetrievalTemplate, make_samples
+
+    template = template or RetrievalTemplate()
+    stream = cal.stream
+    longest = max(*lengths, validation_len)
+    if len(stream) < longest:  # short calibration data: repeated to the longest length
+        stream = stream.repeat(-(-longest // len(stream)))
+    for n in lengths:
+        count = max(1, min(windows_tokens // n, len(stream) // n))
+        starts = np.linspace(0, len(stream) - n, count).astype(int)
+        cal.attn_texts[n] = torch.stack([stream[s:s + n] for s in starts])
+    # validation windows sit between the profiled ones (offset by half a spacing)
+    count = max(1, min(windows_tokens // validation_len, len(stream) // validation_len))
+    starts = ((len(stream) - validation_len) / count * (np.arange(count) + 0.5)).astype(int)
+    cal.heldout_long_ids = torch.stack([stream[s:s + validation_len] for s in starts])
+    if tokenizer is not None:
+        cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template) for n in lengths}
+        cal.heldout_retrieval = make_samples(tokenizer, validation_len, samples, seed + 7919 + validation_len,
+                                             template)
+        cal.retrieval_weight = retrieval_weight
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -282,8 +325,11 @@ def apply_options(model, graph: TransformerGraph, options: list[Option], signals
 
 def measure_options(model, graph: TransformerGraph, options: list[Option], signals: Signals,
                     ids: torch.Tensor, reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
+    from tailor.passes.registry import PASSES
+
     is_lm = graph.task == "causal-lm"
     result = {}
+    options = [o for o in options if getattr(PASSES[o.pass_name], "MEASURED", True)]
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
         variant = apply_options(copy.deepcopy(model), graph, [o], signals)
         result[o.key] = divergence(reference, model_outputs(variant, ids), is_lm)
@@ -351,6 +397,12 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
         cached.extra["cached"] = True
         return cached, candidates_for(graph, cached.signals, passes)
     signals = collect_signals(model, graph, calib.profile_ids)
+    if "attn_pattern" in passes:
+        from tailor.passes.attn_pattern import grid_from_settings
+
+        signals.attention = profile_attention(model, graph, calib.attn_texts, calib.retrieval,
+                                              grid_from_settings(settings), progress=progress,
+                                              retrieval_weight=calib.retrieval_weight)
     candidates = candidates_for(graph, signals, passes)
     reference = model_outputs(model, calib.profile_ids)
     option_kl = measure_options(model, graph, candidates, signals, calib.profile_ids, reference, progress)

@@ -22,7 +22,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from tailor.errors import TailorError
 from tailor.passes.base import Option
-from tailor.passes.cost import CostModel, Structure
+from tailor.passes.cost import OBJECTIVES, CostModel, Structure
 from tailor.passes.registry import PASSES
 
 
@@ -34,12 +34,15 @@ def structure_of(graph, options: list[Option]) -> Structure:
 
 
 def price(options: list[Option], cost_model: CostModel) -> None:
-    """Fill each option's cost change per objective, exactly under the cost model."""
-    graph = cost_model.graph
-    dense = cost_model.total(Structure.dense(graph))
+    """Fill each option's cost change per objective, exactly under the cost model (the cost is a
+    sum over layers, so only the option's own layer changes)."""
+    dense = Structure.dense(cost_model.graph)
+    base = [cost_model.layer(i, s) for i, s in enumerate(dense.layers)]
     for o in options:
-        cur = cost_model.total(structure_of(graph, [o]))
-        o.cost = {k: cur.get(k) - dense.get(k) for k in ("latency", "flops", "kv_memory")}
+        shape = dense.copy().layers[o.layer]
+        PASSES[o.pass_name].reshape(o, shape)
+        delta = cost_model.layer(o.layer, shape) - base[o.layer]
+        o.cost = {k: delta.get(k) for k in OBJECTIVES}
 
 
 def _claims_matrix(options: list[Option]):

@@ -19,7 +19,7 @@ def llama_graph(tiny_models):
 def test_dense_ratio_is_one_and_skips_are_exact(llama_graph):
     cm = CostModel(llama_graph, Workload(1, 256, 16), get_target("h100"))
     dense = Structure.dense(llama_graph)
-    assert cm.ratios(dense) == {"latency": 1.0, "flops": 1.0, "kv_memory": 1.0}
+    assert cm.ratios(dense) == {"latency": 1.0, "flops": 1.0, "kv_memory": 1.0, "attention": 1.0}
     skip = dense.copy()
     skip.layers[1].kept = False
     total, layer = cm.total(dense), cm.layer(1, dense.layers[1])

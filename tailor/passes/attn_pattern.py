@@ -1,0 +1,96 @@
+"""attn_pattern: a sparse attention pattern per KV head (MoA, DuoAttention, RazorAttention).
+
+Each KV head keeps all its keys (dense) or a sink plus a window that grows with the length,
+from a grid (tailor.runtime.attention_patterns.Pattern). The profile measures, per layer, KV
+head and pattern, the divergence masking that head costs (tailor.passes.attention_profile).
+
+A layer uses at most two distinct patterns (dense counts as one), so its heads can be permuted
+into two contiguous groups with one pattern each: kernels and onnxruntime run each group as one
+call. The options of a layer enumerate that space exactly under additive per-head losses: for a
+pair of patterns (a, b) and r heads on b, the best r heads are those losing least by moving from
+a to b; plus every pattern on all heads. The search picks one option per layer (claim attn:L, so
+it excludes head pruning and KV sharing of that layer); dominated options are dropped there.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from tailor.passes.base import Option
+from tailor.passes.cost import LayerShape
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.torch_surgery import attention_path
+from tailor.runtime.attention_patterns import Pattern, install
+
+NAME = "attn_pattern"
+MEASURED = False  # option losses come from the per-head profile, not one run per option
+
+DEFAULT_SINK = 64
+# window(N) = alpha + beta * N: two static windows, each also growing with the length
+DEFAULT_GRID = [Pattern(DEFAULT_SINK, a, b) for b in (0.0, 0.125, 0.25, 0.5) for a in (64, 256)]
+
+
+def grid_from_settings(settings: dict) -> list[Pattern]:
+    spec = settings.get("attn", {}).get("grid")
+    return [Pattern.from_json(p) for p in spec] if spec else DEFAULT_GRID
+
+
+def head_losses(graph: TransformerGraph, signals) -> tuple[list[Pattern], np.ndarray]:
+    """The grid and its loss per [layer, kv_head, pattern] (mean over the profiled lengths);
+    zeros before calibration (enough to enumerate and price the options)."""
+    influence = getattr(signals, "attention", None)
+    if influence is None:
+        kv = graph.blocks[0].attn.num_kv_heads
+        return DEFAULT_GRID, np.zeros((graph.num_layers, kv, len(DEFAULT_GRID)))
+    # a pattern that keeps everything at the longest profiled length is dense, not an option
+    usable = [k for k, p in enumerate(influence.grid) if not p.is_dense_at(max(influence.lengths))]
+    loss = np.mean([influence.loss[n] for n in influence.lengths], axis=0)
+    return [influence.grid[k] for k in usable], loss[:, :, usable]
+
+
+def _layer_options(losses: np.ndarray, grid: list[Pattern]) -> list[tuple[tuple, float]]:
+    """(per-head pattern indices, -1 = dense; summed loss) for one layer, at most two patterns."""
+    heads = losses.shape[0]
+    with_dense = np.concatenate([np.zeros((heads, 1)), losses], 1)  # column 0: dense
+    seen, out = set(), []
+
+    def add(assign):
+        key = tuple(assign)
+        if key not in seen and any(a >= 0 for a in key):
+            seen.add(key)
+            out.append((key, float(sum(with_dense[h, a + 1] for h, a in enumerate(key)))))
+
+    for b in range(len(grid)):
+        add([b] * heads)
+    for a, b in itertools.combinations(range(-1, len(grid)), 2):
+        gain = with_dense[:, b + 1] - with_dense[:, a + 1]  # what moving a head from a to b costs
+        order = np.argsort(gain, kind="stable")
+        for r in range(1, heads):
+            moved = set(order[:r].tolist())
+            add([b if h in moved else a for h in range(heads)])
+    return out
+
+
+def candidates(graph: TransformerGraph, signals) -> list[Option]:
+    grid, losses = head_losses(graph, signals)
+    out = []
+    for b in graph.blocks:
+        if not np.isfinite(losses[b.index]).all():
+            continue  # the profile found this layer's attention does not run patterns
+        for assign, loss in _layer_options(losses[b.index], grid):
+            spans = [None if a < 0 else grid[a].to_json() for a in assign]
+            label = f"layer {b.index}: " + ", ".join(f"kv{h} {'dense' if a < 0 else grid[a]}"
+                                                     for h, a in enumerate(assign))
+            out.append(Option(NAME, b.index, {"spans": spans}, (f"attn:{b.index}",), loss=loss, label=label))
+    return out
+
+
+def reshape(option: Option, shape: LayerShape) -> None:
+    shape.kv_patterns = tuple(Pattern.from_json(s) for s in option.choice["spans"])
+
+
+def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    for o in options:
+        module = model.get_submodule(attention_path(model, graph.blocks[o.layer]))
+        install(model, module, [Pattern.from_json(s) for s in o.choice["spans"]])
