@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from tailor.errors import TailorError
-from tailor.passes.attn_pattern import DEFAULT_GRID
+from tailor.passes.attention_profile import AttentionInfluence
+from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import OBJECTIVES, CostModel, Workload, get_target, model_flops
 from tailor.passes.profile import (
     Calibration,
@@ -33,7 +34,7 @@ from tailor.passes.profile import (
 from tailor.passes.registry import PASSES, candidates_for
 from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
-from tailor.quality.metrics import evaluate_pair, load_tokenizer, read_text
+from tailor.quality.metrics import evaluate_pair, has_tokenizer, load_tokenizer, read_text
 from tailor.quality.plots import plan_picture
 from tailor.quality.retrieval import RetrievalTemplate
 from tailor.rewriter.capture import (
@@ -144,22 +145,27 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             raise TailorError("budgets below 1.0 need calibration, which for ONNX inputs comes with "
                               "the ONNX back end; pass the HF model (directory or module) for now")
         module, graph = cap.source.module, cap.graph
+        lengths = sorted(attn_lengths or {max(64, prompt_len // 2), prompt_len})
+        grid = default_grid(max(lengths))
         # before any calibration: is the budget reachable at all? (costs depend on shapes only)
-        structural = candidates_for(graph, neutral_signals(graph), passes)
+        neutral = neutral_signals(graph)
+        neutral.attention = AttentionInfluence.unmeasured(graph, lengths, grid)
+        structural = candidates_for(graph, neutral, passes)
         price(structural, cost_model)
         check_reachable(structural, cost_model, budget, objective)
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
             settings: dict[str, Any] = {"windows": calib_windows, "len": calib_len, "seed": seed}
             if graph.task == "causal-lm" or "attn_pattern" in passes:
-                lengths = sorted(attn_lengths or {max(64, prompt_len // 2), prompt_len})
                 template = RetrievalTemplate.parse(retrieval_template or {})
                 tok = _tokenizer_dir(cap.source, tokenizer)
+                # retrieval sequences need the model's tokenizer: given, or beside the model
+                usable = tok is not None and (tokenizer is not None or has_tokenizer(tok))
                 add_attention_data(cal, lengths, validation_len or max(64, 3 * prompt_len // 4),
-                                   load_tokenizer(tok) if tok and graph.task == "causal-lm" else None,
+                                   load_tokenizer(tok) if usable and graph.task == "causal-lm" else None,
                                    template=template, seed=seed)
                 if "attn_pattern" in passes:
-                    settings["attn"] = {"lengths": lengths, "grid": [g.to_json() for g in DEFAULT_GRID],
+                    settings["attn"] = {"lengths": lengths, "grid": [g.to_json() for g in grid],
                                         "template": asdict(template), "retrieval": cal.retrieval_weight}
             prof, options = run_profile(module, graph, cal, passes, model_hash=cap.model_hash,
                                         settings=settings, progress=progress, use_cache=use_cache)

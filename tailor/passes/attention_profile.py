@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tailor.quality.retrieval import RetrievalSample
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, block_path
-from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, register, runs_patterns
+from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, dispatching_module, register
 
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
@@ -43,6 +43,13 @@ class AttentionInfluence:
     def to_json(self) -> dict:
         return {"lengths": self.lengths, "grid": [p.to_json() for p in self.grid], "measured": self.measured,
                 "loss": {str(n): v.tolist() for n, v in self.loss.items()}}
+
+    @classmethod
+    def unmeasured(cls, graph: TransformerGraph, lengths: list[int],
+                   grid: list[Pattern]) -> "AttentionInfluence":
+        """Zero losses: enough to enumerate and price the options before any calibration."""
+        shape = (graph.num_layers, graph.blocks[0].attn.num_kv_heads, len(grid))
+        return cls(list(lengths), list(grid), {n: np.zeros(shape) for n in lengths}, 0)
 
     @classmethod
     def from_json(cls, d: dict) -> "AttentionInfluence":
@@ -139,7 +146,7 @@ def profile_attention(model, graph: TransformerGraph, texts: dict[int, torch.Ten
     is_lm = graph.task == "causal-lm"
     register()
     blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
-    attns = [model.get_submodule(attention_path(model, b)) for b in graph.blocks]
+    attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
     kv_heads = graph.blocks[0].attn.num_kv_heads
     lengths = sorted(set(texts) | set(retrieval))
     order = sorted(range(len(grid)), key=lambda k: (grid[k].sink + grid[k].alpha, grid[k].beta))
@@ -155,7 +162,7 @@ def profile_attention(model, graph: TransformerGraph, texts: dict[int, torch.Ten
                 _record(model, blocks, b)
             loss = np.full((graph.num_layers, kv_heads, len(grid)), np.nan)
             for layer in range(graph.num_layers):
-                if not runs_patterns(attns[layer]):
+                if attns[layer] is None:
                     loss[layer] = np.inf  # no candidates here: masks would be ignored
                     bar.update(kv_heads)
                     continue

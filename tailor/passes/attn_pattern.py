@@ -26,23 +26,18 @@ from tailor.runtime.attention_patterns import Pattern, install
 NAME = "attn_pattern"
 MEASURED = False  # option losses come from the per-head profile, not one run per option
 
-DEFAULT_SINK = 64
-# window(N) = alpha + beta * N: two static windows, each also growing with the length
-DEFAULT_GRID = [Pattern(DEFAULT_SINK, a, b) for b in (0.0, 0.125, 0.25, 0.5) for a in (64, 256)]
-
-
-def grid_from_settings(settings: dict) -> list[Pattern]:
-    spec = settings.get("attn", {}).get("grid")
-    return [Pattern.from_json(p) for p in spec] if spec else DEFAULT_GRID
+def default_grid(longest: int) -> list[Pattern]:
+    """Sink S (a power of two near N/24, 4..64: 64 at N = 1536) and windows S or 4S, static or
+    growing by N/8, N/4, N/2: window(N) = alpha + beta * N."""
+    sink = int(min(64, max(4, 2 ** round(np.log2(longest / 24)))))
+    return [Pattern(sink, a, b) for b in (0.0, 0.125, 0.25, 0.5) for a in (sink, 4 * sink)]
 
 
 def head_losses(graph: TransformerGraph, signals) -> tuple[list[Pattern], np.ndarray]:
-    """The grid and its loss per [layer, kv_head, pattern] (mean over the profiled lengths);
-    zeros before calibration (enough to enumerate and price the options)."""
-    influence = getattr(signals, "attention", None)
+    """The grid and its loss per [layer, kv_head, pattern] (mean over the profiled lengths)."""
+    influence = signals.attention
     if influence is None:
-        kv = graph.blocks[0].attn.num_kv_heads
-        return DEFAULT_GRID, np.zeros((graph.num_layers, kv, len(DEFAULT_GRID)))
+        return [], np.zeros((graph.num_layers, graph.blocks[0].attn.num_kv_heads, 0))
     # a pattern that keeps everything at the longest profiled length is dense, not an option
     usable = [k for k, p in enumerate(influence.grid) if not p.is_dense_at(max(influence.lengths))]
     loss = np.mean([influence.loss[n] for n in influence.lengths], axis=0)

@@ -32,6 +32,7 @@ from tailor.passes.base import Option
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, block_path, ffn_path, module_path
 from tailor.runtime.artifact import sha256_file
+from tailor.runtime.attention_patterns import Pattern
 
 PROFILE_VERSION = 2
 
@@ -398,10 +399,9 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
         return cached, candidates_for(graph, cached.signals, passes)
     signals = collect_signals(model, graph, calib.profile_ids)
     if "attn_pattern" in passes:
-        from tailor.passes.attn_pattern import grid_from_settings
-
-        signals.attention = profile_attention(model, graph, calib.attn_texts, calib.retrieval,
-                                              grid_from_settings(settings), progress=progress,
+        grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
+        signals.attention = profile_attention(model, graph, calib.attn_texts, calib.retrieval, grid,
+                                              progress=progress,
                                               retrieval_weight=calib.retrieval_weight)
     candidates = candidates_for(graph, signals, passes)
     reference = model_outputs(model, calib.profile_ids)

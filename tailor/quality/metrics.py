@@ -49,11 +49,15 @@ def encoder_metrics(hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> di
     return {"mean_cosine_to_reference": float(torch.cosine_similarity(emb, ref, -1).mean())}
 
 
+def has_tokenizer(folder: Path) -> bool:
+    return (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not has_tokenizer(folder):
         raise TailorError(f"{folder}: no tokenizer files; pass --tokenizer DIR")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
 

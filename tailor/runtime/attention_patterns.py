@@ -124,15 +124,24 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.transpose(1, 2).contiguous(), None
 
 
-def runs_patterns(attention_module) -> bool:
-    """Does this attention module dispatch through transformers' attention interface (so that a
-    pattern installed on it is honoured)? Modules with their own attention code do not."""
+def _dispatches(module) -> bool:
     import inspect
 
     try:
-        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(attention_module).forward)
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
+
+
+def dispatching_module(attention_module):
+    """The module (this one or inside it, e.g. BERT's self-attention inside its attention block)
+    that calls transformers' attention interface, so that a pattern installed on it is honoured;
+    None for attention written by hand."""
+    return next((m for m in attention_module.modules() if _dispatches(m)), None)
+
+
+def runs_patterns(attention_module) -> bool:
+    return dispatching_module(attention_module) is not None
 
 
 def register() -> None:
@@ -145,9 +154,10 @@ def register() -> None:
 
 def install(model, attention_module, patterns: list["Pattern | None"]) -> None:
     """Give one attention module its per-KV-head patterns and route the model through them."""
-    if not runs_patterns(attention_module):
+    target = dispatching_module(attention_module)
+    if target is None:
         raise TailorError(f"{type(attention_module).__name__} computes attention itself; "
                           f"attention patterns need transformers' attention interface")
     register()
-    attention_module.tailor_spans = [None if p is None else p.to_json() for p in patterns]
+    target.tailor_spans = [None if p is None else p.to_json() for p in patterns]
     model.config._attn_implementation = IMPLEMENTATION

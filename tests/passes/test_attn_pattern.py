@@ -1,0 +1,145 @@
+"""attn_pattern: masks match their definition, the per-head pattern is what runs (torch and ONNX),
+a dense plan is exact, the cost model prices density, and a budgeted plan compiles and reloads."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tailor
+from tailor.passes.cost import CostModel, LayerShape, Structure, Workload, get_target
+from tailor.rewriter.capture import capture
+from tailor.runtime.attention_patterns import Pattern, density, install, keep_mask
+from tests.conftest import build_model, ids_for
+
+PATTERNS = [Pattern(2, 3, 0.0), Pattern(0, 1, 0.25), Pattern(4, 0, 0.5), None]
+
+
+def _by_definition(p: Pattern | None, q_len: int, k_len: int, causal: bool) -> torch.Tensor:
+    out = torch.zeros(q_len, k_len, dtype=torch.bool)
+    for qi in range(q_len):
+        i = k_len - q_len + qi
+        for j in range(k_len):
+            w = int(np.floor(p.alpha + p.beta * k_len)) if p else None
+            out[qi, j] = p is None or j < p.sink or (i - j if causal else abs(i - j)) < w
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len,k_len", [(17, 17), (1, 23), (5, 40)])
+def test_mask_matches_its_definition(causal, q_len, k_len):
+    got = keep_mask(PATTERNS, q_len, k_len, causal)
+    for h, p in enumerate(PATTERNS):
+        assert torch.equal(got[h], _by_definition(p, q_len, k_len, causal)), (p, q_len, k_len)
+
+
+@pytest.mark.parametrize("n", [16, 100, 1536])
+def test_density_counts_the_mask(n):
+    pats = [Pattern(4, 8, 0.0), Pattern(2, 0, 0.25), None]
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    counted = sum(float((keep_mask([p], n, n, True)[0] & causal).sum()) for p in pats) / (3 * int(causal.sum()))
+    assert density(pats, n) == pytest.approx(float(counted), rel=1e-9)
+
+
+def _reference_attention(q, k, v, patterns, causal, scale):
+    """Per head, explicit softmax over the kept keys: the definition, written out."""
+    hq, hk = q.shape[1], k.shape[1]
+    out = torch.empty_like(q)
+    n_q, n_k = q.shape[2], k.shape[2]
+    for h in range(hq):
+        keep = _by_definition(patterns[h // (hq // hk)], n_q, n_k, causal)
+        if causal:
+            keep &= torch.arange(n_k)[None] <= torch.arange(n_k - n_q, n_k)[:, None]
+        s = (q[:, h] @ k[:, h // (hq // hk)].transpose(-1, -2)) * scale
+        s = s.masked_fill(~keep, float("-inf"))
+        out[:, h] = torch.softmax(s, -1) @ v[:, h // (hq // hk)]
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_function_honours_each_heads_pattern(causal):
+    from tailor.runtime.attention_patterns import sparse_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    module.tailor_spans = [Pattern(2, 5, 0.0).to_json(), None]
+    got, _ = sparse_attention_forward(module.eval(), q, k, v, None, scaling=0.3)
+    want = _reference_attention(q, k, v, [Pattern(2, 5, 0.0), None], causal, 0.3)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_dense_plan_is_exact_and_a_pattern_changes_only_what_it_should():
+    model = build_model("llama")
+    ids = ids_for(seq=40)
+    with torch.no_grad():
+        ref = model(ids).logits
+        dense = copy.deepcopy(model)
+        for layer in dense.model.layers:
+            install(dense, layer.self_attn, [None, None])
+        assert torch.equal(dense(ids).logits, ref)
+        sparse = copy.deepcopy(model)
+        install(sparse, sparse.model.layers[1].self_attn, [Pattern(2, 4, 0.0), None])
+        out = sparse(ids).logits
+    # positions whose keys all lie inside sink + window are untouched, later ones are not
+    assert (out[:, :6] - ref[:, :6]).abs().max() < 1e-5
+    assert (out[:, 10:] - ref[:, 10:]).abs().max() > 1e-3
+
+
+def test_patterned_model_exports_to_onnx_and_onnxruntime_runs_the_pattern(tmp_path):
+    import onnxruntime as ort
+
+    from tailor.rewriter.export import export_onnx
+
+    model = build_model("llama")
+    for layer in model.model.layers:
+        install(model, layer.self_attn, [Pattern(2, 3, 0.25), None])
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, encoder=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seq in (24, 57):  # the window grows with the length: the exported graph must follow
+        ids = ids_for(batch=1, seq=seq)
+        with torch.no_grad():
+            want = model(ids).logits.numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+        assert np.abs(got - want).max() < 1e-4
+
+
+def test_cost_model_prices_attention_by_density():
+    graph = capture(build_model("llama")).graph
+    cm = CostModel(graph, Workload(1, 512, 0), get_target("h100"))
+    pats = (Pattern(64, 64, 0.0), None)
+    s = Structure([LayerShape(True, True, 2, 2, kv_patterns=pats) for _ in graph.blocks])
+    assert cm.ratio(s, "attention") == pytest.approx(density(list(pats), 512), rel=1e-9)
+    assert cm.ratio(s, "kv_memory") == pytest.approx((128 + 512) / (2 * 512), rel=1e-9)
+
+
+def test_budgeted_plan_meets_density_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    kwargs = dict(objective="attention", passes=["attn_pattern"], prompt_len=512, calib_windows=4, calib_len=32)
+    c = tailor.compile(model, budget=0.5, **kwargs)
+    assert c.plan.predicted["attention"] <= 0.5 + 1e-9
+    assert {r["pass"] for r in c.plan.rewrites} == {"attn_pattern"}
+    assert c.report["attention_profile"]["lengths"] == [256, 512]
+    ids = ids_for(batch=1, seq=300)
+    with torch.no_grad():
+        out = c.model(ids)
+        assert (tailor.load(c.save(tmp_path / "a")).model(ids) - out).abs().max() <= 1e-5
+        assert (out - model(ids).logits).abs().max() > 0  # the patterns really run
+    again = tailor.compile(model, budget=0.6, **kwargs)
+    assert again.report["calibration"]["cached"] and again.plan.predicted["attention"] <= 0.6 + 1e-9
+
+
+def test_encoder_gets_bidirectional_patterns(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("bert")
+    c = tailor.compile(model, budget=0.7, objective="attention", passes=["attn_pattern"], prompt_len=128,
+                       calib_windows=4, calib_len=32)
+    assert c.plan.predicted["attention"] <= 0.7 + 1e-9 and c.plan.rewrites
+    ids = ids_for(batch=1, seq=128)
+    with torch.no_grad():
+        assert torch.isfinite(c.model(ids)).all()
