@@ -52,3 +52,49 @@ def test_bench_side_by_side(tiny_onnx, tmp_path, capsys):
                  "--repeats", "3", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["reference_ms"] > 0 and r["artifact_ms"] > 0 and r["ratio"] > 0
+
+
+@needs_shared
+def test_retrieval_probe_on_the_real_model(refllama_artifact, capsys):
+    """The dense model retrieves (MODEL.md: 0.95-1.00 at these lengths); a model that only sees
+    a short window cannot, so the probe really measures long-range retrieval."""
+    import copy
+
+    import torch
+    import transformers
+
+    from tailor.quality.metrics import load_tokenizer
+    from tailor.quality.retrieval import retrieval_accuracy
+    from tailor.runtime.attention_patterns import Pattern, install
+    from tailor.runtime.session import HFModel
+
+    assert main(["eval", str(refllama_artifact), "--probe", "retrieval", "--lengths", "384",
+                 "--samples", "12", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["retrieval@384"] >= 0.75
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(REFLLAMA), dtype=torch.float32).eval()
+    local = copy.deepcopy(model)
+    for layer in local.model.layers:
+        install(local, layer.self_attn, [Pattern(4, 16, 0.0)] * 2)
+    acc = retrieval_accuracy(HFModel(local), load_tokenizer(REFLLAMA), [384], samples=12)
+    assert acc[384] <= 0.25
+    assert main(["eval", str(refllama_artifact)]) == 2  # neither --text nor --probe
+
+
+@needs_shared
+def test_retrieval_samples_have_their_answer_in_context():
+    import re
+
+    from tailor.quality.metrics import load_tokenizer
+    from tailor.quality.retrieval import RetrievalTemplate, make_samples
+
+    tok = load_tokenizer(REFLLAMA)
+    for s in make_samples(tok, 300, 6, seed=3):
+        assert len(s.ids) == 300
+        text = tok.decode(s.ids[:s.answer_start])
+        key = re.search(r"assert (\w+) ==$", text).group(1)
+        value = tok.decode(s.ids[s.answer_start:]).strip()
+        assert f"\n{key} = {value}\n" in text  # the queried line is whole, and only once
+        assert text.count(f"{key} = ") == 1
+    with pytest.raises(TailorError, match="must contain"):
+        RetrievalTemplate.parse({"line": "{key} is here"})

@@ -27,7 +27,8 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": 1024,
     "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
     "calib_windows": 16, "calib_len": 512, "eval": None, "seed": 0, "format": None,
-    "force": False, "trust_remote_code": False, "sweep": None,
+    "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
+    "validation_len": None, "retrieval_template": None,
 }
 
 
@@ -52,7 +53,11 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["cpu", "a100", "h100", "h200"],
                    help="hardware the cost model prices for (default h100)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
-                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share)")
+                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern)")
+    p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
+                   "(default prompt-len/2,prompt-len)")
+    p.add_argument("--validation-len", type=int, help="length plans are validated at, with held-out "
+                   "text and retrieval sequences (default 3/4 prompt-len)")
     p.add_argument("--calib", help="calibration text file (default: data-free, sampled from the model)")
     p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
     p.add_argument("--calib-windows", type=int, help="calibration windows (default 16)")
@@ -83,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length for FLOP counts")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("eval", help="quality of an artifact: perplexity, and KL/top-1 vs a reference")
+    p = sub.add_parser("eval", help="quality of an artifact: perplexity, and KL/top-1 vs a reference; "
+                       "retrieval exact match with --probe retrieval")
     p.add_argument("artifact")
-    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--text", help="UTF-8 text file to evaluate on")
+    p.add_argument("--probe", choices=["retrieval"], help="synthetic long-range retrieval (key = value "
+                   "lines, then a query): exact match per length")
+    p.add_argument("--lengths", default="512,1024,1500", help="context lengths of the probe")
+    p.add_argument("--samples", type=int, default=32, help="probe sequences per length")
     p.add_argument("--reference", help="the original model (HF directory or .onnx)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the artifact's own)")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -141,10 +151,24 @@ def resolve_config(args) -> dict[str, Any]:
         val = getattr(args, key, None)
         if val is not None:
             cfg[key] = val
-    for key in ("format", "passes"):
+    for key in ("format", "passes", "attn_lengths"):
         if isinstance(cfg[key], str):
             cfg[key] = [f.strip() for f in cfg[key].split(",") if f.strip()]
+    if cfg["attn_lengths"] is not None:
+        cfg["attn_lengths"] = _positive_ints(cfg["attn_lengths"], "--attn-lengths")
+    if cfg["retrieval_template"] is not None and not isinstance(cfg["retrieval_template"], dict):
+        raise TailorError("retrieval_template (config file) is a mapping: line, query, answer, max_value")
     return cfg
+
+
+def _positive_ints(values, flag: str) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise TailorError(f"{flag} takes positive whole numbers, got {values!r}") from None
+    if not out or min(out) < 1:
+        raise TailorError(f"{flag} takes positive whole numbers, got {values!r}")
+    return out
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -209,7 +233,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               calib_windows=cfg["calib_windows"], calib_len=cfg["calib_len"],
                               eval_text=cfg["eval"], seed=cfg["seed"], formats=cfg["format"],
                               trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
-                              stages=stages)
+                              attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
+                              retrieval_template=cfg["retrieval_template"], stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:
@@ -348,10 +373,18 @@ def print_structure(info: dict) -> None:
 # ---- eval and bench ----------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from tailor.quality.metrics import evaluate
+    from tailor.quality.metrics import evaluate, probe_retrieval
 
-    result = evaluate(Path(args.artifact), Path(args.text), reference=args.reference,
-                      tokenizer=args.tokenizer, seq_len=args.seq_len, windows=args.windows)
+    if args.text is None and args.probe is None:
+        raise TailorError("eval needs --text FILE and/or --probe retrieval")
+    result: dict[str, Any] = {}
+    if args.text is not None:
+        result.update(evaluate(Path(args.artifact), Path(args.text), reference=args.reference,
+                               tokenizer=args.tokenizer, seq_len=args.seq_len, windows=args.windows))
+    if args.probe == "retrieval":
+        lengths = _positive_ints(args.lengths.split(","), "--lengths")
+        result.update(probe_retrieval(Path(args.artifact), lengths, samples=args.samples,
+                                      reference=args.reference, tokenizer=args.tokenizer))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

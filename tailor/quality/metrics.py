@@ -88,6 +88,23 @@ def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokeni
                          seq_len=seq_len, windows=windows)
 
 
+def probe_retrieval(artifact: Path, lengths: list[int], *, samples: int = 32, reference: str | None = None,
+                    tokenizer: str | None = None) -> dict:
+    """Retrieval exact match per context length, of the artifact and (if given) its reference."""
+    import tailor
+    from tailor.quality.retrieval import retrieval_accuracy
+
+    compiled = tailor.load(artifact)
+    if compiled.report.get("model", {}).get("task") != "causal-lm":
+        raise TailorError("the retrieval probe needs a causal language model")
+    tok = load_tokenizer(Path(tokenizer) if tokenizer else Path(artifact))
+    out = {f"retrieval@{n}": v for n, v in retrieval_accuracy(compiled.model, tok, lengths, samples).items()}
+    if reference:
+        ref = retrieval_accuracy(open_model(reference), tok, lengths, samples)
+        out.update({f"reference_retrieval@{n}": v for n, v in ref.items()})
+    return out
+
+
 def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20) -> dict:
     """Median latency of the artifact and its reference, timed alternately in one process."""
     import tailor
