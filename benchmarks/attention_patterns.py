@@ -89,7 +89,8 @@ def evaluate(name, model, ref_logits, windows, tok, samples, seed) -> dict:
         logits = torch.cat([hf(w[None]) for w in windows])
     q = lm_metrics(logits, windows, ref_logits)
     acc = retrieval_accuracy(hf, tok, [1500], samples=samples, seed=seed)[1500]
-    return {"method": name, "retrieval": acc, "perplexity": q["perplexity"], "kl": q.get("kl_to_reference", 0.0)}
+    return {"method": name, "retrieval": acc, "perplexity": q["perplexity"],
+            "kl": q.get("kl_to_reference", 0.0)}
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ def test_mask_matches_its_definition(causal, q_len, k_len):
 def test_density_counts_the_mask(n):
     pats = [Pattern(4, 8, 0.0), Pattern(2, 0, 0.25), None]
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    counted = sum(float((keep_mask([p], n, n, True)[0] & causal).sum()) for p in pats) / (3 * int(causal.sum()))
+    kept = sum(int((keep_mask([p], n, n, True)[0] & causal).sum()) for p in pats)
+    counted = kept / (3 * int(causal.sum()))
     assert density(pats, n) == pytest.approx(float(counted), rel=1e-9)
 
 
@@ -120,7 +121,8 @@ def test_cost_model_prices_attention_by_density():
 def test_budgeted_plan_meets_density_and_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     model = build_model("llama")
-    kwargs = dict(objective="attention", passes=["attn_pattern"], prompt_len=512, calib_windows=4, calib_len=32)
+    kwargs = dict(objective="attention", passes=["attn_pattern"], prompt_len=512, calib_windows=4,
+                  calib_len=32)
     c = tailor.compile(model, budget=0.5, **kwargs)
     assert c.plan.predicted["attention"] <= 0.5 + 1e-9
     assert {r["pass"] for r in c.plan.rewrites} == {"attn_pattern"}
