@@ -76,7 +76,8 @@ class Compiled:
         (tmp / "plan.json").write_text(self.plan.dumps())
         (tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         if self.plan.rewrites and self.graph is not None:
-            plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png")
+            plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png",
+                         length=self.plan.workload.get("prompt_len", 1024))
         if self.run_config is not None:
             (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
         src = self.source

@@ -12,8 +12,11 @@ import numpy as np  # noqa: E402
 from tailor.rewriter.graph import TransformerGraph  # noqa: E402
 
 
-def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path) -> None:
-    """Rows are layers; columns the query heads, then the FFN's width. Kept = dark."""
+def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path, length: int = 1024) -> None:
+    """Rows are layers; columns the query heads, then the FFN's width. Kept = dark; a head with
+    an attention pattern is shaded by the fraction of attention it keeps at `length` tokens."""
+    from tailor.runtime.attention_patterns import Pattern, density
+
     heads = max(b.attn.num_heads for b in graph.blocks)
     grid = np.ones((graph.num_layers, heads + 1))
     for r in rewrites:
@@ -30,17 +33,21 @@ def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path) -> N
             for g, qs in zip(r["choice"]["kv_heads"], r["choice"]["queries"]):
                 for q in qs:
                     grid[layer, g * q_per + q] = 1
+        elif r["pass"] == "attn_pattern":
+            for g, span in enumerate(r["choice"]["spans"]):
+                grid[layer, g * q_per:(g + 1) * q_per] = density([Pattern.from_json(span)], length,
+                                                                  b.attn.causal)
     fig, ax = plt.subplots(figsize=(1 + 0.45 * (heads + 1), 1 + 0.35 * graph.num_layers))
     ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(heads + 1), [f"h{i}" for i in range(heads)] + ["FFN"])
     ax.set_yticks(range(graph.num_layers), [f"layer {i}" for i in range(graph.num_layers)])
-    ax.set_title("kept by the plan (FFN: fraction of channels)")
+    ax.set_title(f"kept by the plan (FFN: fraction of channels; heads: of attention at {length})")
     for r in rewrites:
         if r["pass"] == "kv_share":
             ax.text(-0.45, r["layer"], f"KV←{r['choice']['source']}", ha="left", va="center", fontsize=7,
                     color="crimson")
     for (i, j), v in np.ndenumerate(grid):
-        if j == heads and 0 < v < 1:
+        if 0 < v < 1:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
