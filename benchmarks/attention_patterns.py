@@ -70,17 +70,22 @@ def streaming(layers: int, kv: int, d: float) -> list[list[Pattern]]:
     return [[Pattern(SINK, w, 0)] * kv for _ in range(layers)]
 
 
-def duo(mass: np.ndarray, d: float) -> tuple[list[list[Pattern | None]], int]:
+def duo(mass: np.ndarray, d: float) -> tuple[list[list[Pattern | None]], int, int]:
+    """The most dense heads that fit, the others sink 64 + window 256; where not even one dense
+    head fits with window 256, the widest of 128 and 64 that does."""
     layers, kv = mass.shape
     order = np.argsort(-mass.ravel(), kind="stable")
-    best = None
-    for k in range(layers * kv + 1):
-        dense = set(order[:k].tolist())
-        pats = [[None if layer * kv + h in dense else Pattern(SINK, 256, 0) for h in range(kv)]
-                for layer in range(layers)]
-        if density([p for row in pats for p in row], N) <= d + 1e-12:
-            best = (pats, k)
-    return best
+    for window in (256, 128, 64):
+        best = None
+        for k in range(1, layers * kv + 1):
+            dense = set(order[:k].tolist())
+            pats = [[None if layer * kv + h in dense else Pattern(SINK, window, 0) for h in range(kv)]
+                    for layer in range(layers)]
+            if density([p for row in pats for p in row], N) <= d + 1e-12:
+                best = (pats, k, window)
+        if best:
+            return best
+    raise SystemExit(f"no DuoAttention-style plan fits density {d}")
 
 
 def evaluate(name, model, ref_logits, windows, tok, samples, seed) -> dict:
@@ -117,8 +122,8 @@ def main() -> None:
         rows.append(evaluate(f"StreamingLLM ({pats[0][0]})", with_patterns(model, pats), ref_logits, windows,
                              tok, args.samples, seed) | {"density": density(sum(pats, []), N)})
         print(rows[-1], flush=True)
-        pats, k = duo(mass, d)
-        rows.append(evaluate(f"DuoAttention-style ({k} dense heads, rest sink 64 + window 256)",
+        pats, k, window = duo(mass, d)
+        rows.append(evaluate(f"DuoAttention-style ({k} dense heads, rest sink 64 + window {window})",
                              with_patterns(model, pats), ref_logits, windows, tok, args.samples, seed)
                     | {"density": density(sum(pats, []), N)})
         print(rows[-1], flush=True)
