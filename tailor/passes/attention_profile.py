@@ -18,6 +18,8 @@ measurements cheap:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,17 +79,17 @@ def contains(outer: Pattern, inner: Pattern, n: int) -> bool:
 
 
 def _run(model, batch: _Batch) -> torch.Tensor:
-    kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(type(model)) else {}
     with torch.no_grad():
         out = model(input_ids=batch.ids, use_cache=False, **kwargs)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
     return t.float()
 
 
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    """Asked once per class: `_run` is the profile's inner loop."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _record(model, blocks: list, batch: _Batch) -> None:

@@ -120,20 +120,29 @@ class Calibration:
     retrieval_weight: float = 0.0
 
 
+def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool = False) -> torch.Tensor:
+    """[count, length] windows spread evenly over the whole stream (not its first pages); with
+    `between`, offset by half a spacing so they sit between the windows of the plain spread."""
+    if between:
+        starts = ((len(stream) - length) / count * (np.arange(count) + 0.5)).astype(int)
+    else:
+        starts = np.linspace(0, len(stream) - length, count).astype(int)
+    return torch.stack([stream[s:s + length] for s in starts])
+
+
 def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str) -> Calibration:
     ids = tokenizer(text)["input_ids"]
     n = min(windows, len(ids) // window)
     if n < 2:
         raise TailorError(f"calibration text {name} has {len(ids)} tokens: need at least "
                           f"{2 * window} (two windows of {window})")
-    # windows spread evenly over the whole text (not its first pages), every 4th one held out
-    starts = np.linspace(0, len(ids) - window, n).astype(int)
-    t = torch.tensor(np.stack([ids[s:s + window] for s in starts]))
-    held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1
-    digest = hashlib.sha256(torch.tensor(ids).numpy().tobytes()).hexdigest()[:16]
+    stream = torch.tensor(ids)
+    t = spread_windows(stream, window, n)
+    held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1  # every 4th one held out
+    digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:16]
     return Calibration(t[torch.from_numpy(~held)], t[torch.from_numpy(held)],
                        f"{name} ({n} windows of {window} tokens spread over {len(ids)})", digest,
-                       stream=torch.tensor(ids))
+                       stream=stream)
 
 
 def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
@@ -172,14 +181,13 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     longest = max(*lengths, validation_len)
     if len(stream) < longest:  # short calibration data: repeated to the longest length
         stream = stream.repeat(-(-longest // len(stream)))
+    def count(n: int) -> int:
+        return max(1, min(windows_tokens // n, len(stream) // n))
+
     for n in lengths:
-        count = max(1, min(windows_tokens // n, len(stream) // n))
-        starts = np.linspace(0, len(stream) - n, count).astype(int)
-        cal.attn_texts[n] = torch.stack([stream[s:s + n] for s in starts])
-    # validation windows sit between the profiled ones (offset by half a spacing)
-    count = max(1, min(windows_tokens // validation_len, len(stream) // validation_len))
-    starts = ((len(stream) - validation_len) / count * (np.arange(count) + 0.5)).astype(int)
-    cal.heldout_long_ids = torch.stack([stream[s:s + validation_len] for s in starts])
+        cal.attn_texts[n] = spread_windows(stream, n, count(n))
+    # validation windows sit between the profiled ones
+    cal.heldout_long_ids = spread_windows(stream, validation_len, count(validation_len), between=True)
     if tokenizer is not None:
         cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template) for n in lengths}
         cal.heldout_retrieval = make_samples(tokenizer, validation_len, samples, seed + 7919 + validation_len,
