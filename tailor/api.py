@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,9 @@ from tailor.passes.profile import (
     add_attention_data,
     apply_options,
     calibration_data_free,
+    calibration_from_ids,
     calibration_from_text,
+    clone,
     divergence,
     model_outputs,
     neutral_signals,
@@ -49,7 +50,7 @@ from tailor.rewriter.capture import (
 from tailor.rewriter.export import export_onnx, save_onnx
 from tailor.rewriter.graph import TransformerGraph
 from tailor.runtime.artifact import verify_artifact, write_artifact
-from tailor.runtime.session import HFModel, OrtModel
+from tailor.runtime.session import HFModel, OrtModel, as_runnable
 
 FORMATS = ("safetensors", "onnx")
 BASE_CONFIG = "base_config.json"
@@ -64,6 +65,7 @@ class Compiled:
     source: TorchSource | OnnxSource | None = field(default=None, repr=False)
     formats: tuple[str, ...] = ()
     run_config: dict[str, Any] | None = None
+    rewritten: Any = field(default=None, repr=False)   # the rewritten transformers or onnx_ir model
 
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
         """Write the artifact directory atomically; refuses to replace one unless force.
@@ -82,7 +84,7 @@ class Compiled:
             (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
         src = self.source
         if isinstance(src, OnnxSource):
-            save_onnx(src.model, tmp / "model.onnx")
+            save_onnx(self.rewritten if self.rewritten is not None else src.model, tmp / "model.onnx")
             _copy_tokenizer(src.path.parent, tmp)
             return
         module = self.model.inner  # the rewritten model (the source itself at budget 1.0)
@@ -123,13 +125,13 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise TailorError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    passes = list(passes) if passes is not None else list(PASSES)
-    unknown = sorted(set(passes) - set(PASSES))
+    unknown = sorted(set(passes or ()) - set(PASSES))
     if unknown:
         raise TailorError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join(PASSES)}")
     stages = stages or StageLog()
     with stages("capture"):
         cap = capture(model, trust_remote_code=trust_remote_code)
+    passes = _passes_for(cap, passes)
     formats = _resolve_formats(formats, cap)
     workload = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
     cost_model = CostModel(cap.graph, workload, get_target(target))
@@ -137,15 +139,14 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                 {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
     report: dict[str, Any] = {"model": describe(cap.graph, workload)}
     runnable: torch.nn.Module
+    # what the passes rewrite: a transformers model, or the onnx_ir model of an ONNX input
+    module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
+    rewritten = module
     if budget >= 1.0:
-        runnable = HFModel(cap.source.module) if isinstance(cap.source, TorchSource) \
-            else OrtModel(cap.source.path)
+        runnable = HFModel(module) if isinstance(cap.source, TorchSource) else OrtModel(cap.source.path)
         plan.predicted = {o: 1.0 for o in OBJECTIVES}
     else:
-        if not isinstance(cap.source, TorchSource):
-            raise TailorError("budgets below 1.0 need calibration, which for ONNX inputs comes with "
-                              "the ONNX back end; pass the HF model (directory or module) for now")
-        module, graph = cap.source.module, cap.graph
+        graph = cap.graph
         lengths = sorted(attn_lengths or {max(64, prompt_len // 2), prompt_len})
         grid = default_grid(max(lengths))
         # before any calibration: is the budget reachable at all? (costs depend on shapes only)
@@ -179,7 +180,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             best: dict[str, Any] = {}  # the best measured rewritten model: the search's answer
 
             def measure(chosen):
-                variant = apply_options(copy.deepcopy(module), graph, chosen, prof.signals)
+                variant = apply_options(clone(module), graph, chosen, prof.signals)
                 kl = heldout.divergence(variant)
                 if not best or kl < best["kl"]:
                     best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
@@ -190,8 +191,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             if best.get("keys") == sorted(o.key for o in result.chosen):
                 variant = best["model"]
             else:
-                variant = apply_options(copy.deepcopy(module), graph, result.chosen, prof.signals)
-            runnable = HFModel(variant)
+                variant = apply_options(clone(module), graph, result.chosen, prof.signals)
+            runnable, rewritten = as_runnable(variant), variant
         plan.rewrites = [o.to_json() for o in result.chosen]
         plan.predicted = cost_model.ratios(structure_of(graph, result.chosen))
         report["calibration"] = {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
@@ -206,11 +207,23 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                              "ffn_contribution": prof.signals.ffn_contribution}
         if eval_text is not None:
             with stages("evaluate"):
-                report["quality"] = evaluate_pair(HFModel(module), runnable, Path(eval_text),
+                report["quality"] = evaluate_pair(as_runnable(module), runnable, Path(eval_text),
                                                   _tokenizer_dir(cap.source, tokenizer), graph.task)
     report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
     report["stages"] = stages.times
-    return Compiled(runnable, plan, report, cap.graph, cap.source, formats)
+    return Compiled(runnable, plan, report, cap.graph, cap.source, formats, rewritten=rewritten)
+
+
+def _passes_for(cap: Captured, asked: list[str] | None) -> list[str]:
+    """The passes to search over: those asked for (default all) that the input's back end has."""
+    if isinstance(cap.source, TorchSource):
+        return list(asked) if asked is not None else list(PASSES)
+    onnx = [name for name, p in PASSES.items() if hasattr(p, "apply_onnx")]
+    missing = sorted(set(asked or ()) - set(onnx))
+    if missing:
+        raise TailorError(f"pass(es) {', '.join(missing)} have no ONNX rewrite yet; on an ONNX "
+                          f"input choose from {', '.join(onnx)} (or pass the HF model)")
+    return list(asked) if asked is not None else onnx
 
 
 class HeldOut:
@@ -226,8 +239,9 @@ class HeldOut:
         self.ret_reference = self._answers(module)
 
     def _answers(self, model) -> list[torch.Tensor]:
+        run = as_runnable(model)
         with torch.no_grad():
-            return [model(input_ids=ids[None], use_cache=False).logits.float()[:, s.answer_start - 1:-1]
+            return [run(ids[None]).float()[:, s.answer_start - 1:-1]
                     for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
 
     def divergence(self, model) -> float:
@@ -241,14 +255,19 @@ class HeldOut:
         return (1 - w) * kl + w * divergence(self.ret_reference, self._answers(model), self.is_lm)
 
 
-def _tokenizer_dir(source: TorchSource, tokenizer) -> Path | None:
-    return Path(tokenizer) if tokenizer else source.path
+def _tokenizer_dir(source: TorchSource | OnnxSource, tokenizer) -> Path | None:
+    """The tokenizer: given, or beside the model (its HF directory, or the .onnx file's folder)."""
+    if tokenizer:
+        return Path(tokenizer)
+    return source.path.parent if isinstance(source, OnnxSource) else source.path
 
 
-def _calibration(module, graph, source: TorchSource, calib, tokenizer, windows: int, length: int,
+def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokenizer, windows: int, length: int,
                  seed: int) -> Calibration:
     if calib is None:
         return calibration_data_free(module, graph.vocab_size, length, windows, seed)
+    if Path(calib).suffix == ".json":  # token ids: no tokenizer needed
+        return calibration_from_ids(Path(calib), graph.vocab_size, length, windows)
     tok_dir = _tokenizer_dir(source, tokenizer)
     if tok_dir is None:
         raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a module)")

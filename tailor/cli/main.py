@@ -220,7 +220,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
 
     import tailor
     from tailor.api import StageLog, reference_outputs
-    from tailor.quality.validate import as_json, compare_outputs
+    from tailor.quality.validate import as_json, check_onnx, compare_outputs
 
     def stage_done(name, secs):
         console.print(f"  {name:<9} {secs:6.2f} s")
@@ -253,6 +253,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
         reloaded = tailor.load(tmp)
         with torch.no_grad():
             got = reloaded.model(torch.from_numpy(ids)).float().numpy()
+        if (tmp / "model.onnx").is_file():
+            checks.append(check_onnx(tmp / "model.onnx"))
         checks.extend(compare_outputs(expected, got, 1e-5))
         for c in checks:
             console.print(f"  {c.line()}", style="green" if c.ok else "red")

@@ -5,6 +5,7 @@ A pass is a module with
     candidates(graph, signals) -> list[Option]     what could be done (signals rank heads etc.)
     reshape(option, LayerShape)                    its effect on the cost model's Structure
     apply_torch(model, graph, options, signals)    do it (signals None: shapes only, on reload)
+    apply_onnx(model, graph, options, signals)     do it on an onnx_ir model (optional)
 Options claim resources (e.g. "attn:3"); two options with a common claim exclude each other,
 which is all the search needs to know to combine passes.
 """
@@ -13,6 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from tailor.rewriter.graph import Projection, TransformerGraph
+
+
+def sliceable(graph: TransformerGraph, projections: list[Projection]) -> bool:
+    """Whether these projections can be sliced: not column ranges of a fused weight (GPT-2's
+    c_attn, Phi-3's qkv) and, on torch, nn.Linear weights (not Conv1D's transposed layout)."""
+    return all(p.columns is None and (graph.backend == "onnx" or p.layout == "out_in") for p in projections)
 
 
 @dataclass

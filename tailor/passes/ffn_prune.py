@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tailor.passes.base import Option
+from tailor.passes.base import Option, sliceable
 from tailor.passes.cost import LayerShape
+from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import add_bias, reconstruct_inputs, slice_linear
 
@@ -27,8 +28,8 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
     out = []
     for b in graph.blocks:
         f = b.ffn
-        if any(p.columns is not None or p.layout != "out_in" for p in f.projections):
-            continue  # fused gate_up (Phi-3) or Conv1D layout (GPT-2): not sliced yet
+        if not sliceable(graph, f.projections):
+            continue
         order = np.argsort(-channel_scores(signals, b.index), kind="stable")
         for keep in KEEP:
             n = max(8, int(round(f.width * keep / 8)) * 8)  # multiples of 8 stay kernel-friendly
@@ -56,3 +57,14 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
         else:  # reload: shapes only, the weights come from the artifact
             slice_linear(model, f.down, cols=kept)
             add_bias(model, f.down, torch.zeros(f.down.out_features))
+
+
+def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    for o in options:
+        f = graph.blocks[o.layer].ffn
+        kept = o.choice["channels"]
+        onnx_surgery.set_ffn_width(model, graph.blocks[o.layer], len(kept))
+        for p in (f.gate, f.up):
+            if p is not None:
+                onnx_surgery.slice_projection(model, p, rows=kept)
+        onnx_surgery.reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])

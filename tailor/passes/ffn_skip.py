@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tailor.passes.base import Option
 from tailor.passes.cost import LayerShape
+from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import ffn_path, replace_with_constant
 
@@ -25,3 +26,9 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
         replace_with_constant(model, ffn_path(model, graph.blocks[o.layer]), graph.hidden_size,
                               returns_tuple=False,
                               mean=signals.ffn_mean[o.layer] if signals is not None else None)
+
+
+def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    values = onnx_surgery.block_values(model, graph)
+    for o in options:
+        onnx_surgery.replace_with_constant(model, values[o.layer].ffn_out, signals.ffn_mean[o.layer])

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from tailor.errors import TailorError
-from tailor.passes.base import Option
+from tailor.passes.base import Option, sliceable
 from tailor.passes.cost import LayerShape
-from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter import onnx_surgery
+from tailor.rewriter.graph import Attention, TransformerGraph
 from tailor.rewriter.torch_surgery import (
     add_bias,
     attention_path,
@@ -47,11 +48,14 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
     out = []
     for b in graph.blocks:
         a = b.attn
-        if any(p.columns is not None or p.layout != "out_in" for p in a.projections):
-            continue  # fused qkv (GPT-2, Phi-3) or Conv1D layout: not sliced yet
+        if not sliceable(graph, a.projections):
+            continue
         q_per = a.num_heads // a.num_kv_heads
         scores = head_scores(graph, signals, b.index)
-        for g in range(a.num_kv_heads + 1):
+        # on torch, a post-norm attention module holds its residual add and norm: it cannot
+        # become a constant branch (the ONNX rewrite replaces the branch itself)
+        first = 1 if graph.backend == "torch" and b.residual == "post_norm" else 0
+        for g in range(first, a.num_kv_heads + 1):
             for m in ([0] if g == 0 else range(1, q_per + 1)):
                 if (g, m) == (a.num_kv_heads, q_per):
                     continue
@@ -68,22 +72,46 @@ def reshape(option: Option, shape: LayerShape) -> None:
     shape.queries_per_group = len(option.choice["queries"][0]) if kept else 0
 
 
+def kept_columns(a: Attention, o: Option) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q/o channels and the k/v channels an option keeps."""
+    q_per, d = a.num_heads // a.num_kv_heads, a.head_dim
+    kept_groups, queries = o.choice["kv_heads"], o.choice["queries"]
+    if len({len(qs) for qs in queries}) != 1 or len(queries) != len(kept_groups):
+        raise TailorError(f"layer {o.layer}: every kept KV group must keep the same number of query "
+                          f"heads (grouped-query attention), got {queries}")
+    q_heads = [g * q_per + q for g, qs in zip(kept_groups, queries) for q in qs]
+    q_cols = torch.tensor([h * d + i for h in q_heads for i in range(d)], dtype=torch.long)
+    kv_cols = torch.tensor([g * d + i for g in kept_groups for i in range(d)], dtype=torch.long)
+    return q_cols, kv_cols
+
+
+def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    values = onnx_surgery.block_values(model, graph)
+    for o in options:
+        b = graph.blocks[o.layer]
+        a = b.attn
+        if not o.choice["kv_heads"]:
+            onnx_surgery.replace_with_constant(model, values[o.layer].attn_out, signals.attn_mean[o.layer])
+            continue
+        q_cols, kv_cols = kept_columns(a, o)
+        onnx_surgery.set_head_counts(model, b, len(q_cols) // a.head_dim, len(kv_cols) // a.head_dim)
+        onnx_surgery.slice_projection(model, a.q, rows=q_cols.numpy())
+        onnx_surgery.slice_projection(model, a.k, rows=kv_cols.numpy())
+        onnx_surgery.slice_projection(model, a.v, rows=kv_cols.numpy())
+        onnx_surgery.reconstruct_inputs(model, a.o, q_cols, signals.o_gram[o.layer])
+
+
 def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
     for o in options:
         b = graph.blocks[o.layer]
         a = b.attn
-        q_per, d = a.num_heads // a.num_kv_heads, a.head_dim
+        q_per = a.num_heads // a.num_kv_heads
         kept_groups, queries = o.choice["kv_heads"], o.choice["queries"]
         if not kept_groups:  # the whole attention branch becomes its mean output
             replace_with_constant(model, attention_path(model, b), graph.hidden_size, returns_tuple=True,
                                   mean=signals.attn_mean[o.layer] if signals is not None else None)
             continue
-        if len({len(qs) for qs in queries}) != 1 or len(queries) != len(kept_groups):
-            raise TailorError(f"layer {o.layer}: every kept KV group must keep the same number of query "
-                              f"heads (grouped-query attention), got {queries}")
-        q_heads = [g * q_per + q for g, qs in zip(kept_groups, queries) for q in qs]
-        q_cols = torch.tensor([h * d + i for h in q_heads for i in range(d)], dtype=torch.long)
-        kv_cols = torch.tensor([g * d + i for g in kept_groups for i in range(d)], dtype=torch.long)
+        q_cols, kv_cols = kept_columns(a, o)
         slice_linear(model, a.q, rows=q_cols)
         slice_linear(model, a.k, rows=kv_cols)
         slice_linear(model, a.v, rows=kv_cols)

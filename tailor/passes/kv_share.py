@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailor.passes.base import Option
+from tailor.passes.base import Option, sliceable
 from tailor.passes.cost import LayerShape
+from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import Block, TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, module_path, set_module
 
@@ -68,9 +69,11 @@ class SharedKVAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
 
-def _shareable(block: Block) -> bool:
-    a = block.attn
-    return not a.qk_norms and all(p.columns is None and p.layout == "out_in" for p in a.projections)
+def _shareable(graph: TransformerGraph, block: Block) -> bool:
+    # on torch the whole attention module is swapped, which in post-norm models would take the
+    # residual add and norm with it; the ONNX rewrite only rewires the key/value projections
+    return not block.attn.qk_norms and sliceable(graph, block.attn.projections) and \
+        (graph.backend == "onnx" or block.residual == "pre_norm")
 
 
 def candidates(graph: TransformerGraph, signals) -> list[Option]:
@@ -83,7 +86,7 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
             sources.add(int(np.argmax(sim[j, :j])))
         for i in sorted(sources):
             src = graph.blocks[i]
-            if not (_shareable(b) and _shareable(src)) or \
+            if not (_shareable(graph, b) and _shareable(graph, src)) or \
                     (src.attn.num_kv_heads, src.attn.head_dim) != (b.attn.num_kv_heads, b.attn.head_dim):
                 continue
             out.append(Option(NAME, j, {"source": i}, (f"attn:{j}", f"attn:{i}", f"layer:{i}"),
@@ -106,3 +109,14 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
                                    module_path(own.attn.q.weight.name)[rel:],
                                    module_path(own.attn.o.weight.name)[rel:])
         set_module(model, path, shared)
+
+
+def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    """Layer j's key and value projections' outputs are replaced by layer i's: j still applies its
+    own position encoding and head layout to them, exactly as SharedKVAttention does."""
+    nodes = onnx_surgery.nodes_by_name(model)
+    for o in options:
+        own, src = graph.blocks[o.layer].attn, graph.blocks[o.choice["source"]].attn
+        for mine, theirs in ((own.k, src.k), (own.v, src.v)):
+            onnx_surgery.bypass(model, onnx_surgery.linear_output(nodes[mine.node]),
+                                onnx_surgery.linear_output(nodes[theirs.node]))

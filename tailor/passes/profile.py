@@ -23,16 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
 from tailor.errors import TailorError
 from tailor.passes.attention_profile import AttentionInfluence, profile_attention
 from tailor.passes.base import Option
+from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import attention_path, block_path, ffn_path, module_path
+from tailor.rewriter.torch_surgery import block_path, module_path
 from tailor.runtime.artifact import sha256_file
 from tailor.runtime.attention_patterns import Pattern
+from tailor.runtime.session import as_runnable
 
 PROFILE_VERSION = 2
 
@@ -146,12 +149,14 @@ def calibration_from_text(text: str, tokenizer, window: int, windows: int, name:
 
 
 def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
-    """Sequences sampled from the model itself, starting from random tokens (no user data)."""
+    """Sequences sampled from the model itself, starting from random tokens (no user data); for
+    encoders, and for ONNX models (which cannot be sampled from without a KV cache), random tokens."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (windows, 1), generator=gen)
     torch.manual_seed(seed)
+    sampled = hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False
     with torch.no_grad():
-        if hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False:
+        if sampled:
             import transformers
 
             level = transformers.logging.get_verbosity()
@@ -161,12 +166,35 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
                                      max_new_tokens=window - 1, min_new_tokens=window - 1, pad_token_id=0)
             finally:
                 transformers.logging.set_verbosity(level)
-        else:  # encoders: random tokens are the data-free set
+        else:
             out = torch.randint(0, vocab, (windows, window), generator=gen)
     held = max(1, windows // 4)
+    how = "sampled from the model" if sampled else "of uniformly random tokens"
     return Calibration(out[: windows - held], out[windows - held:],
-                       f"data-free: {windows} sequences of {window} tokens sampled from the model",
+                       f"data-free: {windows} sequences of {window} tokens {how}",
                        f"free-{seed}-{windows}-{window}", stream=out[: windows - held].reshape(-1))
+
+
+def calibration_from_ids(path: Path, vocab: int, window: int, windows: int) -> Calibration:
+    """Calibration from a JSON file of token ids (a list of ints, or of lists: concatenated), for
+    models that come without a tokenizer."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TailorError(f"{path}: not a JSON file of token ids ({type(e).__name__})") from None
+    flat = [x for row in data for x in (row if isinstance(row, list) else [row])] \
+        if isinstance(data, list) else None
+    if not flat or not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+        raise TailorError(f"{path}: expected a JSON list of token ids (ints), or a list of such lists")
+    bad = [x for x in flat if not 0 <= x < vocab]
+    if bad:
+        raise TailorError(f"{path}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+
+    class Ids:  # the tokenizer interface calibration_from_text needs
+        def __call__(self, _text):
+            return {"input_ids": flat}
+
+    return calibration_from_text("", Ids(), window, windows, str(path))
 
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
@@ -198,13 +226,15 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
 # ---- measuring ---------------------------------------------------------------------------------
 
 def model_outputs(model, ids: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
-    outs = []
+    """Logits (LMs) or hidden states of a transformers or onnx_ir model, in batches."""
+    run = as_runnable(model)
     with torch.no_grad():
-        for i in range(0, len(ids), batch):
-            out = model(input_ids=ids[i:i + batch], use_cache=False)
-            t = out.logits if getattr(out, "logits", None) is not None else out[0]
-            outs.append(t.float())
-    return outs
+        return [run(ids[i:i + batch]).float() for i in range(0, len(ids), batch)]
+
+
+def clone(model):
+    """An independent copy to rewrite: a transformers model or an onnx_ir model."""
+    return onnx_surgery.clone(model) if isinstance(model, ir.Model) else copy.deepcopy(model)
 
 
 def divergence(reference: list[torch.Tensor], outputs: list[torch.Tensor], is_lm: bool) -> float:
@@ -232,104 +262,166 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+class SignalSums:
+    """Running sums of the profile's statistics, fed by torch hooks or onnxruntime outputs."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.acc: dict[str, list] = {k: [None] * n for k in
+                                     ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_sum", "o_sq", "d_sum",
+                                      "d_sq", "o_gram", "d_gram", "tok")}
+        self.keys: list = [None] * n
+
+    def _add(self, dst, i, val):
+        self.acc[dst][i] = val if self.acc[dst][i] is None else self.acc[dst][i] + val
+
+    def block(self, i: int, x: torch.Tensor, y: torch.Tensor, ffn_out: torch.Tensor, attn_out: torch.Tensor):
+        """Block input and output [B, T, H] and its two branches' outputs."""
+        x, y, f = x.double(), y.double(), ffn_out.double()
+        self._add("bi", i, float((1 - torch.cosine_similarity(x, y, dim=-1)).sum()))
+        self._add("tok", i, x.shape[0] * x.shape[1])
+        self._add("ffn_norm", i, float((f.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-9)).sum()))
+        self._add("ffn_sum", i, f.sum((0, 1)))
+        self._add("attn_sum", i, attn_out.double().sum((0, 1)))
+
+    def projection_inputs(self, i: int, o_in: torch.Tensor, down_in: torch.Tensor):
+        for name, x in (("o", o_in.double()), ("d", down_in.double())):
+            self._add(f"{name}_sum", i, x.sum((0, 1)))
+            self._add(f"{name}_sq", i, (x * x).sum((0, 1)))
+            self._add(f"{name}_gram", i, _gram(x))
+
+    def key(self, i: int, k: torch.Tensor):
+        self.keys[i] = k.double().flatten(0, 1)  # last batch only: enough for a ranking
+
+    def signals(self, o_col_norm2: list, down_col_norm2: list) -> Signals:
+        acc, n, tok = self.acc, self.n, self.acc["tok"]
+        o_mean = [acc["o_sum"][i] / tok[i] for i in range(n)]
+        o_var = [acc["o_sq"][i] / tok[i] - o_mean[i] ** 2 for i in range(n)]
+        d_mean = [acc["d_sum"][i] / tok[i] for i in range(n)]
+        d_var = [acc["d_sq"][i] / tok[i] - d_mean[i] ** 2 for i in range(n)]
+        ks = self.keys
+        sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
+                else 0.0 for j in range(n)] for i in range(n)]
+        return Signals(
+            block_influence=[acc["bi"][i] / tok[i] for i in range(n)],
+            ffn_contribution=[acc["ffn_norm"][i] / tok[i] for i in range(n)],
+            ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
+            attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
+            o_input_mean=[m.tolist() for m in o_mean],
+            o_input_var=[v.clamp_min(0).tolist() for v in o_var], o_col_norm2=o_col_norm2,
+            down_input_mean=[m.tolist() for m in d_mean],
+            down_input_var=[v.clamp_min(0).tolist() for v in d_var],
+            down_col_norm2=down_col_norm2, kv_similarity=sim,
+            o_gram=[(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)],
+            down_gram=[(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)])
+
+
+def _col_norm2(w: torch.Tensor, layout: str) -> list[float]:
+    """||W[:, c]||² per input channel c, whatever the weight layout."""
+    w = w.detach().double()
+    return (w * w).sum(0 if layout == "out_in" else 1).tolist()
+
+
 def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signals:
-    n = graph.num_layers
-    acc: dict[str, list] = {k: [None] * n for k in
-                            ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_sum", "o_sq", "d_sum", "d_sq",
-                             "o_gram", "d_gram", "k", "tok")}
+    """The profile's statistics from a transformers model (forward hooks) or an onnx_ir model
+    (its intermediate values made graph outputs, run by onnxruntime)."""
+    if isinstance(model, ir.Model):
+        return _collect_onnx(model, graph, ids)
+    sums = SignalSums(graph.num_layers)
+    seen: dict[str, list] = {k: [None] * graph.num_layers for k in ("in", "ffn", "attn", "o", "down")}
+
+    def save_input(kind, i):
+        def hook(mod, args, kwargs):
+            seen[kind][i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def save_output(kind, i):
+        def hook(mod, args, out):
+            seen[kind][i] = _first(out)
+        return hook
+
+    def block_done(i):
+        def hook(mod, args, out):
+            sums.block(i, seen["in"][i], _first(out), seen["ffn"][i], seen["attn"][i])
+            sums.projection_inputs(i, seen["o"][i], seen["down"][i])
+        return hook
+
+    def key(i):
+        def hook(mod, args, out):
+            sums.key(i, out)
+        return hook
+
     hooks = []
-    block_in: list = [None] * n
-
-    def add(dst, i, val):
-        acc[dst][i] = val if acc[dst][i] is None else acc[dst][i] + val
-
     for b in graph.blocks:
-        i = b.index
-
-        def block_pre_hook(mod, args, kwargs, i=i):
-            block_in[i] = (args[0] if args else kwargs["hidden_states"]).double()
-
-        def block_hook(mod, args, kwargs, out, i=i):
-            x, y = block_in[i], _first(out).double()
-            add("bi", i, float((1 - torch.cosine_similarity(x, y, dim=-1)).sum()))
-            add("tok", i, x.shape[0] * x.shape[1])
-
-        def ffn_hook(mod, args, kwargs, out, i=i):
-            y = _first(out).double()
-            x = block_in[i]
-            add("ffn_norm", i, float((y.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-9)).sum()))
-            add("ffn_sum", i, y.sum((0, 1)))
-
-        def attn_hook(mod, args, kwargs, out, i=i):
-            add("attn_sum", i, _first(out).double().sum((0, 1)))
-
-        def o_pre_hook(mod, args, i=i):
-            x = args[0].double()
-            add("o_sum", i, x.sum((0, 1)))
-            add("o_sq", i, (x * x).sum((0, 1)))
-            add("o_gram", i, _gram(x))
-
-        def down_pre_hook(mod, args, i=i):
-            x = args[0].double()
-            add("d_sum", i, x.sum((0, 1)))
-            add("d_sq", i, (x * x).sum((0, 1)))
-            add("d_gram", i, _gram(x))
-
-        def k_hook(mod, args, out, i=i):
-            acc["k"][i] = out.double().flatten(0, 1)  # last batch only: enough for a ranking
-
-        block = model.get_submodule(block_path(model, b))
+        i, sub = b.index, model.get_submodule
+        block = sub(block_path(model, b))
         hooks += [
-            block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
-            block.register_forward_hook(block_hook, with_kwargs=True),
-            model.get_submodule(ffn_path(model, b)).register_forward_hook(ffn_hook, with_kwargs=True),
-            model.get_submodule(attention_path(model, b)).register_forward_hook(attn_hook, with_kwargs=True),
-            model.get_submodule(module_path(b.attn.o.weight.name)).register_forward_pre_hook(o_pre_hook),
-            model.get_submodule(module_path(b.attn.k.weight.name)).register_forward_hook(k_hook),
-            model.get_submodule(module_path(b.ffn.down.weight.name)).register_forward_pre_hook(down_pre_hook),
+            block.register_forward_pre_hook(save_input("in", i), with_kwargs=True),
+            sub(module_path(b.attn.o.weight.name)).register_forward_pre_hook(save_input("o", i),
+                                                                             with_kwargs=True),
+            sub(module_path(b.ffn.down.weight.name)).register_forward_pre_hook(save_input("down", i),
+                                                                               with_kwargs=True),
+            # the branches' outputs are their last projections' outputs (not the modules around
+            # them, which in post-norm models include the residual add and the norm)
+            sub(module_path(b.ffn.down.weight.name)).register_forward_hook(save_output("ffn", i)),
+            sub(module_path(b.attn.o.weight.name)).register_forward_hook(save_output("attn", i)),
+            sub(module_path(b.attn.k.weight.name)).register_forward_hook(key(i)),
+            block.register_forward_hook(block_done(i)),
         ]
     try:
         model_outputs(model, ids)
     finally:
         for h in hooks:
             h.remove()
-    tok = acc["tok"]
-    o_mean = [acc["o_sum"][i] / tok[i] for i in range(n)]
-    o_var = [acc["o_sq"][i] / tok[i] - o_mean[i] ** 2 for i in range(n)]
-    d_mean = [acc["d_sum"][i] / tok[i] for i in range(n)]
-    d_var = [acc["d_sq"][i] / tok[i] - d_mean[i] ** 2 for i in range(n)]
 
-    def col_norm2(p):
-        """||W[:, c]||² per input channel c, whatever the weight layout."""
-        w = model.get_submodule(module_path(p.weight.name)).weight.detach().double()
-        return (w * w).sum(0 if p.layout == "out_in" else 1).tolist()
+    def weight(p):
+        return model.get_submodule(module_path(p.weight.name)).weight
 
-    ks = acc["k"]
-    sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
-            else 0.0 for j in range(n)] for i in range(n)]
-    return Signals(
-        block_influence=[acc["bi"][i] / tok[i] for i in range(n)],
-        ffn_contribution=[acc["ffn_norm"][i] / tok[i] for i in range(n)],
-        ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
-        attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
-        o_input_mean=[m.tolist() for m in o_mean],
-        o_input_var=[v.clamp_min(0).tolist() for v in o_var],
-        o_col_norm2=[col_norm2(b.attn.o) for b in graph.blocks],
-        down_input_mean=[m.tolist() for m in d_mean], down_input_var=[v.clamp_min(0).tolist() for v in d_var],
-        down_col_norm2=[col_norm2(b.ffn.down) for b in graph.blocks], kv_similarity=sim,
-        o_gram=[(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)],
-        down_gram=[(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)])
+    return sums.signals([_col_norm2(weight(b.attn.o), b.attn.o.layout) for b in graph.blocks],
+                        [_col_norm2(weight(b.ffn.down), b.ffn.down.layout) for b in graph.blocks])
+
+
+def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, batch: int = 4) -> Signals:
+    probe = onnx_surgery.clone(model)
+    nodes = onnx_surgery.nodes_by_name(probe)
+    values = onnx_surgery.block_values(probe, graph)
+    wanted = []
+    for b, v in zip(graph.blocks, values):
+        k = onnx_surgery.linear_output(nodes[b.attn.k.node])
+        wanted.append([v.input, v.output, v.ffn_out, v.attn_out, nodes[b.attn.o.node].inputs[0],
+                       nodes[b.ffn.down.node].inputs[0], k])
+    names = onnx_surgery.expose(probe, [x for row in wanted for x in row])
+    run = as_runnable(probe)
+    sums = SignalSums(graph.num_layers)
+    for s in range(0, len(ids), batch):
+        out = run.run_all(ids[s:s + batch].numpy())
+        for i, row in enumerate(wanted):
+            x, y, f, a, o_in, d_in, k = (torch.from_numpy(out[names[v]]) for v in row)
+            sums.block(i, x, y, f, a)
+            sums.projection_inputs(i, o_in, d_in)
+            sums.key(i, k)
+
+    def weight(p):
+        w, _ = onnx_surgery.projection_arrays(model, p)
+        return torch.from_numpy(np.array(w))  # [out, in]
+
+    return sums.signals([_col_norm2(weight(b.attn.o), "out_in") for b in graph.blocks],
+                        [_col_norm2(weight(b.ffn.down), "out_in") for b in graph.blocks])
 
 
 def apply_options(model, graph: TransformerGraph, options: list[Option], signals: Signals | None):
     """Apply options of several passes to `model` in place, in the order that keeps indices valid."""
     from tailor.passes.registry import APPLY_ORDER, PASSES
 
+    onnx = isinstance(model, ir.Model)
     for name in APPLY_ORDER:
         chosen = [o for o in options if o.pass_name == name]
         if chosen:
-            PASSES[name].apply_torch(model, graph, chosen, signals)
-    return model
+            apply = getattr(PASSES[name], "apply_onnx" if onnx else "apply_torch", None)
+            if apply is None:
+                raise TailorError(f"pass {name} has no ONNX rewrite yet")
+            apply(model, graph, chosen, signals)
+    return onnx_surgery.finish(model) if onnx else model
 
 
 def measure_options(model, graph: TransformerGraph, options: list[Option], signals: Signals,
@@ -340,7 +432,7 @@ def measure_options(model, graph: TransformerGraph, options: list[Option], signa
     result = {}
     options = [o for o in options if getattr(PASSES[o.pass_name], "MEASURED", True)]
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
-        variant = apply_options(copy.deepcopy(model), graph, [o], signals)
+        variant = apply_options(clone(model), graph, [o], signals)
         result[o.key] = divergence(reference, model_outputs(variant, ids), is_lm)
     return result
 

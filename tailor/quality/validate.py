@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,17 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float) -
         checks.append(Check("max_abs_diff", ok,
                             f"max abs diff {diff:.3g} {'≤' if ok else '>'} {atol:g}"))
     return checks
+
+
+def check_onnx(path: Path) -> Check:
+    """The ONNX checker's verdict on a written model (with shape inference)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return Check("onnx_checker", True, f"onnx checker: {path.name} is valid")
+    except Exception as e:  # the checker raises several types
+        return Check("onnx_checker", False, f"onnx checker: {str(e).splitlines()[0][:200]}")
 
 
 def as_json(checks: list[Check]) -> list[dict]:

@@ -141,19 +141,19 @@ def remove_layers(model: nn.Module, paths: list[str]) -> None:
 RIDGE = 0.1
 
 
-def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram) -> None:
-    """Drop input channels of a projection and refit the rest by least squares on calibration
-    statistics: the kept weights and a bias that best reproduce the full output.
+def least_squares_refit(w: torch.Tensor, b: torch.Tensor | None, gram, kept: torch.Tensor) -> torch.Tensor:
+    """Drop input channels of a projection W [out, in] (bias b) and refit the rest by least squares
+    on calibration statistics: the kept weights and a bias that best reproduce the full output.
+    Returns [W_K | b'] of shape [out, len(kept) + 1], float64.
 
     With x̃ = [x; 1], G = E[x̃ x̃ᵀ] and W̃ = [W | b], the fit over kept channels K̃ = K ∪ {1} is
         [W_K | b'] = W̃ G[:, K̃] G[K̃, K̃]⁺
     (the removed channels' mean contribution, FLAP's bias compensation, is the special case of
     uncorrelated channels).
     """
-    lin = _linear(model, p)
-    w = lin.weight.data.double()
+    w = torch.as_tensor(w).double()
     n_in = w.shape[1]
-    b = lin.bias.data.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    b = torch.as_tensor(b).double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     g = torch.as_tensor(gram, dtype=torch.float64)
     idx = torch.cat([kept, torch.tensor([n_in])])
     a = g[idx][:, idx]
@@ -166,8 +166,14 @@ def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram
     reg[-1, -1] = 0
     rhs = rhs + reg @ w_aug[:, idx].T
     # the pseudo-inverse copes with channels that never vary on the calibration data
-    sol = (torch.linalg.pinv(a + reg, hermitian=True, rtol=1e-12) @ rhs).T
+    return (torch.linalg.pinv(a + reg, hermitian=True, rtol=1e-12) @ rhs).T
+
+
+def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram) -> None:
+    """least_squares_refit on an nn.Linear, in place of the module."""
+    lin = _linear(model, p)
+    sol = least_squares_refit(lin.weight.data, lin.bias.data if lin.bias is not None else None, gram, kept)
     new = slice_linear(model, p, cols=kept)
     new.weight.data.copy_(sol[:, :-1].to(new.weight.dtype))
-    add_bias(model, p, torch.zeros(w.shape[0]))
+    add_bias(model, p, torch.zeros(new.out_features))
     _linear(model, p).bias.data.copy_(sol[:, -1].to(new.weight.dtype))

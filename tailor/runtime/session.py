@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
@@ -35,17 +36,33 @@ class HFModel(torch.nn.Module):
 
 
 class OrtModel(torch.nn.Module):
-    """An ONNX model run by onnxruntime, behind the same nn.Module call."""
+    """An ONNX model run by onnxruntime, behind the same nn.Module call: from a file, or from an
+    onnx_ir model in memory (a rewrite being measured)."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, model: Path | ir.Model, threads: int | None = None):
         super().__init__()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        opts.log_severity_level = 3  # stale shape hints of rewritten graphs are not the user's concern
+        if isinstance(model, ir.Model):
+            self.path = None
+            source = ir.serde.serialize_model(model).SerializeToString()
+        else:
+            self.path = Path(model)
+            source = str(model)
+        try:
+            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise TailorError(f"onnxruntime cannot run {self.path or 'the rewritten model'}: "
+                              f"{str(e).splitlines()[0]}") from None
         self.input_specs = [(i.name, i.shape, _ORT_DTYPES.get(i.type, np.int64))
                             for i in self.session.get_inputs()]
+
+    def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output by name (profiling adds intermediate values as outputs)."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, onnx_feeds(self.input_specs, input_ids))))
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         return self.session.run(None, onnx_feeds(self.input_specs, input_ids))[0]
@@ -55,6 +72,16 @@ class OrtModel(torch.nn.Module):
             raise ValueError("padding masks are not supported through onnxruntime yet; "
                              "pass unpadded batches")
         return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
+
+
+def as_runnable(model) -> torch.nn.Module:
+    """model(input_ids) -> tensor for what the passes work on: a transformers model, an onnx_ir
+    model, or something already runnable."""
+    if isinstance(model, ir.Model):
+        return OrtModel(model)
+    if isinstance(model, (HFModel, OrtModel)):
+        return model
+    return HFModel(model)
 
 
 def open_model(path: str | Path) -> torch.nn.Module:

@@ -1,0 +1,310 @@
+"""Structural edits of an ONNX model (onnx_ir), addressed through the TransformerGraph.
+
+The ONNX counterpart of torch_surgery: projections are found by the node names recognition
+recorded, weights by their initializer names. Every edit is local (slice an initializer, point
+the uses of one value at another, a constant in place of a branch) and dead nodes are swept
+afterwards, so the graph stays whatever form the exporter wrote (decomposed or fused attention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from tailor.errors import TailorError
+from tailor.rewriter.graph import Block, Projection, TransformerGraph
+
+NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
+    return {n.name: n for n in model.graph}
+
+
+def linear_output(node: ir.Node) -> ir.Value:
+    """A projection's output, after its bias Add when the exporter split the bias off."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        if other is not None and other.is_initializer() and len(other.shape or ()) == 1:
+            return add.outputs[0]
+    return out
+
+
+@dataclass
+class BlockValues:
+    """The residual-stream values of one block."""
+
+    input: ir.Value
+    attn_out: ir.Value     # the attention branch's output, before its residual add
+    ffn_out: ir.Value      # the FFN branch's output, before its residual add
+    output: ir.Value
+
+
+VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze"}
+
+
+def _residual_add(linear_out: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
+    """The Add that puts a branch back into the residual stream: (the Add, the branch value it
+    reads, after any reshapes between, and the stream it adds to)."""
+    v = linear_out
+    while True:
+        uses = list(v.uses())
+        add = next((u for u in uses if u.node.op_type == "Add" and len(u.node.inputs) == 2), None)
+        if add is not None:
+            return add.node, v, add.node.inputs[1 - add.idx]
+        if len(uses) != 1 or uses[0].node.op_type not in VIEW_OPS:
+            raise TailorError(f"no residual Add consumes {linear_out.name}: the block's residual "
+                              f"stream is not in a form tailor can rewrite")
+        v = uses[0].node.outputs[0]
+
+
+def block_values(model: ir.Model, graph: TransformerGraph) -> list[BlockValues]:
+    nodes = nodes_by_name(model)
+    out = []
+    for b in graph.blocks:
+        _, attn_out, stream_in = _residual_add(linear_output(nodes[b.attn.o.node]))
+        ffn_add, ffn_out, _ = _residual_add(linear_output(nodes[b.ffn.down.node]))
+        output = ffn_add.outputs[0]
+        if b.residual == "post_norm":  # the block ends with the norm after its second residual add
+            norm = next((u.node for u in output.uses() if u.node.op_type in NORM_OPS), None)
+            if norm is not None:
+                output = norm.outputs[0]
+        out.append(BlockValues(stream_in, attn_out, ffn_out, output))
+    return out
+
+
+# ---- rewiring ------------------------------------------------------------------------------------
+
+def bypass(model: ir.Model, old: ir.Value, new: ir.Value) -> None:
+    """Every use of `old` (graph outputs included) reads `new` instead."""
+    outputs = model.graph.outputs
+    for i, v in enumerate(outputs):
+        if v is old:
+            # a graph output keeps its name: an Identity re-exposes `new` under it
+            name = old.name
+            old.name = f"{name}.bypassed"
+            node = ir.node("Identity", [new], outputs=[ir.Value(name=name, type=old.type, shape=old.shape)])
+            model.graph.append(node)
+            outputs[i] = node.outputs[0]
+    ir.convenience.replace_all_uses_with(old, new)
+
+
+def replace_with_constant(model: ir.Model, branch: ir.Value, mean) -> None:
+    """A residual branch becomes its mean output on calibration data (broadcast by its Add)."""
+    users = list(branch.uses())
+    if not users or any(u.node.op_type != "Add" for u in users):
+        raise TailorError(f"{branch.name} is not consumed by residual Adds only; cannot make it constant")
+    dtype = branch.dtype.numpy() if branch.dtype is not None else np.float32
+    const = ir.Value(name=f"{branch.name}.mean",
+                     const_value=ir.tensor(np.asarray(mean, dtype=dtype), name=f"{branch.name}.mean"))
+    model.graph.register_initializer(const)
+    ir.convenience.replace_all_uses_with(branch, const)
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+def _initializer(model: ir.Model, name: str) -> ir.Value:
+    v = model.graph.initializers.get(name)
+    if v is None or v.const_value is None:
+        raise TailorError(f"initializer {name} not found in the ONNX model")
+    return v
+
+
+def _set_initializer(model: ir.Model, name: str, array: np.ndarray, user: ir.Node) -> None:
+    """Give `user` the new tensor; in place when it is the initializer's only user."""
+    old = _initializer(model, name)
+    if len(list(old.uses())) == 1:
+        old.const_value = ir.tensor(array, name=name)
+        old.shape = ir.Shape(array.shape)
+        return
+    new = ir.Value(name=f"{name}.{user.name}", const_value=ir.tensor(array, name=f"{name}.{user.name}"))
+    model.graph.register_initializer(new)
+    for i, v in enumerate(user.inputs):
+        if v is old:
+            user.replace_input_with(i, new)
+
+
+def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W [out, in], b [out] or None) of a projection, whatever its layout."""
+    w = _initializer(model, p.weight.name).const_value.numpy()
+    w = w if p.layout == "out_in" else w.T
+    b = _initializer(model, p.bias.name).const_value.numpy() if p.bias is not None else None
+    return w, b
+
+
+def _bias_user(model: ir.Model, p: Projection) -> ir.Node:
+    node = nodes_by_name(model)[p.node]
+    out = node.outputs[0]
+    uses = list(out.uses())
+    return uses[0].node if len(uses) == 1 and uses[0].node.op_type == "Add" else node
+
+
+def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray | None) -> None:
+    """Write W [out, in] and b back in the projection's layout; a bias it had none of is added."""
+    node = nodes_by_name(model)[p.node]
+    w = np.ascontiguousarray(w if p.layout == "out_in" else w.T)
+    _set_initializer(model, p.weight.name, w, node)
+    if b is None:
+        return
+    if p.bias is not None:
+        _set_initializer(model, p.bias.name, np.ascontiguousarray(b), _bias_user(model, p))
+        return
+    # a projection without bias gets one: Add after it
+    out = node.outputs[0]
+    name = f"{p.node}.bias"
+    bias = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(b), name=name))
+    model.graph.register_initializer(bias)
+    added = ir.Value(name=f"{out.name}.biased", type=out.type)
+    add = ir.node("Add", [out, bias], outputs=[added])
+    ir.convenience.replace_all_uses_with(out, added)
+    add.replace_input_with(0, out)
+    model.graph.insert_after(node, add)
+
+
+def reconstruct_inputs(model: ir.Model, p: Projection, kept, gram) -> None:
+    """least_squares_refit (torch_surgery) on an ONNX projection."""
+    import torch
+
+    from tailor.rewriter.torch_surgery import least_squares_refit
+
+    w, b = projection_arrays(model, p)
+    sol = least_squares_refit(torch.tensor(w), None if b is None else torch.tensor(b), gram,
+                              torch.as_tensor(kept, dtype=torch.long)).numpy().astype(w.dtype)
+    set_projection(model, p, sol[:, :-1], sol[:, -1])
+
+
+def slice_projection(model: ir.Model, p: Projection, *, rows=None, cols=None) -> None:
+    """Keep output rows `rows` and input columns `cols` of a projection."""
+    w, b = projection_arrays(model, p)
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    set_projection(model, p, w, b)
+
+
+# ---- head counts in shape constants ----------------------------------------------------------------
+
+def region(model: ir.Model, starts: list[Projection], end: Projection) -> list[ir.Node]:
+    """The nodes between the outputs of projections `starts` and the input of projection `end`
+    (an attention's core from q/k/v to o; an FFN's activation from up/gate to down)."""
+    nodes = nodes_by_name(model)
+    ahead: set[ir.Node] = set()
+    todo = [u.node for p in starts for u in linear_output(nodes[p.node]).uses()]
+    while todo:
+        n = todo.pop()
+        if n not in ahead:
+            ahead.add(n)
+            todo.extend(u.node for v in n.outputs for u in v.uses())
+    behind: set[ir.Node] = set()
+    todo = [nodes[end.node].inputs[0].producer()]
+    while todo:
+        n = todo.pop()
+        if n is not None and n not in behind:
+            behind.add(n)
+            todo.extend(v.producer() for v in n.inputs if v is not None)
+    return [n for n in model.graph if n in ahead and n in behind]
+
+
+def rewrite_shapes(model: ir.Model, nodes: list[ir.Node], edit) -> None:
+    """Rewrite literal sizes in the shape inputs of Reshape/Expand nodes: edit(node, values) gives
+    {position: new size} for the shape's values (None where not a constant). Shapes are one
+    constant or Concats of one-element pieces; a Concat is copied before editing, since exporters
+    share them across layers."""
+    for node in nodes:
+        if node.op_type not in ("Reshape", "Expand") or node.inputs[1] is None:
+            continue
+        shape = node.inputs[1]
+        const = ir.convenience.get_const_tensor(shape)
+        concat = shape.producer() if const is None else None
+        if const is not None:
+            values = [int(x) for x in const.numpy().reshape(-1)]
+        elif concat is not None and concat.op_type == "Concat":
+            pieces = [ir.convenience.get_const_tensor(v) if v is not None else None for v in concat.inputs]
+            values = [int(c.numpy().reshape(-1)[0]) if c is not None and c.size == 1 else None
+                      for c in pieces]
+        else:
+            continue
+        edits = {pos: v for pos, v in edit(node, values).items() if values[pos] != v}
+        if not edits:
+            continue
+        if const is not None:
+            arr = const.numpy().reshape(-1).copy()
+            for pos, v in edits.items():
+                arr[pos] = v
+            c = ir.Value(name=f"{node.name}.shape", const_value=ir.tensor(arr, name=f"{node.name}.shape"))
+            model.graph.register_initializer(c)
+            node.replace_input_with(1, c)
+            continue
+        inputs = list(concat.inputs)
+        for pos, v in edits.items():
+            name = f"{node.name}.shape{pos}"
+            dtype = ir.convenience.get_const_tensor(inputs[pos]).numpy().dtype
+            c = ir.Value(name=name, const_value=ir.tensor(np.asarray([v], dtype=dtype), name=name))
+            model.graph.register_initializer(c)
+            inputs[pos] = c
+        copy = ir.node("Concat", inputs, attributes={"axis": 0},
+                       outputs=[ir.Value(name=f"{node.name}.shape", type=shape.type)])
+        model.graph.insert_before(node, copy)
+        node.replace_input_with(1, copy.outputs[0])
+
+
+def set_head_counts(model: ir.Model, block: Block, heads: int, kv_heads: int) -> None:
+    """Head counts in the attention's shapes: exporters write GQA's key/value expansion as Expand
+    to [B, kv, groups, T, D] then Reshape to [B, heads, T, D] with literal counts ([B, T, -1, D]
+    needs nothing)."""
+    a = block.attn
+    old = {"heads": a.num_heads, "kv": a.num_kv_heads, "groups": a.num_heads // a.num_kv_heads}
+    new = {"heads": heads, "kv": kv_heads, "groups": heads // max(kv_heads, 1)}
+
+    def edit(node, values):
+        roles = {1: "kv", 2: "groups"} if node.op_type == "Expand" and len(values) == 5 else \
+            {1: "heads"} if len(values) == 4 and values[-1] == a.head_dim else {}
+        return {pos: new[role] for pos, role in roles.items() if values[pos] == old[role]}
+
+    rewrite_shapes(model, region(model, [a.q, a.k, a.v], a.o), edit)
+
+
+def set_ffn_width(model: ir.Model, block: Block, width: int) -> None:
+    """The FFN width in shapes between its projections (Conv1D exports flatten to [-1, width])."""
+    f = block.ffn
+
+    def edit(node, values):
+        return {len(values) - 1: width} if values and values[-1] == f.width else {}
+
+    rewrite_shapes(model, region(model, [p for p in (f.gate, f.up) if p is not None], f.down), edit)
+
+
+def expose(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, str]:
+    """Make intermediate values graph outputs (for onnxruntime to return); value -> output name."""
+    present = set(model.graph.outputs)
+    for v in values:
+        if v not in present:
+            if v.type is None:
+                v.type = ir.TensorType(ir.DataType.FLOAT)
+            model.graph.outputs.append(v)
+            present.add(v)
+    return {v: v.name for v in values}
+
+
+# ---- finishing -------------------------------------------------------------------------------------
+
+def finish(model: ir.Model) -> ir.Model:
+    """Sweep dead nodes and initializers; forget intermediate shapes the edits made stale."""
+    common_passes.RemoveUnusedNodesPass()(model)
+    keep = set(model.graph.inputs) | set(model.graph.outputs)
+    for node in model.graph:
+        for v in node.outputs:
+            if v not in keep:
+                v.shape = None
+    return model
+
+
+def clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))

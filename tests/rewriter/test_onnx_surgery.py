@@ -1,0 +1,150 @@
+"""The ONNX rewrites against the torch ones: the same option, applied to the exported graph with
+onnx_ir and run by onnxruntime, must give what the torch rewrite gives."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tailor
+from tailor.errors import TailorError
+from tailor.passes.base import Option
+from tailor.passes.profile import apply_options, clone, collect_signals
+from tailor.passes.registry import candidates_for
+from tailor.rewriter.capture import capture
+from tailor.rewriter.export import export_onnx
+from tailor.rewriter.torch_surgery import replace_with_constant
+from tailor.runtime.session import HFModel, OrtModel
+from tests.conftest import build_model, ids_for
+
+STRUCTURAL = ["layer_skip", "ffn_skip", "ffn_prune", "head_prune", "kv_share"]
+
+
+def _both(tiny_models, tiny_onnx, name):
+    model = tiny_models[name]
+    ct, co = capture(model), capture(tiny_onnx[name])
+    ids = ids_for(batch=4, seq=24, seed=3)
+    return model, ct, co, ids
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "bert"])
+def test_onnx_signals_equal_torch_signals(tiny_models, tiny_onnx, name):
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, name)
+    st, so = collect_signals(model, ct.graph, ids), collect_signals(co.source.model, co.graph, ids)
+    for field in ("block_influence", "ffn_contribution", "ffn_mean", "attn_mean", "o_input_var",
+                  "o_col_norm2", "down_input_var", "down_col_norm2", "kv_similarity"):
+        np.testing.assert_allclose(np.asarray(getattr(so, field)), np.asarray(getattr(st, field)),
+                                   rtol=1e-4, atol=1e-6, err_msg=field)
+    for a, b in zip(so.o_gram + so.down_gram, st.o_gram + st.down_gram):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "bert"])
+def test_every_option_rewrites_onnx_like_torch(tiny_models, tiny_onnx, name):
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, name)
+    signals = collect_signals(model, ct.graph, ids)
+    torch_opts = candidates_for(ct.graph, signals, STRUCTURAL)
+    onnx_opts = {o.key: o for o in candidates_for(co.graph, signals, STRUCTURAL)}
+    # ONNX offers everything torch does (and, for post-norm blocks, more: see below)
+    assert {o.key for o in torch_opts} <= set(onnx_opts)
+    assert {o.pass_name for o in torch_opts} >= {"layer_skip", "ffn_prune", "head_prune"}
+    for o in torch_opts:
+        with torch.no_grad():
+            expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, [o], signals))(ids).numpy()
+        rewritten = apply_options(clone(co.source.model), co.graph, [onnx_opts[o.key]], signals)
+        got = OrtModel(rewritten).run_numpy(ids.numpy())
+        assert got.shape == expected.shape, o.key
+        assert np.abs(got - expected).max() <= 1e-4, o.key
+
+
+def test_a_combined_plan_rewrites_onnx_like_torch(tiny_models, tiny_onnx):
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, "mistral")
+    signals = collect_signals(model, ct.graph, ids)
+    chosen = [Option("head_prune", 0, {"kv_heads": [1], "queries": [[0, 2]]}, ()),
+              Option("ffn_prune", 0, {"channels": list(range(0, 96, 2))}, ()),
+              Option("kv_share", 2, {"source": 1}, ()),
+              Option("ffn_skip", 1, {}, ())]
+    with torch.no_grad():
+        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, signals))(ids).numpy()
+    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+    assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
+    # the removed weights are gone from the graph, not just unused
+    sizes = {v.name: v.const_value.size for v in rewritten.graph.initializers.values()}
+    original = sum(v.const_value.size for v in co.source.model.graph.initializers.values())
+    assert sum(sizes.values()) < original
+
+
+def test_adjacent_layer_skips_on_onnx(tiny_models, tiny_onnx):
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
+    chosen = [Option("layer_skip", 1, {}, ()), Option("layer_skip", 2, {}, ())]
+    with torch.no_grad():
+        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, None))(ids).numpy()
+    rewritten = apply_options(clone(co.source.model), co.graph, chosen, None)
+    assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
+
+
+def test_post_norm_drop_attention_on_onnx_keeps_the_residual(tiny_models, tiny_onnx):
+    """BERT's attention branch made constant keeps the residual add and the norm after it (on
+    torch the attention module holds those too, so there the option is not offered)."""
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, "bert")
+    signals = collect_signals(co.source.model, co.graph, ids)
+    drop = Option("head_prune", 1, {"kv_heads": [], "queries": []}, ())
+    rewritten = apply_options(clone(co.source.model), co.graph, [drop], signals)
+    expected_model = copy.deepcopy(model)  # by hand: only the output projection becomes the mean
+    replace_with_constant(expected_model, "encoder.layer.1.attention.output.dense", 64, returns_tuple=False,
+                          mean=signals.attn_mean[1])
+    with torch.no_grad():
+        expected = HFModel(expected_model)(ids).numpy()
+    assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
+
+
+def test_gpt2_ffn_pruning_on_onnx_rewrites_flattening_shapes(tmp_path):
+    """GPT-2's Conv1D exports flatten to [-1, width] between the FFN's projections: pruning dead
+    channels there must fix those shapes and stay exact."""
+    model = build_model("gpt2")
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight[:, 192:] = 0   # Conv1D weight [in, out]
+            block.mlp.c_fc.bias[192:] = 0        # gelu(0) = 0: the channels are dead
+    path = tmp_path / "gpt2.onnx"
+    export_onnx(model, path, encoder=False)
+    co = capture(path)
+    ids = ids_for(batch=4, seq=24, seed=3)
+    signals = collect_signals(co.source.model, co.graph, ids)
+    keep = Option("ffn_prune", 1, {"channels": list(range(192))}, ())
+    rewritten = apply_options(clone(co.source.model), co.graph, [keep], signals)
+    ref = OrtModel(co.source.model).run_numpy(ids.numpy())
+    assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - ref).max() <= 1e-4
+
+
+def test_compile_an_onnx_model_under_budget(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    ids = ids_for(batch=1, seq=600, seed=9)[0].tolist()
+    calib = tmp_path / "ids.json"
+    calib.write_text(json.dumps(ids))
+    opt = tailor.compile(tiny_onnx["llama"], 0.6, objective="flops", prompt_len=64, calib=calib,
+                         calib_len=32, calib_windows=8, target="cpu")
+    assert opt.plan.predicted["flops"] <= 0.6
+    assert {r["pass"] for r in opt.plan.rewrites} <= set(STRUCTURAL)
+    out = opt.save(tmp_path / "out")
+    probe = ids_for(batch=2, seq=16, seed=1)
+    with torch.no_grad():
+        expected = opt.model(probe).numpy()
+    assert np.abs(OrtModel(out / "model.onnx").run_numpy(probe.numpy()) - expected).max() <= 1e-5
+    assert opt.report["calibration"]["data"].startswith(str(calib))
+
+
+def test_onnx_input_errors(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TailorError, match="no ONNX rewrite"):
+        tailor.compile(tiny_onnx["llama"], 0.5, passes=["attn_pattern"])
+    bad = tmp_path / "ids.json"
+    bad.write_text(json.dumps([1, 2, 5000]))
+    with pytest.raises(TailorError, match="outside the model's vocabulary"):
+        tailor.compile(tiny_onnx["llama"], 0.5, calib=bad)
+    bad.write_text(json.dumps({"ids": [1]}))
+    with pytest.raises(TailorError, match="JSON list of token ids"):
+        tailor.compile(tiny_onnx["llama"], 0.5, calib=bad)
