@@ -70,9 +70,9 @@ def test_bad_budget(budget, tiny_onnx, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_onnx_budget_below_one_explains(tiny_onnx, tmp_path, capsys):
-    _fails([str(tiny_onnx["llama"]), "--budget", "0.5", "-o", str(tmp_path / "out")], capsys,
-           expect="ONNX")
+def test_onnx_pass_without_onnx_rewrite_explains(tiny_onnx, tmp_path, capsys):
+    _fails([str(tiny_onnx["llama"]), "--budget", "0.5", "--passes", "attn_pattern",
+            "-o", str(tmp_path / "out")], capsys, expect="no ONNX rewrite")
     assert not (tmp_path / "out").exists()
 
 

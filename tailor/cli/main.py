@@ -197,9 +197,13 @@ def cmd_optimize(args) -> int:
     cfg["budget"] = check_budget(cfg["budget"])
     model = cfg["model"]
     if model is None:
-        from tailor.cli.default_model import minilm_onnx
+        from tailor.cli.default_model import default_calibration, minilm_onnx
         model = str(minilm_onnx(log=lambda m: console.print(f"[dim]{m}[/dim]")))
         cfg["model"] = model
+        if cfg["calib"] is None and cfg["budget"] < 1.0:
+            cfg["calib"] = str(default_calibration())
+            console.print(f"[dim]calibrating on {cfg['calib']} (English sentences from the docstrings "
+                          f"of standard-library modules)[/dim]")
     if not Path(model).exists():
         raise TailorError(f"{model}: no such file or directory")
     out = Path(cfg["output"] or f"{Path(model).resolve().with_suffix('').name}-tailored")

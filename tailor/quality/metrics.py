@@ -6,7 +6,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tailor.errors import TailorError
@@ -105,24 +104,29 @@ def probe_retrieval(artifact: Path, lengths: list[int], *, samples: int = 32, re
     return out
 
 
+def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int = 20) -> dict:
+    """Median seconds per call of each model on `ids`, timed in turn in one process (so that
+    machine noise hits them alike), after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(ids)
+        for _ in range(repeats):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(ids)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20) -> dict:
     """Median latency of the artifact and its reference, timed alternately in one process."""
     import tailor
 
     loaded = tailor.load(artifact)
-    art, ref = loaded.model, open_model(reference)
     vocab = int(loaded.report["model"]["vocab_size"])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    times = {"artifact": [], "reference": []}
-    with torch.no_grad():
-        for m in (art, ref):
-            m(ids)  # warm-up
-        for _ in range(repeats):
-            for name, m in (("reference", ref), ("artifact", art)):
-                t0 = time.perf_counter()
-                m(ids)
-                times[name].append(time.perf_counter() - t0)
-    r, a = statistics.median(times["reference"]), statistics.median(times["artifact"])
+    t = time_side_by_side({"reference": open_model(reference), "artifact": loaded.model}, ids, repeats)
+    r, a = t["reference"], t["artifact"]
     return {"reference_ms": r * 1e3, "artifact_ms": a * 1e3, "ratio": a / r,
-            "seq_len": seq_len, "batch": batch, "repeats": repeats,
-            "spread_artifact": float(np.std(times["artifact"]) / a)}
+            "seq_len": seq_len, "batch": batch, "repeats": repeats}

@@ -1,0 +1,125 @@
+"""ONNX in, ONNX out, on this CPU: MiniLM and refllama-16m exported to ONNX, compiled from the
+.onnx file alone (objective latency, target cpu) at budgets 0.75 and 0.5, then timed with
+onnxruntime beside the original (same thread count, alternating runs, medians).
+
+Quality: MiniLM, the mean cosine of mean-pooled sentence embeddings against the original on
+held-out English sentences (docstrings of standard-library modules never used in calibration);
+refllama-16m, perplexity on code-eval.txt (512-token windows), calibrated on code-calib.txt.
+
+    python benchmarks/cpu_onnx.py [--budgets 0.75,0.5] [--threads 2] [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import tailor
+from tailor.cli.default_model import (
+    EVAL_MODULES,
+    cache_dir,
+    default_calibration,
+    docstring_sentences,
+    minilm_onnx,
+)
+from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, time_side_by_side, token_windows
+from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
+from tailor.rewriter.export import export_onnx
+from tailor.runtime.session import OrtModel
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = (REPO / "../shared").resolve()
+REFLLAMA = SHARED / "models" / "refllama-16m"
+def refllama_onnx() -> Path:
+    out = cache_dir() / "refllama-16m-onnx" / "model.onnx"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(load_hf_directory(REFLLAMA), out, encoder=False)
+        for name in TOKENIZER_FILES:
+            if (REFLLAMA / name).is_file():
+                (out.parent / name).write_bytes((REFLLAMA / name).read_bytes())
+    return out
+
+
+def minilm_quality(models: dict[str, OrtModel], tok, held_out: list[str]) -> dict[str, float]:
+    emb = {k: [] for k in models}
+    for s in held_out:
+        ids = torch.tensor([tok(s)["input_ids"]])
+        for k, m in models.items():
+            emb[k].append(m(ids)[0].double().mean(0))
+    ref = torch.stack(emb["original"])
+    return {k: float(torch.cosine_similarity(torch.stack(v), ref, -1).mean()) for k, v in emb.items()}
+
+
+def refllama_quality(models: dict[str, OrtModel], windows: torch.Tensor) -> dict[str, float]:
+    logits = {k: torch.cat([m(w[None]) for w in windows]) for k, m in models.items()}
+    return {k: lm_metrics(v, windows, logits["original"])["perplexity"] for k, v in logits.items()}
+
+
+def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, calib: Path, threads: int,
+              repeats: int, work: Path) -> list[dict]:
+    rows, models, compiled = [], {"original": OrtModel(onnx, threads)}, {}
+    for b in budgets:
+        t0 = time.perf_counter()
+        opt = tailor.compile(onnx, b, objective="latency", target="cpu", prompt_len=prompt_len,
+                             calib=calib, calib_len=prompt_len, progress=True)
+        out = opt.save(work / f"{name}-{b:g}")
+        compiled[b] = (opt, time.perf_counter() - t0)
+        models[f"{b:g}"] = OrtModel(out / "model.onnx", threads)
+    vocab = opt.graph.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    times = time_side_by_side(models, ids, repeats)
+    if name == "MiniLM":
+        quality = minilm_quality(models, load_tokenizer(onnx.parent), docstring_sentences(EVAL_MODULES)[:300])
+        metric = "embedding cosine"
+    else:
+        tok = load_tokenizer(onnx.parent)
+        eval_ids = tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"]
+        windows = token_windows(eval_ids, prompt_len, 16)
+        quality = refllama_quality(models, windows)
+        metric = "perplexity"
+    for key in models:
+        opt, secs = compiled.get(float(key), (None, 0.0)) if key != "original" else (None, 0.0)
+        rows.append({"model": name, "budget": key, "predicted": opt.plan.predicted["latency"] if opt else 1.0,
+                     "measured": times[key] / times["original"], "ms": times[key] * 1e3,
+                     "metric": metric, "quality": quality[key], "compile_s": secs,
+                     "rewrites": len(opt.plan.rewrites) if opt else 0})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="0.75,0.5")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--models", default="minilm,refllama")
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "minilm" in args.models:
+            rows += run_model("MiniLM", minilm_onnx(), budgets, 128, default_calibration(), args.threads,
+                              args.repeats, work)
+        if "refllama" in args.models and REFLLAMA.is_dir():
+            rows += run_model("refllama-16m", refllama_onnx(), budgets, 512,
+                              SHARED / "data" / "code-calib.txt", args.threads, args.repeats, work)
+    print(f"\n{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
+          f"onnxruntime, {args.threads} threads · objective latency, target cpu\n")
+    print("| model | budget | predicted latency | measured latency | ms | quality | rewrites | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['budget']} | {r['predicted']:.3f} | {r['measured']:.3f} | "
+              f"{r['ms']:.1f} | {r['metric']} {r['quality']:.4f} | {r['rewrites']} | {r['compile_s']:.0f} |")
+    print("\n" + json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
