@@ -271,7 +271,8 @@ def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokeniz
     tok_dir = _tokenizer_dir(source, tokenizer)
     if tok_dir is None:
         raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a module)")
-    return calibration_from_text(read_text(Path(calib)), load_tokenizer(tok_dir), length, windows, str(calib))
+    return calibration_from_text(read_text(Path(calib)), load_tokenizer(tok_dir), length, windows, str(calib),
+                                 per_line=graph.task == "encoder")
 
 
 def load(folder: str | Path) -> Compiled:

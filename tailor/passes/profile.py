@@ -133,8 +133,15 @@ def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool 
     return torch.stack([stream[s:s + length] for s in starts])
 
 
-def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str) -> Calibration:
-    ids = tokenizer(text)["input_ids"]
+def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str, *,
+                          per_line: bool = False) -> Calibration:
+    """Windows of `window` tokens spread over the tokenized text. With `per_line` (encoders, whose
+    inputs are single sentences or passages), each line is tokenized on its own, with the special
+    tokens the tokenizer adds (BERT's [CLS] … [SEP]), so the windows carry them as real inputs do."""
+    if per_line:
+        ids = [t for line in text.splitlines() if line.strip() for t in tokenizer(line)["input_ids"]]
+    else:
+        ids = tokenizer(text)["input_ids"]
     n = min(windows, len(ids) // window)
     if n < 2:
         raise TailorError(f"calibration text {name} has {len(ids)} tokens: need at least "

@@ -45,6 +45,9 @@ class OrtModel(torch.nn.Module):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # stale shape hints of rewritten graphs are not the user's concern
+        # tailor keeps several sessions (original, rewrites) side by side: idle threads spinning in
+        # one would steal the cores of the next one timed or measured
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if isinstance(model, ir.Model):
             self.path = None
             source = ir.serde.serialize_model(model).SerializeToString()

@@ -222,3 +222,17 @@ def test_rewritten_model_exports_to_onnx(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = c.model(ids).numpy()
     assert np.abs(OrtModel(out / "model.onnx").run_numpy(ids.numpy()) - expected).max() <= 1e-4
+
+
+def test_encoder_calibration_keeps_special_tokens_per_line():
+    """Encoders see [CLS] … [SEP] around every input: per-line calibration windows carry them."""
+    from tailor.cli.default_model import minilm_directory
+    from tailor.passes.profile import calibration_from_text
+    from tailor.quality.metrics import load_tokenizer
+
+    tok = load_tokenizer(minilm_directory())
+    text = "\n".join(f"Sentence number {i} is about calibration data." for i in range(60))
+    per_line = calibration_from_text(text, tok, 32, 8, "t", per_line=True)
+    whole = calibration_from_text(text, tok, 32, 8, "t")
+    assert int((per_line.stream == tok.cls_token_id).sum()) == 60
+    assert int((whole.stream == tok.cls_token_id).sum()) == 1
