@@ -142,9 +142,14 @@ def calibration_from_text(text: str, tokenizer, window: int, windows: int, name:
         ids = [t for line in text.splitlines() if line.strip() for t in tokenizer(line)["input_ids"]]
     else:
         ids = tokenizer(text)["input_ids"]
+    return _calibration_from_stream(ids, window, windows, name, "calibration text")
+
+
+def _calibration_from_stream(ids: list[int], window: int, windows: int, name: str, what: str) -> Calibration:
+    """Windows spread over a token stream; every 4th one held out for the search."""
     n = min(windows, len(ids) // window)
     if n < 2:
-        raise TailorError(f"calibration text {name} has {len(ids)} tokens: need at least "
+        raise TailorError(f"{what} {name} has {len(ids)} tokens: need at least "
                           f"{2 * window} (two windows of {window})")
     stream = torch.tensor(ids)
     t = spread_windows(stream, window, n)
@@ -196,12 +201,7 @@ def calibration_from_ids(path: Path, vocab: int, window: int, windows: int) -> C
     bad = [x for x in flat if not 0 <= x < vocab]
     if bad:
         raise TailorError(f"{path}: token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
-
-    class Ids:  # the tokenizer interface calibration_from_text needs
-        def __call__(self, _text):
-            return {"input_ids": flat}
-
-    return calibration_from_text("", Ids(), window, windows, str(path))
+    return _calibration_from_stream(flat, window, windows, str(path), "calibration ids")
 
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
@@ -397,13 +397,13 @@ def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, b
         k = onnx_surgery.linear_output(nodes[b.attn.k.node])
         wanted.append([v.input, v.output, v.ffn_out, v.attn_out, nodes[b.attn.o.node].inputs[0],
                        nodes[b.ffn.down.node].inputs[0], k])
-    names = onnx_surgery.expose(probe, [x for row in wanted for x in row])
+    onnx_surgery.expose(probe, [x for row in wanted for x in row])
     run = as_runnable(probe)
     sums = SignalSums(graph.num_layers)
     for s in range(0, len(ids), batch):
         out = run.run_all(ids[s:s + batch].numpy())
         for i, row in enumerate(wanted):
-            x, y, f, a, o_in, d_in, k = (torch.from_numpy(out[names[v]]) for v in row)
+            x, y, f, a, o_in, d_in, k = (torch.from_numpy(out[v.name]) for v in row)
             sums.block(i, x, y, f, a)
             sums.projection_inputs(i, o_in, d_in)
             sums.key(i, k)

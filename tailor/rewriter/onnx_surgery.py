@@ -281,8 +281,8 @@ def set_ffn_width(model: ir.Model, block: Block, width: int) -> None:
     rewrite_shapes(model, region(model, [p for p in (f.gate, f.up) if p is not None], f.down), edit)
 
 
-def expose(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, str]:
-    """Make intermediate values graph outputs (for onnxruntime to return); value -> output name."""
+def expose(model: ir.Model, values: list[ir.Value]) -> None:
+    """Make intermediate values graph outputs, under their own names (for onnxruntime to return)."""
     present = set(model.graph.outputs)
     for v in values:
         if v not in present:
@@ -290,7 +290,6 @@ def expose(model: ir.Model, values: list[ir.Value]) -> dict[ir.Value, str]:
                 v.type = ir.TensorType(ir.DataType.FLOAT)
             model.graph.outputs.append(v)
             present.add(v)
-    return {v: v.name for v in values}
 
 
 # ---- finishing -------------------------------------------------------------------------------------
