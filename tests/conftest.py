@@ -4,11 +4,17 @@ ONNX exports take seconds each, so they are made once per session and cached.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
+
+# Triton kernels run on the CPU through Triton's interpreter (tests/codegen); it must be chosen
+# before any kernel module is imported. On a CUDA machine the same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()

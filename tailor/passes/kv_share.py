@@ -18,6 +18,7 @@ from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import Block, TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path, module_path, set_module
+from tailor.runtime.generate import active_state
 
 NAME = "kv_share"
 
@@ -61,6 +62,10 @@ class SharedKVAttention(nn.Module):
         if self.rope and position_embeddings is not None:
             cos, sin = (c.unsqueeze(1) for c in position_embeddings)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        state = active_state()
+        if state is not None and id(self) in state.caches:  # generating: read the source's cache
+            out = state.attend(self, q, k, v, self.scaling, self.is_causal)
+            return self.o_proj(out.reshape(b, t, -1)), None
         if self.groups > 1:
             k, v = k.repeat_interleave(self.groups, 1), v.repeat_interleave(self.groups, 1)
         causal = self.is_causal and attention_mask is None and t > 1

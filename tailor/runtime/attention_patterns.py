@@ -105,6 +105,13 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     query [B, Hq, Q, D], key/value [B, Hkv, K, D]; returns ([B, Q, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from tailor.runtime.generate import active_state
+
+    state = active_state()
+    if state is not None and id(module) in state.caches:  # generating over the per-head KV cache
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return state.attend(module, query, key, value, scale, causal), None
     spans = getattr(module, "tailor_spans", None)
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

@@ -1,0 +1,40 @@
+"""The kernels as torch.library custom ops (`torch.ops.tailor.*`), so a model that calls them still
+traces under torch.export / torch.compile: on CUDA the Triton kernels run, elsewhere the plain-torch
+references beside them; the fake implementations give shapes for tracing."""
+from __future__ import annotations
+
+import torch
+
+from tailor.codegen.triton import reference
+
+
+@torch.library.custom_op("tailor::sparse_prefill", mutates_args=())
+def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   windows: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        from tailor.codegen.triton.prefill import sparse_prefill as kernel
+
+        return kernel(q, k, v, sinks, windows, causal, scale)
+    return reference.prefill_reference(q, k, v, sinks, windows, causal, scale)
+
+
+@sparse_prefill.register_fake
+def _(q, k, v, sinks, windows, causal, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("tailor::sparse_decode", mutates_args=())
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                  offsets: torch.Tensor, sinks: torch.Tensor, rings: torch.Tensor, alphas: torch.Tensor,
+                  betas: torch.Tensor, scale: float, longest: int) -> torch.Tensor:
+    layout_t = {"offsets": offsets, "sinks": sinks, "rings": rings, "alphas": alphas, "betas": betas}
+    if q.is_cuda:
+        from tailor.codegen.triton.decode import sparse_decode as kernel
+
+        return kernel(q, k_cache, v_cache, layout_t, lengths, scale, longest=longest)
+    return reference.decode_reference(q, k_cache, v_cache, layout_t, lengths, scale)
+
+
+@sparse_decode.register_fake
+def _(q, k_cache, v_cache, lengths, offsets, sinks, rings, alphas, betas, scale, longest):
+    return torch.empty_like(q)

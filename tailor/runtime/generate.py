@@ -1,0 +1,175 @@
+"""Generation with the rewritten model over a per-head KV cache (tailor.runtime.kv_cache).
+
+The transformers model runs as it is (its embeddings, norms, rotary encoding, MLPs); only its
+attention is routed through tailor's ops (tailor.codegen.triton.ops: Triton kernels on CUDA,
+the torch references elsewhere) while a `DecodeState` is active:
+- prefill, one sequence at a time: block-sparse attention over the prompt with each KV head's
+  pattern at the prompt's length, and each head's kept positions written into its cache;
+- decode, the whole batch at once: the new token's K/V written into each head's ring, attention
+  over the kept positions of each sequence at its own length.
+A layer that reads another layer's KV (kv_share) uses that layer's cache and writes nothing.
+Pruned heads and skipped layers need nothing here: the model no longer has them.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+from tailor.codegen.triton import ops
+from tailor.codegen.triton.reference import DENSE_WINDOW
+from tailor.errors import TailorError
+from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, dispatching_module, register
+from tailor.runtime.kv_cache import HeadLayout, LayerCache
+
+_ACTIVE: contextvars.ContextVar["DecodeState | None"] = contextvars.ContextVar("tailor_decode", default=None)
+
+
+def active_state() -> "DecodeState | None":
+    return _ACTIVE.get()
+
+
+@dataclass
+class DecodeState:
+    caches: dict[int, LayerCache]           # id(attention module) -> its cache (shared ones alias)
+    writers: set[int]                       # modules that own (write) their cache
+    patterns: dict[int, list]               # id(module) -> per-KV-head Pattern | None
+    lengths: torch.Tensor                   # [B] int32: tokens so far, the current one included
+    phase: str = "prefill"
+    row: int = 0                            # the sequence being prefilled
+    _spans: dict = field(default_factory=dict)
+
+    def prefill_spans(self, key: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if (key, n) not in self._spans:
+            pats = self.patterns[key]
+            sinks = [0 if p is None or p.is_dense_at(n) else p.sink for p in pats]
+            windows = [DENSE_WINDOW if p is None or p.is_dense_at(n) else p.window(n) for p in pats]
+            self._spans[(key, n)] = (torch.tensor(sinks, dtype=torch.int32, device=device),
+                                     torch.tensor(windows, dtype=torch.int32, device=device))
+        return self._spans[(key, n)]
+
+    def attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal: bool = True) -> torch.Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotary applied) -> [B, T, Hq, D]."""
+        key = id(module)
+        cache = self.caches[key]
+        if self.phase == "prefill":
+            if key in self.writers:
+                cache.write_prompt(self.row, k[0], v[0])
+            sinks, windows = self.prefill_spans(key, k.shape[2], q.device)
+            out = ops.sparse_prefill(q, k, v, sinks, windows, causal, scale)
+            return out.transpose(1, 2)
+        if key in self.writers:
+            cache.write_token(k[:, :, 0], v[:, :, 0], self.lengths)
+        t = cache.t
+        longest = max(s + r for s, r in zip(cache.layout.sinks, cache.layout.rings))
+        out = ops.sparse_decode(q[:, :, 0].contiguous(), cache.k, cache.v, self.lengths, t["offsets"],
+                                t["sinks"], t["rings"], t["alphas"], t["betas"], scale, longest)
+        return out[:, None]
+
+
+def _attention_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
+    """(attention module, source k projection if it reads another layer's KV), in model order."""
+    from tailor.passes.kv_share import SharedKVAttention
+
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, SharedKVAttention):
+            out.append((m, m._source[0]))
+            seen.update(id(x) for x in m.modules())
+        elif id(m) not in seen and hasattr(m, "k_proj") and dispatching_module(m) is m:
+            out.append((m, None))
+    return out
+
+
+def new_state(model, batch: int, max_len: int, lengths: torch.Tensor) -> DecodeState:
+    """Caches for every attention layer of `model`, sized by its patterns for max_len tokens."""
+    modules = _attention_modules(model)
+    if not modules:
+        raise TailorError(f"{type(model).__name__}: no attention modules that tailor's runtime can drive "
+                          "(it runs Llama-style decoders: q/k/v/o projections through transformers' "
+                          "attention interface)")
+    param = next(model.parameters())
+    caches, writers, patterns, by_kproj = {}, set(), {}, {}
+    for m, source in modules:
+        if source is not None:
+            continue
+        head_dim = m.head_dim
+        kv_heads = m.k_proj.out_features // head_dim
+        spans = getattr(m, "tailor_spans", None) or [None] * kv_heads
+        pats = [Pattern.from_json(s) for s in spans]
+        cache = LayerCache(HeadLayout.for_patterns(pats, max_len), batch, head_dim, param.dtype, param.device)
+        caches[id(m)], patterns[id(m)], by_kproj[id(m.k_proj)] = cache, pats, id(m)
+        writers.add(id(m))
+    for m, source in modules:
+        if source is not None:
+            owner = by_kproj[id(source)]
+            caches[id(m)], patterns[id(m)] = caches[owner], [None] * len(patterns[owner])
+    return DecodeState(caches, writers, patterns, lengths)
+
+
+def kv_cache_bytes(state: DecodeState) -> int:
+    return sum(state.caches[k].nbytes for k in state.writers)
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None,
+             return_state: bool = False):
+    """Continue each prompt by up to max_new_tokens tokens (greedy, or sampled with temperature and
+    top-k); returns the new tokens per prompt (and the DecodeState if return_state)."""
+    inner = getattr(model, "inner", model)
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
+        raise TailorError("generate: give non-empty prompts and max_new_tokens >= 1")
+    device = next(inner.parameters()).device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
+    state = new_state(inner, batch, max(len(p) for p in prompts) + max_new_tokens, lengths)
+    generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
+    register()
+    saved = inner.config._attn_implementation
+    inner.config._attn_implementation = IMPLEMENTATION
+    token = _ACTIVE.set(state)
+    try:
+        first = []
+        for b, prompt in enumerate(prompts):
+            state.phase, state.row = "prefill", b
+            ids = torch.tensor([prompt], device=device)
+            out = inner(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None],
+                        use_cache=False, logits_to_keep=1)
+            first.append(out.logits[0, -1])
+        nxt = _pick(torch.stack(first), do_sample, temperature, top_k, generator)
+        generated = [nxt]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        state.phase = "decode"
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            state.lengths += 1
+            out = inner(input_ids=nxt[:, None], position_ids=(state.lengths - 1).long()[:, None],
+                        use_cache=False, logits_to_keep=1)
+            nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, generator)
+            generated.append(nxt)
+    finally:
+        _ACTIVE.reset(token)
+        inner.config._attn_implementation = saved
+    tokens = torch.stack(generated, 1).tolist()
+    if eos_token_id is not None:
+        tokens = [t[:t.index(eos_token_id) + 1] if eos_token_id in t else t for t in tokens]
+    return (tokens, state) if return_state else tokens

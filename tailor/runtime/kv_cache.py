@@ -1,0 +1,126 @@
+"""A KV cache sized per KV head by the plan (MoA's static circular cache).
+
+Each KV head of a layer keeps its sink (the first `sink` positions) plus a ring buffer of the last
+`ring` positions, ring = its largest window at the longest length the cache serves; a dense head
+keeps every position (sink 0, ring = max_len). A layer's heads live side by side in one flat
+tensor [B, slots, D] (head h at rows offset[h] .. offset[h] + sink[h] + ring[h]), so the cache's
+memory is the plan's kept spans, not heads × max_len. Position p of head h sits in slot
+    offset[h] + p                               if p < sink[h]
+    offset[h] + sink[h] + (p - sink[h]) % ring  otherwise.
+At length n (the query is position n - 1) head h attends positions p < sink and
+n - window(n) <= p <= n - 1 (tailor.runtime.attention_patterns). With a window that grows with
+the length (beta > 0), positions cached at an earlier step were computed under that step's
+window, as in MoA; with static windows cached decoding equals recomputing the whole sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tailor.codegen.triton.reference import DENSE_WINDOW
+from tailor.runtime.attention_patterns import Pattern
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    sinks: tuple[int, ...]
+    rings: tuple[int, ...]
+    alphas: tuple[float, ...]   # window(n) = floor(alpha + beta * n); dense: alpha = DENSE_WINDOW
+    betas: tuple[float, ...]
+
+    @classmethod
+    def for_patterns(cls, patterns: list["Pattern | None"], max_len: int) -> "HeadLayout":
+        sinks, rings, alphas, betas = [], [], [], []
+        for p in patterns:
+            if p is None or p.is_dense_at(max_len):
+                sinks.append(0), rings.append(max_len), alphas.append(float(DENSE_WINDOW)), betas.append(0.0)
+                continue
+            sink = min(p.sink, max_len)
+            widest = max(p.window(n) for n in (1, max_len))  # monotone in n: one end is the widest
+            sinks.append(sink), rings.append(max(1, min(max_len - sink, widest)))
+            alphas.append(float(p.alpha)), betas.append(float(p.beta))
+        return cls(tuple(sinks), tuple(rings), tuple(alphas), tuple(betas))
+
+    @property
+    def kv_heads(self) -> int:
+        return len(self.sinks)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, at = [], 0
+        for s, r in zip(self.sinks, self.rings):
+            out.append(at)
+            at += s + r
+        return out
+
+    @property
+    def slots(self) -> int:
+        return sum(self.sinks) + sum(self.rings)
+
+    def window(self, h: int, n: int) -> int:
+        return min(DENSE_WINDOW, int(math.floor(self.alphas[h] + self.betas[h] * n)))
+
+    def slot(self, h: int, p: int) -> int:
+        s = self.sinks[h]
+        return self.offsets[h] + (p if p < s else s + (p - s) % self.rings[h])
+
+    def kept_positions(self, h: int, n: int) -> list[int]:
+        s = self.sinks[h]
+        return list(range(min(s, n))) + list(range(max(s, n - self.window(h, n)), n))
+
+    def kept_slots(self, h: int, n: int) -> list[int]:
+        return [self.slot(h, p) for p in self.kept_positions(h, n)]
+
+    def tensors(self, device) -> dict[str, torch.Tensor]:
+        """What the decode kernel reads: int32 offsets/sinks/rings, float64 alphas/betas."""
+        i32 = dict(dtype=torch.int32, device=device)
+        return {"offsets": torch.tensor(self.offsets, **i32), "sinks": torch.tensor(self.sinks, **i32),
+                "rings": torch.tensor(self.rings, **i32),
+                "alphas": torch.tensor(self.alphas, dtype=torch.float64, device=device),
+                "betas": torch.tensor(self.betas, dtype=torch.float64, device=device)}
+
+
+def slots_of(t: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """Slots of positions [..., kv_heads] (int64), per the layout's rule."""
+    s, r = t["sinks"].long(), t["rings"].long()
+    p = positions.long()
+    return t["offsets"].long() + torch.where(p < s, p, s + torch.remainder(p - s, r))
+
+
+class LayerCache:
+    """One layer's per-head cache for a batch: k/v [B, slots, D]; a KV-sharing layer reuses the
+    LayerCache of the layer it reads (no memory of its own)."""
+
+    def __init__(self, layout: HeadLayout, batch: int, head_dim: int, dtype, device):
+        self.layout = layout
+        self.t = layout.tensors(device)
+        self.k = torch.zeros(batch, layout.slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write_prompt(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v [kv_heads, N, D] of one sequence's prompt: each head's kept positions go in."""
+        n = k.shape[1]
+        heads, positions = [], []
+        for h in range(self.layout.kv_heads):
+            s, r = self.layout.sinks[h], self.layout.rings[h]
+            kept = list(range(min(s, n))) + list(range(max(s, n - r), n))
+            heads += [h] * len(kept)
+            positions += kept
+        h_idx = torch.tensor(heads, device=k.device)
+        p_idx = torch.tensor(positions, device=k.device)
+        slots = slots_of({key: val[h_idx] for key, val in self.t.items()}, p_idx)
+        self.k[b, slots] = k[h_idx, p_idx]
+        self.v[b, slots] = v[h_idx, p_idx]
+
+    def write_token(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        """k/v [B, kv_heads, D] of the token at position lengths - 1 of each sequence."""
+        slots = slots_of(self.t, (lengths - 1)[:, None].expand(-1, self.layout.kv_heads))
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, slots] = k
+        self.v[rows, slots] = v
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
