@@ -124,52 +124,100 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+class Generator:
+    """Prefill prompts, then decode the batch one token at a time, over the per-head KV cache.
+    `cuda_graph=True` (CUDA only) captures one decode step and replays it: the step's shapes are
+    static (one token per sequence, caches preallocated), so only the kernels' time remains."""
+
+    def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool = False):
+        self.model = getattr(model, "inner", model)
+        self.device = next(self.model.parameters()).device
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.state = new_state(self.model, batch, max_len, self.lengths)
+        self.max_len = max_len
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._graph = None
+        self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._logits: torch.Tensor | None = None
+
+    def _run(self, **inputs) -> torch.Tensor:
+        register()
+        saved = self.model.config._attn_implementation
+        self.model.config._attn_implementation = IMPLEMENTATION
+        token = _ACTIVE.set(self.state)
+        try:
+            return self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+        finally:
+            _ACTIVE.reset(token)
+            self.model.config._attn_implementation = saved
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Each prompt into its row of the cache; logits [B, V] of each prompt's last token."""
+        if len(prompts) != self.lengths.shape[0] or max(len(p) for p in prompts) >= self.max_len:
+            raise TailorError(f"prefill: {len(prompts)} prompts for a batch of {self.lengths.shape[0]} "
+                              f"rows, each shorter than {self.max_len} tokens")
+        out = []
+        self.state.phase = "prefill"
+        for b, prompt in enumerate(prompts):
+            self.state.row = b
+            ids = torch.tensor([prompt], device=self.device)
+            positions = torch.arange(len(prompt), device=self.device)[None]
+            out.append(self._run(input_ids=ids, position_ids=positions)[0])
+            self.lengths[b] = len(prompt)
+        self.state.phase = "decode"
+        return torch.stack(out)
+
+    def _decode(self) -> torch.Tensor:
+        return self._run(input_ids=self._tokens, position_ids=(self.lengths - 1).long()[:, None])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [B] (one per sequence); logits [B, V] for the next position."""
+        if int(self.lengths.max()) >= self.max_len:
+            raise TailorError(f"the cache holds {self.max_len} tokens per sequence; it is full")
+        self._tokens.copy_(tokens.view(-1, 1))
+        self.lengths += 1
+        if not self.cuda_graph:
+            return self._decode()
+        if self._graph is None:
+            # warm up on a side stream (kernels compiled, allocator primed), then capture; the
+            # warm-up writes the same K/V into the same slots the replay will, so it is harmless
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._decode()
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._logits = self._decode()
+        self._graph.replay()
+        return self._logits
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None,
              return_state: bool = False):
     """Continue each prompt by up to max_new_tokens tokens (greedy, or sampled with temperature and
     top-k); returns the new tokens per prompt (and the DecodeState if return_state)."""
-    inner = getattr(model, "inner", model)
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
         raise TailorError("generate: give non-empty prompts and max_new_tokens >= 1")
-    device = next(inner.parameters()).device
-    batch = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
-    state = new_state(inner, batch, max(len(p) for p in prompts) + max_new_tokens, lengths)
-    generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
-    register()
-    saved = inner.config._attn_implementation
-    inner.config._attn_implementation = IMPLEMENTATION
-    token = _ACTIVE.set(state)
-    try:
-        first = []
-        for b, prompt in enumerate(prompts):
-            state.phase, state.row = "prefill", b
-            ids = torch.tensor([prompt], device=device)
-            out = inner(input_ids=ids, position_ids=torch.arange(len(prompt), device=device)[None],
-                        use_cache=False, logits_to_keep=1)
-            first.append(out.logits[0, -1])
-        nxt = _pick(torch.stack(first), do_sample, temperature, top_k, generator)
-        generated = [nxt]
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        state.phase = "decode"
-        for _ in range(max_new_tokens - 1):
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
-                    break
-            state.lengths += 1
-            out = inner(input_ids=nxt[:, None], position_ids=(state.lengths - 1).long()[:, None],
-                        use_cache=False, logits_to_keep=1)
-            nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, generator)
-            generated.append(nxt)
-    finally:
-        _ACTIVE.reset(token)
-        inner.config._attn_implementation = saved
+    gen = Generator(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+    generator = torch.Generator(device=gen.device).manual_seed(seed) if do_sample else None
+    nxt = _pick(gen.prefill(prompts), do_sample, temperature, top_k, generator)
+    generated = [nxt]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=gen.device)
+    for _ in range(max_new_tokens - 1):
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+        nxt = _pick(gen.step(nxt), do_sample, temperature, top_k, generator)
+        generated.append(nxt)
     tokens = torch.stack(generated, 1).tolist()
     if eos_token_id is not None:
         tokens = [t[:t.index(eos_token_id) + 1] if eos_token_id in t else t for t in tokens]
-    return (tokens, state) if return_state else tokens
+    return (tokens, gen.state) if return_state else tokens
