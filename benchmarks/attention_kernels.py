@@ -6,7 +6,9 @@ sized so the causal density (kept / dense causal entries) is 0.5, 0.25 or 0.125 
   backend and the flash backend) vs FlexAttention (torch.compile'd, the same sink + window
   pattern as a BlockMask); target: tailor ≤ 1.2 × density × dense for N ≥ 16K, and < Flex;
 - decode at contexts 8K and 32K (B = 1 and 8): tailor's split-K kernel over the per-head ring
-  cache vs SDPA over the dense cache; KV bytes of each. Target ≤ 1.2 × density × dense at 32K.
+  cache vs SDPA over the dense cache, both replayed from CUDA graphs (a decode step is launch-
+  bound otherwise; eager times are kept in the JSON); KV bytes of each. Target ≤ 1.2 × density
+  × dense at 32K.
 Correctness first: each kernel against FlexAttention / a float32 reference on fresh random data.
 Times are medians of triton.testing.do_bench (CUDA events), all taken in one run.
 
@@ -45,6 +47,11 @@ def window_for(n: int, target: float) -> int:
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Replayed from a CUDA graph: a decode step's kernels without the host's launch overhead."""
+    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,7 +125,8 @@ def decode_rows(contexts, batches, densities) -> list[dict]:
             q = torch.randn(b, HQ, 1, D, device="cuda", dtype=DT)
             k = torch.randn(b, HKV, n, D, device="cuda", dtype=DT)
             v = torch.randn(b, HKV, n, D, device="cuda", dtype=DT)
-            dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            dense = bench_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            dense_eager = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             dense_bytes = k.numel() * 2 * 2
             lengths = torch.full((b,), n, dtype=torch.int32, device="cuda")
             for target in [1.0] + list(densities):
@@ -141,7 +149,8 @@ def decode_rows(contexts, batches, densities) -> list[dict]:
                 ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
                 kept = sum(len(layout.kept_positions(h, n)) for h in range(HKV)) / (HKV * n)
                 row = {"kind": "decode", "context": n, "batch": b, "density": kept, "dense_ms": dense,
-                       "rel_err": rel_err(ours_fn(), ref[:, :, 0]), "tailor_ms": bench(ours_fn),
+                       "rel_err": rel_err(ours_fn(), ref[:, :, 0]), "tailor_ms": bench_graph(ours_fn),
+                       "dense_eager_ms": dense_eager, "tailor_eager_ms": bench(ours_fn),
                        "kv_bytes_ratio": cache.nbytes / dense_bytes}
                 row["vs_ideal"] = row["tailor_ms"] / (kept * dense)
                 rows.append(row)
@@ -190,11 +199,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N = 4K, 16K only; one decode batch")
     ap.add_argument("--tune", action="store_true", help="time several prefill tile configurations too")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     started = time.time()
     sizes = [4096, 16384] if args.quick else [4096, 16384, 65536]
-    rows = prefill_rows(sizes, [0.5, 0.25, 0.125], args.tune)
+    rows = [] if args.skip_prefill else prefill_rows(sizes, [0.5, 0.25, 0.125], args.tune)
     if not args.skip_decode:
         rows += decode_rows([8192, 32768], [1] if args.quick else [1, 8], [0.5, 0.25, 0.125])
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

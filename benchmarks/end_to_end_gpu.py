@@ -1,0 +1,165 @@
+"""End to end on a GPU: a Llama-3.2-1B-shaped model (16 layers, 32 heads, 8 KV heads, hidden 2048,
+head_dim 64; random weights, seed 0) compiled at --budget 0.5 (objective latency, prompt 16K,
+target h100), then run with tailor's runtime beside the dense model.
+
+Two steps, because profiling a 1.2B model at long lengths needs more than this repo's CPU CI:
+1. plan (CPU, once): `python benchmarks/end_to_end_gpu.py --make-plan benchmarks/results/llama1b_plan.json`
+   builds the model in float32 and runs `tailor.compile` with a small data-free calibration
+   (random weights make the signals noise anyway: the plan's *structure and cost* is what counts);
+2. measure (GPU): `python benchmarks/end_to_end_gpu.py --plan benchmarks/results/llama1b_plan.json --out DIR`
+   builds the same model in bf16 on CUDA, replays the plan (as tailor.load does), and measures
+   - prefill of 16K tokens: dense model (transformers, SDPA) vs the rewritten model through tailor's
+     runtime (block-sparse Triton prefill); target ≤ 0.6× dense;
+   - decode tokens/s at a 32K context, batch 1 and 8: dense (transformers' DynamicCache + SDPA, and
+     tailor's runtime with an all-dense cache) vs the rewritten model (per-head ring cache, split-K
+     decode), eager and with the decode step replayed as a CUDA graph; target ≥ 1.8× dense;
+   - KV-cache bytes, rewritten vs dense; target ≤ 0.55×;
+   - the cost model's predicted latency ratio beside the measured prefill ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+PROMPT, CONTEXT = 16384, 32768
+
+
+def build(dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                            max_position_embeddings=131072, tie_word_embeddings=True, use_cache=False)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def make_plan(path: Path) -> None:
+    import tailor
+
+    model = build()
+    started = time.time()
+    compiled = tailor.compile(model, budget=0.5, objective="latency", prompt_len=PROMPT, target="h100",
+                              calib_windows=4, calib_len=64, attn_lengths=[128, 256], validation_len=192,
+                              use_cache=False, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"plan": json.loads(compiled.plan.dumps()),
+                                "compile_seconds": round(time.time() - started, 1),
+                                "predicted": compiled.plan.predicted}, indent=1))
+    print(compiled.plan.predicted, len(compiled.plan.rewrites), "rewrites")
+
+
+def rewritten(plan: dict, dtype, device):
+    from tailor.passes.base import Option
+    from tailor.passes.profile import apply_options
+    from tailor.rewriter.capture import capture
+
+    model = build(dtype, "cpu")
+    graph = capture(model).graph
+    apply_options(model, graph, [Option.from_json(r) for r in plan["rewrites"]], None)
+    return model.to(device)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+STEPS = 16
+
+
+def hf_decode_rate(model, prompts: list[list[int]]) -> float:
+    """Tokens/s of transformers' own decoding (DynamicCache + SDPA) after a prefill of the prompts."""
+    past = tf.DynamicCache(config=model.config)
+    logits = model(input_ids=torch.tensor(prompts, device="cuda"), past_key_values=past, use_cache=True,
+                   logits_to_keep=1).logits
+    tok = [logits[:, -1].argmax(-1, keepdim=True)]
+
+    def step():
+        o = model(input_ids=tok[0], past_key_values=past, use_cache=True, logits_to_keep=1)
+        tok[0] = o.logits[:, -1].argmax(-1, keepdim=True)
+    rate = len(prompts) / timed(step, STEPS)
+    torch.cuda.empty_cache()
+    return rate
+
+
+def tailor_decode_rate(model, prompts: list[list[int]], cuda_graph: bool) -> tuple[float, int]:
+    """Tokens/s of tailor's runtime after a prefill of the prompts, and its KV-cache bytes."""
+    from tailor.runtime.generate import Generator, kv_cache_bytes
+
+    runner = Generator(model, len(prompts), len(prompts[0]) + 2 * STEPS + 4, cuda_graph=cuda_graph)
+    nxt = [runner.prefill(prompts).argmax(-1)]
+
+    def step():
+        nxt[0] = runner.step(nxt[0]).argmax(-1)
+    rate = len(prompts) / timed(step, STEPS)
+    kv = kv_cache_bytes(runner.state)
+    torch.cuda.empty_cache()
+    return rate, kv
+
+
+def measure(plan_file: Path, out: Path) -> None:
+    from tailor.runtime.generate import Generator
+
+    saved = json.loads(plan_file.read_text())
+    dense = build(torch.bfloat16, "cuda")
+    ours = rewritten(saved["plan"], torch.bfloat16, "cuda")
+    vocab = dense.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (PROMPT,), generator=gen).tolist()
+    rows: dict = {"predicted": saved["predicted"], "rewrites": len(saved["plan"]["rewrites"])}
+
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device="cuda")
+        dense_prefill = timed(lambda: dense(input_ids=ids, use_cache=False, logits_to_keep=1), 3)
+        runner = Generator(ours, 1, PROMPT + 8)
+        ours_prefill = timed(lambda: runner.prefill([prompt]), 3)
+        rows["prefill_16k"] = {"dense_s": dense_prefill, "tailor_s": ours_prefill,
+                               "ratio": ours_prefill / dense_prefill}
+        print(json.dumps(rows["prefill_16k"]), flush=True)
+
+        context = torch.randint(0, vocab, (CONTEXT,), generator=gen).tolist()
+        for batch in (1, 8):
+            row = {"hf_dense_tok_s": hf_decode_rate(dense, [context] * batch)}
+            for name, model in (("dense", dense), ("tailor", ours)):
+                for graph in (False, True):
+                    rate, kv = tailor_decode_rate(model, [context] * batch, graph)
+                    row[f"{name}_{'graph' if graph else 'eager'}_tok_s"] = rate
+                    row[f"{name}_kv_bytes"] = kv
+            row["kv_ratio"] = row["tailor_kv_bytes"] / row["dense_kv_bytes"]
+            row["decode_speedup_vs_hf"] = row["tailor_graph_tok_s"] / row["hf_dense_tok_s"]
+            row["decode_speedup_vs_dense_graph"] = row["tailor_graph_tok_s"] / row["dense_graph_tok_s"]
+            rows[f"decode_32k_b{batch}"] = row
+            print(json.dumps(row), flush=True)
+    rows["meta"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date": date.today().isoformat()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "end_to_end_gpu.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--make-plan", type=Path)
+    ap.add_argument("--plan", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    if args.make_plan:
+        make_plan(args.make_plan)
+    else:
+        measure(args.plan, args.out)
+
+
+if __name__ == "__main__":
+    main()
