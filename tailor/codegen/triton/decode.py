@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tailor.codegen.triton.prefill import LOG2E
+from tailor.codegen.triton.prefill import LOG2E, dot_precision
 
 
 @triton.jit
@@ -20,7 +20,8 @@ def _sparse_decode_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, lengths
                           offsets_ptr, sinks_ptr, rings_ptr, alphas_ptr, betas_ptr,
                           stride_qb, stride_qh, stride_kb, stride_kn, stride_vb, stride_vn,
                           kv_heads, groups, splits, qk_scale,
-                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PRECISION: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // kv_heads
@@ -58,13 +59,13 @@ def _sparse_decode_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr, lengths
         slot = tl.where(pos < sink, pos, sink + (pos - sink) % ring)
         k = tl.load(k_base + slot[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_base + slot[:, None] * stride_vn + dims[None, :], mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     # partial results: normalised output and its log2-sum-exp; an empty chunk has lse = -inf
@@ -122,6 +123,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         kv_heads, groups, splits, scale * LOG2E,
         BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, HEAD_DIM=d,
+        PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2 if q.device.type == "cuda" else 1)
     out = torch.empty_like(q)
     _combine_kernel[(b * hq,)](part_o, part_lse, out, out.stride(0), out.stride(1), hq, splits,

@@ -21,7 +21,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j0, n_keys, rows, sink, window,
             qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-            HEAD_DIM: tl.constexpr):
+            HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """One key block [j0, j0 + BLOCK_N) into the running (acc, l, m) of the query block."""
     cols = j0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -32,7 +32,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j0, n_keys, 
     else:
         k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :])
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :])
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK:
         dist = rows[:, None] - cols[None, :]
         if CAUSAL:
@@ -47,7 +47,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, j0, n_keys, 
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -57,7 +57,7 @@ def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, windows_ptr,
                            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                            q_heads, groups, n_queries, n_keys, qk_scale,
                            CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HEAD_DIM: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     # the longest rows (last query blocks under causality) start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -103,20 +103,30 @@ def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, windows_ptr,
 
     for blk in range(0, sink_blocks):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, blk * BLOCK_N,
-                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM,
+                                PRECISION)
     for blk in range(lo, full_lo):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, blk * BLOCK_N,
-                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM,
+                                PRECISION)
     for blk in range(full_lo, full_hi):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, blk * BLOCK_N,
-                                n_keys, rows, sink, window, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM)
+                                n_keys, rows, sink, window, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM,
+                                PRECISION)
     for blk in range(full_hi, hi):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, blk * BLOCK_N,
-                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+                                n_keys, rows, sink, window, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM,
+                                PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + b * stride_ob + hq * stride_oh + (m0 + tl.arange(0, BLOCK_M))[:, None] * stride_om
              + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=(rows < n_keys)[:, None])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get float32 products (not tf32): a float32 model should not lose digits
+    here; half-precision inputs are exact in either mode."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -148,5 +158,6 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, m, n, scale * LOG2E,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, num_warps=warps, num_stages=stages)
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PRECISION=dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
     return out
