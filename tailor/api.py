@@ -67,6 +67,15 @@ class Compiled:
     run_config: dict[str, Any] | None = None
     rewritten: Any = field(default=None, repr=False)   # the rewritten transformers or onnx_ir model
 
+    def generate(self, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
+        """Continue token-id prompts with the per-head KV cache (tailor.runtime.generate): Triton
+        kernels where the model is on CUDA, their torch references elsewhere."""
+        from tailor.runtime.generate import generate
+
+        if not isinstance(self.model, HFModel):
+            raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+        return generate(self.model, prompts, max_new_tokens, **sampling)
+
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
         """Write the artifact directory atomically; refuses to replace one unless force.
         check(tmp_dir), if given, validates the written artifact before it is moved into place."""
