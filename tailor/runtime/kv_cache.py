@@ -100,19 +100,22 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
 
     def write_prompt(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k/v [kv_heads, N, D] of one sequence's prompt: each head's kept positions go in."""
+        """k/v [kv_heads, N, D] of one sequence's prompt: each head's kept positions go in, as
+        at most three slice copies per head (the sink, the ring up to its wrap, the rest); no
+        index tensors, so nothing waits on the host."""
         n = k.shape[1]
-        heads, positions = [], []
-        for h in range(self.layout.kv_heads):
-            s, r = self.layout.sinks[h], self.layout.rings[h]
-            kept = list(range(min(s, n))) + list(range(max(s, n - r), n))
-            heads += [h] * len(kept)
-            positions += kept
-        h_idx = torch.tensor(heads, device=k.device)
-        p_idx = torch.tensor(positions, device=k.device)
-        slots = slots_of({key: val[h_idx] for key, val in self.t.items()}, p_idx)
-        self.k[b, slots] = k[h_idx, p_idx]
-        self.v[b, slots] = v[h_idx, p_idx]
+        lay = self.layout
+        for h, (off, s, r) in enumerate(zip(lay.offsets, lay.sinks, lay.rings)):
+            ns = min(s, n)
+            copies = [(off, 0, ns)]
+            first = max(s, n - r)            # oldest position the ring keeps
+            start = (first - s) % r if n > s else 0
+            head = min(n - first, r - start) if n > s else 0
+            copies += [(off + s + start, first, head), (off + s, first + head, max(0, n - first - head))]
+            for slot, pos, count in copies:
+                if count > 0:
+                    self.k[b, slot:slot + count] = k[h, pos:pos + count]
+                    self.v[b, slot:slot + count] = v[h, pos:pos + count]
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """k/v [B, kv_heads, D] of the token at position lengths - 1 of each sequence."""
