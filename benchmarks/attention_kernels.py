@@ -139,9 +139,8 @@ def decode_rows(contexts, batches, densities) -> list[dict]:
                     slots = torch.tensor(layout.kept_slots(h, n), device="cuda")
                     cache.k[:, slots] = k[:, h, pos]
                     cache.v[:, slots] = v[:, h, pos]
-                longest = max(s + r for s, r in zip(layout.sinks, layout.rings))
                 ours_fn = lambda: sparse_decode(q[:, :, 0], cache.k, cache.v, cache.t, lengths,  # noqa: E731
-                                                longest=longest)
+                                                longest=cache.longest)
                 keep = torch.zeros(HKV, n, dtype=torch.bool, device="cuda")
                 for h in range(HKV):
                     keep[h, layout.kept_positions(h, n)] = True

@@ -107,16 +107,15 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 
     from tailor.runtime.generate import active_state
 
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     state = active_state()
     if state is not None and id(module) in state.caches:  # generating over the per-head KV cache
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         return state.attend(module, query, key, value, scale, causal), None
     spans = getattr(module, "tailor_spans", None)
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     patterns = [Pattern.from_json(s) for s in spans]

@@ -63,9 +63,8 @@ class DecodeState:
         if key in self.writers:
             cache.write_token(k[:, :, 0], v[:, :, 0], self.lengths)
         t = cache.t
-        longest = max(s + r for s, r in zip(cache.layout.sinks, cache.layout.rings))
         out = ops.sparse_decode(q[:, :, 0].contiguous(), cache.k, cache.v, self.lengths, t["offsets"],
-                                t["sinks"], t["rings"], t["alphas"], t["betas"], scale, longest)
+                                t["sinks"], t["rings"], t["alphas"], t["betas"], scale, cache.longest)
         return out[:, None]
 
 
@@ -135,13 +134,14 @@ class Generator:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.state = new_state(self.model, batch, max_len, self.lengths)
         self.max_len = max_len
+        self._longest = 0  # the longest sequence, kept on the host: no device sync per step
+        register()
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graph = None
         self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
 
     def _run(self, **inputs) -> torch.Tensor:
-        register()
         saved = self.model.config._attn_implementation
         self.model.config._attn_implementation = IMPLEMENTATION
         token = _ACTIVE.set(self.state)
@@ -165,6 +165,7 @@ class Generator:
             positions = torch.arange(len(prompt), device=self.device)[None]
             out.append(self._run(input_ids=ids, position_ids=positions)[0])
             self.lengths[b] = len(prompt)
+        self._longest = max(len(p) for p in prompts)
         self.state.phase = "decode"
         return torch.stack(out)
 
@@ -174,10 +175,11 @@ class Generator:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens [B] (one per sequence); logits [B, V] for the next position."""
-        if int(self.lengths.max()) >= self.max_len:
+        if self._longest >= self.max_len:
             raise TailorError(f"the cache holds {self.max_len} tokens per sequence; it is full")
         self._tokens.copy_(tokens.view(-1, 1))
         self.lengths += 1
+        self._longest += 1
         if not self.cuda_graph:
             return self._decode()
         if self._graph is None:

@@ -14,6 +14,7 @@ window, as in MoA; with static windows cached decoding equals recomputing the wh
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class HeadLayout:
     def kv_heads(self) -> int:
         return len(self.sinks)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> list[int]:
         out, at = [], 0
         for s, r in zip(self.sinks, self.rings):
@@ -96,6 +97,7 @@ class LayerCache:
     def __init__(self, layout: HeadLayout, batch: int, head_dim: int, dtype, device):
         self.layout = layout
         self.t = layout.tensors(device)
+        self.longest = max(s + r for s, r in zip(layout.sinks, layout.rings))  # most slots of a head
         self.k = torch.zeros(batch, layout.slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
