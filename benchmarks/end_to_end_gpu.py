@@ -78,13 +78,13 @@ def make_plan(path: Path) -> None:
 
 
 def rewritten(plan: dict, dtype, device):
-    from tailor.passes.base import Option
     from tailor.passes.profile import apply_options
+    from tailor.passes.registry import options_from_plan
     from tailor.rewriter.capture import capture
 
     model = build(dtype, "cpu")
     graph = capture(model).graph
-    apply_options(model, graph, [Option.from_json(r) for r in plan["rewrites"]], None)
+    apply_options(model, graph, options_from_plan(graph, plan["rewrites"]), None)
     return model.to(device)
 
 

@@ -27,12 +27,13 @@ from tailor.passes.profile import (
     calibration_from_ids,
     calibration_from_text,
     clone,
+    collect_signals,
     divergence,
     model_outputs,
     neutral_signals,
     run_profile,
 )
-from tailor.passes.registry import PASSES, candidates_for
+from tailor.passes.registry import PASSES, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
 from tailor.quality.metrics import evaluate_pair, has_tokenizer, load_tokenizer, read_text
@@ -123,14 +124,21 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             calib_windows: int = 16, calib_len: int = 512, eval_text: str | Path | None = None,
             seed: int = 0, formats: tuple[str, ...] | None = None, trust_remote_code: bool = False,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
-            retrieval_template: dict | None = None,
+            retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             use_cache: bool = True, progress: bool = False, stages: "StageLog | None" = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
     Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
     plans validated at `validation_len` (default 3/4 prompt_len), with synthetic retrieval
-    sequences written from `retrieval_template` (default: code-shaped `name = value` lines)."""
+    sequences written from `retrieval_template` (default: code-shaped `name = value` lines).
+    `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
+    budget, objective, workload and target replace those given; calibration still runs, since
+    the rewrites' compensation is fitted on this model's activations."""
+    if plan is not None:
+        return _replay(model, plan, trust_remote_code=trust_remote_code, calib=calib, tokenizer=tokenizer,
+                       calib_windows=calib_windows, calib_len=calib_len, eval_text=eval_text, seed=seed,
+                       formats=formats, stages=stages)
     budget = check_budget(budget)
     if objective not in OBJECTIVES:
         raise TailorError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -223,6 +231,47 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     return Compiled(runnable, plan, report, cap.graph, cap.source, formats, rewritten=rewritten)
 
 
+def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, calib, tokenizer,
+            calib_windows: int, calib_len: int, eval_text, seed: int, formats, stages) -> Compiled:
+    """compile(plan=...): apply a saved plan to the model it was made for."""
+    where = "plan" if isinstance(plan, Plan) else str(plan)
+    given = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
+    stages = stages or StageLog()
+    with stages("capture"):
+        cap = capture(model, trust_remote_code=trust_remote_code)
+    if given.model_hash != cap.model_hash:
+        raise TailorError(f"{where}: made for another model (hash {given.model_hash[:12]}…, this model "
+                          f"is {cap.model_hash[:12]}…)")
+    graph = cap.graph
+    chosen = options_from_plan(graph, given.rewrites, where)
+    _passes_for(cap, sorted({o.pass_name for o in chosen}))  # each has a rewrite for this input
+    workload = Workload(**given.workload)  # keys and values checked by Plan.from_json
+    cost_model = CostModel(graph, workload, get_target(given.target))
+    replayed = Plan(cap.model_hash, given.budget, given.objective, asdict(workload), target=given.target,
+                    rewrites=[o.to_json() for o in chosen],
+                    predicted=cost_model.ratios(structure_of(graph, chosen)))
+    module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
+    report: dict[str, Any] = {"model": describe(graph, workload), "replayed_plan": where}
+    if chosen:
+        with stages("profile"):
+            cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
+            signals = collect_signals(module, graph, cal.profile_ids)
+        with stages("rewrite"):
+            rewritten = apply_options(clone(module), graph, chosen, signals)
+            report["search"] = {"measured_kl_heldout": HeldOut(module, graph, cal).divergence(rewritten)}
+    else:
+        rewritten = module
+    runnable = as_runnable(rewritten)
+    if eval_text is not None and chosen:
+        with stages("evaluate"):
+            report["quality"] = evaluate_pair(as_runnable(module), runnable, Path(eval_text),
+                                              _tokenizer_dir(cap.source, tokenizer), graph.task)
+    report["plan"] = {"rewrites": replayed.rewrites, "predicted_cost_ratio": replayed.predicted}
+    report["stages"] = stages.times
+    return Compiled(runnable, replayed, report, graph, cap.source, _resolve_formats(formats, cap),
+                    rewritten=rewritten)
+
+
 def _passes_for(cap: Captured, asked: list[str] | None) -> list[str]:
     """The passes to search over: those asked for (default all) that the input's back end has."""
     if isinstance(cap.source, TorchSource):
@@ -312,8 +361,6 @@ def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
     import transformers
     from safetensors.torch import load_file
 
-    from tailor.passes.base import Option
-
     cfg = json.loads((folder / BASE_CONFIG).read_text())
     if cfg.get("auto_map"):
         raise TailorError(f"{folder}/{BASE_CONFIG}: remote code is not loaded")
@@ -325,7 +372,7 @@ def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
                                               model_type=cfg["model_type"])
     model = cls(config).eval()
     graph = capture(model).graph
-    apply_options(model, graph, [Option.from_json(r) for r in plan.rewrites], None)
+    apply_options(model, graph, options_from_plan(graph, plan.rewrites, f"{folder}/plan.json"), None)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))

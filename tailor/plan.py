@@ -12,6 +12,7 @@ from tailor.errors import TailorError
 SCHEMA_VERSION = 1
 # attention: the FLOPs of attention itself (q·kᵀ and p·v), i.e. the density of the attention
 OBJECTIVES = ("latency", "flops", "kv_memory", "attention")
+WORKLOAD_KEYS = ("batch", "prompt_len", "gen_len")
 
 
 def check_budget(budget: Any) -> float:
@@ -64,10 +65,14 @@ class Plan:
                        rewrites=rewrites,
                        predicted={str(k): float(v) for k, v in data.get("predicted", {}).items()},
                        schema_version=version)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise TailorError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
         if plan.objective not in OBJECTIVES:
             raise TailorError(f"{where}: unknown objective {plan.objective!r}")
+        w = plan.workload
+        if set(w) - set(WORKLOAD_KEYS) or w.get("batch", 1) < 1 or w.get("prompt_len", 1) < 1 or \
+                w.get("gen_len", 0) < 0:
+            raise TailorError(f"{where}: workload takes batch ≥ 1, prompt_len ≥ 1, gen_len ≥ 0; got {w}")
         return plan
 
     @classmethod

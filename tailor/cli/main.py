@@ -28,7 +28,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
     "calib_windows": 16, "calib_len": 512, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
-    "validation_len": None, "retrieval_template": None,
+    "validation_len": None, "retrieval_template": None, "plan": None,
 }
 
 
@@ -64,6 +64,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512)")
     p.add_argument("--eval", help="text file to report perplexity / KL / top-1 on (never calibrated on)")
     p.add_argument("--seed", type=int, help="seed for data-free calibration (default 0)")
+    p.add_argument("--plan", help="replay this plan.json (from an artifact made for the same model) "
+                   "instead of searching; its budget, objective and workload apply")
     p.add_argument("--sweep", help="comma list of budgets: one artifact each under OUT, plus "
                    "OUT/pareto.png (quality vs budget beside single-technique plans)")
     p.add_argument("--format", help="comma list of safetensors,onnx (torch inputs; default "
@@ -191,7 +193,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def cmd_optimize(args) -> int:
-    from tailor.runtime.artifact import check_output_dir
+    from tailor.runtime.artifact import check_output_dir, output_lock
 
     cfg = resolve_config(args)
     cfg["budget"] = check_budget(cfg["budget"])
@@ -208,12 +210,16 @@ def cmd_optimize(args) -> int:
         raise TailorError(f"{model}: no such file or directory")
     out = Path(cfg["output"] or f"{Path(model).resolve().with_suffix('').name}-tailored")
     cfg["output"] = str(out)
-    if not args.dry_run:
+    if cfg["sweep"] and cfg["plan"]:
+        raise TailorError("--sweep searches a plan per budget; it cannot be combined with --plan")
+    if args.dry_run:
+        _optimize_one(cfg, model, out, cfg["budget"], dry_run=True, verbose=args.verbose)
+        return 0
+    with output_lock(out):  # from the first check to the rename: no second run races this one
         check_output_dir(out, bool(cfg["force"]))
-
-    if cfg["sweep"]:
-        return _sweep(cfg, model, out)
-    _optimize_one(cfg, model, out, cfg["budget"], dry_run=args.dry_run, verbose=args.verbose)
+        if cfg["sweep"]:
+            return _sweep(cfg, model, out)
+        _optimize_one(cfg, model, out, cfg["budget"], verbose=args.verbose)
     return 0
 
 
@@ -230,7 +236,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
         console.print(f"  {name:<9} {secs:6.2f} s")
 
     stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
-    console.print(f"tailor: {model} → {out} (budget {budget:g}, objective {cfg['objective']})")
+    what = f"replaying {cfg['plan']}" if cfg["plan"] else f"budget {budget:g}, objective {cfg['objective']}"
+    console.print(f"tailor: {model} → {out} ({what})")
     compiled = tailor.compile(model, budget, objective=cfg["objective"], prompt_len=cfg["prompt_len"],
                               gen_len=cfg["gen_len"], batch=cfg["batch"], target=cfg["target"],
                               passes=cfg["passes"], calib=cfg["calib"], tokenizer=cfg["tokenizer"],
@@ -238,7 +245,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               eval_text=cfg["eval"], seed=cfg["seed"], formats=cfg["format"],
                               trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
                               attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
-                              retrieval_template=cfg["retrieval_template"], stages=stages)
+                              retrieval_template=cfg["retrieval_template"], plan=cfg["plan"],
+                              stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:

@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 
-from tailor.passes.base import Option
+from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.torch_surgery import attention_path
@@ -74,11 +74,28 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
         if not np.isfinite(losses[b.index]).all():
             continue  # the profile found this layer's attention does not run patterns
         for assign, loss in _layer_options(losses[b.index], grid):
-            spans = [None if a < 0 else grid[a].to_json() for a in assign]
-            label = f"layer {b.index}: " + ", ".join(f"kv{h} {'dense' if a < 0 else grid[a]}"
-                                                     for h, a in enumerate(assign))
-            out.append(Option(NAME, b.index, {"spans": spans}, (f"attn:{b.index}",), loss=loss, label=label))
+            option = _spans(b.index, [None if a < 0 else grid[a] for a in assign])
+            option.loss = loss
+            out.append(option)
     return out
+
+
+def _spans(layer: int, patterns: list[Pattern | None]) -> Option:
+    label = f"layer {layer}: " + ", ".join(f"kv{h} {'dense' if p is None else p}"
+                                           for h, p in enumerate(patterns))
+    return Option(NAME, layer, {"spans": [None if p is None else p.to_json() for p in patterns]},
+                  (f"attn:{layer}",), label=label)
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    exact_keys(choice, {"spans"})
+    spans, heads = choice["spans"], graph.blocks[layer].attn.num_kv_heads
+    if not isinstance(spans, list) or len(spans) != heads:
+        raise ValueError(f"spans must list one pattern (or null: dense) per KV head ({heads})")
+    patterns = [None if s is None else Pattern.checked(s) for s in spans]
+    if all(p is None for p in patterns):
+        raise ValueError("every head is dense: the choice changes nothing")
+    return _spans(layer, patterns)
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

@@ -6,6 +6,8 @@ A pass is a module with
     reshape(option, LayerShape)                    its effect on the cost model's Structure
     apply_torch(model, graph, options, signals)    do it (signals None: shapes only, on reload)
     apply_onnx(model, graph, options, signals)     do it on an onnx_ir model (optional)
+    from_plan(graph, layer, choice) -> Option      the option a plan.json names, checked against
+                                                   the graph (ValueError says what does not fit)
 Options claim resources (e.g. "attn:3"); two options with a common claim exclude each other,
 which is all the search needs to know to combine passes.
 """
@@ -42,7 +44,16 @@ class Option:
         return {"pass": self.pass_name, "layer": self.layer, "choice": self.choice,
                 "label": self.label, "estimated_kl": self.loss, "cost_delta": self.cost}
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Option":
-        return cls(d["pass"], int(d["layer"]), dict(d["choice"]), (), dict(d.get("cost_delta", {})),
-                   float(d.get("estimated_kl", 0.0)), str(d.get("label", "")))
+
+def sorted_indices(value: Any, bound: int, what: str) -> list[int]:
+    """A plan's list of kept indices: distinct whole numbers in [0, bound), ascending."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{what} must be a list of whole numbers")
+    if value != sorted(set(value)) or (value and not 0 <= value[0] <= value[-1] < bound):
+        raise ValueError(f"{what} must be distinct, ascending and within 0..{bound - 1}")
+    return value
+
+
+def exact_keys(choice: dict, keys: set[str]) -> None:
+    if set(choice) != keys:
+        raise ValueError(f"choice must have exactly the keys {sorted(keys)}, got {sorted(choice)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tailor.passes.base import Option, sliceable
+from tailor.passes.base import Option, exact_keys, sliceable, sorted_indices
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
@@ -35,10 +35,24 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
             n = max(8, int(round(f.width * keep / 8)) * 8)  # multiples of 8 stay kernel-friendly
             if n >= f.width:
                 continue
-            kept = sorted(int(c) for c in order[:n])
-            out.append(Option(NAME, b.index, {"channels": kept}, (f"ffn:{b.index}",),
-                              label=f"layer {b.index}: FFN keep {n}/{f.width}"))
+            out.append(_keep(graph, b.index, sorted(int(c) for c in order[:n])))
     return out
+
+
+def _keep(graph: TransformerGraph, layer: int, kept: list[int]) -> Option:
+    return Option(NAME, layer, {"channels": kept}, (f"ffn:{layer}",),
+                  label=f"layer {layer}: FFN keep {len(kept)}/{graph.blocks[layer].ffn.width}")
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    f = graph.blocks[layer].ffn
+    exact_keys(choice, {"channels"})
+    if not sliceable(graph, f.projections):
+        raise ValueError("this FFN's projections cannot be sliced")
+    kept = sorted_indices(choice["channels"], f.width, "channels")
+    if not 0 < len(kept) < f.width:
+        raise ValueError(f"channels must keep between 1 and {f.width - 1} of {f.width}")
+    return _keep(graph, layer, kept)
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

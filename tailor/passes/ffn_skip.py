@@ -2,7 +2,7 @@
 output on calibration data, so the residual stream keeps its average offset."""
 from __future__ import annotations
 
-from tailor.passes.base import Option
+from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
@@ -13,8 +13,18 @@ NAME = "ffn_skip"
 
 def candidates(graph: TransformerGraph, signals) -> list[Option]:
     # post-norm blocks normalise after the FFN's residual add: the branch is not separable there
-    return [Option(NAME, b.index, {}, (f"ffn:{b.index}",), label=f"skip FFN {b.index}")
-            for b in graph.blocks if b.residual == "pre_norm"]
+    return [_skip(b.index) for b in graph.blocks if b.residual == "pre_norm"]
+
+
+def _skip(layer: int) -> Option:
+    return Option(NAME, layer, {}, (f"ffn:{layer}",), label=f"skip FFN {layer}")
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    exact_keys(choice, set())
+    if graph.blocks[layer].residual != "pre_norm":
+        raise ValueError("the block is post-norm: its FFN branch cannot be skipped")
+    return _skip(layer)
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tailor.errors import TailorError
-from tailor.passes.base import Option, sliceable
+from tailor.passes.base import Option, exact_keys, sliceable, sorted_indices
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import Attention, TransformerGraph
@@ -54,16 +54,47 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
         scores = head_scores(graph, signals, b.index)
         # on torch, a post-norm attention module holds its residual add and norm: it cannot
         # become a constant branch (the ONNX rewrite replaces the branch itself)
-        first = 1 if graph.backend == "torch" and b.residual == "post_norm" else 0
+        first = 0 if _droppable(graph, b.index) else 1
         for g in range(first, a.num_kv_heads + 1):
             for m in ([0] if g == 0 else range(1, q_per + 1)):
-                if (g, m) == (a.num_kv_heads, q_per):
-                    continue
-                choice = _choice(scores, g, m) if g else {"kv_heads": [], "queries": []}
-                label = "drop attention" if g == 0 else f"keep {g}/{a.num_kv_heads} KV × {m}/{q_per} q"
-                out.append(Option(NAME, b.index, choice, (f"attn:{b.index}",),
-                                  label=f"layer {b.index}: {label}"))
+                if (g, m) != (a.num_kv_heads, q_per):
+                    out.append(_keep(graph, b.index, _choice(scores, g, m) if g else
+                                     {"kv_heads": [], "queries": []}))
     return out
+
+
+def _droppable(graph: TransformerGraph, layer: int) -> bool:
+    # on torch, a post-norm attention module holds its residual add and norm: it cannot
+    # become a constant branch (the ONNX rewrite replaces the branch itself)
+    return not (graph.backend == "torch" and graph.blocks[layer].residual == "post_norm")
+
+
+def _keep(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    a = graph.blocks[layer].attn
+    g, q_per = len(choice["kv_heads"]), a.num_heads // a.num_kv_heads
+    label = "drop attention" if g == 0 else \
+        f"keep {g}/{a.num_kv_heads} KV × {len(choice['queries'][0])}/{q_per} q"
+    return Option(NAME, layer, choice, (f"attn:{layer}",), label=f"layer {layer}: {label}")
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    a = graph.blocks[layer].attn
+    q_per = a.num_heads // a.num_kv_heads
+    exact_keys(choice, {"kv_heads", "queries"})
+    if not sliceable(graph, a.projections):
+        raise ValueError("this attention's projections cannot be sliced")
+    kept = sorted_indices(choice["kv_heads"], a.num_kv_heads, "kv_heads")
+    queries = choice["queries"]
+    if not isinstance(queries, list) or len(queries) != len(kept):
+        raise ValueError("queries must hold one list of query heads per kept KV head")
+    queries = [sorted_indices(q, q_per, "queries") for q in queries]
+    if len({len(q) for q in queries}) > 1 or (queries and not queries[0]):
+        raise ValueError("every kept KV head keeps the same number (≥ 1) of query heads")
+    if not kept and not _droppable(graph, layer):
+        raise ValueError("a post-norm attention cannot be dropped whole on a torch model")
+    if len(kept) == a.num_kv_heads and len(queries[0]) == q_per:
+        raise ValueError("the choice keeps every head: it prunes nothing")
+    return _keep(graph, layer, {"kv_heads": kept, "queries": queries})
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tailor.passes.base import Option, sliceable
+from tailor.passes.base import Option, exact_keys, sliceable
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import Block, TransformerGraph
@@ -94,9 +94,26 @@ def candidates(graph: TransformerGraph, signals) -> list[Option]:
             if not (_shareable(graph, b) and _shareable(graph, src)) or \
                     (src.attn.num_kv_heads, src.attn.head_dim) != (b.attn.num_kv_heads, b.attn.head_dim):
                 continue
-            out.append(Option(NAME, j, {"source": i}, (f"attn:{j}", f"attn:{i}", f"layer:{i}"),
-                              label=f"layer {j} reads layer {i}'s KV"))
+            out.append(_share(j, i))
     return out
+
+
+def _share(layer: int, source: int) -> Option:
+    return Option(NAME, layer, {"source": source}, (f"attn:{layer}", f"attn:{source}", f"layer:{source}"),
+                  label=f"layer {layer} reads layer {source}'s KV")
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    exact_keys(choice, {"source"})
+    i = choice["source"]
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < layer:
+        raise ValueError(f"source must be an earlier layer (0..{layer - 1}), got {i!r}")
+    own, src = graph.blocks[layer], graph.blocks[i]
+    if not (_shareable(graph, own) and _shareable(graph, src)):
+        raise ValueError("these layers' attention cannot share a KV cache")
+    if (src.attn.num_kv_heads, src.attn.head_dim) != (own.attn.num_kv_heads, own.attn.head_dim):
+        raise ValueError(f"layer {i}'s KV heads have another shape")
+    return _share(layer, i)
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

@@ -1,7 +1,7 @@
 """layer_skip: remove a whole block (ShortGPT, SLEB). Later blocks' KV-cache indices shift down."""
 from __future__ import annotations
 
-from tailor.passes.base import Option
+from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
@@ -11,8 +11,17 @@ NAME = "layer_skip"
 
 
 def candidates(graph: TransformerGraph, signals) -> list[Option]:
-    return [Option(NAME, b.index, {}, (f"attn:{b.index}", f"ffn:{b.index}", f"layer:{b.index}"),
-                   label=f"skip layer {b.index}") for b in graph.blocks]
+    return [_skip(b.index) for b in graph.blocks]
+
+
+def _skip(layer: int) -> Option:
+    return Option(NAME, layer, {}, (f"attn:{layer}", f"ffn:{layer}", f"layer:{layer}"),
+                  label=f"skip layer {layer}")
+
+
+def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
+    exact_keys(choice, set())
+    return _skip(layer)
 
 
 def reshape(option: Option, shape: LayerShape) -> None:

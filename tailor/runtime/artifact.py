@@ -8,18 +8,21 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tailor.errors import TailorError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+_held: dict[Path, int] = {}  # output locks this process holds, with their nesting depth
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -43,14 +46,64 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise TailorError(f"{out} exists and is not a directory")
 
 
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Held by a run for as long as it may write `out`: a second run (another process) to the same
+    output fails at once with a clear error instead of racing it. Under the lock, temp dirs that a
+    killed run left beside `out` are removed. The lock file is unlinked on release; a run that
+    locked a file just unlinked retries on the new one."""
+    out = Path(out).absolute()
+    if out in _held:
+        _held[out] += 1
+        try:
+            yield
+        finally:
+            _held[out] -= 1
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TailorError(f"{out}: another tailor run is writing it; wait for it to finish or "
+                              f"choose another output") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _held[out] = 1
+    try:
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in out.parent.glob(f".{out.name}.old-*"):
+            if (stale / out.name).is_dir() and not out.exists():  # killed mid-swap: put it back
+                os.replace(stale / out.name, out)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        del _held[out]
+        os.unlink(path)
+        os.close(fd)
+
+
 def write_artifact(out: Path, write: Callable[[Path], None], *, force: bool = False,
                    check: Callable[[Path], None] | None = None) -> Path:
     """Call write(tmp_dir) to fill a temp dir beside `out`, add the manifest, run check(tmp_dir)
     (validation: raise to abandon), rename into place. A crash or a failed check at any point
     leaves `out` as it was (or absent), never half-written."""
     out = Path(out)
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        check_output_dir(out, force)
+        _write_locked(out, write, check)
+    return out
+
+
+def _write_locked(out: Path, write: Callable[[Path], None], check: Callable[[Path], None] | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
@@ -70,7 +123,6 @@ def write_artifact(out: Path, write: Callable[[Path], None], *, force: bool = Fa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def verify_artifact(folder: Path) -> dict[str, str]:

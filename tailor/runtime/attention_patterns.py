@@ -31,6 +31,11 @@ class Pattern:
     alpha: float
     beta: float
 
+    def __post_init__(self):  # one spelling per pattern: plans and cache keys compare as JSON
+        object.__setattr__(self, "sink", int(self.sink))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "beta", float(self.beta))
+
     def window(self, n: int) -> int:
         return int(math.floor(self.alpha + self.beta * n))
 
@@ -55,6 +60,15 @@ class Pattern:
     @classmethod
     def from_json(cls, v) -> "Pattern | None":
         return None if v is None else cls(int(v[0]), float(v[1]), float(v[2]))
+
+    @classmethod
+    def checked(cls, v) -> "Pattern":
+        """A pattern from an untrusted plan: [sink ≥ 0 (whole), alpha ≥ 1, beta ≥ 0], finite."""
+        ok = isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok or v[0] != int(v[0]) or v[0] < 0 or v[1] < 1 or v[2] < 0:
+            raise ValueError(f"a pattern is [sink ≥ 0 (whole), alpha ≥ 1, beta ≥ 0], got {v!r}")
+        return cls(int(v[0]), float(v[1]), float(v[2]))
 
     def __str__(self) -> str:
         beta = f" + {self.beta:g}·N" if self.beta else ""
