@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from tailor.rewriter.capture import (
     TorchSource,
     capture,
     example_input_ids,
+    external_locations,
     load_hf_directory,
 )
 from tailor.rewriter.export import export_onnx, save_onnx
@@ -94,7 +96,13 @@ class Compiled:
             (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
         src = self.source
         if isinstance(src, OnnxSource):
-            save_onnx(self.rewritten if self.rewritten is not None else src.model, tmp / "model.onnx")
+            if self.plan.rewrites:
+                save_onnx(self.rewritten, tmp / "model.onnx")
+            else:  # nothing rewritten: the input itself, byte for byte
+                shutil.copyfile(src.path, tmp / "model.onnx")
+                for loc in external_locations(src.path):
+                    (tmp / loc).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src.path.parent / loc, tmp / loc)
             _copy_tokenizer(src.path.parent, tmp)
             return
         module = self.model.inner  # the rewritten model (the source itself at budget 1.0)

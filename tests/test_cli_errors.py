@@ -127,18 +127,35 @@ def test_mismatched_weights(tiny_hf_dirs, tmp_path, capsys):
     _fails([str(d), "-o", str(tmp_path / "out")], capsys, expect="could not load")
 
 
-def test_external_data_escaping_folder_refused(tiny_onnx, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["../secret.bin", "/etc/hostname", "link.bin", "sub/../../secret.bin"])
+def test_external_data_escaping_folder_refused(tiny_onnx, tmp_path, capsys, where):
     model = onnx.load(str(tiny_onnx["llama"]))
     init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "secret.bin").write_bytes(init.raw_data)  # present: refused for where it is
     init.data_location = TensorProto.EXTERNAL
     del init.external_data[:]
-    init.external_data.add(key="location", value="../secret.bin")
+    init.external_data.add(key="location", value=where)
     init.ClearField("raw_data")
     sub = tmp_path / "m"
     sub.mkdir()
+    (sub / "link.bin").symlink_to(tmp_path / "secret.bin")  # a link inside, to a file outside
     onnx.save(model, str(sub / "model.onnx"))
+    before = _snapshot(sub)
     _fails([str(sub / "model.onnx"), "-o", str(tmp_path / "out")], capsys,
            expect="outside the model's folder")
+    assert _snapshot(sub) == before and not (tmp_path / "out").exists()
+
+
+def test_external_data_inside_folder_is_carried(tiny_onnx, tmp_path):
+    """A model saved with external data (as models over 2 GB must be) compiles, and the artifact
+    carries its data files."""
+    model = onnx.load(str(tiny_onnx["llama"]))
+    sub = tmp_path / "m"
+    sub.mkdir()
+    onnx.save(model, str(sub / "model.onnx"), save_as_external_data=True, location="weights.data",
+              size_threshold=1024)
+    assert optimize_main([str(sub / "model.onnx"), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "weights.data").read_bytes() == (sub / "weights.data").read_bytes()
 
 
 def test_inspect_bad_input(tmp_path, capsys):

@@ -151,22 +151,33 @@ def hash_state_dict(module: torch.nn.Module) -> str:
 
 # ---- ONNX ----------------------------------------------------------------------------------
 
-def check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
-    """Refuse external-data locations that leave the model's folder (../, absolute, symlinks)."""
-    root = folder.resolve()
+def _external_tensors(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor whose data lives in another file."""
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:
         tensors.extend(a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-    for t in tensors:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+    return [(t.name, next((e.value for e in t.external_data if e.key == "location"), ""))
+            for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_locations(path: Path) -> list[str]:
+    """The external-data files of an ONNX model, relative to its folder (checked on load)."""
+    return sorted({loc for _, loc in _external_tensors(onnx.load(str(path), load_external_data=False))})
+
+
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
+    """Refuse external-data locations that leave the model's folder (../, absolute, symlinks);
+    whether the model has external data at all."""
+    root = folder.resolve()
+    external = _external_tensors(proto)
+    for name, loc in external:
         target = (folder / loc).resolve()
         if Path(loc).is_absolute() or not target.is_relative_to(root):
-            raise TailorError(f"refusing external data '{loc}' of tensor '{t.name}': it points "
+            raise TailorError(f"refusing external data '{loc}' of tensor '{name}': it points "
                               f"outside the model's folder {folder}")
         if not target.is_file():
-            raise TailorError(f"external data '{loc}' of tensor '{t.name}' is missing")
+            raise TailorError(f"external data '{loc}' of tensor '{name}' is missing")
+    return bool(external)
 
 
 def load_onnx(path: Path) -> ir.Model:
@@ -178,7 +189,12 @@ def load_onnx(path: Path) -> ir.Model:
         raise TailorError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
     if not proto.graph.node:
         raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
-    check_external_data(proto, path.parent)
+    external = check_external_data(proto, path.parent)
+    try:  # types, shapes (strict inference) and well-formed tensors: what the rewriter relies on;
+        # strict inference reads shape constants, which external data keeps out of the proto
+        onnx.checker.check_model(str(path), full_check=not external)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as e:
+        raise TailorError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
     if not proto.graph.value_info:
         # exporters like the TorchScript one write no intermediate shapes; recognition needs
         # head_dim, which shape inference with data propagation recovers from Reshape targets
@@ -191,24 +207,36 @@ def load_onnx(path: Path) -> ir.Model:
         return ir.serde.deserialize_model(proto)
     except Exception as e:
         raise TailorError(f"{path}: could not read the ONNX model ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"{_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def capture_onnx(path: Path) -> Captured:
     model = load_onnx(path)
     graph = recognize(OnnxDataflow(model))
+    _check_runs(path, graph)
     names = [v.name for v in model.graph.inputs]
-    digest = sha256_files([path] + _external_files(model, path))
+    digest = sha256_files([path] + [path.parent / loc for loc in external_locations(path)])
     return Captured(graph, OnnxSource(model, path, names), "sha256:" + digest)
 
 
-def _external_files(model: ir.Model, path: Path) -> list[Path]:
-    files = set()
-    for v in model.graph.initializers.values():
-        loc = getattr(v.const_value, "location", None)
-        if loc:
-            files.add(path.parent / loc)
-    return sorted(files)
+def _check_runs(path: Path, graph: TransformerGraph) -> None:
+    """Fail now, not after minutes of profiling, when onnxruntime cannot run the input: a graph
+    can pass the checker and still fail at run time (e.g. shapes that do not broadcast)."""
+    from tailor.runtime.session import OrtModel  # (session imports this module)
+
+    model = OrtModel(path)
+    try:
+        model.run_numpy(example_input_ids(graph.vocab_size, 8).numpy())
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise TailorError(f"{path}: onnxruntime cannot run the model ({_first_line(e)})") from None
+
+
+
 
 
 def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
