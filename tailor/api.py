@@ -37,7 +37,7 @@ from tailor.passes.profile import (
 from tailor.passes.registry import PASSES, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
-from tailor.quality.metrics import evaluate_pair, has_tokenizer, load_tokenizer, read_text
+from tailor.quality.metrics import evaluate_pair, has_tokenizer, load_tokenizer, read_text_pieces
 from tailor.quality.plots import plan_picture
 from tailor.quality.retrieval import RetrievalTemplate
 from tailor.rewriter.capture import (
@@ -337,8 +337,8 @@ def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokeniz
     tok_dir = _tokenizer_dir(source, tokenizer)
     if tok_dir is None:
         raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a module)")
-    return calibration_from_text(read_text(Path(calib)), load_tokenizer(tok_dir), length, windows, str(calib),
-                                 per_line=graph.task == "encoder")
+    return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_dir), length, windows,
+                                 str(calib), per_line=graph.task == "encoder")
 
 
 def load(folder: str | Path) -> Compiled:

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -133,25 +134,26 @@ def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool 
     return torch.stack([stream[s:s + length] for s in starts])
 
 
-def calibration_from_text(text: str, tokenizer, window: int, windows: int, name: str, *,
+def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int, windows: int, name: str, *,
                           per_line: bool = False) -> Calibration:
-    """Windows of `window` tokens spread over the tokenized text. With `per_line` (encoders, whose
-    inputs are single sentences or passages), each line is tokenized on its own, with the special
-    tokens the tokenizer adds (BERT's [CLS] … [SEP]), so the windows carry them as real inputs do."""
-    if per_line:
-        ids = [t for line in text.splitlines() if line.strip() for t in tokenizer(line)["input_ids"]]
-    else:
-        ids = tokenizer(text)["input_ids"]
+    """Windows of `window` tokens spread over the tokenized text (a string, or pieces of a long
+    file: tailor.quality.metrics.read_text_pieces). With `per_line` (encoders, whose inputs are
+    single sentences or passages), each line is tokenized on its own, with the special tokens
+    the tokenizer adds (BERT's [CLS] … [SEP]), so the windows carry them as real inputs do."""
+    from tailor.quality.metrics import tokenize_pieces
+
+    ids = tokenize_pieces([pieces] if isinstance(pieces, str) else pieces, tokenizer, per_line=per_line)
     return _calibration_from_stream(ids, window, windows, name, "calibration text")
 
 
-def _calibration_from_stream(ids: list[int], window: int, windows: int, name: str, what: str) -> Calibration:
+def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: int, name: str,
+                             what: str) -> Calibration:
     """Windows spread over a token stream; every 4th one held out for the search."""
     n = min(windows, len(ids) // window)
     if n < 2:
         raise TailorError(f"{what} {name} has {len(ids)} tokens: need at least "
                           f"{2 * window} (two windows of {window})")
-    stream = torch.tensor(ids)
+    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     t = spread_windows(stream, window, n)
     held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1  # every 4th one held out
     digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:16]

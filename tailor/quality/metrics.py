@@ -2,10 +2,13 @@
 cosine of hidden states for encoders. And side-by-side latency."""
 from __future__ import annotations
 
+import codecs
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tailor.errors import TailorError
@@ -21,12 +24,57 @@ def read_text(path: Path) -> str:
         raise TailorError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def token_windows(token_ids: list[int], seq_len: int, windows: int) -> torch.Tensor:
+def read_text_pieces(path: Path, piece_bytes: int = 4 << 20) -> Iterator[str]:
+    """A UTF-8 text file in pieces of about piece_bytes, so that a long file is tokenized piece by
+    piece instead of being held whole, with its tokenizer encodings, in memory. Pieces end at line
+    ends; a tokenizer may merge across a line end (runs of newlines), so the stream can differ
+    from tokenizing the whole text by a token or so at each piece boundary (one per 4 MB)."""
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError):
+        raise TailorError(f"{path}: no such text file") from None
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with f:
+        while True:
+            block = f.read(piece_bytes)
+            block += f.readline(piece_bytes) if block else b""
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise TailorError(f"{path}: not UTF-8 text (byte {offset + e.start})") from None
+            if text:
+                yield text
+            if not block:
+                return
+            offset += len(block)
+
+
+def tokenize_pieces(pieces: Iterable[str], tokenizer, *, per_line: bool = False,
+                    limit: int | None = None) -> np.ndarray:
+    """One stream of token ids from a text given in pieces; the tokenizer's special tokens (a BOS)
+    start the stream once. With per_line (encoders, whose inputs are single sentences), each
+    non-empty line is an input of its own, with its special tokens ([CLS] … [SEP]). Stops once
+    `limit` tokens are read."""
+    out, count = [], 0
+    for k, piece in enumerate(pieces):
+        if per_line:
+            lines = [line for line in piece.splitlines() if line.strip()]
+            ids = [t for row in tokenizer(lines)["input_ids"] for t in row] if lines else []
+        else:
+            ids = tokenizer(piece, add_special_tokens=k == 0)["input_ids"]
+        out.append(np.asarray(ids, dtype=np.int64))
+        count += len(ids)
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def token_windows(token_ids: list[int] | np.ndarray, seq_len: int, windows: int) -> torch.Tensor:
     """The first `windows` non-overlapping windows of seq_len tokens: the same for every model."""
     n = min(windows, len(token_ids) // seq_len)
     if n < 1:
         raise TailorError(f"the text has {len(token_ids)} tokens: too short for one window of {seq_len}")
-    return torch.tensor(token_ids[: n * seq_len]).view(n, seq_len)
+    return torch.as_tensor(token_ids[: n * seq_len]).view(n, seq_len)
 
 
 def lm_metrics(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None) -> dict:
@@ -67,7 +115,8 @@ def evaluate_pair(reference, candidate, text: Path, tokenizer_dir: Path | None, 
     the same windows for both."""
     if tokenizer_dir is None:
         raise TailorError("evaluating on a text needs a tokenizer: pass --tokenizer DIR")
-    ids = token_windows(load_tokenizer(tokenizer_dir)(read_text(text))["input_ids"], seq_len, windows)
+    stream = tokenize_pieces(read_text_pieces(text), load_tokenizer(tokenizer_dir), limit=seq_len * windows)
+    ids = token_windows(stream, seq_len, windows)
     with torch.no_grad():
         out = torch.cat([candidate(row[None]) for row in ids])
         ref = torch.cat([reference(row[None]) for row in ids]) if reference is not None else None

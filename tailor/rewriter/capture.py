@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -18,6 +17,7 @@ import torch
 from tailor.errors import TailorError
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_check import check_onnx_file, first_line
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
 from tailor.runtime.artifact import sha256_files
@@ -181,6 +181,15 @@ def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
 
 
 def load_onnx(path: Path) -> ir.Model:
+    """A checked ONNX model that onnxruntime runs, or a TailorError saying what is wrong."""
+    model, run_problem = _load_checked(path)
+    if run_problem:
+        raise TailorError(run_problem)
+    return model
+
+
+def _load_checked(path: Path) -> tuple[ir.Model, str | None]:
+    """The model, checked (TailorError if invalid), and why onnxruntime cannot run it (or None)."""
     if path.stat().st_size == 0:
         raise TailorError(f"{path}: empty file, not an ONNX model")
     try:
@@ -190,11 +199,9 @@ def load_onnx(path: Path) -> ir.Model:
     if not proto.graph.node:
         raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
     external = check_external_data(proto, path.parent)
-    try:  # types, shapes (strict inference) and well-formed tensors: what the rewriter relies on;
-        # strict inference reads shape constants, which external data keeps out of the proto
-        onnx.checker.check_model(str(path), full_check=not external)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as e:
-        raise TailorError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+    # types, shapes (strict inference unless data is external: inference cannot read it),
+    # well-formed tensors, and a run in onnxruntime; in a child, where a crash cannot take us down
+    run_problem = check_onnx_file(path, full_check=not external)
     if not proto.graph.value_info:
         # exporters like the TorchScript one write no intermediate shapes; recognition needs
         # head_dim, which shape inference with data propagation recovers from Reshape targets
@@ -204,56 +211,17 @@ def load_onnx(path: Path) -> ir.Model:
             pass
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
-        return ir.serde.deserialize_model(proto)
+        return ir.serde.deserialize_model(proto), run_problem
     except Exception as e:
         raise TailorError(f"{path}: could not read the ONNX model ({type(e).__name__}: "
-                          f"{_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(e).__name__
+                          f"{first_line(e)})") from None
 
 
 def capture_onnx(path: Path) -> Captured:
-    model = load_onnx(path)
-    graph = recognize(OnnxDataflow(model))
-    _check_runs(path, graph)
+    model, run_problem = _load_checked(path)
+    graph = recognize(OnnxDataflow(model))  # a graph that is no transformer: said first
+    if run_problem:
+        raise TailorError(run_problem)
     names = [v.name for v in model.graph.inputs]
     digest = sha256_files([path] + [path.parent / loc for loc in external_locations(path)])
     return Captured(graph, OnnxSource(model, path, names), "sha256:" + digest)
-
-
-def _check_runs(path: Path, graph: TransformerGraph) -> None:
-    """Fail now, not after minutes of profiling, when onnxruntime cannot run the input: a graph
-    can pass the checker and still fail at run time (e.g. shapes that do not broadcast)."""
-    from tailor.runtime.session import OrtModel  # (session imports this module)
-
-    model = OrtModel(path)
-    try:
-        model.run_numpy(example_input_ids(graph.vocab_size, 8).numpy())
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise TailorError(f"{path}: onnxruntime cannot run the model ({_first_line(e)})") from None
-
-
-
-
-
-def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs for an exported transformer from token ids; names as HF exporters write them."""
-    b, t = input_ids.shape
-    feeds = {}
-    for name, _shape, dtype in model_inputs:
-        if "input_ids" in name:
-            arr = input_ids
-        elif "attention_mask" in name:
-            arr = np.ones((b, t))
-        elif "token_type" in name:
-            arr = np.zeros((b, t))
-        elif "position_ids" in name:
-            arr = np.broadcast_to(np.arange(t), (b, t))
-        else:
-            raise TailorError(f"the ONNX model has an input '{name}' tailor does not know how to "
-                              f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
-        feeds[name] = np.ascontiguousarray(arr).astype(dtype)
-    return feeds

@@ -12,10 +12,8 @@ import onnxruntime as ort
 import torch
 
 from tailor.errors import TailorError
-from tailor.rewriter.capture import load_hf_directory, load_onnx, onnx_feeds
-
-_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-               "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+from tailor.rewriter.capture import load_hf_directory, load_onnx
+from tailor.rewriter.onnx_check import input_specs, onnx_feeds
 
 
 class HFModel(torch.nn.Module):
@@ -59,8 +57,7 @@ class OrtModel(torch.nn.Module):
         except Exception as e:  # onnxruntime raises its own exception types
             raise TailorError(f"onnxruntime cannot run {self.path or 'the rewritten model'}: "
                               f"{str(e).splitlines()[0]}") from None
-        self.input_specs = [(i.name, i.shape, _ORT_DTYPES.get(i.type, np.int64))
-                            for i in self.session.get_inputs()]
+        self.input_specs = input_specs(self.session)
 
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Every graph output by name (profiling adds intermediate values as outputs)."""

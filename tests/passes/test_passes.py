@@ -11,7 +11,7 @@ import tailor
 from tailor.passes.base import Option
 from tailor.passes.profile import apply_options, collect_signals
 from tailor.rewriter.capture import capture
-from tests.conftest import build_model, ids_for
+from tests.conftest import REFLLAMA, build_model, ids_for
 
 
 def _out(model, ids):
@@ -236,3 +236,28 @@ def test_encoder_calibration_keeps_special_tokens_per_line():
     whole = calibration_from_text(text, tok, 32, 8, "t")
     assert int((per_line.stream == tok.cls_token_id).sum()) == 60
     assert int((whole.stream == tok.cls_token_id).sum()) == 1
+
+
+def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
+    """A long calibration file is read and tokenized piece by piece (cut at line ends, multi-byte
+    characters intact): no text lost or repeated, and one piece is exactly the whole text's
+    tokens; bad UTF-8 is named with its byte offset."""
+    from tailor.cli.default_model import minilm_directory
+    from tailor.errors import TailorError
+    from tailor.quality.metrics import load_tokenizer, read_text_pieces, tokenize_pieces
+
+    tok = load_tokenizer(REFLLAMA if REFLLAMA.is_dir() else minilm_directory())
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # ünïcödé ✓\n\n" for i in range(400))
+    path = tmp_path / "calib.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(read_text_pieces(path, piece_bytes=1000))
+    assert len(pieces) > 10 and "".join(pieces) == text
+    streamed = tokenize_pieces(pieces, tok)
+    whole = np.asarray(tok(text)["input_ids"])
+    assert tok.decode(streamed, skip_special_tokens=True) == tok.decode(whole, skip_special_tokens=True)
+    assert abs(len(streamed) - len(whole)) <= 2 * len(pieces)  # only at piece boundaries
+    np.testing.assert_array_equal(tokenize_pieces(read_text_pieces(path), tok), whole)
+    assert len(tokenize_pieces(read_text_pieces(path, piece_bytes=1000), tok, limit=50)) < len(whole)
+    path.write_bytes(text.encode() + b"\n\xff\xfe latin-1 \xe9")
+    with pytest.raises(TailorError, match=rf"not UTF-8 text \(byte {len(text.encode()) + 1}\)"):
+        list(read_text_pieces(path, piece_bytes=1000))

@@ -1,0 +1,110 @@
+"""Validation of an untrusted ONNX file, in a child process.
+
+The onnx checker and onnxruntime are native code, and a corrupt or hostile file can crash them
+(fuzzing found a segfault inside onnx.checker.check_model). In a child process such a crash
+becomes one clear error instead of killing tailor. The child runs the checker (with strict shape
+inference unless the model keeps tensors in external data, which inference cannot read) and then
+the model itself once in onnxruntime, so that a graph which passes the checker but cannot run
+fails now rather than after minutes of profiling. This module imports neither torch nor
+transformers: the child starts in well under a second.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tailor.errors import TailorError
+
+ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+              "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
+def input_specs(session) -> list[tuple[str, Any, Any]]:
+    """(name, shape, numpy dtype) of an onnxruntime session's inputs."""
+    return [(i.name, i.shape, ORT_DTYPES.get(i.type, np.int64)) for i in session.get_inputs()]
+
+
+def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for an exported transformer from token ids; names as HF exporters write them."""
+    b, t = input_ids.shape
+    feeds = {}
+    for name, _shape, dtype in model_inputs:
+        if "input_ids" in name:
+            arr = input_ids
+        elif "attention_mask" in name:
+            arr = np.ones((b, t))
+        elif "token_type" in name:
+            arr = np.zeros((b, t))
+        elif "position_ids" in name:
+            arr = np.broadcast_to(np.arange(t), (b, t))
+        else:
+            raise TailorError(f"the ONNX model has an input '{name}' tailor does not know how to "
+                              f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
+        feeds[name] = np.ascontiguousarray(arr).astype(dtype)
+    return feeds
+
+
+def first_line(e: BaseException | str) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+RUN_FAILED = 3  # the child's exit code when the checker passed but onnxruntime could not run it
+
+
+def check_onnx_file(path: Path, *, full_check: bool, timeout: float = 900) -> str | None:
+    """Raise TailorError unless the file passes the checker (in a child); return why onnxruntime
+    cannot run it, or None when it runs. (The caller decides when to report a failed run: a
+    valid graph that is not a transformer is better told as such.)"""
+    root = str(Path(__file__).resolve().parents[2])  # where this tailor is imported from
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tailor.rewriter.onnx_check", str(path),
+                               "full" if full_check else "structure"], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TailorError(f"{path}: validating the model took over {timeout:.0f} s; not a model "
+                          f"tailor can work with") from None
+    if proc.returncode < 0:
+        raise TailorError(f"{path}: validating the model crashed onnx/onnxruntime (signal "
+                          f"{-proc.returncode}); the file is malformed")
+    said = proc.stderr.strip().splitlines()
+    problem = f"{path}: {first_line(said[-1]) if said else 'validation failed'}"
+    if proc.returncode == RUN_FAILED:
+        return problem
+    if proc.returncode:
+        raise TailorError(problem)
+    return None
+
+
+def _check(path: str, full_check: bool) -> tuple[int, str] | None:
+    """In the child: (exit code, what is wrong with the file), or None."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(path, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as e:
+        return 2, f"invalid ONNX model ({first_line(e)})"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        session.run(None, onnx_feeds(input_specs(session), np.zeros((1, 8), np.int64)))
+    except TailorError as e:
+        return RUN_FAILED, str(e)
+    except Exception as e:  # onnxruntime raises its own exception types
+        return RUN_FAILED, f"onnxruntime cannot run the model ({first_line(e)})"
+    return None
+
+
+if __name__ == "__main__":
+    problem = _check(sys.argv[1], sys.argv[2] == "full")
+    if problem:
+        print(problem[1].replace("\n", " "), file=sys.stderr)
+        sys.exit(problem[0])
