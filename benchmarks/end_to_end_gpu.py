@@ -131,6 +131,42 @@ def tailor_decode_rate(model, prompts: list[list[int]], cuda_graph: bool) -> tup
     return rate, kv
 
 
+def profile_decode(plan_file: Path, out: Path, batch: int = 1) -> None:
+    """Where a decode step's time goes at a 32K context: torch.profiler over eager steps and over
+    CUDA-graph replays, dense (tailor's runtime, all-dense cache) and rewritten; one table each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tailor.runtime.generate import Generator
+
+    saved = json.loads(plan_file.read_text())
+    gen = torch.Generator().manual_seed(1)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tailor", "dense"):
+        model = rewritten(saved["plan"], torch.bfloat16, "cuda") if name == "tailor" else \
+            build(torch.bfloat16, "cuda")
+        context = torch.randint(0, model.config.vocab_size, (CONTEXT,), generator=gen).tolist()
+        with torch.no_grad():
+            for graph in (False, True):
+                runner = Generator(model, batch, CONTEXT + 3 * STEPS + 4, cuda_graph=graph)
+                nxt = [runner.prefill([context] * batch).argmax(-1)]
+                for _ in range(3):
+                    nxt[0] = runner.step(nxt[0]).argmax(-1)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(STEPS):
+                        nxt[0] = runner.step(nxt[0]).argmax(-1)
+                    torch.cuda.synchronize()
+                step_ms = timed(lambda: runner.step(nxt[0]), STEPS) * 1e3
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                                  max_name_column_width=70)
+                text = f"{name} {'graph' if graph else 'eager'} B={batch}: {step_ms:.3f} ms/step\n{table}"
+                (out / f"profile_decode_{name}_{'graph' if graph else 'eager'}_b{batch}.txt").write_text(text)
+                print(text[:6000], flush=True)
+                torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
+
 def measure(plan_file: Path, out: Path) -> None:
     from tailor.runtime.generate import Generator
 
@@ -176,9 +212,13 @@ def main() -> None:
     ap.add_argument("--make-plan", type=Path)
     ap.add_argument("--plan", type=Path)
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="only profile decode steps (tables in --out)")
     args = ap.parse_args()
     if args.make_plan:
         make_plan(args.make_plan)
+    elif args.profile_decode:
+        profile_decode(args.plan, args.out)
     else:
         measure(args.plan, args.out)
 

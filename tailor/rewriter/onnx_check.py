@@ -4,9 +4,9 @@ The onnx checker and onnxruntime are native code, and a corrupt or hostile file 
 (fuzzing found a segfault inside onnx.checker.check_model). In a child process such a crash
 becomes one clear error instead of killing tailor. The child runs the checker (with strict shape
 inference unless the model keeps tensors in external data, which inference cannot read) and then
-the model itself once in onnxruntime, so that a graph which passes the checker but cannot run
-fails now rather than after minutes of profiling. This module imports neither torch nor
-transformers: the child starts in well under a second.
+the model itself once in onnxruntime (its outputs must be finite), so that a graph which passes
+the checker but cannot run fails now rather than after minutes of profiling. This module imports
+neither torch nor transformers: the child starts in well under a second.
 """
 from __future__ import annotations
 
@@ -95,7 +95,11 @@ def _check(path: str, full_check: bool) -> tuple[int, str] | None:
     opts.log_severity_level = 4
     try:
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        session.run(None, onnx_feeds(input_specs(session), np.zeros((1, 8), np.int64)))
+        outputs = session.run(None, onnx_feeds(input_specs(session), np.zeros((1, 8), np.int64)))
+        bad = [o.name for o, v in zip(session.get_outputs(), outputs)
+               if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+        if bad:
+            return RUN_FAILED, f"the model's output '{bad[0]}' is NaN or infinite on a plain input"
     except TailorError as e:
         return RUN_FAILED, str(e)
     except Exception as e:  # onnxruntime raises its own exception types
