@@ -64,7 +64,8 @@ class DecodeState:
             cache.write_token(k[:, :, 0], v[:, :, 0], self.lengths)
         t = cache.t
         out = ops.sparse_decode(q[:, :, 0].contiguous(), cache.k, cache.v, self.lengths, t["offsets"],
-                                t["sinks"], t["rings"], t["alphas"], t["betas"], scale, cache.longest)
+                                t["sinks"], t["rings"], t["alphas"], t["betas"], scale, cache.longest,
+                                cache.busy_heads)
         return out[:, None]
 
 

@@ -98,6 +98,9 @@ class LayerCache:
         self.layout = layout
         self.t = layout.tensors(device)
         self.longest = max(s + r for s, r in zip(layout.sinks, layout.rings))  # most slots of a head
+        # a step's work in units of the longest head (1 dense head + 7 short ones: 2, not 8), so
+        # the split-K decode splits the long head over the whole GPU
+        self.busy_heads = -(-sum(s + r for s, r in zip(layout.sinks, layout.rings)) // self.longest)
         self.k = torch.zeros(batch, layout.slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 

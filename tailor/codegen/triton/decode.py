@@ -94,25 +94,28 @@ def _combine_kernel(part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, q_hea
     tl.store(o_ptr + b * stride_ob + hq * stride_oh + dims, out.to(o_ptr.dtype.element_ty))
 
 
-def choose_splits(batch: int, kv_heads: int, longest: int, block_n: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, never a chunk shorter than 4 key blocks."""
+def choose_splits(batch: int, busy_heads: int, longest: int, block_n: int, device: torch.device) -> int:
+    """Splits of the longest head: enough programs with work (`busy_heads`: the step's work in
+    units of the longest head) to fill the GPU twice over, never a chunk under 4 key blocks."""
     if device.type != "cuda":
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), triton.cdiv(longest, 4 * block_n), 128))
+    return max(1, min(triton.cdiv(2 * sms, batch * busy_heads), triton.cdiv(longest, 4 * block_n), 128))
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout_t: dict,
                   lengths: torch.Tensor, scale: float | None = None, splits: int | None = None,
-                  longest: int | None = None) -> torch.Tensor:
+                  longest: int | None = None, busy_heads: int | None = None) -> torch.Tensor:
     """q [B, Hq, D]; caches [B, slots, D]; layout_t = HeadLayout.tensors(device); lengths [B] int32
     (tokens so far, the new one included, already written) -> [B, Hq, D].
-    `longest` bounds the kept positions of any head (sizes the split); default: the cache's slots."""
+    `longest` bounds the kept positions of any head (sizes the split); default: the cache's slots.
+    `busy_heads`: the work in units of the longest head (LayerCache.busy_heads); default: all heads."""
     b, hq, d = q.shape
     kv_heads = layout_t["sinks"].shape[0]
     groups = hq // kv_heads
     block_n = 64 if q.device.type == "cuda" else 16
-    splits = splits or choose_splits(b, kv_heads, longest or k_cache.shape[1], block_n, q.device)
+    splits = splits or choose_splits(b, busy_heads or kv_heads, longest or k_cache.shape[1], block_n,
+                                     q.device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     part_o = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)

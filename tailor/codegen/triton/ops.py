@@ -26,15 +26,15 @@ def _(q, k, v, sinks, windows, causal, scale):
 @torch.library.custom_op("tailor::sparse_decode", mutates_args=())
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                   offsets: torch.Tensor, sinks: torch.Tensor, rings: torch.Tensor, alphas: torch.Tensor,
-                  betas: torch.Tensor, scale: float, longest: int) -> torch.Tensor:
+                  betas: torch.Tensor, scale: float, longest: int, busy_heads: int) -> torch.Tensor:
     layout_t = {"offsets": offsets, "sinks": sinks, "rings": rings, "alphas": alphas, "betas": betas}
     if q.is_cuda:
         from tailor.codegen.triton.decode import sparse_decode as kernel
 
-        return kernel(q, k_cache, v_cache, layout_t, lengths, scale, longest=longest)
+        return kernel(q, k_cache, v_cache, layout_t, lengths, scale, longest=longest, busy_heads=busy_heads)
     return reference.decode_reference(q, k_cache, v_cache, layout_t, lengths, scale)
 
 
 @sparse_decode.register_fake
-def _(q, k_cache, v_cache, lengths, offsets, sinks, rings, alphas, betas, scale, longest):
+def _(q, k_cache, v_cache, lengths, offsets, sinks, rings, alphas, betas, scale, longest, busy_heads):
     return torch.empty_like(q)
