@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -88,9 +89,12 @@ def test_mutated_plans_fail_cleanly(targets, rng, name, seed):
         options = options_from_plan(graph, plan.rewrites)
     except TailorError:
         return
-    rewritten = apply_options(clone(model), graph, options, None)
-    with torch.no_grad():
-        out = rewritten(ids_for())
+    try:
+        rewritten = apply_options(clone(model), graph, options, None)
+        with torch.no_grad():
+            out = rewritten(ids_for())
+    except Exception as e:
+        raise AssertionError(f"{what}: {json.dumps(data)}") from e
     assert torch.isfinite(out.logits).all(), what
 
 
