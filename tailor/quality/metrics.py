@@ -24,11 +24,11 @@ def read_text(path: Path) -> str:
         raise TailorError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def read_text_pieces(path: Path, piece_bytes: int = 4 << 20) -> Iterator[str]:
+def read_text_pieces(path: Path, piece_bytes: int = 1 << 20) -> Iterator[str]:
     """A UTF-8 text file in pieces of about piece_bytes, so that a long file is tokenized piece by
     piece instead of being held whole, with its tokenizer encodings, in memory. Pieces end at line
     ends; a tokenizer may merge across a line end (runs of newlines), so the stream can differ
-    from tokenizing the whole text by a token or so at each piece boundary (one per 4 MB)."""
+    from tokenizing the whole text by a token or so at each piece boundary (one per MB)."""
     try:
         f = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError):
