@@ -47,7 +47,6 @@ from tailor.rewriter.capture import (
     TorchSource,
     capture,
     example_input_ids,
-    external_locations,
     load_hf_directory,
 )
 from tailor.rewriter.export import export_onnx, save_onnx
@@ -100,7 +99,7 @@ class Compiled:
                 save_onnx(self.rewritten, tmp / "model.onnx")
             else:  # nothing rewritten: the input itself, byte for byte
                 shutil.copyfile(src.path, tmp / "model.onnx")
-                for loc in external_locations(src.path):
+                for loc in src.data_files:
                     (tmp / loc).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src.path.parent / loc, tmp / loc)
             _copy_tokenizer(src.path.parent, tmp)

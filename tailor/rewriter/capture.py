@@ -45,6 +45,7 @@ class OnnxSource:
     model: ir.Model
     path: Path
     input_names: list[str] = field(default_factory=list)
+    data_files: list[str] = field(default_factory=list)  # external data, relative to path's folder
 
     backend = "onnx"
 
@@ -160,14 +161,9 @@ def _external_tensors(proto: onnx.ModelProto) -> list[tuple[str, str]]:
             for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def external_locations(path: Path) -> list[str]:
-    """The external-data files of an ONNX model, relative to its folder (checked on load)."""
-    return sorted({loc for _, loc in _external_tensors(onnx.load(str(path), load_external_data=False))})
-
-
-def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
+def check_external_data(proto: onnx.ModelProto, folder: Path) -> list[str]:
     """Refuse external-data locations that leave the model's folder (../, absolute, symlinks);
-    whether the model has external data at all."""
+    the external-data files, relative to the folder (none: all data inside the model file)."""
     root = folder.resolve()
     external = _external_tensors(proto)
     for name, loc in external:
@@ -177,19 +173,20 @@ def check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
                               f"outside the model's folder {folder}")
         if not target.is_file():
             raise TailorError(f"external data '{loc}' of tensor '{name}' is missing")
-    return bool(external)
+    return sorted({loc for _, loc in external})
 
 
 def load_onnx(path: Path) -> ir.Model:
     """A checked ONNX model that onnxruntime runs, or a TailorError saying what is wrong."""
-    model, run_problem = _load_checked(path)
+    model, run_problem, _ = _load_checked(path)
     if run_problem:
         raise TailorError(run_problem)
     return model
 
 
-def _load_checked(path: Path) -> tuple[ir.Model, str | None]:
-    """The model, checked (TailorError if invalid), and why onnxruntime cannot run it (or None)."""
+def _load_checked(path: Path) -> tuple[ir.Model, str | None, list[str]]:
+    """The model, checked (TailorError if invalid); why onnxruntime cannot run it (or None); its
+    external-data files."""
     if path.stat().st_size == 0:
         raise TailorError(f"{path}: empty file, not an ONNX model")
     try:
@@ -198,10 +195,10 @@ def _load_checked(path: Path) -> tuple[ir.Model, str | None]:
         raise TailorError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
     if not proto.graph.node:
         raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
-    external = check_external_data(proto, path.parent)
+    data_files = check_external_data(proto, path.parent)
     # types, shapes (strict inference unless data is external: inference cannot read it),
     # well-formed tensors, and a run in onnxruntime; in a child, where a crash cannot take us down
-    run_problem = check_onnx_file(path, full_check=not external)
+    run_problem = check_onnx_file(path, full_check=not data_files)
     if not proto.graph.value_info:
         # exporters like the TorchScript one write no intermediate shapes; recognition needs
         # head_dim, which shape inference with data propagation recovers from Reshape targets
@@ -211,17 +208,17 @@ def _load_checked(path: Path) -> tuple[ir.Model, str | None]:
             pass
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
-        return ir.serde.deserialize_model(proto), run_problem
+        return ir.serde.deserialize_model(proto), run_problem, data_files
     except Exception as e:
         raise TailorError(f"{path}: could not read the ONNX model ({type(e).__name__}: "
                           f"{first_line(e)})") from None
 
 
 def capture_onnx(path: Path) -> Captured:
-    model, run_problem = _load_checked(path)
+    model, run_problem, data_files = _load_checked(path)
     graph = recognize(OnnxDataflow(model))  # a graph that is no transformer: said first
     if run_problem:
         raise TailorError(run_problem)
     names = [v.name for v in model.graph.inputs]
-    digest = sha256_files([path] + [path.parent / loc for loc in external_locations(path)])
-    return Captured(graph, OnnxSource(model, path, names), "sha256:" + digest)
+    digest = sha256_files([path] + [path.parent / loc for loc in data_files])
+    return Captured(graph, OnnxSource(model, path, names, data_files), "sha256:" + digest)
