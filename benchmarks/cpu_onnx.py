@@ -7,7 +7,9 @@ held-out English sentences (docstrings of standard-library modules never used in
 refllama-16m, perplexity on code-eval.txt (512-token windows), calibrated on code-calib.txt.
 MiniLM calibrates on 64 windows of 32 tokens (sentence-sized: 128-token windows of packed
 sentences gave cosine 0.912 at 0.75, 32-token ones 0.935); latency is timed on 1 × 128 tokens
-(MiniLM) and 1 × 512 (refllama), the workloads the budgets are priced for.
+(MiniLM) and 1 × 512 (refllama), the workloads the budgets are priced for. Every artifact (the
+original too, compiled at budget 1) also carries its TVM CPU build (`--format onnx,tvm`), timed
+in the same alternation with TVM_NUM_THREADS = --threads.
 
     python benchmarks/cpu_onnx.py [--budgets 0.75,0.5] [--threads 2] [--repeats 30]
 """
@@ -68,17 +70,21 @@ def refllama_quality(models: dict[str, OrtModel], windows: torch.Tensor) -> dict
 
 def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, calib: Path, calib_len: int,
               calib_windows: int, threads: int, repeats: int, work: Path) -> list[dict]:
-    rows, models, compiled = [], {"original": OrtModel(onnx, threads)}, {}
-    for b in budgets:
+    rows, models, compiled, tvm_models = [], {"original": OrtModel(onnx, threads)}, {}, {}
+    for b in [1.0] + budgets:
         t0 = time.perf_counter()
         opt = tailor.compile(onnx, b, objective="latency", target="cpu", prompt_len=prompt_len,
-                             calib=calib, calib_len=calib_len, calib_windows=calib_windows, progress=True)
+                             calib=calib, calib_len=calib_len, calib_windows=calib_windows, progress=True,
+                             formats=("onnx", "tvm"))
         out = opt.save(work / f"{name}-{b:g}")
-        compiled[b] = (opt, time.perf_counter() - t0)
-        models[f"{b:g}"] = OrtModel(out / "model.onnx", threads)
+        key = "original" if b == 1.0 else f"{b:g}"
+        tvm_models[f"tvm {key}"] = tailor.load(out, runtime="tvm").model
+        if b < 1.0:
+            compiled[b] = (opt, time.perf_counter() - t0)
+            models[key] = OrtModel(out / "model.onnx", threads)
     vocab = opt.graph.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    times = time_side_by_side(models, ids, repeats)
+    times = time_side_by_side(models | tvm_models, ids, repeats)
     if name == "MiniLM":
         quality = minilm_quality(models, load_tokenizer(onnx.parent), docstring_sentences(EVAL_MODULES)[:300])
         metric = "embedding cosine"
@@ -93,6 +99,7 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
         rows.append({"model": name, "budget": key, "predicted": opt.plan.predicted["latency"] if opt else 1.0,
                      "measured": times[key] / times["original"], "ms": times[key] * 1e3,
                      "metric": metric, "quality": quality[key], "compile_s": secs,
+                     "tvm_ms": times[f"tvm {key}"] * 1e3, "tvm_vs_ort": times[f"tvm {key}"] / times[key],
                      "rewrites": len(opt.plan.rewrites) if opt else 0})
     return rows
 
@@ -104,6 +111,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--models", default="minilm,refllama")
     args = ap.parse_args()
+    # read when TVM starts its thread pool; no spinning after a call, as for onnxruntime (idle
+    # spinning in one runtime steals the cores of the next one timed)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,11 +127,13 @@ def main() -> None:
                               SHARED / "data" / "code-calib.txt", 512, 16, args.threads, args.repeats, work)
     print(f"\n{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
           f"onnxruntime, {args.threads} threads · objective latency, target cpu\n")
-    print("| model | budget | predicted latency | measured latency | ms | quality | rewrites | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | budget | predicted latency | measured latency | ms | quality | rewrites | compile s "
+          "| TVM ms | TVM / onnxruntime |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['budget']} | {r['predicted']:.3f} | {r['measured']:.3f} | "
-              f"{r['ms']:.1f} | {r['metric']} {r['quality']:.4f} | {r['rewrites']} | {r['compile_s']:.0f} |")
+              f"{r['ms']:.1f} | {r['metric']} {r['quality']:.4f} | {r['rewrites']} | {r['compile_s']:.0f} | "
+              f"{r['tvm_ms']:.1f} | {r['tvm_vs_ort']:.2f} |")
     print("\n" + json.dumps(rows))
 
 

@@ -1,15 +1,17 @@
 """Quality vs budget on refllama-16m: tailor's plan beside single-technique baselines.
 
-Objective latency (target h100, prompt 1024, no decode), calibration on code-calib.txt (16
-windows of 512 tokens), evaluation on the first 12 windows of 1024 tokens of code-eval.txt (the
-same windows for every row). Baselines, each cut down to the same predicted cost:
+Objective latency (target h100 unless --target, prompt 1024, no decode), calibration on
+code-calib.txt (16 windows of 512 tokens; attention profiled at 512 and 1024 tokens with the
+default synthetic retrieval sequences, as `tailor.compile` does), evaluation on the first 12
+windows of 1024 tokens of code-eval.txt (the same windows for every row). tailor searches every
+pass (attention patterns included); baselines, each cut down to the same predicted cost:
 - ShortGPT: drop the layers of lowest block influence until the budget is met;
 - FLAP uniform: the same (KV groups, query heads per group) in every layer, the mildest that
   meets the budget, with the same least-squares compensation tailor uses;
 - FFN skip: drop the FFNs of lowest contribution until the budget is met.
 A baseline that cannot reach a budget says so.
 
-    python benchmarks/quality_vs_budget.py [--budgets 0.9,0.75,0.5]
+    python benchmarks/quality_vs_budget.py [--budgets 0.9,0.75,0.5] [--target h100]
 """
 from __future__ import annotations
 
@@ -22,8 +24,16 @@ from pathlib import Path
 
 import torch
 
+from tailor.api import HeldOut
+from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import CostModel, Workload, get_target
-from tailor.passes.profile import apply_options, calibration_from_text, divergence, model_outputs, run_profile
+from tailor.passes.profile import (
+    add_attention_data,
+    apply_options,
+    calibration_from_text,
+    model_outputs,
+    run_profile,
+)
 from tailor.passes.registry import PASSES
 from tailor.passes.search import price, search, structure_of
 from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, token_windows
@@ -58,6 +68,7 @@ def flap_uniform(options, cm, budget):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="0.9,0.75,0.5")
+    ap.add_argument("--target", default="h100", help="cost-model target (h100, a100, cpu, ...)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     t0 = time.time()
@@ -65,22 +76,23 @@ def main() -> None:
     model, graph = cap.source.module, cap.graph
     tok = load_tokenizer(MODEL)
     cal = calibration_from_text(read_text(SHARED / "data" / "code-calib.txt"), tok, 512, 16, "code-calib.txt")
-    # the structural passes: at prompt 1024 on an H100 the cost model prices this model's prefill
-    # attention as memory-bound, so patterns save no latency here (benchmarks/attention_patterns.py)
-    structural = [p for p in PASSES if p != "attn_pattern"]
-    prof, options = run_profile(model, graph, cal, structural, model_hash=cap.model_hash,
-                                settings={"windows": 16, "len": 512, "seed": 0}, progress=True)
+    lengths = [512, 1024]
+    add_attention_data(cal, lengths, 768, tok)
+    settings = {"windows": 16, "len": 512, "seed": 0,
+                "attn": {"lengths": lengths, "grid": [g.to_json() for g in default_grid(max(lengths))],
+                         "retrieval": cal.retrieval_weight}}
+    prof, options = run_profile(model, graph, cal, list(PASSES), model_hash=cap.model_hash,
+                                settings=settings, progress=True)
     for o in options:
-        o.loss = prof.option_kl[o.key]
-    cm = CostModel(graph, Workload(1, 1024, 0), get_target("h100"))
+        o.loss = prof.option_kl.get(o.key, o.loss)
+    cm = CostModel(graph, Workload(1, 1024, 0), get_target(args.target))
     price(options, cm)
     eval_ids = token_windows(tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"], 1024, 12)
     dense_logits = torch.cat(model_outputs(model, eval_ids, batch=1))
-    reference = model_outputs(model, cal.heldout_ids)
+    heldout = HeldOut(model, graph, cal)
 
     def measure(chosen):
-        variant = apply_options(copy.deepcopy(model), graph, chosen, prof.signals)
-        return divergence(reference, model_outputs(variant, cal.heldout_ids), True)
+        return heldout.divergence(apply_options(copy.deepcopy(model), graph, chosen, prof.signals))
 
     rows = []
 
@@ -106,8 +118,9 @@ def main() -> None:
         row(b, "ShortGPT (layer skip by block influence)", greedy(skips, lambda o: bi[o.layer], cm, b))
         row(b, "FLAP uniform head pruning", flap_uniform(options, cm, b))
         row(b, "FFN skip by contribution", greedy(ffns, lambda o: contrib[o.layer], cm, b))
-    print(f"# quality vs budget, refllama-16m, {date.today()}, {platform.machine()} CPU, "
-          f"torch {torch.__version__}, {time.time() - t0:.0f} s (profile cached: {prof.extra['cached']})")
+    print(f"# quality vs budget, refllama-16m, target {args.target}, {date.today()}, "
+          f"{platform.machine()} CPU, torch {torch.__version__}, {time.time() - t0:.0f} s "
+          f"(profile cached: {prof.extra['cached']})")
     print("| budget | method | predicted latency ratio | ppl | ppl / dense | KL to dense | top-1 agreement "
           "| rewrites |")
     print("|---|---|---|---|---|---|---|---|")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 import time
@@ -54,7 +55,7 @@ from tailor.rewriter.graph import TransformerGraph
 from tailor.runtime.artifact import verify_artifact, write_artifact
 from tailor.runtime.session import HFModel, OrtModel, as_runnable
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
 BASE_CONFIG = "base_config.json"
 
 
@@ -87,12 +88,17 @@ class Compiled:
 
     def _write(self, tmp: Path) -> None:
         (tmp / "plan.json").write_text(self.plan.dumps())
+        self._write_model(tmp)
+        if "tvm" in self.formats:
+            self._build_tvm(tmp)
         (tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         if self.plan.rewrites and self.graph is not None:
             plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png",
                          length=self.plan.workload.get("prompt_len", 1024))
         if self.run_config is not None:
             (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+
+    def _write_model(self, tmp: Path) -> None:
         src = self.source
         if isinstance(src, OnnxSource):
             if self.plan.rewrites:
@@ -116,6 +122,19 @@ class Compiled:
             export_onnx(module, tmp / "model.onnx", encoder=self.graph.task == "encoder")
         if src.path is not None:
             _copy_tokenizer(src.path, tmp)
+
+    def _build_tvm(self, tmp: Path) -> None:
+        """model.so + weights from the written model.onnx, for the plan's workload shape."""
+        from tailor.codegen.tvm.build import build
+
+        w = self.plan.workload
+        info = build(tmp / "model.onnx", tmp, batch=w.get("batch", 1), seq_len=w.get("prompt_len", 1024),
+                     causal=self.graph.task == "causal-lm", vocab_size=self.graph.vocab_size)
+        info = {k: v for k, v in info.items() if k != "params"}
+        if any(r["pass"] == "attn_pattern" for r in self.plan.rewrites):
+            info["attention"] = ("attention patterns run in TVM as dense attention under a mask: "
+                                 "correct, but no attention work is saved (no sparse TVM lowering yet)")
+        self.report["tvm"] = info
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -340,19 +359,29 @@ def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokeniz
                                  str(calib), per_line=graph.task == "encoder")
 
 
-def load(folder: str | Path) -> Compiled:
-    """Load an artifact written by Compiled.save(); verifies every file's sha256 first."""
+def load(folder: str | Path, runtime: str | None = None) -> Compiled:
+    """Load an artifact written by Compiled.save(); verifies every file's sha256 first.
+    runtime "tvm" runs its TVM build (format tvm); otherwise its model runs in PyTorch
+    (safetensors) or onnxruntime (model.onnx)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TailorError(f"{folder}: no such artifact directory")
     files = verify_artifact(folder)
+    if runtime not in (None, "tvm"):
+        raise TailorError(f"unknown runtime {runtime!r}; leave it out, or 'tvm'")
+    if runtime == "tvm" and "tvm.json" not in files:
+        raise TailorError(f"{folder}: the artifact holds no TVM build (compile with format tvm)")
     plan = Plan.load(folder / "plan.json")
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise TailorError(f"{folder}/report.json: unreadable") from None
-    if BASE_CONFIG in files and plan.rewrites:
-        model: torch.nn.Module = HFModel(load_rewritten(folder, plan))
+    if runtime == "tvm":
+        from tailor.runtime.tvm_session import TvmModel
+
+        model: torch.nn.Module = TvmModel(folder)
+    elif BASE_CONFIG in files and plan.rewrites:
+        model = HFModel(load_rewritten(folder, plan))
     elif "model.safetensors" in files or "model.safetensors.index.json" in files:
         model = HFModel(load_hf_directory(folder))
     elif "model.onnx" in files:
@@ -416,14 +445,19 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
 
 
 def _resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
+    if "tvm" in (formats or ()) and importlib.util.find_spec("tvm") is None:
+        raise TailorError("format tvm needs Apache TVM: pip install 'apache-tvm==0.27.0.post1' "
+                          "(the tailor[tvm] extra)")
     if isinstance(cap.source, OnnxSource):
-        if formats and set(formats) - {"onnx"}:
-            raise TailorError("an ONNX input can only produce an ONNX artifact (--format onnx)")
-        return ("onnx",)
+        if formats and set(formats) - {"onnx", "tvm"}:
+            raise TailorError("an ONNX input can only produce an ONNX artifact (--format onnx or onnx,tvm)")
+        return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
     formats = tuple(formats or ("safetensors",))
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise TailorError(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if "tvm" in formats and "onnx" not in formats:
+        formats = formats + ("onnx",)
     return formats
 
 

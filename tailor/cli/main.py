@@ -68,8 +68,9 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "instead of searching; its budget, objective and workload apply")
     p.add_argument("--sweep", help="comma list of budgets: one artifact each under OUT, plus "
                    "OUT/pareto.png (quality vs budget beside single-technique plans)")
-    p.add_argument("--format", help="comma list of safetensors,onnx (torch inputs; default "
-                   "safetensors); ONNX inputs always give ONNX")
+    p.add_argument("--format", help="comma list of safetensors,onnx,tvm (torch inputs; default "
+                   "safetensors); ONNX inputs always give ONNX, and a TVM CPU build with tvm "
+                   "(for batch × prompt-len inputs)")
     p.add_argument("--config", help="TOML or YAML file of these options (an artifact's run.yaml "
                    "replays its run)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--runtime", choices=["tvm"], help="run the artifact's TVM build (default: "
+                   "PyTorch for safetensors, onnxruntime for ONNX)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     return parser
@@ -230,7 +233,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
 
     import tailor
     from tailor.api import StageLog, reference_outputs
-    from tailor.quality.validate import as_json, check_onnx, compare_outputs
+    from tailor.quality.validate import Check, as_json, check_onnx, compare_outputs
 
     def stage_done(name, secs):
         console.print(f"  {name:<9} {secs:6.2f} s")
@@ -268,6 +271,11 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
         if (tmp / "model.onnx").is_file():
             checks.append(check_onnx(tmp / "model.onnx"))
         checks.extend(compare_outputs(expected, got, 1e-5))
+        if (tmp / "tvm.json").is_file():  # the build checked itself against onnxruntime
+            t = json.loads((tmp / "tvm.json").read_text())
+            checks.append(Check("tvm", True, f"TVM build ({t['target']}, {t['shape'][0]} × {t['shape'][1]} "
+                                f"tokens) matches onnxruntime: max abs diff "
+                                f"{t['max_abs_diff_vs_onnxruntime']:.3g} ≤ {t['tolerance']:.3g}"))
         for c in checks:
             console.print(f"  {c.line()}", style="green" if c.ok else "red")
         if not all(c.ok for c in checks):
@@ -415,7 +423,7 @@ def cmd_bench(args) -> int:
     from tailor.quality.metrics import bench
 
     result = bench(Path(args.artifact), args.reference, seq_len=args.seq_len, batch=args.batch,
-                   repeats=args.repeats)
+                   repeats=args.repeats, runtime=args.runtime)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

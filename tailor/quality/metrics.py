@@ -168,14 +168,16 @@ def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, rep
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20) -> dict:
-    """Median latency of the artifact and its reference, timed alternately in one process."""
+def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20,
+          runtime: str | None = None) -> dict:
+    """Median latency of the artifact (through `runtime`, see tailor.load) and its reference,
+    timed alternately in one process."""
     import tailor
 
-    loaded = tailor.load(artifact)
+    loaded = tailor.load(artifact, runtime=runtime)
     vocab = int(loaded.report["model"]["vocab_size"])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     t = time_side_by_side({"reference": open_model(reference), "artifact": loaded.model}, ids, repeats)
     r, a = t["reference"], t["artifact"]
     return {"reference_ms": r * 1e3, "artifact_ms": a * 1e3, "ratio": a / r,
-            "seq_len": seq_len, "batch": batch, "repeats": repeats}
+            "seq_len": seq_len, "batch": batch, "repeats": repeats, "runtime": runtime or "default"}

@@ -1,0 +1,73 @@
+"""Run an artifact's TVM build (tailor.codegen.tvm.build) through relax.VirtualMachine, behind
+the same call as the other runtimes: model(input_ids [B, T]) -> tensor.
+
+The library was compiled for one shape [B0, T0]. Smaller inputs are padded up where padding
+cannot change the real positions' outputs: extra rows are copies of the first row; extra
+positions are appended at the end, which is exact for causal models (no position attends to a
+later one) and for models with an attention_mask input (the padding is masked out). Anything
+else gets a clear error naming the built shape.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tailor.codegen.tvm.build import MANIFEST, SO, WEIGHTS
+from tailor.errors import TailorError
+from tailor.rewriter.onnx_check import onnx_feeds
+
+
+class TvmModel(torch.nn.Module):
+    def __init__(self, folder: Path):
+        super().__init__()
+        import tvm
+        from safetensors.numpy import load_file
+        from tvm import relax
+
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / MANIFEST).read_text())
+            self.shape = tuple(int(n) for n in info["shape"])
+            self.specs = [(name, None, np.dtype(dtype)) for name, dtype in info["inputs"]]
+            self.causal, names = bool(info["causal"]), list(info["params"])
+            self.vocab_size = int(info["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TailorError(f"{folder}/{MANIFEST}: unreadable TVM manifest ({e})") from None
+        if info.get("tvm") != tvm.__version__:
+            raise TailorError(f"{folder}/{SO} was built with TVM {info.get('tvm')}; this is TVM "
+                              f"{tvm.__version__} (rebuild the artifact)")
+        weights = load_file(str(folder / WEIGHTS))
+        if set(weights) != set(names):
+            raise TailorError(f"{folder}/{WEIGHTS} does not hold the weights {MANIFEST} lists")
+        self.params = [tvm.runtime.tensor(weights[n]) for n in names]
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / SO)), tvm.cpu())
+        self.masked = any("attention_mask" in name for name, _, _ in self.specs)
+        self._tensor = tvm.runtime.tensor
+
+    def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
+        (b, t), (b0, t0) = input_ids.shape, self.shape
+        if b > b0 or t > t0 or (t < t0 and not (self.causal or self.masked)):
+            raise ValueError(f"this TVM build runs inputs of {b0} × {t0} tokens"
+                             + ("" if self.causal or self.masked else " exactly")
+                             + f"; got {b} × {t}")
+        if input_ids.size and not (0 <= input_ids.min() and input_ids.max() < self.vocab_size):
+            # TVM's gather does not check indices: out of range would read outside the table
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        ids = np.zeros((b0, t0), dtype=input_ids.dtype)
+        ids[:b, :t] = input_ids
+        ids[b:, :t] = input_ids[:1]
+        feeds = onnx_feeds(self.specs, ids)
+        for name in feeds:
+            if "attention_mask" in name:
+                feeds[name][:, t:] = 0
+        out = self.vm["main"](*[self._tensor(feeds[n]) for n, _, _ in self.specs], *self.params)
+        out = out if hasattr(out, "numpy") else out[0]
+        return out.numpy()[:b, :t]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported through TVM yet; pass unpadded batches")
+        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
