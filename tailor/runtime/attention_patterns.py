@@ -119,13 +119,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     query [B, Hq, Q, D], key/value [B, Hkv, K, D]; returns ([B, Q, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from tailor.runtime.generate import active_state
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    state = active_state()
-    if state is not None and id(module) in state.caches:  # generating over the per-head KV cache
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return state.attend(module, query, key, value, scale, causal), None
+    generated = _attend_generating(module, query, key, value, scaling, causal)
+    if generated is not None:
+        return generated, None
     spans = getattr(module, "tailor_spans", None)
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -142,6 +139,20 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scaling,
                                          dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2).contiguous(), None
+
+
+@torch.compiler.disable
+def _attend_generating(module, query, key, value, scaling, causal: bool) -> torch.Tensor | None:
+    """Attention over tailor's per-head KV cache while tailor.runtime.generate drives the model,
+    else None. Outside torch.compile: it reads the generation state from a ContextVar and looks
+    the module up by identity, which dynamo would guard on, recompiling for every layer."""
+    from tailor.runtime.generate import active_state
+
+    state = active_state()
+    if state is None or id(module) not in state.caches:
+        return None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return state.attend(module, query, key, value, scale, causal)
 
 
 def _dispatches(module) -> bool:

@@ -44,6 +44,20 @@ def test_generate_equals_recomputing(plan):
     assert out == [_recomputed(model, p, 12) for p in prompts]
 
 
+def test_compiled_generation_equals_eager():
+    """torch.compile around the model, tailor's attention ops between its graphs: the same tokens
+    and caches as the eager runtime (patterns, pruning, skips); KV sharing falls back to eager."""
+    with pytest.warns(UserWarning, match="KV-sharing"):
+        generate(_model(PLAN), [[1, 2, 3]], max_new_tokens=2, compiled=True)
+    model = _model(PLAN[:3] + PLAN[4:])
+    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 71], [12, 4, 90, 7, 56, 23, 8, 1, 1, 1]]
+    eager, state = generate(model, prompts, max_new_tokens=6, return_state=True)
+    compiled, compiled_state = generate(model, prompts, max_new_tokens=6, return_state=True, compiled=True)
+    assert compiled == eager
+    for key in state.writers:
+        torch.testing.assert_close(compiled_state.caches[key].k, state.caches[key].k, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_shrinks_with_the_plan():
     prompts = [[1, 2, 3, 4]]
     _, dense = generate(_model([]), prompts, max_new_tokens=60, return_state=True)
