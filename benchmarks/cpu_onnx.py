@@ -1,6 +1,7 @@
 """ONNX in, ONNX out, on this CPU: MiniLM and refllama-16m exported to ONNX, compiled from the
-.onnx file alone (objective latency, target cpu) at budgets 0.75 and 0.5, then timed with
-onnxruntime beside the original (same thread count, alternating runs, medians).
+.onnx file alone (objective latency; target: this CPU, measured first, see --target) at budgets
+0.75 and 0.5, then timed with onnxruntime beside the original (same thread count, alternating
+runs, medians).
 
 Quality: MiniLM, the mean cosine of mean-pooled sentence embeddings against the original on
 held-out English sentences (docstrings of standard-library modules never used in calibration);
@@ -34,6 +35,7 @@ from tailor.cli.default_model import (
     docstring_sentences,
     minilm_onnx,
 )
+from tailor.passes.target_table import measure_cpu
 from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, time_side_by_side, token_windows
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
 from tailor.rewriter.export import export_onnx
@@ -69,11 +71,11 @@ def refllama_quality(models: dict[str, OrtModel], windows: torch.Tensor) -> dict
 
 
 def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, calib: Path, calib_len: int,
-              calib_windows: int, threads: int, repeats: int, work: Path) -> list[dict]:
+              calib_windows: int, threads: int, repeats: int, work: Path, target: str) -> list[dict]:
     rows, models, compiled, tvm_models = [], {"original": OrtModel(onnx, threads)}, {}, {}
     for b in [1.0] + budgets:
         t0 = time.perf_counter()
-        opt = tailor.compile(onnx, b, objective="latency", target="cpu", prompt_len=prompt_len,
+        opt = tailor.compile(onnx, b, objective="latency", target=target, prompt_len=prompt_len,
                              calib=calib, calib_len=calib_len, calib_windows=calib_windows, progress=True,
                              formats=("onnx", "tvm"))
         out = opt.save(work / f"{name}-{b:g}")
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--models", default="minilm,refllama")
+    ap.add_argument("--target", default="measured", help="cost-model target: 'measured' (time this "
+                    "machine first, as `tailor calibrate-target` does), a built-in name, or a table")
     args = ap.parse_args()
     # read when TVM starts its thread pool; no spinning after a call, as for onnxruntime (idle
     # spinning in one runtime steals the cores of the next one timed)
@@ -119,14 +123,22 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        target = args.target
+        if target == "measured":
+            table = measure_cpu(args.threads)
+            target = str(work / "target.json")
+            Path(target).write_text(json.dumps(table))
+            print(f"measured target: {table['flops_per_s'] / 1e9:.0f} GFLOP/s peak, "
+                  f"{table['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
         if "minilm" in args.models:
             rows += run_model("MiniLM", minilm_onnx(), budgets, 128, default_calibration(), 32, 64,
-                              args.threads, args.repeats, work)
+                              args.threads, args.repeats, work, target)
         if "refllama" in args.models and REFLLAMA.is_dir():
             rows += run_model("refllama-16m", refllama_onnx(), budgets, 512,
-                              SHARED / "data" / "code-calib.txt", 512, 16, args.threads, args.repeats, work)
+                              SHARED / "data" / "code-calib.txt", 512, 16, args.threads, args.repeats, work,
+                              target)
     print(f"\n{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
-          f"onnxruntime, {args.threads} threads · objective latency, target cpu\n")
+          f"onnxruntime, {args.threads} threads · objective latency, target {args.target}\n")
     print("| model | budget | predicted latency | measured latency | ms | quality | rewrites | compile s "
           "| TVM ms | TVM / onnxruntime |")
     print("|---|---|---|---|---|---|---|---|---|---|")

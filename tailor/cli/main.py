@@ -50,8 +50,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    help="workload prompt length the cost is measured for (default 1024)")
     p.add_argument("--gen-len", type=int, help="workload generated tokens (default 0)")
     p.add_argument("--batch", type=int, help="workload batch size (default 1)")
-    p.add_argument("--target", choices=["cpu", "a100", "h100", "h200"],
-                   help="hardware the cost model prices for (default h100)")
+    p.add_argument("--target", help="hardware the cost model prices for: cpu, a100, h100 (default) "
+                   "or h200 (vendor peaks), or a table measured here by `tailor calibrate-target` (.json)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
                    "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern)")
     p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("calibrate-target", help="measure this CPU's matrix-product and memory "
+                       "throughput with onnxruntime: a target table for --target FILE")
+    p.add_argument("-o", "--out", required=True, help="the table to write (.json)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: the usable cores)")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("bench", help="latency of an artifact beside its reference, in one run")
     p.add_argument("artifact")
@@ -433,7 +438,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_calibrate_target(args) -> int:
+    from tailor.passes.target_table import load_target_file, measure_cpu
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise TailorError(f"{out}: the target table is JSON; name it *.json")
+    if args.threads is not None and args.threads < 1:
+        raise TailorError("--threads must be positive")
+    if not out.parent.is_dir():
+        raise TailorError(f"{out.parent}: no such directory")
+    with console.status("timing matrix products and memory bandwidth with onnxruntime…"):
+        table = measure_cpu(args.threads)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        load_target_file(tmp)  # what --target will read back
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    t = Table(title=f"{table['name']} → {out}")
+    t.add_column("matrix product FLOPs", justify="right")
+    t.add_column("achieved GFLOP/s", justify="right")
+    for flops, rate in table["matmul"]:
+        t.add_row(f"{flops:.3g}", f"{rate / 1e9:.1f}")
+    console.print(t)
+    console.print(f"memory bandwidth {table['bytes_per_s'] / 1e9:.1f} GB/s; use it with --target {out}")
+    return 0
+
+
+COMMANDS = {"optimize": cmd_optimize, "inspect": cmd_inspect, "eval": cmd_eval, "bench": cmd_bench,
+            "calibrate-target": cmd_calibrate_target}
 
 
 if __name__ == "__main__":

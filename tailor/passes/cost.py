@@ -10,7 +10,11 @@ sum of its options' deltas (options of one layer are combined by the search's co
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
 
 from tailor.errors import TailorError
 from tailor.plan import OBJECTIVES
@@ -35,6 +39,17 @@ class Target:
     flops_per_s: float        # dense matmul peak at `bytes_per_element`
     bytes_per_s: float        # memory bandwidth
     bytes_per_element: int    # weights, activations and KV cache
+    # measured (FLOPs of one product, achieved FLOP/s), sorted; empty: the peak for every size
+    matmul_rates: tuple[tuple[float, float], ...] = ()
+
+    def compute_seconds(self, flops: float) -> float:
+        """Time of `flops` of matrix work: at the peak, or at the rate measured for products of
+        that size (log-log interpolation, clamped to the table's ends)."""
+        if not self.matmul_rates or flops <= 0:
+            return flops / self.flops_per_s
+        sizes, rates = zip(*self.matmul_rates)
+        rate = math.exp(np.interp(math.log(flops), np.log(sizes), np.log(rates)))
+        return flops / rate
 
     def override(self, flops_per_s: float | None = None, bytes_per_s: float | None = None) -> "Target":
         return replace(self, flops_per_s=flops_per_s or self.flops_per_s,
@@ -52,9 +67,15 @@ TARGETS = {
 
 
 def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        raise TailorError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
-    return TARGETS[name]
+    """A built-in target, or a JSON table measured by `tailor calibrate-target` (a path)."""
+    if name in TARGETS:
+        return TARGETS[name]
+    if name.endswith(".json"):
+        from tailor.passes.target_table import load_target_file
+
+        return load_target_file(Path(name))
+    raise TailorError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or a table "
+                      f"from `tailor calibrate-target` (.json)")
 
 
 @dataclass
@@ -112,11 +133,12 @@ class CostModel:
         e = self.target.bytes_per_element
         flops = 2.0 * tokens * n_in * n_out
         by = weight_reads * n_in * n_out * e + tokens * (n_in + n_out) * e
-        return self._roofline(flops, by)
+        return self._roofline(flops, by, calls=weight_reads)
 
-    def _roofline(self, flops: float, by: float, kv: float = 0.0) -> Cost:
-        t = max(flops / self.target.flops_per_s, by / self.target.bytes_per_s)
-        return Cost(flops, by, kv, t)
+    def _roofline(self, flops: float, by: float, calls: int = 1) -> Cost:
+        """`flops` done in `calls` equal products (a measured target's rate depends on their size)."""
+        t = max(calls * self.target.compute_seconds(flops / calls), by / self.target.bytes_per_s)
+        return Cost(flops, by, 0.0, t)
 
     def _phases(self):
         """(tokens processed, matmul passes over the weights, mean keys per query) per phase."""
@@ -142,7 +164,7 @@ class CostModel:
         n, kv_heads = w.prompt_len, len(patterns)
         heads = kv_heads * queries_per_group
         total = Cost()
-        for tokens, _, keys in self._phases():
+        for tokens, steps, keys in self._phases():
             if keys is None:  # prefill: keys per query summed over the KV heads
                 if a.causal:
                     kept = [(n + 1) / 2 if p is None else p.kept_keys_causal(n) / n for p in patterns]
@@ -154,7 +176,7 @@ class CostModel:
                 kept = [keys if p is None else min(keys, p.span(int(keys))) for p in patterns]
                 by = tokens * sum(kept) * 2 * d * e
             flops = 4.0 * tokens * queries_per_group * sum(kept) * d
-            step = self._roofline(flops, by)
+            step = self._roofline(flops, by, calls=steps)
             step.attn_flops = flops
             total = total + step
         if own_kv and heads > 0:

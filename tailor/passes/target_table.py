@@ -1,0 +1,111 @@
+"""A cost-model target measured on this machine: `tailor calibrate-target -o cpu.json`.
+
+Vendor peaks overstate what small matrix products reach on a CPU (a 128 × 384 × 384 product runs
+far below the peak of a 2048-wide one), so the roofline's compute time is taken from a table of
+matrix products timed with onnxruntime, the runtime the CPU artifacts run on: achieved FLOP/s by
+the product's FLOPs, interpolated in log space. Memory bandwidth comes from a large elementwise
+add. The table is JSON (`--target cpu.json` wherever a target name is accepted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from tailor.errors import TailorError
+
+# (tokens, in features, out features): transformer projection shapes, small to large
+MATMUL_SHAPES = [(m, k, n) for m in (16, 128, 512) for k, n in ((256, 256), (384, 1536), (1024, 1024),
+                                                               (2048, 2048), (2048, 8192))]
+ADD_ELEMENTS = 8 * 1024 * 1024    # 32 MB per fp32 operand: well past the caches
+
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _graph(op: str, a_shape, b_shape, out_shape, b_value=None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
+    inits = []
+    if b_value is not None:  # a weight, as in a model: a constant the runtime can prepack
+        inits.append(numpy_helper.from_array(b_value, "b"))
+    else:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], op, inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _median_seconds(run, min_seconds: float = 0.05, min_repeats: int = 5) -> float:
+    run()
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_cpu(threads: int | None = None, progress=None) -> dict:
+    """Time matrix products and a memory-bound add with onnxruntime; the target as JSON data."""
+    threads = threads or len(os.sched_getaffinity(0))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (m, k, n) in enumerate(MATMUL_SHAPES):
+        session = _session(_graph("MatMul", [m, k], None, [m, n],
+                                  rng.standard_normal((k, n), dtype=np.float32)), threads)
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        secs = _median_seconds(lambda: session.run(None, {"a": a}))
+        rows.append([2.0 * m * k * n, 2.0 * m * k * n / secs])
+        if progress:
+            progress(i + 1, len(MATMUL_SHAPES) + 1)
+    add = _session(_graph("Add", [ADD_ELEMENTS], [ADD_ELEMENTS], [ADD_ELEMENTS]), threads)
+    a, b = (rng.standard_normal(ADD_ELEMENTS, dtype=np.float32) for _ in range(2))
+    secs = _median_seconds(lambda: add.run(None, {"a": a, "b": b}))
+    if progress:
+        progress(len(MATMUL_SHAPES) + 1, len(MATMUL_SHAPES) + 1)
+    rows.sort()
+    return {"name": f"measured-cpu-{platform.machine()}-{threads}t", "kind": "tailor-target", "version": 1,
+            "flops_per_s": max(r for _, r in rows), "bytes_per_s": 3 * 4 * ADD_ELEMENTS / secs,
+            "bytes_per_element": 4, "matmul": rows, "threads": threads,
+            "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
+            "runtime": "onnxruntime"}
+
+
+def load_target_file(path: Path):
+    """A Target from a JSON table written by measure_cpu (checked: it is user input)."""
+    from tailor.passes.cost import Target
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TailorError(f"{path}: not a readable target table ({type(e).__name__})") from None
+    if not isinstance(data, dict) or data.get("kind") != "tailor-target":
+        raise TailorError(f"{path}: not a target table (write one with `tailor calibrate-target -o FILE`)")
+    try:
+        rows = [(float(f), float(r)) for f, r in data["matmul"]]
+        name, peak, bandwidth = str(data["name"]), float(data["flops_per_s"]), float(data["bytes_per_s"])
+        element = int(data["bytes_per_element"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TailorError(f"{path}: malformed target table ({type(e).__name__}: {e})") from None
+    values = [peak, bandwidth] + [v for row in rows for v in row]
+    if not rows or not all(np.isfinite(v) and v > 0 for v in values) or element not in (1, 2, 4, 8):
+        raise TailorError(f"{path}: target table values must be positive and finite")
+    by_size: dict[float, list[float]] = {}
+    for f, r in rows:  # products of one size but other shapes: their geometric mean
+        by_size.setdefault(f, []).append(r)
+    table = tuple((f, float(np.exp(np.mean(np.log(rs))))) for f, rs in sorted(by_size.items()))
+    return Target(name, peak, bandwidth, element, matmul_rates=table)

@@ -1,0 +1,73 @@
+"""A cost-model target measured on this machine (tailor calibrate-target): the table's rates
+drive the roofline, and a bad table is one clear error."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tailor.cli.main import main
+from tailor.errors import TailorError
+from tailor.passes.cost import CostModel, Structure, Target, Workload, get_target
+from tailor.rewriter.capture import capture
+
+
+def _table(path, rows, flops_per_s=1e11, bytes_per_s=1e10):
+    path.write_text(json.dumps({"kind": "tailor-target", "version": 1, "name": "t", "bytes_per_element": 4,
+                                "flops_per_s": flops_per_s, "bytes_per_s": bytes_per_s, "matmul": rows}))
+    return path
+
+
+def test_rates_interpolate_in_log_space_and_clamp(tmp_path):
+    t = get_target(str(_table(tmp_path / "t.json", [[1e6, 1e9], [1e8, 1e11], [1e6, 4e9]])))
+    (small, small_rate), (big, big_rate) = t.matmul_rates
+    assert (small, big) == (1e6, 1e8) and big_rate == pytest.approx(1e11)
+    assert small_rate == pytest.approx(2e9)  # one size measured twice: the geometric mean
+    assert t.compute_seconds(1e6) == pytest.approx(1e6 / 2e9)
+    assert t.compute_seconds(1e10) == pytest.approx(1e10 / 1e11)          # clamped at the top
+    mid = 1e7 / t.compute_seconds(1e7)                                     # halfway in log space
+    assert mid == pytest.approx((2e9 * 1e11) ** 0.5, rel=1e-6)
+
+
+def test_small_products_cost_more_per_flop_under_a_measured_table(tiny_models):
+    """Products too small to reach the peak: a table that says so makes a plan that removes small
+    matrices save less than the peak roofline predicts."""
+    graph = capture(tiny_models["llama"]).graph
+    peak = Target("peak", 1e11, 1e13, 4)
+    slow_small = Target("slow", 1e11, 1e13, 4, matmul_rates=((1e3, 1e9), (1e9, 1e11)))
+    ratios = []
+    for target in (peak, slow_small):
+        cm = CostModel(graph, Workload(1, 64, 0), target)
+        s = Structure.dense(graph)
+        for layer in s.layers:
+            layer.ffn = False
+        ratios.append(cm.ratio(s, "latency"))
+    assert ratios[0] != pytest.approx(ratios[1])
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{", "not a readable target table"),
+    ('{"kind": "other"}', "not a target table"),
+    ('{"kind": "tailor-target", "name": "t"}', "malformed"),
+    ('{"kind": "tailor-target", "name": "t", "flops_per_s": 1, "bytes_per_s": 1, "bytes_per_element": 4, '
+     '"matmul": [[1e6, -5]]}', "positive and finite"),
+    ('{"kind": "tailor-target", "name": "t", "flops_per_s": 1, "bytes_per_s": 1, "bytes_per_element": 4, '
+     '"matmul": []}', "positive and finite"),
+])
+def test_bad_tables_are_refused(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(TailorError, match=match):
+        get_target(str(path))
+    with pytest.raises(TailorError, match="no such file|not a readable"):
+        get_target(str(tmp_path / "missing.json"))
+
+
+def test_calibrate_target_writes_a_table_the_cost_model_loads(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["calibrate-target", "-o", str(out), "--threads", "1"]) == 0
+    target = get_target(str(out))
+    assert target.flops_per_s > 1e8 and target.bytes_per_s > 1e8 and len(target.matmul_rates) >= 5
+    assert "GFLOP/s" in capsys.readouterr().out
+    assert main(["calibrate-target", "-o", str(tmp_path / "cpu.txt")]) == 2
+    assert main(["calibrate-target", "-o", str(tmp_path / "nodir" / "cpu.json")]) == 2
