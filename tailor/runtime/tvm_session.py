@@ -50,12 +50,12 @@ class TvmModel(torch.nn.Module):
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         (b, t), (b0, t0) = input_ids.shape, self.shape
         if b > b0 or t > t0 or (t < t0 and not (self.causal or self.masked)):
-            raise ValueError(f"this TVM build runs inputs of {b0} × {t0} tokens"
+            raise TailorError(f"this TVM build runs inputs of {b0} × {t0} tokens"
                              + ("" if self.causal or self.masked else " exactly")
                              + f"; got {b} × {t}")
         if input_ids.size and not (0 <= input_ids.min() and input_ids.max() < self.vocab_size):
             # TVM's gather does not check indices: out of range would read outside the table
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+            raise TailorError(f"token ids must lie in [0, {self.vocab_size})")
         ids = np.zeros((b0, t0), dtype=input_ids.dtype)
         ids[:b, :t] = input_ids
         ids[b:, :t] = input_ids[:1]
