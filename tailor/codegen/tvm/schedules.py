@@ -51,7 +51,7 @@ def _inline_all(sch: s_tir.Schedule, infos) -> bool:
 class Matmul(CPUScheduleRule):
     """out[..., i, j] = Σ_k a[..., i, k] · b[..., k, j] with elementwise work before (inlined)
     and after (its own parallel vectorized loop): tiles of ROWS × 2 SIMD rows, k inside the
-    tile loop, tiles in parallel."""
+    tile loop, tiles in parallel, column panels outermost."""
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -71,8 +71,11 @@ class Matmul(CPUScheduleRule):
         *outer, i, j, k = sch.get_loops(mm.block_rv)
         io, ii = _split(sch, i, ROWS)
         jo, ji = _split(sch, j, 2 * lanes)
-        sch.reorder(*outer, io, jo, k, ii, ji)
-        sch.parallel(sch.fuse(*outer, io) if outer else io)
+        # column panels outermost: a panel of the weight (k × 2 SIMD rows) stays in cache while
+        # every row tile passes over it (rows outermost streamed the whole weight once per row
+        # tile: MiniLM's 384 → 1536 FFN product ran at 160 GFLOP/s)
+        sch.reorder(*outer, jo, io, k, ii, ji)
+        sch.parallel(sch.fuse(*outer, jo, io))
         sch.vectorize(ji)   # before decompose_reduction: after it the update has no init
         sch.unroll(ii)
         init = sch.decompose_reduction(mm.block_rv, k)
