@@ -79,9 +79,9 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
     from tailor.codegen.tvm.schedules import Elementwise, Matmul
 
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # it logs each value it cannot fold
-    proto, inputs = static_onnx(onnx_path, batch, seq_len)
     target = host_target()
     try:
+        proto, inputs = static_onnx(onnx_path, batch, seq_len)
         mod = from_onnx(proto, shape_dict={n: [batch, seq_len] for n, _ in inputs},
                         dtype_dict=dict(inputs), keep_params_in_input=True)
         mod, params = relax.frontend.detach_params(mod)
@@ -94,9 +94,9 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
             mod = relax.get_pipeline("zero")(mod)
             mod = dl.ApplyDefaultSchedule(Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise())(mod)
             executable = tvm.compile(mod, target=target)
-    except TailorError:
+    except TailorError:  # static_onnx's own, already clear
         raise
-    except Exception as e:  # the importer and compiler raise many types
+    except Exception as e:  # the optimizer, importer and compiler raise many types
         raise TailorError(f"TVM build of {onnx_path.name} failed: {first_line(e)}") from None
     executable.export_library(str(out / SO))
     weights = params.get("main", [])
