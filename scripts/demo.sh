@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-optimize --budget 0.75 --target cpu --prompt-len 128 --calib-len 32 --calib-windows 64 --format onnx,tvm -o out/minilm --force "$@"
+optimize --budget 0.75 --target cpu --prompt-len 128 --calib-len 32 --format onnx,tvm -o out/minilm --force "$@"

@@ -56,6 +56,7 @@ from tailor.runtime.artifact import verify_artifact, write_artifact
 from tailor.runtime.session import HFModel, OrtModel, as_runnable
 
 FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
+CALIB_TOKENS = 8192  # default calibration size, in tokens
 BASE_CONFIG = "base_config.json"
 
 
@@ -147,7 +148,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int = 1024,
             gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
-            calib_windows: int = 16, calib_len: int = 512, eval_text: str | Path | None = None,
+            calib_windows: int | None = None, calib_len: int = 512, eval_text: str | Path | None = None,
             seed: int = 0, formats: tuple[str, ...] | None = None, trust_remote_code: bool = False,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
@@ -200,7 +201,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         check_reachable(structural, cost_model, budget, objective)
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
-            settings: dict[str, Any] = {"windows": calib_windows, "len": calib_len, "seed": seed}
+            settings: dict[str, Any] = {"windows": calibration_windows(calib_windows, calib_len),
+                                        "len": calib_len, "seed": seed}
             if graph.task == "causal-lm" or "attn_pattern" in passes:
                 template = RetrievalTemplate.parse(retrieval_template or {})
                 tok = _tokenizer_dir(cap.source, tokenizer)
@@ -258,7 +260,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
 
 
 def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, calib, tokenizer,
-            calib_windows: int, calib_len: int, eval_text, seed: int, formats, stages) -> Compiled:
+            calib_windows: int | None, calib_len: int, eval_text, seed: int, formats, stages) -> Compiled:
     """compile(plan=...): apply a saved plan to the model it was made for."""
     where = "plan" if isinstance(plan, Plan) else str(plan)
     given = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
@@ -346,8 +348,17 @@ def _tokenizer_dir(source: TorchSource | OnnxSource, tokenizer) -> Path | None:
     return source.path.parent if isinstance(source, OnnxSource) else source.path
 
 
-def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokenizer, windows: int, length: int,
-                 seed: int) -> Calibration:
+def calibration_windows(windows: int | None, length: int) -> int:
+    """Windows given, or enough for CALIB_TOKENS tokens (at least 16): the least-squares refits
+    of pruned FFNs and heads have as many unknowns per output as the layer is wide, and 64
+    windows of 32 tokens (2048 tokens for MiniLM's 1536-wide FFN) fitted the calibration text,
+    not the sentences after it (embedding cosine at 0.75: 0.925 with 2048 tokens, 0.946 with 8192)."""
+    return windows if windows is not None else max(16, -(-CALIB_TOKENS // length))
+
+
+def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokenizer, windows: int | None,
+                 length: int, seed: int) -> Calibration:
+    windows = calibration_windows(windows, length)
     if calib is None:
         return calibration_data_free(module, graph.vocab_size, length, windows, seed)
     if Path(calib).suffix == ".json":  # token ids: no tokenizer needed
