@@ -28,7 +28,7 @@ def test_rates_interpolate_in_log_space_and_clamp(tmp_path):
     mid = 1e7 / t.compute_seconds(1e7)                                     # halfway in log space
     assert mid == pytest.approx((2e9 * 1e11) ** 0.5, rel=1e-6)
     dip = get_target(str(_table(tmp_path / "dip.json", [[1e6, 5e9], [1e7, 1e9], [1e8, 8e9]])))
-    assert [r for _, r in dip.matmul_rates] == [5e9, 5e9, 8e9]  # a slower larger product is noise
+    assert [r for _, r in dip.matmul_rates] == pytest.approx([5e9, 5e9, 8e9])  # a slower larger one: noise
 
 
 def test_small_products_cost_more_per_flop_under_a_measured_table(tiny_models):
