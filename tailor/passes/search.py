@@ -14,6 +14,8 @@ same inputs returns the same solution and ties break on option order.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,7 +70,7 @@ def solve(options: list[Option], losses: np.ndarray, objective: str, limit: floa
     claims = _claims_matrix(options)
     if len(claims):
         cons.append(LinearConstraint(claims, -np.inf, 1.0))
-    res = milp(c, constraints=cons, integrality=np.ones(len(options)), bounds=Bounds(0, 1))
+    res = _milp(c, cons)
     if res.x is None:
         return None
     return [o for o, x in zip(options, res.x) if x > 0.5]
@@ -80,8 +82,23 @@ def smallest_ratio(options: list[Option], objective: str, dense_cost: float) -> 
         return 1.0
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
     cons = [LinearConstraint(_claims_matrix(options), -np.inf, 1.0)]
-    res = milp(cost, constraints=cons, integrality=np.ones(len(options)), bounds=Bounds(0, 1))
+    res = _milp(cost, cons)
     return 1.0 + float(res.fun)
+
+
+def _milp(c: np.ndarray, constraints: list):
+    """scipy's HiGHS, binary variables. HiGHS prints some debug lines (e.g. "HighsMipSolverData::
+    transformNewIntegerFeasibleSolution tmpSolver.run();") to file descriptor 1 itself, past
+    sys.stdout and into the user's progress output: fd 1 goes to /dev/null while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return milp(c, constraints=constraints, integrality=np.ones(len(c)), bounds=Bounds(0, 1))
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str) -> None:
