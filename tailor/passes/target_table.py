@@ -29,16 +29,7 @@ MATMUL_SHAPES = [(m, k, n) for m in (16, 128, 512) for k, n in ((256, 256), (384
 ADD_ELEMENTS = 8 * 1024 * 1024    # 32 MB per fp32 operand: well past the caches
 
 
-def _session(model, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _graph(op: str, a_shape, b_shape, out_shape, b_value=None):
+def _graph(op: str, a_shape, b_shape, out_shape, b_value=None) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
@@ -49,7 +40,8 @@ def _graph(op: str, a_shape, b_shape, out_shape, b_value=None):
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
     graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], op, inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=10).SerializeToString()
 
 
 def _median_seconds(run, min_seconds: float = 0.2, min_repeats: int = 5) -> float:
@@ -64,15 +56,17 @@ def _median_seconds(run, min_seconds: float = 0.2, min_repeats: int = 5) -> floa
 
 def measure_cpu(threads: int | None = None) -> dict:
     """Time matrix products and a memory-bound add with onnxruntime; the target as JSON data."""
+    from tailor.runtime.session import cpu_session
+
     threads = threads or len(os.sched_getaffinity(0))
     rng = np.random.default_rng(0)
-    add = _session(_graph("Add", [ADD_ELEMENTS], [ADD_ELEMENTS], [ADD_ELEMENTS]), threads)
+    add = cpu_session(_graph("Add", [ADD_ELEMENTS], [ADD_ELEMENTS], [ADD_ELEMENTS]), threads)
     a, b = (rng.standard_normal(ADD_ELEMENTS, dtype=np.float32) for _ in range(2))
     bandwidth = 3 * 4 * ADD_ELEMENTS / _median_seconds(lambda: add.run(None, {"a": a, "b": b}))
     timed = []
     for m, k, n in MATMUL_SHAPES:
-        session = _session(_graph("MatMul", [m, k], None, [m, n],
-                                  rng.standard_normal((k, n), dtype=np.float32)), threads)
+        session = cpu_session(_graph("MatMul", [m, k], None, [m, n],
+                                     rng.standard_normal((k, n), dtype=np.float32)), threads)
         a = rng.standard_normal((m, k), dtype=np.float32)
         flops = 2.0 * m * k * n
         timed.append((flops, flops / (4.0 * (k * n + m * k + m * n)),
@@ -82,7 +76,7 @@ def measure_cpu(threads: int | None = None) -> dict:
     memory_bound = sorted([f, r] for f, intensity, r in timed if intensity < balance)
     return {"name": f"measured-cpu-{platform.machine()}-{threads}t", "kind": "tailor-target", "version": 1,
             "flops_per_s": max(r for _, r in rows), "bytes_per_s": bandwidth,
-            "bytes_per_element": 4, "matmul": rows, "memory_bound_matmul": sorted(memory_bound),
+            "bytes_per_element": 4, "matmul": rows, "memory_bound_matmul": memory_bound,
             "threads": threads,
             "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
             "runtime": "onnxruntime"}

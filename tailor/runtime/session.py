@@ -33,19 +33,41 @@ class HFModel(torch.nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out[0]
 
 
-class OrtModel(torch.nn.Module):
+def cpu_session(source: str | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session (a path or serialized model) on `threads` intra-op threads."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # stale shape hints of rewritten graphs are not the user's concern
+    # tailor keeps several sessions (original, rewrites) side by side: idle threads spinning in
+    # one would steal the cores of the next one timed or measured
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+class NumpyModel(torch.nn.Module):
+    """A model a native runtime runs on numpy arrays (`run_numpy`), behind the nn.Module call."""
+
+    runtime = "this runtime"
+
+    def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(f"padding masks are not supported through {self.runtime} yet; "
+                             "pass unpadded batches")
+        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
+
+
+class OrtModel(NumpyModel):
     """An ONNX model run by onnxruntime, behind the same nn.Module call: from a file, or from an
     onnx_ir model in memory (a rewrite being measured)."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, model: Path | ir.Model, threads: int | None = None):
         super().__init__()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # stale shape hints of rewritten graphs are not the user's concern
-        # tailor keeps several sessions (original, rewrites) side by side: idle threads spinning in
-        # one would steal the cores of the next one timed or measured
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if isinstance(model, ir.Model):
             self.path = None
             source = ir.serde.serialize_model(model).SerializeToString()
@@ -53,7 +75,7 @@ class OrtModel(torch.nn.Module):
             self.path = Path(model)
             source = str(model)
         try:
-            self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(source, threads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise TailorError(f"onnxruntime cannot run {self.path or 'the rewritten model'}: "
                               f"{str(e).splitlines()[0]}") from None
@@ -67,11 +89,6 @@ class OrtModel(torch.nn.Module):
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         return self.session.run(None, onnx_feeds(self.input_specs, input_ids))[0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding masks are not supported through onnxruntime yet; "
-                             "pass unpadded batches")
-        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
 
 
 def as_runnable(model) -> torch.nn.Module:

@@ -13,14 +13,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tailor.codegen.tvm.build import MANIFEST, SO, WEIGHTS
 from tailor.errors import TailorError
 from tailor.rewriter.onnx_check import onnx_feeds
+from tailor.runtime.session import NumpyModel
 
 
-class TvmModel(torch.nn.Module):
+class TvmModel(NumpyModel):
+    runtime = "TVM"
+
     def __init__(self, folder: Path):
         super().__init__()
         import tvm
@@ -32,7 +34,7 @@ class TvmModel(torch.nn.Module):
             info = json.loads((folder / MANIFEST).read_text())
             self.shape = tuple(int(n) for n in info["shape"])
             self.specs = [(name, None, np.dtype(dtype)) for name, dtype in info["inputs"]]
-            self.causal, names = bool(info["causal"]), list(info["params"])
+            causal, names = bool(info["causal"]), list(info["params"])
             self.vocab_size = int(info["vocab_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TailorError(f"{folder}/{MANIFEST}: unreadable TVM manifest ({e})") from None
@@ -44,14 +46,15 @@ class TvmModel(torch.nn.Module):
             raise TailorError(f"{folder}/{WEIGHTS} does not hold the weights {MANIFEST} lists")
         self.params = [tvm.runtime.tensor(weights[n]) for n in names]
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / SO)), tvm.cpu())
-        self.masked = any("attention_mask" in name for name, _, _ in self.specs)
+        # appending positions cannot change the real ones' outputs: causal, or masked out
+        self.paddable = causal or any("attention_mask" in name for name, _, _ in self.specs)
         self._tensor = tvm.runtime.tensor
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         (b, t), (b0, t0) = input_ids.shape, self.shape
-        if b > b0 or t > t0 or (t < t0 and not (self.causal or self.masked)):
+        if b > b0 or t > t0 or (t < t0 and not self.paddable):
             raise TailorError(f"this TVM build runs inputs of {b0} × {t0} tokens"
-                             + ("" if self.causal or self.masked else " exactly")
+                             + ("" if self.paddable else " exactly")
                              + f"; got {b} × {t}")
         if input_ids.size and not (0 <= input_ids.min() and input_ids.max() < self.vocab_size):
             # TVM's gather does not check indices: out of range would read outside the table
@@ -66,8 +69,3 @@ class TvmModel(torch.nn.Module):
         out = self.vm["main"](*[self._tensor(feeds[n]) for n, _, _ in self.specs], *self.params)
         out = out if hasattr(out, "numpy") else out[0]
         return out.numpy()[:b, :t]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padding masks are not supported through TVM yet; pass unpadded batches")
-        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
