@@ -1,9 +1,11 @@
 """ffn_prune: keep a fraction of an FFN's channels (FLAP, LLM-Pruner's channel groups).
 
-Channels are ranked by FLAP's fluctuation metric on the down projection's input:
-Var(h_c) · ||W_down[:, c]||². The kept channels of the down projection and its bias are then
-refitted by least squares on calibration statistics (FLAP's bias compensation generalised), so
-the branch reproduces its full output as closely as the kept channels allow.
+Channels are ranked by what removing them costs once the kept channels of the down projection
+and its bias are refitted by least squares on calibration statistics (FLAP's bias compensation
+generalised): a greedy optimal brain surgeon on the down projection (tailor.passes.obs), which
+unlike FLAP's per-channel fluctuation Var(h_c) · ||W_down[:, c]||² sees that channels carrying
+the same signal are not both needed. The refit then makes the branch reproduce its full output
+as closely as the kept channels allow.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ KEEP = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 
 
 def channel_scores(signals, layer: int) -> np.ndarray:
-    return np.asarray(signals.down_input_var[layer]) * np.asarray(signals.down_col_norm2[layer])
+    return np.asarray(signals.down_importance[layer])
 
 
 def candidates(graph: TransformerGraph, signals) -> list[Option]:

@@ -31,14 +31,15 @@ from tqdm import tqdm
 from tailor.errors import TailorError
 from tailor.passes.attention_profile import AttentionInfluence, profile_attention
 from tailor.passes.base import Option
+from tailor.passes.obs import removal_importance
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import block_path, module_path
+from tailor.rewriter.torch_surgery import RIDGE, block_path, module_path
 from tailor.runtime.artifact import sha256_file
 from tailor.runtime.attention_patterns import Pattern
 from tailor.runtime.session import as_runnable
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -47,13 +48,12 @@ class Signals:
     ffn_contribution: list[float]
     ffn_mean: list[list[float]]
     attn_mean: list[list[float]]
-    o_input_mean: list[list[float]]
-    o_input_var: list[list[float]]
-    o_col_norm2: list[list[float]]
-    down_input_mean: list[list[float]]
-    down_input_var: list[list[float]]
-    down_col_norm2: list[list[float]]
     kv_similarity: list[list[float]]
+    # per query head (output projection) and per FFN channel (down projection): when a greedy
+    # optimal brain surgeon, refitting the rest, would remove it (tailor.passes.obs); higher
+    # matters more. What head and FFN pruning rank by.
+    o_importance: list[list[float]]
+    down_importance: list[list[float]]
     # E[x̃ x̃ᵀ] of the inputs of the output and down projections, x̃ = [x; 1]: what least-squares
     # compensation of pruned channels needs. Kept out of JSON (cached in safetensors).
     o_gram: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -99,11 +99,9 @@ def neutral_signals(graph: TransformerGraph) -> Signals:
     """Flat statistics: enough to enumerate every pass's candidates and price them before any
     calibration (costs depend on shapes only)."""
     n, h = graph.num_layers, graph.hidden_size
-    hd = [b.attn.num_heads * b.attn.head_dim for b in graph.blocks]
-    fw = [b.ffn.width for b in graph.blocks]
-    return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * d for d in hd],
-                   [[1.0] * d for d in hd], [[1.0] * d for d in hd], [[0.0] * w for w in fw],
-                   [[1.0] * w for w in fw], [[1.0] * w for w in fw], [[0.0] * n] * n)
+    return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * n] * n,
+                   [[0.0] * b.attn.num_heads for b in graph.blocks],
+                   [[0.0] * b.ffn.width for b in graph.blocks])
 
 
 # ---- calibration data ----------------------------------------------------------------------------
@@ -277,8 +275,7 @@ class SignalSums:
     def __init__(self, n: int):
         self.n = n
         self.acc: dict[str, list] = {k: [None] * n for k in
-                                     ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_sum", "o_sq", "d_sum",
-                                      "d_sq", "o_gram", "d_gram", "tok")}
+                                     ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_gram", "d_gram", "tok")}
         self.keys: list = [None] * n
 
     def _add(self, dst, i, val):
@@ -295,19 +292,17 @@ class SignalSums:
 
     def projection_inputs(self, i: int, o_in: torch.Tensor, down_in: torch.Tensor):
         for name, x in (("o", o_in.double()), ("d", down_in.double())):
-            self._add(f"{name}_sum", i, x.sum((0, 1)))
-            self._add(f"{name}_sq", i, (x * x).sum((0, 1)))
             self._add(f"{name}_gram", i, _gram(x))
 
     def key(self, i: int, k: torch.Tensor):
         self.keys[i] = k.double().flatten(0, 1)  # last batch only: enough for a ranking
 
-    def signals(self, o_col_norm2: list, down_col_norm2: list) -> Signals:
+    def signals(self, o_weights: list[torch.Tensor], down_weights: list[torch.Tensor],
+                head_dims: list[int]) -> Signals:
+        """The weights in out_in layout: the output and down projection of every layer."""
         acc, n, tok = self.acc, self.n, self.acc["tok"]
-        o_mean = [acc["o_sum"][i] / tok[i] for i in range(n)]
-        o_var = [acc["o_sq"][i] / tok[i] - o_mean[i] ** 2 for i in range(n)]
-        d_mean = [acc["d_sum"][i] / tok[i] for i in range(n)]
-        d_var = [acc["d_sq"][i] / tok[i] - d_mean[i] ** 2 for i in range(n)]
+        o_gram = [(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)]
+        down_gram = [(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)]
         ks = self.keys
         sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
                 else 0.0 for j in range(n)] for i in range(n)]
@@ -316,19 +311,12 @@ class SignalSums:
             ffn_contribution=[acc["ffn_norm"][i] / tok[i] for i in range(n)],
             ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
             attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
-            o_input_mean=[m.tolist() for m in o_mean],
-            o_input_var=[v.clamp_min(0).tolist() for v in o_var], o_col_norm2=o_col_norm2,
-            down_input_mean=[m.tolist() for m in d_mean],
-            down_input_var=[v.clamp_min(0).tolist() for v in d_var],
-            down_col_norm2=down_col_norm2, kv_similarity=sim,
-            o_gram=[(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)],
-            down_gram=[(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)])
-
-
-def _col_norm2(w: torch.Tensor, layout: str) -> list[float]:
-    """||W[:, c]||² per input channel c, whatever the weight layout."""
-    w = w.detach().double()
-    return (w * w).sum(0 if layout == "out_in" else 1).tolist()
+            kv_similarity=sim,
+            o_importance=[removal_importance(w.numpy(), gm, d, RIDGE).tolist()
+                          for w, gm, d in zip(o_weights, o_gram, head_dims)],
+            down_importance=[removal_importance(w.numpy(), gm, 1, RIDGE).tolist()
+                             for w, gm in zip(down_weights, down_gram)],
+            o_gram=o_gram, down_gram=down_gram)
 
 
 def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signals:
@@ -384,10 +372,11 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
             h.remove()
 
     def weight(p):
-        return model.get_submodule(module_path(p.weight.name)).weight
+        w = model.get_submodule(module_path(p.weight.name)).weight.detach().double()
+        return w if p.layout == "out_in" else w.T
 
-    return sums.signals([_col_norm2(weight(b.attn.o), b.attn.o.layout) for b in graph.blocks],
-                        [_col_norm2(weight(b.ffn.down), b.ffn.down.layout) for b in graph.blocks])
+    return sums.signals([weight(b.attn.o) for b in graph.blocks], [weight(b.ffn.down) for b in graph.blocks],
+                        [b.attn.head_dim for b in graph.blocks])
 
 
 def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, batch: int = 4) -> Signals:
@@ -412,10 +401,10 @@ def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, b
 
     def weight(p):
         w, _ = onnx_surgery.projection_arrays(model, p)
-        return torch.from_numpy(np.array(w))  # [out, in]
+        return torch.from_numpy(np.array(w, dtype=np.float64))  # [out, in]
 
-    return sums.signals([_col_norm2(weight(b.attn.o), "out_in") for b in graph.blocks],
-                        [_col_norm2(weight(b.ffn.down), "out_in") for b in graph.blocks])
+    return sums.signals([weight(b.attn.o) for b in graph.blocks], [weight(b.ffn.down) for b in graph.blocks],
+                        [b.attn.head_dim for b in graph.blocks])
 
 
 def apply_options(model, graph: TransformerGraph, options: list[Option], signals: Signals | None):
@@ -498,7 +487,6 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
                 use_cache: bool = True) -> tuple[Profile, list[Option]]:
     """Signals, the candidate options of `passes`, and each option's measured KL."""
     from tailor.passes.registry import candidates_for
-    from tailor.rewriter.torch_surgery import RIDGE
 
     # everything that changes a measured number is part of the key
     key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes), "ridge": RIDGE})

@@ -34,8 +34,8 @@ def _both(tiny_models, tiny_onnx, name):
 def test_onnx_signals_equal_torch_signals(tiny_models, tiny_onnx, name):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, name)
     st, so = collect_signals(model, ct.graph, ids), collect_signals(co.source.model, co.graph, ids)
-    for field in ("block_influence", "ffn_contribution", "ffn_mean", "attn_mean", "o_input_var",
-                  "o_col_norm2", "down_input_var", "down_col_norm2", "kv_similarity"):
+    for field in ("block_influence", "ffn_contribution", "ffn_mean", "attn_mean", "kv_similarity",
+                  "o_importance", "down_importance"):
         np.testing.assert_allclose(np.asarray(getattr(so, field)), np.asarray(getattr(st, field)),
                                    rtol=1e-4, atol=1e-6, err_msg=field)
     for a, b in zip(so.o_gram + so.down_gram, st.o_gram + st.down_gram):
