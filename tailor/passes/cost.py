@@ -1,6 +1,14 @@
 """The one cost model: FLOPs, bytes moved and KV-cache bytes of every component for a workload
 on a target, turned into roofline latency. Every pass prices its options here.
 
+Besides matrix products the model prices what grows with them but is not a product: the
+elementwise passes around each branch (its norm and residual add, rotary embedding, the FFN's
+activation) and, where attention is decomposed (MatMul, mask, Softmax, MatMul: how ONNX exports
+of transformers run it), the full score matrix it materialises and passes over several times.
+On refllama-16m's ONNX export under onnxruntime (1 × 512, profiled per op) products were 72% of
+the time and the passes over materialised scores about 15%; a roofline of products alone
+predicted 0.50 for a plan that measured 0.60.
+
 A model's shape after rewriting is a `Structure`: per layer, whether it is kept, whether its FFN
 is kept, which KV groups and how many query heads per group its attention keeps, and each KV
 head's attention pattern (attention work and KV cache ∝ the keys a head keeps). The cost of a
@@ -123,6 +131,14 @@ class Cost:
                 "attention": self.attn_flops}[objective]
 
 
+# Passes over the score matrix of decomposed attention besides the two products: masking
+# (Where, read + write), Softmax (read + write) and the export's NaN guard (read).
+SCORE_PASSES = 5
+# Elementwise passes per token around a branch, in vectors of the hidden size: the norm (read +
+# write) and the residual add (two reads, a write).
+BRANCH_PASSES = 5
+
+
 class CostModel:
     def __init__(self, graph: TransformerGraph, workload: Workload, target: Target):
         self.graph, self.workload, self.target = graph, workload, target
@@ -159,26 +175,32 @@ class CostModel:
     def attention_core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
                        own_kv: bool) -> Cost:
         """q·kᵀ and p·v, plus reading (decode) and writing (prefill) the KV cache; each KV head
-        (with its query heads) over the keys its pattern keeps."""
+        (with its query heads) over the keys its pattern keeps (all of them, and the passes over
+        the scores, where attention is decomposed: patterns are masks there and save nothing)."""
         w, e, d = self.workload, self.target.bytes_per_element, a.head_dim
         n, kv_heads = w.prompt_len, len(patterns)
         heads = kv_heads * queries_per_group
+        decomposed = a.kind == "decomposed"
         total = Cost()
         for tokens, steps, keys in self._phases():
             if keys is None:  # prefill: keys per query summed over the KV heads
-                if a.causal:
+                if decomposed:  # the whole score matrix is computed, then masked
+                    kept = [float(n)] * kv_heads
+                elif a.causal:
                     kept = [(n + 1) / 2 if p is None else p.kept_keys_causal(n) / n for p in patterns]
                 else:
                     kept = [n if p is None else min(n, p.kept_keys_bidirectional(n) / n) for p in patterns]
-                # a fused kernel reads q and k, v once and writes the output (and the KV cache)
+                # q and k, v read once, the output (and the KV cache) written
                 by = tokens * (2 * heads * d * e + 2 * kv_heads * d * e * (2 if own_kv else 1))
             else:  # decode: every new token reads each head's cache
-                kept = [keys if p is None else min(keys, p.span(int(keys))) for p in patterns]
+                kept = [keys if p is None or decomposed else min(keys, p.span(int(keys))) for p in patterns]
                 by = tokens * sum(kept) * 2 * d * e
             flops = 4.0 * tokens * queries_per_group * sum(kept) * d
             step = self._roofline(flops, by, calls=steps)
             step.attn_flops = flops
             total = total + step
+            if decomposed:  # separate ops after the product, each over all scores
+                total = total + self._roofline(0.0, tokens * queries_per_group * sum(kept) * e * SCORE_PASSES)
         if own_kv and heads > 0:
             length = w.prompt_len + w.gen_len
             cached = sum(length if p is None else p.span(length) for p in patterns)
@@ -207,8 +229,28 @@ class CostModel:
         return self.projections([(p.in_features, width) if p is not f.down else (width, p.out_features)
                                  for p in f.projections])
 
+    def elementwise(self, layer: int, shape: LayerShape) -> Cost:
+        """The passes over activations around the products of the branches this layer keeps."""
+        if not shape.kept:
+            return Cost()
+        b, e = self.graph.blocks[layer], self.target.bytes_per_element
+        per_token = 0.0
+        heads = shape.kv_groups * shape.queries_per_group
+        if heads:
+            per_token += BRANCH_PASSES * b.attn.q.in_features
+            if b.attn.rope:  # q and k rotated: read and written
+                per_token += 2 * (heads + (shape.kv_groups if shape.own_kv else 0)) * b.attn.head_dim
+        if shape.ffn:
+            width = b.ffn.width if shape.ffn_width is None else shape.ffn_width
+            act = 3 if b.ffn.gate is not None else 2  # the activation reads its input(s), writes
+            per_token += BRANCH_PASSES * b.ffn.down.out_features + act * width
+        total = Cost()
+        for tokens, _, _ in self._phases():
+            total = total + self._roofline(0.0, tokens * per_token * e)
+        return total
+
     def layer(self, layer: int, shape: LayerShape) -> Cost:
-        return self.attention(layer, shape) + self.ffn(layer, shape)
+        return self.attention(layer, shape) + self.ffn(layer, shape) + self.elementwise(layer, shape)
 
     def fixed(self) -> Cost:
         """What no rewrite removes: the head (the embedding is a lookup)."""

@@ -38,14 +38,28 @@ class OnnxDataflow(Dataflow):
         if n.domain not in ("", "ai.onnx"):
             return df.OTHER
         kind = _ONNX.get(n.op_type, df.OTHER)
-        if kind == df.MATMUL and len(n.inputs) == 2 and self.param(n.inputs[1]) is not None \
-                and len(n.inputs[1].shape or ()) == 2:
+        if kind == df.MATMUL and len(n.inputs) == 2 and self._matmul_weight(n) is not None:
             return df.LINEAR
         if kind == df.ADD and self._bias_of(n) is not None:
             return df.VIEW  # the bias half of a decomposed linear; the linear reports the bias
         if kind == df.GATHER and self.param(n.inputs[0]) is None:
             return df.OTHER  # indexing an activation (e.g. a CLS pooler), not an embedding
         return kind
+
+    def _matmul_weight(self, n: ir.Node) -> tuple[ir.Value, str] | None:
+        """A MatMul's 2-D weight and its layout: an initializer [in, out], or one [out, in] read
+        through Transpose (how exporters write an lm_head tied to the embedding table)."""
+        w = n.inputs[1]
+        if w is None:
+            return None
+        if self.param(w) is not None:
+            return (w, "in_out") if len(w.shape or ()) == 2 else None
+        t = w.producer()
+        if t is not None and t.op_type == "Transpose" and self.param(t.inputs[0]) is not None \
+                and len(t.inputs[0].shape or ()) == 2 \
+                and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+            return t.inputs[0], "out_in"
+        return None
 
     def _bias_of(self, add: ir.Node):
         """If `add` adds a 1-D weight to a linear's output, the weight value."""
@@ -54,9 +68,9 @@ class OnnxDataflow(Dataflow):
             if v is None or other is None or self.param(v) is None or len(v.shape or ()) != 1:
                 continue
             prod = other.producer()
-            if prod is not None and prod.op_type in ("MatMul", "Gemm") and \
-                    len(prod.inputs) > 1 and self.param(prod.inputs[1]) is not None and \
-                    len(other.uses()) == 1:
+            if prod is not None and len(prod.inputs) > 1 and len(other.uses()) == 1 and (
+                    (prod.op_type == "Gemm" and self.param(prod.inputs[1]) is not None)
+                    or (prod.op_type == "MatMul" and self._matmul_weight(prod) is not None)):
                 return v
         return None
 
@@ -119,16 +133,17 @@ class OnnxDataflow(Dataflow):
         return list(self.graph.outputs)
 
     def linear(self, node):
-        w = self.param(node.inputs[1])
         bias = None
         if node.op_type == "Gemm":
+            w = self.param(node.inputs[1])
             if node.attributes.get_int("transA", 0):
                 raise ValueError(f"Gemm {node.name} with transA is not a linear layer")
             layout = "out_in" if node.attributes.get_int("transB", 0) else "in_out"
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = self.param(node.inputs[2])
         else:
-            layout = "in_out"
+            value, layout = self._matmul_weight(node)
+            w = self.param(value)
         if bias is None:
             out = node.outputs[0]
             users = [u.node for u in out.uses()]

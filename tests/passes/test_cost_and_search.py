@@ -1,6 +1,8 @@
 """The cost model's budget semantics and the MILP search on synthetic options."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,42 @@ def test_kv_memory_follows_kv_heads(llama_graph):
         s.kv_groups = 1  # of 2
     assert cm.ratio(half, "kv_memory") == pytest.approx(0.5)
     assert cm.ratio(half, "latency") < 1.0
+
+
+def test_decomposed_attention_prices_its_scores_and_gains_nothing_from_patterns(llama_graph):
+    """MatMul/mask/Softmax/MatMul attention (ONNX exports) computes and passes over every score:
+    causal halving and sparse patterns (masks there) save nothing; fewer heads save scores."""
+    from tailor.runtime.attention_patterns import Pattern
+
+    blocks = [replace(b, attn=replace(b.attn, kind="decomposed")) for b in llama_graph.blocks]
+    decomposed = replace(llama_graph, blocks=blocks)
+    workload, cpu = Workload(1, 512, 0), get_target("cpu")
+    fused, unfused = CostModel(llama_graph, workload, cpu), CostModel(decomposed, workload, cpu)
+    a_fused, a_unfused = llama_graph.blocks[0].attn, blocks[0].attn
+    dense = [None, None]
+    sparse = [Pattern(16, 16, 0.0)] * 2
+    assert unfused.attention_core(a_unfused, 2, dense, True).attn_flops == pytest.approx(
+        2 * fused.attention_core(a_fused, 2, dense, True).attn_flops, rel=0.01)  # n keys, not (n + 1) / 2
+    assert unfused.attention_core(a_unfused, 2, sparse, True).latency == \
+        unfused.attention_core(a_unfused, 2, dense, True).latency
+    assert fused.attention_core(a_fused, 2, sparse, True).latency < \
+        fused.attention_core(a_fused, 2, dense, True).latency
+    # the passes over the scores: latency beyond the products', halved with half the query heads
+    extra = [unfused.attention_core(a_unfused, q, dense, True).latency
+             - unfused._roofline(unfused.attention_core(a_unfused, q, dense, True).attn_flops, 0).latency
+             for q in (2, 1)]
+    assert extra[0] > 0 and extra[1] == pytest.approx(extra[0] / 2, rel=0.05)
+
+
+def test_elementwise_passes_shrink_with_the_branches(llama_graph):
+    cm = CostModel(llama_graph, Workload(1, 256, 0), get_target("cpu"))
+    shape = Structure.dense(llama_graph).layers[0]
+    full = cm.elementwise(0, shape).bytes
+    assert full > 0
+    narrower = replace(shape, ffn_width=llama_graph.blocks[0].ffn.width // 2)
+    no_ffn = replace(shape, ffn=False)
+    assert cm.elementwise(0, no_ffn).bytes < cm.elementwise(0, narrower).bytes < full
+    assert cm.elementwise(0, replace(shape, kept=False)).bytes == 0
 
 
 def test_unknown_target():

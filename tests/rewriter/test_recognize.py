@@ -90,3 +90,24 @@ def test_torchscript_exported_bert(tiny_models, tmp_path):
                       input_names=["input_ids"], output_names=["last_hidden_state"],
                       dynamic_axes={"input_ids": {0: "batch", 1: "seq"}}, opset_version=17)
     _check(capture(path).graph, "bert")
+
+
+
+def test_onnx_tied_head_read_through_transpose(tiny_onnx, tmp_path):
+    """Exporters write a large lm_head tied to the embedding as MatMul(x, Transpose(table)) (the
+    constant folder leaves big weights alone): it must still be the LM head, else the model is a
+    headless "decoder" whose logits are compared by cosine and whose head goes unpriced."""
+    import onnx_ir as ir
+
+    model = ir.load(tiny_onnx["llama"])
+    g = capture(tiny_onnx["llama"]).graph
+    table = next(v for v in model.graph.initializers.values() if v.name == g.embedding.token.name)
+    head = next(n for n in model.graph if n.name == g.lm_head.node)
+    transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name="tied_head_t")
+    model.graph.insert_before(head, transpose)
+    head.replace_input_with(1, transpose.outputs[0])
+    ir.save(model, tmp_path / "model.onnx")
+    tied = _check(capture(tmp_path / "model.onnx").graph, "llama")
+    assert tied.lm_head.layout == "out_in" and tied.lm_head.weight.name == g.embedding.token.name
+    assert (tied.lm_head.in_features, tied.lm_head.out_features) == (64, 96)
+    assert tied.tied_embeddings
