@@ -29,8 +29,9 @@ MEASURED = False  # option losses come from the per-head profile, not one run pe
 def default_grid(longest: int) -> list[Pattern]:
     """Sink S (a power of two near N/24, 4..64: 64 at N = 1536) and windows S, 2S or 4S, static
     or growing by N/8, N/4, N/2: window(N) = alpha + beta * N. The 2S step is there for budgets
-    near the narrowest plan: on refllama-16m at density 0.25, S → 4S (+0.013 density a head)
-    did not fit a third head that S → 2S (+0.007) did, and retrieval went 0.88 → 0.90."""
+    near the narrowest plan: on refllama-16m at density 0.25 the S → 4S step (+0.013 density a
+    head) left 0.011 unspent; with S → 2S (+0.007) the search widened five more heads and
+    retrieval went 0.89 → 0.92 (docs/BENCHMARKS.md)."""
     sink = int(min(64, max(4, 2 ** round(np.log2(longest / 24)))))
     return [Pattern(sink, a, b) for b in (0.0, 0.125, 0.25, 0.5) for a in (sink, 2 * sink, 4 * sink)]
 
