@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up, then run the main job on the embedded default model (all-MiniLM-L6-v2, exported to ONNX):
 # optimized from the .onnx file to 0.75 of its latency on this CPU for 128-token inputs,
-# calibrated on sentence-sized windows (32 tokens) of English docstring sentences; the artifact
+# calibrated on English docstring sentences (sentence-sized windows: their median length); the artifact
 # holds the rewritten model.onnx and its TVM CPU build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-optimize --budget 0.75 --target cpu --prompt-len 128 --calib-len 32 --format onnx,tvm -o out/minilm --force "$@"
+optimize --budget 0.75 --target cpu --prompt-len 128 --format onnx,tvm -o out/minilm --force "$@"

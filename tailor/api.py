@@ -22,6 +22,7 @@ from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import OBJECTIVES, CostModel, Workload, get_target, model_flops
 from tailor.passes.profile import (
+    DEFAULT_CALIB_LEN,
     Calibration,
     add_attention_data,
     apply_options,
@@ -148,15 +149,18 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int = 1024,
             gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
-            calib_windows: int | None = None, calib_len: int = 512, eval_text: str | Path | None = None,
-            seed: int = 0, formats: tuple[str, ...] | None = None, trust_remote_code: bool = False,
+            calib_windows: int | None = None, calib_len: int | None = None,
+            eval_text: str | Path | None = None, seed: int = 0, formats: tuple[str, ...] | None = None,
+            trust_remote_code: bool = False,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             use_cache: bool = True, progress: bool = False, stages: "StageLog | None" = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
-    Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
+    Calibration: `calib_windows` windows of `calib_len` tokens (defaults: 8192 tokens in windows
+    of 512, or for an encoder given text, of its lines' median length). Attention patterns are
+    profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
     plans validated at `validation_len` (default 3/4 prompt_len), with synthetic retrieval
     sequences written from `retrieval_template` (default: code-shaped `name = value` lines).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
@@ -201,8 +205,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         check_reachable(structural, cost_model, budget, objective)
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
-            settings: dict[str, Any] = {"windows": calibration_windows(calib_windows, calib_len),
-                                        "len": calib_len, "seed": seed}
+            windows_used = len(cal.profile_ids) + len(cal.heldout_ids)
+            settings: dict[str, Any] = {"windows": windows_used, "len": int(cal.profile_ids.shape[1]),
+                                        "seed": seed}
             if graph.task == "causal-lm" or "attn_pattern" in passes:
                 template = RetrievalTemplate.parse(retrieval_template or {})
                 tok = _tokenizer_dir(cap.source, tokenizer)
@@ -260,7 +265,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
 
 
 def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, calib, tokenizer,
-            calib_windows: int | None, calib_len: int, eval_text, seed: int, formats, stages) -> Compiled:
+            calib_windows: int | None, calib_len: int | None, eval_text, seed: int, formats,
+            stages) -> Compiled:
     """compile(plan=...): apply a saved plan to the model it was made for."""
     where = "plan" if isinstance(plan, Plan) else str(plan)
     given = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
@@ -357,17 +363,22 @@ def calibration_windows(windows: int | None, length: int) -> int:
 
 
 def _calibration(module, graph, source: TorchSource | OnnxSource, calib, tokenizer, windows: int | None,
-                 length: int, seed: int) -> Calibration:
+                 length: int | None, seed: int) -> Calibration:
+    """Calibration windows; `length` None: DEFAULT_CALIB_LEN tokens, or for an encoder given text,
+    the median length of its inputs (lines)."""
+    if calib is not None and Path(calib).suffix != ".json":
+        tok_dir = _tokenizer_dir(source, tokenizer)
+        if tok_dir is None:
+            raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a "
+                              "module)")
+        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_dir), length,
+                                     lambda n: calibration_windows(windows, n), str(calib),
+                                     per_line=graph.task == "encoder")
+    length = length or DEFAULT_CALIB_LEN
     windows = calibration_windows(windows, length)
     if calib is None:
         return calibration_data_free(module, graph.vocab_size, length, windows, seed)
-    if Path(calib).suffix == ".json":  # token ids: no tokenizer needed
-        return calibration_from_ids(Path(calib), graph.vocab_size, length, windows)
-    tok_dir = _tokenizer_dir(source, tokenizer)
-    if tok_dir is None:
-        raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a module)")
-    return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_dir), length, windows,
-                                 str(calib), per_line=graph.task == "encoder")
+    return calibration_from_ids(Path(calib), graph.vocab_size, length, windows)  # no tokenizer needed
 
 
 def load(folder: str | Path, runtime: str | None = None) -> Compiled:

@@ -26,7 +26,7 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": 1024,
     "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
-    "calib_windows": None, "calib_len": 512, "eval": None, "seed": 0, "format": None,
+    "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
     "validation_len": None, "retrieval_template": None, "plan": None,
 }
@@ -62,7 +62,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
     p.add_argument("--calib-windows", type=int, help="calibration windows (default: 8192 tokens' "
                    "worth, at least 16)")
-    p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; "
+                   "for an encoder, the median length of the calibration text's lines)")
     p.add_argument("--eval", help="text file to report perplexity / KL / top-1 on (never calibrated on)")
     p.add_argument("--seed", type=int, help="seed for data-free calibration (default 0)")
     p.add_argument("--plan", help="replay this plan.json (from an artifact made for the same model) "

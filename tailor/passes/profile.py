@@ -40,6 +40,7 @@ from tailor.runtime.attention_patterns import Pattern
 from tailor.runtime.session import as_runnable
 
 PROFILE_VERSION = 3
+DEFAULT_CALIB_LEN = 512  # tokens per calibration window, unless the inputs say otherwise
 
 
 @dataclass
@@ -132,29 +133,49 @@ def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool 
     return torch.stack([stream[s:s + length] for s in starts])
 
 
-def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int, windows: int, name: str, *,
+def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | None, windows, name: str, *,
                           per_line: bool = False) -> Calibration:
     """Windows of `window` tokens spread over the tokenized text (a string, or pieces of a long
-    file: tailor.quality.metrics.read_text_pieces). With `per_line` (encoders, whose inputs are
-    single sentences or passages), each line is tokenized on its own, with the special tokens
-    the tokenizer adds (BERT's [CLS] … [SEP]), so the windows carry them as real inputs do."""
-    from tailor.quality.metrics import tokenize_pieces
+    file: tailor.quality.metrics.read_text_pieces); `windows` is a count or a function of the
+    window length. With `per_line` (encoders, whose inputs are single sentences or passages),
+    each line is tokenized on its own, with the special tokens the tokenizer adds (BERT's
+    [CLS] … [SEP]), every window begins where a line does (the model sees [CLS] at position 0, as
+    on real inputs) and `window` None is the median line length: windows the size of the inputs.
+    On MiniLM at budget 0.75, windows of 32 tokens cut anywhere gave an embedding cosine of 0.944,
+    aligned 0.950, aligned at the median (22) 0.952; 128-token windows 0.912."""
+    from tailor.quality.metrics import tokenize_lines, tokenize_pieces
 
-    ids = tokenize_pieces([pieces] if isinstance(pieces, str) else pieces, tokenizer, per_line=per_line)
-    return _calibration_from_stream(ids, window, windows, name, "calibration text")
+    pieces = [pieces] if isinstance(pieces, str) else pieces
+    count = windows if callable(windows) else (lambda n: windows)
+    if per_line:
+        ids, starts = tokenize_lines(pieces, tokenizer)
+        if window is None:
+            lengths = np.diff(np.append(starts, len(ids)))
+            window = max(2, int(np.median(lengths))) if len(lengths) else 2
+        return _calibration_from_stream(ids, window, count(window), name, "calibration text", starts=starts)
+    window = window or DEFAULT_CALIB_LEN
+    ids = tokenize_pieces(pieces, tokenizer)
+    return _calibration_from_stream(ids, window, count(window), name, "calibration text")
 
 
 def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: int, name: str,
-                             what: str) -> Calibration:
-    """Windows spread over a token stream; every 4th one held out for the search."""
-    n = min(windows, len(ids) // window)
+                             what: str, starts: np.ndarray | None = None) -> Calibration:
+    """Windows spread over a token stream (at offsets chosen among `starts` when given); every 4th
+    one held out for the search."""
+    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    eligible = None if starts is None else starts[starts + window <= len(ids)]
+    n = min(windows, len(ids) // window if eligible is None else len(eligible))
     if n < 2:
         raise TailorError(f"{what} {name} has {len(ids)} tokens: need at least "
                           f"{2 * window} (two windows of {window})")
-    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    t = spread_windows(stream, window, n)
+    if eligible is None:
+        t = spread_windows(stream, window, n)
+    else:
+        chosen = eligible[np.linspace(0, len(eligible) - 1, n).astype(int)]
+        t = torch.stack([stream[s:s + window] for s in chosen])
     held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1  # every 4th one held out
-    digest = hashlib.sha256(stream.numpy().tobytes()).hexdigest()[:16]
+    # the windows themselves, not just the stream: how they are cut is part of the data
+    digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
     return Calibration(t[torch.from_numpy(~held)], t[torch.from_numpy(held)],
                        f"{name} ({n} windows of {window} tokens spread over {len(ids)})", digest,
                        stream=stream)

@@ -49,24 +49,31 @@ def read_text_pieces(path: Path, piece_bytes: int = 1 << 20) -> Iterator[str]:
             offset += len(block)
 
 
-def tokenize_pieces(pieces: Iterable[str], tokenizer, *, per_line: bool = False,
-                    limit: int | None = None) -> np.ndarray:
+def tokenize_pieces(pieces: Iterable[str], tokenizer, *, limit: int | None = None) -> np.ndarray:
     """One stream of token ids from a text given in pieces; the tokenizer's special tokens (a BOS)
-    start the stream once. With per_line (encoders, whose inputs are single sentences), each
-    non-empty line is an input of its own, with its special tokens ([CLS] … [SEP]). Stops once
-    `limit` tokens are read."""
+    start the stream once. Stops once `limit` tokens are read."""
     out, count = [], 0
     for k, piece in enumerate(pieces):
-        if per_line:
-            lines = [line for line in piece.splitlines() if line.strip()]
-            ids = [t for row in tokenizer(lines)["input_ids"] for t in row] if lines else []
-        else:
-            ids = tokenizer(piece, add_special_tokens=k == 0)["input_ids"]
+        ids = tokenizer(piece, add_special_tokens=k == 0)["input_ids"]
         out.append(np.asarray(ids, dtype=np.int64))
         count += len(ids)
         if limit is not None and count >= limit:
             break
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def tokenize_lines(pieces: Iterable[str], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Each non-empty line an input of its own (encoders, whose inputs are single sentences or
+    passages), with the special tokens the tokenizer adds ([CLS] … [SEP]): the stream of all
+    inputs' ids and the offset where each input starts."""
+    out = []
+    for piece in pieces:
+        lines = [line for line in piece.splitlines() if line.strip()]
+        out += tokenizer(lines)["input_ids"] if lines else []
+    lengths = np.array([len(row) for row in out], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if out else np.zeros(0, np.int64)
+    stream = np.asarray([t for row in out for t in row], dtype=np.int64)
+    return stream, starts
 
 
 def token_windows(token_ids: list[int] | np.ndarray, seq_len: int, windows: int) -> torch.Tensor:

@@ -225,7 +225,8 @@ def test_rewritten_model_exports_to_onnx(tmp_path, monkeypatch):
 
 
 def test_encoder_calibration_keeps_special_tokens_per_line():
-    """Encoders see [CLS] … [SEP] around every input: per-line calibration windows carry them."""
+    """Encoders see [CLS] … [SEP] around every input, [CLS] first: per-line calibration windows
+    carry them and begin where an input does."""
     from tailor.cli.default_model import minilm_directory
     from tailor.passes.profile import calibration_from_text
     from tailor.quality.metrics import load_tokenizer
@@ -236,6 +237,14 @@ def test_encoder_calibration_keeps_special_tokens_per_line():
     whole = calibration_from_text(text, tok, 32, 8, "t")
     assert int((per_line.stream == tok.cls_token_id).sum()) == 60
     assert int((whole.stream == tok.cls_token_id).sum()) == 1
+    windows = torch.cat([per_line.profile_ids, per_line.heldout_ids])
+    assert len(windows) == 8 and bool((windows[:, 0] == tok.cls_token_id).all())
+    assert not bool((torch.cat([whole.profile_ids, whole.heldout_ids])[1:, 0] == tok.cls_token_id).all())
+    # no window length given: the inputs' median length (here every line has the same)
+    sized = calibration_from_text(text, tok, None, lambda n: 240 // n, "t", per_line=True)
+    line = len(tok("Sentence number 10 is about calibration data.")["input_ids"])
+    assert sized.profile_ids.shape[1] == line
+    assert len(sized.profile_ids) + len(sized.heldout_ids) == 240 // line
 
 
 def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
