@@ -507,14 +507,24 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
                 model_hash: str, settings: dict, progress: bool = True,
                 use_cache: bool = True) -> tuple[Profile, list[Option]]:
     """Signals, the candidate options of `passes`, and each option's measured KL."""
-    from tailor.passes.registry import candidates_for
+    from tailor.passes.registry import PASSES, candidates_for
 
     # everything that changes a measured number is part of the key
     key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes), "ridge": RIDGE})
     cached = load_cached(key) if use_cache else None
     if cached is not None:
         cached.extra["cached"] = True
-        return cached, candidates_for(graph, cached.signals, passes)
+        candidates = candidates_for(graph, cached.signals, passes)
+        # candidates a newer tailor offers that this entry has not measured: measure them now
+        # rather than let the search take an unmeasured option for free
+        missing = [o for o in candidates if o.key not in cached.option_kl
+                   and getattr(PASSES[o.pass_name], "MEASURED", True)]
+        if missing:
+            reference = model_outputs(model, calib.profile_ids)
+            cached.option_kl.update(measure_options(model, graph, missing, cached.signals,
+                                                    calib.profile_ids, reference, progress))
+            store(cached)
+        return cached, candidates
     signals = collect_signals(model, graph, calib.profile_ids)
     if "attn_pattern" in passes:
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]

@@ -295,14 +295,32 @@ def expose(model: ir.Model, values: list[ir.Value]) -> None:
 # ---- finishing -------------------------------------------------------------------------------------
 
 def finish(model: ir.Model) -> ir.Model:
-    """Sweep dead nodes and initializers; forget intermediate shapes the edits made stale."""
+    """Sweep dead nodes and initializers; re-infer the intermediate shapes the edits made stale.
+
+    Inferred again rather than left out: onnxruntime's fusions check them (without shapes, MiniLM
+    kept its Add + LayerNormalization pairs apart instead of fusing them into SkipLayerNormalization)."""
     common_passes.RemoveUnusedNodesPass()(model)
     keep = set(model.graph.inputs) | set(model.graph.outputs)
+    before = {}
     for node in model.graph:
         for v in node.outputs:
             if v not in keep:
-                v.shape = None
+                before[v], v.shape = v.shape, None
+    common_passes.ShapeInferencePass()(model)
+    for v, old in before.items():
+        v.shape = _with_named_dims(v.shape, old)
     return model
+
+
+def _with_named_dims(new: ir.Shape | None, old: ir.Shape | None) -> ir.Shape | None:
+    """`new` with the named dimensions (batch, sequence) of `old` where inference lost them:
+    fusions such as SkipLayerNormalization need both inputs provably of one shape. Rewrites
+    change only literal sizes (heads, channels), never a named dimension."""
+    if new is None or old is None or len(new) != len(old):
+        return new
+    dims = [o if isinstance(o, ir.SymbolicDim) and o.value is not None and isinstance(n, ir.SymbolicDim)
+            and (n.value is None or n.value.startswith("unk__")) else n for n, o in zip(new, old)]
+    return ir.Shape(dims)
 
 
 def clone(model: ir.Model) -> ir.Model:

@@ -9,7 +9,7 @@ import torch
 
 import tailor
 from tailor.passes.base import Option
-from tailor.passes.profile import apply_options, collect_signals
+from tailor.passes.profile import apply_options, collect_signals, load_cached, store
 from tailor.rewriter.capture import capture
 from tests.conftest import REFLLAMA, build_model, ids_for
 
@@ -119,6 +119,15 @@ def test_compile_smoke_budget_met_and_reload_exact(tmp_path, monkeypatch):
     # a second compile at another budget reuses the profile
     c2 = tailor.compile(model, budget=0.8, **kwargs)
     assert c2.report["calibration"]["cached"] and c2.plan.predicted["latency"] <= 0.8 + 1e-9
+    # an entry without an option that a newer candidate list offers measures just that one
+    (entry,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    prof = load_cached(entry.stem)
+    dropped = sorted(prof.option_kl)[0]
+    measured = prof.option_kl.pop(dropped)
+    store(prof)
+    c2b = tailor.compile(model, budget=0.8, **kwargs)
+    assert c2b.report["calibration"]["cached"]
+    assert load_cached(entry.stem).option_kl[dropped] == pytest.approx(measured, rel=1e-6)
     # a corrupted cache entry is detected and recomputed
     for f in (tmp_path / "cache" / "profiles").glob("*.json"):
         f.write_text(f.read_text().replace('"block_influence": [', '"block_influence": [9, ', 1))

@@ -77,6 +77,36 @@ def test_a_combined_plan_rewrites_onnx_like_torch(tiny_models, tiny_onnx):
     assert sum(sizes.values()) < original
 
 
+def _fused_ops(model, tmp_path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs after its own fusions."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from onnx_ir import serde
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(serde.serialize_model(model).SerializeToString(), so,
+                         providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_rewritten_onnx_keeps_onnxruntime_fusions(tiny_models, tiny_onnx, tmp_path):
+    # the rewrite re-infers shapes with the batch and sequence names: without them onnxruntime
+    # cannot prove a residual add's inputs alike and leaves Add + LayerNormalization unfused
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, "bert")
+    signals = collect_signals(model, ct.graph, ids)
+    chosen = [Option("head_prune", 0, {"kv_heads": [0, 2], "queries": [[0], [0]]}, ()),
+              Option("ffn_prune", 1, {"channels": list(range(0, 64, 2))}, ())]
+    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+    before, after = _fused_ops(co.source.model, tmp_path), _fused_ops(rewritten, tmp_path)
+    assert before["SkipLayerNormalization"] > 0
+    assert after["SkipLayerNormalization"] == before["SkipLayerNormalization"]
+    assert after["LayerNormalization"] == before["LayerNormalization"]
+
+
 def test_adjacent_layer_skips_on_onnx(tiny_models, tiny_onnx):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
     chosen = [Option("layer_skip", 1, {}, ()), Option("layer_skip", 2, {}, ())]
