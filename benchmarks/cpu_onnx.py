@@ -89,7 +89,7 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
             models[key] = OrtModel(out / "model.onnx", threads)
     vocab = opt.graph.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    times = time_side_by_side(models | tvm_models, ids, repeats)
+    times = time_side_by_side(models | tvm_models, ids, repeats, warmup=20)
     if name == "MiniLM":
         quality = minilm_quality(models, load_tokenizer(onnx.parent), docstring_sentences(EVAL_MODULES)[:300])
         metric = "embedding cosine"

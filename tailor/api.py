@@ -39,7 +39,13 @@ from tailor.passes.profile import (
 from tailor.passes.registry import PASSES, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, search, structure_of
 from tailor.plan import Plan, check_budget
-from tailor.quality.metrics import evaluate_pair, has_tokenizer, load_tokenizer, read_text_pieces
+from tailor.quality.metrics import (
+    evaluate_pair,
+    has_tokenizer,
+    load_tokenizer,
+    read_text_pieces,
+    time_side_by_side,
+)
 from tailor.quality.plots import plan_picture
 from tailor.quality.retrieval import RetrievalTemplate
 from tailor.rewriter.capture import (
@@ -182,10 +188,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     passes = _passes_for(cap, passes)
     formats = _resolve_formats(formats, cap)
     workload = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
-    cost_model = CostModel(cap.graph, workload, get_target(target))
+    cost_model = _cost_model(cap, workload, target)
     plan = Plan(cap.model_hash, budget, objective,
                 {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
-    report: dict[str, Any] = {"model": describe(cap.graph, workload)}
+    report: dict[str, Any] = {"model": describe(cap.graph, workload), "cost_model": cost_model.to_json()}
     runnable: torch.nn.Module
     # what the passes rewrite: a transformers model, or the onnx_ir model of an ONNX input
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
@@ -280,12 +286,13 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
     chosen = options_from_plan(graph, given.rewrites, where)
     _passes_for(cap, sorted({o.pass_name for o in chosen}))  # each has a rewrite for this input
     workload = Workload(**given.workload)  # keys and values checked by Plan.from_json
-    cost_model = CostModel(graph, workload, get_target(given.target))
+    cost_model = _cost_model(cap, workload, given.target)
     replayed = Plan(cap.model_hash, given.budget, given.objective, asdict(workload), target=given.target,
                     rewrites=[o.to_json() for o in chosen],
                     predicted=cost_model.ratios(structure_of(graph, chosen)))
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
-    report: dict[str, Any] = {"model": describe(graph, workload), "replayed_plan": where}
+    report: dict[str, Any] = {"model": describe(graph, workload), "replayed_plan": where,
+                              "cost_model": cost_model.to_json()}
     if chosen:
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
@@ -304,6 +311,20 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
     report["stages"] = stages.times
     return Compiled(runnable, replayed, report, graph, cap.source, _resolve_formats(formats, cap),
                     rewritten=rewritten)
+
+
+def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
+    """The cost model for `target`; for a table measured on this machine, fitted to the dense
+    model's own time here (CostModel.fit_to_measured): both are real seconds of one machine."""
+    cost_model = CostModel(cap.graph, workload, get_target(target))
+    if cost_model.target.matmul_rates and workload.gen_len == 0:
+        module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
+        ids = torch.randint(0, cap.graph.vocab_size, (workload.batch, workload.prompt_len),
+                            generator=torch.Generator().manual_seed(0))
+        # onnxruntime's first dozens of calls run ~10% slower (MiniLM here: 13.7 ms, then 12.2)
+        seconds = time_side_by_side({"dense": as_runnable(module)}, ids, repeats=20, warmup=20)["dense"]
+        cost_model.fit_to_measured(seconds)
+    return cost_model
 
 
 def _passes_for(cap: Captured, asked: list[str] | None) -> list[str]:

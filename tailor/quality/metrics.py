@@ -160,13 +160,15 @@ def probe_retrieval(artifact: Path, lengths: list[int], *, samples: int = 32, re
     return out
 
 
-def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int = 20) -> dict:
+def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int = 20,
+                      warmup: int = 1) -> dict:
     """Median seconds per call of each model on `ids`, timed in turn in one process (so that
-    machine noise hits them alike), after one warm-up call each."""
+    machine noise hits them alike), after `warmup` calls each."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for m in models.values():
-            m(ids)
+            for _ in range(warmup):
+                m(ids)
         for _ in range(repeats):
             for name, m in models.items():
                 t0 = time.perf_counter()

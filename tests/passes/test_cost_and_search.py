@@ -74,6 +74,25 @@ def test_elementwise_passes_shrink_with_the_branches(llama_graph):
     assert cm.elementwise(0, replace(shape, kept=False)).bytes == 0
 
 
+def test_fit_to_measured_prices_the_remainder_as_per_layer_passes(llama_graph):
+    cm = CostModel(llama_graph, Workload(1, 256, 0), get_target("cpu"))
+    dense = Structure.dense(llama_graph)
+    modelled = cm.total(dense).latency
+    half_ffn = dense.copy()
+    half_ffn.layers[0].ffn_width = llama_graph.blocks[0].ffn.width // 2
+    skipped = dense.copy()
+    skipped.layers[1].kept = False
+    before = cm.ratio(half_ffn, "latency"), cm.ratio(skipped, "latency")
+    scale = cm.fit_to_measured(2 * modelled)
+    assert scale > 1 and cm.total(dense).latency == pytest.approx(2 * modelled)
+    assert cm.to_json()["dense_measured_seconds"] == 2 * modelled
+    # the remainder does not shrink with a narrower FFN; it goes with a skipped layer
+    assert before[0] < cm.ratio(half_ffn, "latency") < 1
+    assert cm.ratio(skipped, "latency") == pytest.approx(1 - 1 / len(llama_graph.blocks), rel=0.2)
+    # a measurement below what the model already prices leaves it as it was
+    assert cm.fit_to_measured(modelled / 2) == 1.0 and cm.total(dense).latency == pytest.approx(modelled)
+
+
 def test_unknown_target():
     with pytest.raises(TailorError, match="unknown target"):
         get_target("tpu")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import tailor
 from tailor.cli.main import main
 from tailor.errors import TailorError
 from tailor.passes.cost import CostModel, Structure, Target, Workload, get_target
@@ -73,3 +74,20 @@ def test_calibrate_target_writes_a_table_the_cost_model_loads(tmp_path, capsys):
     assert "GFLOP/s" in capsys.readouterr().out
     assert main(["calibrate-target", "-o", str(tmp_path / "cpu.txt")]) == 2
     assert main(["calibrate-target", "-o", str(tmp_path / "nodir" / "cpu.json")]) == 2
+
+
+def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cpu.json"
+    assert main(["calibrate-target", "-o", str(out), "--threads", "1"]) == 0
+    c = tailor.compile(tiny_models["llama"], budget=0.7, target=str(out), prompt_len=64, calib_windows=4,
+                       calib_len=32, passes=["layer_skip", "ffn_prune"])
+    fitted = c.report["cost_model"]
+    assert fitted["dense_measured_seconds"] > 0 and fitted["elementwise_scale"] >= 1.0
+    assert fitted["dense_modelled_seconds"] == pytest.approx(
+        max(fitted["dense_measured_seconds"], fitted["dense_modelled_seconds"]))
+    assert c.plan.predicted["latency"] <= 0.7 + 1e-9
+    # a built-in target has nominal, not measured, seconds: nothing to fit
+    nominal = tailor.compile(tiny_models["llama"], budget=0.7, target="cpu", prompt_len=64, calib_windows=4,
+                             calib_len=32, passes=["layer_skip"])
+    assert nominal.report["cost_model"]["dense_measured_seconds"] is None
