@@ -34,6 +34,8 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
 
 def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
     values = onnx_surgery.block_values(model, graph)
-    # last first: a skipped block's input may be the output of the skipped block before it
-    for o in sorted(options, key=lambda o: -o.layer):
-        onnx_surgery.bypass(model, values[o.layer].output, values[o.layer].input)
+    # found before any bypass, and applied last first: a skipped block's input may be the output
+    # of the skipped block before it
+    ends = [(values[o.layer].output, values[o.layer].input) for o in sorted(options, key=lambda o: -o.layer)]
+    for output, block_input in ends:
+        onnx_surgery.bypass(model, output, block_input)

@@ -7,7 +7,7 @@ afterwards, so the graph stays whatever form the exporter wrote (decomposed or f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import numpy as np
 import onnx_ir as ir
@@ -35,16 +35,6 @@ def linear_output(node: ir.Node) -> ir.Value:
     return out
 
 
-@dataclass
-class BlockValues:
-    """The residual-stream values of one block."""
-
-    input: ir.Value
-    attn_out: ir.Value     # the attention branch's output, before its residual add
-    ffn_out: ir.Value      # the FFN branch's output, before its residual add
-    output: ir.Value
-
-
 VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze"}
 
 
@@ -63,19 +53,47 @@ def _residual_add(linear_out: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
         v = uses[0].node.outputs[0]
 
 
-def block_values(model: ir.Model, graph: TransformerGraph) -> list[BlockValues]:
-    nodes = nodes_by_name(model)
-    out = []
-    for b in graph.blocks:
-        _, attn_out, stream_in = _residual_add(linear_output(nodes[b.attn.o.node]))
-        ffn_add, ffn_out, _ = _residual_add(linear_output(nodes[b.ffn.down.node]))
-        output = ffn_add.outputs[0]
-        if b.residual == "post_norm":  # the block ends with the norm after its second residual add
+class BlockValues:
+    """The residual-stream values of one block, each branch's found when first asked for: a
+    branch another pass already rewrote (an FFN bypassed, an attention made a constant) has lost
+    the residual Add its projection fed, and only the branch a pass rewrites must be intact."""
+
+    def __init__(self, nodes: dict[str, ir.Node], block: Block):
+        self._nodes, self._block = nodes, block
+
+    @functools.cached_property
+    def _attn(self) -> tuple[ir.Node, ir.Value, ir.Value]:
+        return _residual_add(linear_output(self._nodes[self._block.attn.o.node]))
+
+    @functools.cached_property
+    def _ffn(self) -> tuple[ir.Node, ir.Value, ir.Value]:
+        return _residual_add(linear_output(self._nodes[self._block.ffn.down.node]))
+
+    @property
+    def input(self) -> ir.Value:
+        return self._attn[2]
+
+    @property
+    def attn_out(self) -> ir.Value:   # the attention branch's output, before its residual add
+        return self._attn[1]
+
+    @property
+    def ffn_out(self) -> ir.Value:    # the FFN branch's output, before its residual add
+        return self._ffn[1]
+
+    @functools.cached_property
+    def output(self) -> ir.Value:
+        output = self._ffn[0].outputs[0]
+        if self._block.residual == "post_norm":  # the block ends with the norm after its second add
             norm = next((u.node for u in output.uses() if u.node.op_type in NORM_OPS), None)
             if norm is not None:
                 output = norm.outputs[0]
-        out.append(BlockValues(stream_in, attn_out, ffn_out, output))
-    return out
+        return output
+
+
+def block_values(model: ir.Model, graph: TransformerGraph) -> list[BlockValues]:
+    nodes = nodes_by_name(model)
+    return [BlockValues(nodes, b) for b in graph.blocks]
 
 
 # ---- rewiring ------------------------------------------------------------------------------------

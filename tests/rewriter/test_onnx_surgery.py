@@ -107,6 +107,20 @@ def test_rewritten_onnx_keeps_onnxruntime_fusions(tiny_models, tiny_onnx, tmp_pa
     assert after["LayerNormalization"] == before["LayerNormalization"]
 
 
+def test_skips_beside_blocks_other_passes_rewrote(tiny_models, tiny_onnx):
+    # a layer skip after an FFN skip and a dropped attention elsewhere: the branches those made
+    # constant have lost their residual Adds, which the skip must not need to find
+    model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
+    signals = collect_signals(model, ct.graph, ids)
+    chosen = [Option("head_prune", 0, {"kv_heads": [], "queries": []}, ()),
+              Option("ffn_skip", 0, {}, ()),
+              Option("layer_skip", 1, {}, ())]
+    with torch.no_grad():
+        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, signals))(ids).numpy()
+    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+    assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
+
+
 def test_adjacent_layer_skips_on_onnx(tiny_models, tiny_onnx):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
     chosen = [Option("layer_skip", 1, {}, ()), Option("layer_skip", 2, {}, ())]
