@@ -314,16 +314,27 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
 
 
 def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
-    """The cost model for `target`; for a table measured on this machine, fitted to the dense
-    model's own time here (CostModel.fit_to_measured): both are real seconds of one machine."""
+    """The cost model for `target`; for a table measured on this machine, fitted to this model
+    here (CostModel.fit_to_measured): the dense model and a variant with every FFN at half width
+    timed side by side, 20 warm-up calls each (onnxruntime's first dozens run ~10% slower)."""
     cost_model = CostModel(cap.graph, workload, get_target(target))
-    if cost_model.target.matmul_rates and workload.gen_len == 0:
-        module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
-        ids = torch.randint(0, cap.graph.vocab_size, (workload.batch, workload.prompt_len),
-                            generator=torch.Generator().manual_seed(0))
-        # onnxruntime's first dozens of calls run ~10% slower (MiniLM here: 13.7 ms, then 12.2)
-        seconds = time_side_by_side({"dense": as_runnable(module)}, ids, repeats=20, warmup=20)["dense"]
-        cost_model.fit_to_measured(seconds)
+    if not cost_model.target.matmul_rates or workload.gen_len:
+        return cost_model
+    graph = cap.graph
+    halves = []
+    for b in graph.blocks:
+        with contextlib.suppress(ValueError):  # an FFN that cannot be sliced stays whole
+            halves.append(PASSES["ffn_prune"].from_plan(graph, b.index,
+                                                        {"channels": list(range(b.ffn.width // 2))}))
+    if not halves:
+        return cost_model
+    module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
+    variant = apply_options(clone(module), graph, halves, None)
+    ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
+                        generator=torch.Generator().manual_seed(0))
+    t = time_side_by_side({"dense": as_runnable(module), "variant": as_runnable(variant)}, ids,
+                          repeats=20, warmup=20)
+    cost_model.fit_to_measured(structure_of(graph, halves), t["variant"] / t["dense"])
     return cost_model
 
 

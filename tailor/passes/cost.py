@@ -134,6 +134,8 @@ class Cost:
 # Passes over the score matrix of decomposed attention besides the two products: masking
 # (Where, read + write), Softmax (read + write) and the export's NaN guard (read).
 SCORE_PASSES = 5
+# A fitted remainder beyond this many times the modelled passes is a timing gone wrong
+MAX_BRANCH_PASSES_SCALE = 100.0
 # Elementwise passes per token around a branch, in vectors of the hidden size: the norm (read +
 # write) and the residual add (two reads, a write).
 BRANCH_PASSES = 5
@@ -141,36 +143,43 @@ BRANCH_PASSES = 5
 
 class CostModel:
     def __init__(self, graph: TransformerGraph, workload: Workload, target: Target,
-                 elementwise_scale: float = 1.0):
+                 branch_passes_scale: float = 1.0):
         self.graph, self.workload, self.target = graph, workload, target
         # measured seconds of the per-layer passes per modelled second (see fit_to_measured)
-        self.elementwise_scale = elementwise_scale
-        self.measured_dense_seconds: float | None = None
+        self.branch_passes_scale = branch_passes_scale
+        self.measured_variant_ratio: float | None = None
 
     def to_json(self) -> dict:
-        dense = self.total(Structure.dense(self.graph)).latency
-        return {"target": self.target.name, "dense_modelled_seconds": dense,
-                "dense_measured_seconds": self.measured_dense_seconds,
-                "elementwise_scale": self.elementwise_scale}
+        return {"target": self.target.name, "branch_passes_scale": self.branch_passes_scale,
+                "measured_variant_ratio": self.measured_variant_ratio}
 
-    def fit_to_measured(self, dense_seconds: float) -> float:
-        """Scale the per-layer elementwise work so that the dense model costs `dense_seconds`, its
-        time measured on the target itself; returns the scale (≥ 1: a model that already prices
-        more than was measured is left alone).
+    def fit_to_measured(self, variant: Structure, measured_ratio: float) -> float:
+        """Scale the passes around each branch (norm, residual add) so that `variant` (narrower
+        products, the same branches) costs `measured_ratio` of the dense model, the two timed
+        side by side on the target; returns the scale (≥ 1: a model that already prices what
+        was measured is kept).
 
-        What a roofline of products misses is mostly work that pruning does not shrink: norms
-        and residual adds (onnxruntime's fused SkipLayerNormalization ran at ~1 GB/s on
-        MiniLM's 128 × 384 here), layout copies, the runtime's dispatch. Measured on this CPU
-        with a measured table, MiniLM's dense model took 12.2 ms against 8.1 ms of modelled
-        products and passes; plans predicted 0.770 and 0.531 measured 0.819 and 0.620, and
-        with the remainder priced as these passes 0.815 and 0.61."""
-        self.elementwise_scale, self.measured_dense_seconds = 1.0, dense_seconds
-        dense = Structure.dense(self.graph)
-        passes = sum(self.elementwise(i, s).latency for i, s in enumerate(dense.layers))
-        rest = self.total(dense).latency - passes
-        if passes > 0 and dense_seconds > rest + passes:
-            self.elementwise_scale = (dense_seconds - rest) / passes
-        return self.elementwise_scale
+        What a roofline of products misses is mostly work that head and FFN pruning do not
+        shrink and a skipped branch removes: norms and residual adds (onnxruntime's fused
+        SkipLayerNormalization alone was ~12% of MiniLM's 1 × 128 here), layout copies, the
+        runtime's dispatch. Pricing it from the dense model's absolute time instead mixed two
+        moments of a noisy machine (the table's and the model's: MiniLM timed 12.2, 14.7 and
+        18.8 ms in three compiles) and the scale swung from 9 to 22; a ratio timed side by side
+        does not drift."""
+        self.branch_passes_scale = 1.0
+
+        def split(structure: Structure) -> tuple[float, float]:
+            around = sum(self._elementwise_parts(i, s)[0].latency for i, s in enumerate(structure.layers))
+            return self.total(structure).latency - around, around
+
+        (rest_d, around_d), (rest_v, around_v) = split(Structure.dense(self.graph)), split(variant)
+        # (rest_v + k·around_v) / (rest_d + k·around_d) = measured_ratio, solved for k
+        gap = measured_ratio * around_d - around_v
+        if gap != 0:
+            scale = (rest_v - measured_ratio * rest_d) / gap
+            self.branch_passes_scale = min(max(scale, 1.0), MAX_BRANCH_PASSES_SCALE)
+        self.measured_variant_ratio = measured_ratio
+        return self.branch_passes_scale
 
     # -- pieces ------------------------------------------------------------------------------
     def _matmul(self, tokens: int, n_in: int, n_out: int, weight_reads: int) -> Cost:
@@ -260,24 +269,36 @@ class CostModel:
 
     def elementwise(self, layer: int, shape: LayerShape) -> Cost:
         """The passes over activations around the products of the branches this layer keeps."""
+        around, inside = self._elementwise_parts(layer, shape)
+        around.latency *= self.branch_passes_scale
+        return around + inside
+
+    def _elementwise_parts(self, layer: int, shape: LayerShape) -> tuple[Cost, Cost]:
+        """(around the kept branches, inside them), unscaled."""
+        e, parts = self.target.bytes_per_element, [Cost(), Cost()]
+        for tokens, _, _ in self._phases():
+            for i, per_token in enumerate(self._passes(layer, shape)):
+                parts[i] = parts[i] + self._roofline(0.0, tokens * per_token * e)
+        return parts[0], parts[1]
+
+    def _passes(self, layer: int, shape: LayerShape) -> tuple[float, float]:
+        """Elements moved per token: (around each kept branch: its norm and residual add, vectors
+        of the hidden size; inside the branches: rotary embedding, the FFN's activation)."""
         if not shape.kept:
-            return Cost()
-        b, e = self.graph.blocks[layer], self.target.bytes_per_element
-        per_token = 0.0
+            return 0.0, 0.0
+        b = self.graph.blocks[layer]
+        branch = other = 0.0
         heads = shape.kv_groups * shape.queries_per_group
         if heads:
-            per_token += BRANCH_PASSES * b.attn.q.in_features
+            branch += BRANCH_PASSES * b.attn.q.in_features
             if b.attn.rope:  # q and k rotated: read and written
-                per_token += 2 * (heads + (shape.kv_groups if shape.own_kv else 0)) * b.attn.head_dim
+                other += 2 * (heads + (shape.kv_groups if shape.own_kv else 0)) * b.attn.head_dim
         if shape.ffn:
             width = b.ffn.width if shape.ffn_width is None else shape.ffn_width
             act = 3 if b.ffn.gate is not None else 2  # the activation reads its input(s), writes
-            per_token += BRANCH_PASSES * b.ffn.down.out_features + act * width
-        total = Cost()
-        for tokens, _, _ in self._phases():
-            total = total + self._roofline(0.0, tokens * per_token * e)
-        total.latency *= self.elementwise_scale
-        return total
+            branch += BRANCH_PASSES * b.ffn.down.out_features
+            other += act * width
+        return branch, other
 
     def layer(self, layer: int, shape: LayerShape) -> Cost:
         return self.attention(layer, shape) + self.ffn(layer, shape) + self.elementwise(layer, shape)

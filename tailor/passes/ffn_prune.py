@@ -83,4 +83,8 @@ def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -
         for p in (f.gate, f.up):
             if p is not None:
                 onnx_surgery.slice_projection(model, p, rows=kept)
-        onnx_surgery.reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
+        if signals is not None:
+            onnx_surgery.reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
+        else:  # shapes only (the cost model's timing variant): as the refit leaves it, with a bias
+            w, _ = onnx_surgery.projection_arrays(model, f.down)
+            onnx_surgery.set_projection(model, f.down, w[:, kept], np.zeros(w.shape[0], w.dtype))

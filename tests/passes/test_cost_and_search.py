@@ -77,20 +77,22 @@ def test_elementwise_passes_shrink_with_the_branches(llama_graph):
 def test_fit_to_measured_prices_the_remainder_as_per_layer_passes(llama_graph):
     cm = CostModel(llama_graph, Workload(1, 256, 0), get_target("cpu"))
     dense = Structure.dense(llama_graph)
-    modelled = cm.total(dense).latency
     half_ffn = dense.copy()
-    half_ffn.layers[0].ffn_width = llama_graph.blocks[0].ffn.width // 2
+    for layer, block in zip(half_ffn.layers, llama_graph.blocks):
+        layer.ffn_width = block.ffn.width // 2
     skipped = dense.copy()
     skipped.layers[1].kept = False
-    before = cm.ratio(half_ffn, "latency"), cm.ratio(skipped, "latency")
-    scale = cm.fit_to_measured(2 * modelled)
-    assert scale > 1 and cm.total(dense).latency == pytest.approx(2 * modelled)
-    assert cm.to_json()["dense_measured_seconds"] == 2 * modelled
-    # the remainder does not shrink with a narrower FFN; it goes with a skipped layer
-    assert before[0] < cm.ratio(half_ffn, "latency") < 1
-    assert cm.ratio(skipped, "latency") == pytest.approx(1 - 1 / len(llama_graph.blocks), rel=0.2)
-    # a measurement below what the model already prices leaves it as it was
-    assert cm.fit_to_measured(modelled / 2) == 1.0 and cm.total(dense).latency == pytest.approx(modelled)
+    modelled = cm.ratio(half_ffn, "latency"), cm.ratio(skipped, "latency")
+    # timed slower than modelled: the remainder is priced so that the variant costs what it measured
+    measured = (1 + modelled[0]) / 2
+    scale = cm.fit_to_measured(half_ffn, measured)
+    assert scale > 1 and cm.ratio(half_ffn, "latency") == pytest.approx(measured)
+    assert cm.to_json()["measured_variant_ratio"] == measured
+    # a skipped layer takes its share of the remainder with it
+    assert cm.ratio(skipped, "latency") == pytest.approx(modelled[1], rel=0.2)
+    # timed at or below what the model already prices: left as it was
+    assert cm.fit_to_measured(half_ffn, modelled[0] * 0.9) == 1.0
+    assert cm.ratio(half_ffn, "latency") == pytest.approx(modelled[0])
 
 
 def test_unknown_target():
