@@ -138,7 +138,8 @@ SCORE_PASSES = 5
 MAX_BRANCH_PASSES_SCALE = 100.0
 # Elementwise passes per token around a branch, in vectors of the hidden size: the norm (read +
 # write) and the residual add (two reads, a write).
-BRANCH_PASSES = 5
+NORM_PASSES, ADD_PASSES = 2, 3
+BRANCH_PASSES = NORM_PASSES + ADD_PASSES
 
 
 class CostModel:
@@ -282,22 +283,29 @@ class CostModel:
         return parts[0], parts[1]
 
     def _passes(self, layer: int, shape: LayerShape) -> tuple[float, float]:
-        """Elements moved per token: (around each kept branch: its norm and residual add, vectors
-        of the hidden size; inside the branches: rotary embedding, the FFN's activation)."""
+        """Elements moved per token: (around each branch: its norm and residual add, vectors of
+        the hidden size; inside the branches: rotary embedding, the FFN's activation)."""
         if not shape.kept:
             return 0.0, 0.0
         b = self.graph.blocks[layer]
+        # a dropped branch becomes its mean output, still added to the stream (and, after a
+        # post-norm block's add, still normed); a pre-norm branch's own norm goes with it
+        dropped = (BRANCH_PASSES if b.residual == "post_norm" else ADD_PASSES) * b.attn.o.out_features
         branch = other = 0.0
         heads = shape.kv_groups * shape.queries_per_group
         if heads:
             branch += BRANCH_PASSES * b.attn.q.in_features
             if b.attn.rope:  # q and k rotated: read and written
                 other += 2 * (heads + (shape.kv_groups if shape.own_kv else 0)) * b.attn.head_dim
+        else:
+            branch += dropped
         if shape.ffn:
             width = b.ffn.width if shape.ffn_width is None else shape.ffn_width
             act = 3 if b.ffn.gate is not None else 2  # the activation reads its input(s), writes
             branch += BRANCH_PASSES * b.ffn.down.out_features
             other += act * width
+        else:
+            branch += dropped
         return branch, other
 
     def layer(self, layer: int, shape: LayerShape) -> Cost:
