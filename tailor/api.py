@@ -329,7 +329,11 @@ def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
     if not halves:
         return cost_model
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
-    variant = apply_options(clone(module), graph, halves, None)
+    try:
+        variant = apply_options(clone(module), graph, halves, None)
+    except TailorError as e:  # priced unfitted rather than not at all; the report says why
+        cost_model.fit_skipped = f"the half-width variant could not be built: {e}"
+        return cost_model
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
     t = time_side_by_side({"dense": as_runnable(module), "variant": as_runnable(variant)}, ids,

@@ -149,10 +149,12 @@ class CostModel:
         # measured seconds of the per-layer passes per modelled second (see fit_to_measured)
         self.branch_passes_scale = branch_passes_scale
         self.measured_variant_ratio: float | None = None
+        self.fit_skipped: str | None = None
 
     def to_json(self) -> dict:
-        return {"target": self.target.name, "branch_passes_scale": self.branch_passes_scale,
-                "measured_variant_ratio": self.measured_variant_ratio}
+        out = {"target": self.target.name, "branch_passes_scale": self.branch_passes_scale,
+               "measured_variant_ratio": self.measured_variant_ratio}
+        return out | ({"fit_skipped": self.fit_skipped} if self.fit_skipped else {})
 
     def fit_to_measured(self, variant: Structure, measured_ratio: float) -> float:
         """Scale the passes around each branch (norm, residual add) so that `variant` (narrower

@@ -89,3 +89,21 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
     nominal = tailor.compile(tiny_models["llama"], budget=0.7, target="cpu", prompt_len=64, calib_windows=4,
                              calib_len=32, passes=["layer_skip"])
     assert nominal.report["cost_model"]["measured_variant_ratio"] is None
+
+
+def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tmp_path, monkeypatch):
+    import tailor.api
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    table = tmp_path / "cpu.json"
+    table.write_text(json.dumps({"kind": "tailor-target", "name": "t", "flops_per_s": 1e11,
+                                 "bytes_per_s": 2e10, "bytes_per_element": 4,
+                                 "matmul": [[1e6, 1e10], [1e9, 1e11]]}))
+
+    def unbuildable(*args, **kwargs):
+        raise TailorError("no residual Add consumes x")
+
+    monkeypatch.setattr(tailor.api, "apply_options", unbuildable)
+    cm = tailor.api._cost_model(tailor.api.capture(tiny_models["llama"]), tailor.api.Workload(1, 32, 0),
+                                str(table))
+    assert cm.branch_passes_scale == 1.0 and "no residual Add" in cm.to_json()["fit_skipped"]
