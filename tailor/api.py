@@ -249,6 +249,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             else:
                 variant = apply_options(clone(module), graph, result.chosen, prof.signals)
             runnable, rewritten = as_runnable(variant), variant
+        if cost_model.measured_variant_ratio is not None:  # priced for this machine: check it here
+            t = _time_pair(as_runnable(module), runnable, graph, workload)
+            report["measured_latency"] = {"ratio": t["rewritten"] / t["original"],
+                                          "original_ms": t["original"] * 1e3,
+                                          "rewritten_ms": t["rewritten"] * 1e3}
         plan.rewrites = [o.to_json() for o in result.chosen]
         plan.predicted = cost_model.ratios(structure_of(graph, result.chosen))
         report["calibration"] = {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
@@ -316,7 +321,7 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
 def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
     """The cost model for `target`; for a table measured on this machine, fitted to this model
     here (CostModel.fit_to_measured): the dense model and a variant with every FFN at half width
-    timed side by side, 20 warm-up calls each (onnxruntime's first dozens run ~10% slower)."""
+    timed side by side."""
     cost_model = CostModel(cap.graph, workload, get_target(target))
     if not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
@@ -334,12 +339,17 @@ def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
     except TailorError as e:  # priced unfitted rather than not at all; the report says why
         cost_model.fit_skipped = f"the half-width variant could not be built: {e}"
         return cost_model
+    t = _time_pair(as_runnable(module), as_runnable(variant), graph, workload)
+    cost_model.fit_to_measured(structure_of(graph, halves), t["rewritten"] / t["original"])
+    return cost_model
+
+
+def _time_pair(original, rewritten, graph: TransformerGraph, workload: Workload) -> dict[str, float]:
+    """Median seconds of each on the workload's prompt, timed side by side after 20 warm-up
+    calls each (onnxruntime's first dozens of calls run ~10% slower)."""
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
-    t = time_side_by_side({"dense": as_runnable(module), "variant": as_runnable(variant)}, ids,
-                          repeats=20, warmup=20)
-    cost_model.fit_to_measured(structure_of(graph, halves), t["variant"] / t["dense"])
-    return cost_model
+    return time_side_by_side({"original": original, "rewritten": rewritten}, ids, repeats=20, warmup=20)
 
 
 def _passes_for(cap: Captured, asked: list[str] | None) -> list[str]:

@@ -347,6 +347,10 @@ def print_summary(compiled, out: Path) -> None:
         t.add_row(r["pass"], f"{r['label']} (est. KL {r['estimated_kl']:.4f})")
     for obj, ratio in plan.predicted.items():
         t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}" + (" ← budget" if obj == plan.objective else ""))
+    timed = compiled.report.get("measured_latency")
+    if timed:
+        t.add_row("measured latency ratio (here)",
+                  f"{timed['ratio']:.3f} ({timed['original_ms']:.1f} → {timed['rewritten_ms']:.1f} ms)")
     search = compiled.report.get("search")
     if search and search.get("measured_kl_heldout") is not None:
         t.add_row("KL to original (held-out calib)", f"{search['measured_kl_heldout']:.4f}")
