@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,7 +190,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     passes = _passes_for(cap, passes)
     formats = _resolve_formats(formats, cap)
     workload = Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
-    cost_model = _cost_model(cap, workload, target)
+    cost_model = _cost_model(cap, workload, target, fit=budget < 1.0, use_cache=use_cache)
     plan = Plan(cap.model_hash, budget, objective,
                 {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
     report: dict[str, Any] = {"model": describe(cap.graph, workload), "cost_model": cost_model.to_json()}
@@ -318,12 +320,14 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
                     rewritten=rewritten)
 
 
-def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
+def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = True,
+                use_cache: bool = True) -> CostModel:
     """The cost model for `target`; for a table measured on this machine, fitted to this model
     here (CostModel.fit_to_measured): the dense model and a variant with every FFN at half width
-    timed side by side."""
+    timed side by side. The measured ratio is cached with the profiles (keyed by the model, the
+    table and the workload) so that compiling again reaches the same plan."""
     cost_model = CostModel(cap.graph, workload, get_target(target))
-    if not cost_model.target.matmul_rates or workload.gen_len:
+    if not fit or not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
     graph = cap.graph
     halves = []
@@ -333,6 +337,17 @@ def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
                                                         {"channels": list(range(b.ffn.width // 2))}))
     if not halves:
         return cost_model
+    from tailor.cli.default_model import cache_dir
+
+    key = hashlib.sha256(json.dumps({"model": cap.model_hash, "target": asdict(cost_model.target),
+                                     "workload": asdict(workload)}, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_dir() / "fits" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if use_cache:
+            ratio = float(json.loads(cached.read_text())["variant_ratio"])
+            if 0 < ratio < 10:
+                cost_model.fit_to_measured(structure_of(graph, halves), ratio)
+                return cost_model
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
     try:
         variant = apply_options(clone(module), graph, halves, None)
@@ -340,7 +355,14 @@ def _cost_model(cap: Captured, workload: Workload, target: str) -> CostModel:
         cost_model.fit_skipped = f"the half-width variant could not be built: {e}"
         return cost_model
     t = _time_pair(as_runnable(module), as_runnable(variant), graph, workload)
-    cost_model.fit_to_measured(structure_of(graph, halves), t["rewritten"] / t["original"])
+    ratio = t["rewritten"] / t["original"]
+    cost_model.fit_to_measured(structure_of(graph, halves), ratio)
+    if use_cache:
+        with contextlib.suppress(OSError):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"variant_ratio": ratio}))
+            os.replace(tmp, cached)
     return cost_model
 
 

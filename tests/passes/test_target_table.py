@@ -85,6 +85,10 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
     fitted = c.report["cost_model"]
     assert 0 < fitted["measured_variant_ratio"] < 1.5 and 1.0 <= fitted["branch_passes_scale"] <= 100
     assert c.plan.predicted["latency"] <= 0.7 + 1e-9
+    # the measured ratio is cached: compiling again prices (and so plans) the same
+    again = tailor.compile(tiny_models["llama"], budget=0.7, target=str(out), prompt_len=64, calib_windows=4,
+                           calib_len=32, passes=["layer_skip", "ffn_prune"])
+    assert again.report["cost_model"] == fitted and again.plan.rewrites == c.plan.rewrites
     timed = c.report["measured_latency"]  # and the result timed here, beside the original
     assert timed["original_ms"] > 0
     assert timed["ratio"] == pytest.approx(timed["rewritten_ms"] / timed["original_ms"])
