@@ -143,11 +143,10 @@ BRANCH_PASSES = NORM_PASSES + ADD_PASSES
 
 
 class CostModel:
-    def __init__(self, graph: TransformerGraph, workload: Workload, target: Target,
-                 branch_passes_scale: float = 1.0):
+    def __init__(self, graph: TransformerGraph, workload: Workload, target: Target):
         self.graph, self.workload, self.target = graph, workload, target
-        # measured seconds of the per-layer passes per modelled second (see fit_to_measured)
-        self.branch_passes_scale = branch_passes_scale
+        # measured seconds of the passes around branches per modelled second (fit_to_measured)
+        self.branch_passes_scale = 1.0
         self.measured_variant_ratio: float | None = None
         self.fit_skipped: str | None = None
 

@@ -4,6 +4,7 @@ Causal LMs return logits [B, T, V]; encoders and bare decoders return hidden sta
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,14 @@ def cpu_session(source: str | bytes, threads: int | None = None) -> ort.Inferenc
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-class NumpyModel(torch.nn.Module):
+class NumpyModel(torch.nn.Module, abc.ABC):
     """A model a native runtime runs on numpy arrays (`run_numpy`), behind the nn.Module call."""
 
     runtime = "this runtime"
 
+    @abc.abstractmethod
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Output of the runtime for input_ids [B, T]."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if attention_mask is not None and not bool(attention_mask.all()):
