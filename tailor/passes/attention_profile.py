@@ -5,13 +5,15 @@ the dense model's is measured on calibration sequences at each profiled length: 
 on text windows and, weighted, the KL at the answer tokens of synthetic retrieval sequences —
 what makes retrieval heads visible at all, since their work is a few tokens per sequence.
 
-Measured, not estimated: MoA's first-order estimate (attention matrix × its gradient, with the
+A transformers model runs the patterns through its attention interface; an ONNX model is
+rewritten per measurement (tailor.rewriter.onnx_sparse_attention, one head's core) and run by
+onnxruntime. Measured, not estimated: MoA's first-order estimate (attention matrix × its gradient, with the
 softmax renormalisation written out) was tried here first and failed on a real model — for
 refllama-16m's retrieval head it predicted -0.11 where masking really costs +0.99 (the answer
 rows put ~all their mass on one far key, far outside a first-order regime). Two things keep the
 measurements cheap:
-- the layers before the one being masked are frozen: their outputs are recorded once per
-  sequence in a dense pass and replayed, so a measurement runs only the layers from there on;
+- (transformers) the layers before the one being masked are frozen: their outputs are recorded
+  once per sequence in a dense pass and replayed, so a measurement runs only the layers from there on;
 - patterns are measured narrowest first, and once a pattern is (nearly) lossless for a head,
   every pattern containing it is assigned that loss without running.
 """
@@ -23,13 +25,17 @@ import inspect
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
+from tailor.errors import TailorError
 from tailor.quality.retrieval import RetrievalSample
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 from tailor.rewriter.torch_surgery import attention_path, block_path
 from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, dispatching_module, register
+from tailor.runtime.session import as_runnable
 
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
@@ -116,17 +122,83 @@ def _frozen_prefix(blocks: list, layer: int, outputs: list):
             del blocks[i].forward
 
 
-def _divergence(model, blocks, layer: int, batch: _Batch, is_lm: bool) -> float:
+def _batch_divergence(ref: torch.Tensor, out: torch.Tensor, batch: _Batch, is_lm: bool) -> float:
+    """Over every token for text, over each row's answer tokens for retrieval."""
     from tailor.passes.profile import divergence
 
-    with _frozen_prefix(blocks, layer, batch.block_outputs):
-        out = _run(model, batch)
-    ref = batch.reference
     if batch.answer_lens is None:
         return divergence([ref], [out], is_lm)
     t = ref.shape[1]  # the positions that predict each row's answer tokens
     return float(np.mean([divergence([ref[r:r + 1, t - c - 1:t - 1]], [out[r:r + 1, t - c - 1:t - 1]], is_lm)
                           for r, c in enumerate(batch.answer_lens)]))
+
+
+class _TorchRunner:
+    """Patterns installed through transformers' attention interface; the layers before the one
+    measured replay their recorded dense outputs."""
+
+    def __init__(self, model, graph: TransformerGraph):
+        self.model, self.is_lm = model, graph.task == "causal-lm"
+        self.blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
+        self.attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
+
+    @contextlib.contextmanager
+    def active(self):
+        register()
+        saved = self.model.config._attn_implementation
+        self.model.config._attn_implementation = IMPLEMENTATION
+        try:
+            yield
+        finally:
+            self.model.config._attn_implementation = saved
+
+    def runs_patterns(self, layer: int) -> bool:
+        return self.attns[layer] is not None
+
+    def record(self, batch: _Batch) -> None:
+        _record(self.model, self.blocks, batch)
+
+    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[_Batch]) -> float:
+        self.attns[layer].tailor_spans = [None if p is None else p.to_json() for p in patterns]
+        try:
+            total = 0.0
+            for b in batches:
+                with _frozen_prefix(self.blocks, layer, b.block_outputs):
+                    out = _run(self.model, b)
+                total += b.weight * _batch_divergence(b.reference, out, b, self.is_lm)
+            return total
+        finally:
+            self.attns[layer].tailor_spans = None
+
+
+class _OnnxRunner:
+    """An onnx_ir model: each measurement rewrites a copy (onnx_sparse_attention) and runs it
+    whole with onnxruntime."""
+
+    def __init__(self, model: ir.Model, graph: TransformerGraph):
+        self.model, self.graph, self.is_lm = model, graph, graph.task == "causal-lm"
+
+    def active(self):
+        return contextlib.nullcontext()
+
+    def runs_patterns(self, layer: int) -> bool:
+        try:
+            sparse_core(self.model, self.graph.blocks[layer].attn)
+        except TailorError:
+            return False
+        return True
+
+    def record(self, batch: _Batch) -> None:
+        batch.reference = as_runnable(self.model)(batch.ids).float()
+
+    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[_Batch]) -> float:
+        from tailor.passes.profile import clone
+
+        variant = clone(self.model)
+        substitute(variant, self.graph.blocks[layer].attn, patterns)
+        run = as_runnable(variant)
+        return sum(b.weight * _batch_divergence(b.reference, run(b.ids).float(), b, self.is_lm)
+                   for b in batches)
 
 
 def _batches(texts: torch.Tensor | None, samples: list[RetrievalSample],
@@ -145,26 +217,22 @@ def profile_attention(model, graph: TransformerGraph, texts: dict[int, torch.Ten
                       retrieval_weight: float, progress: bool) -> AttentionInfluence:
     """texts: length -> [n, length] token windows; retrieval: length -> samples of that length.
     Loss = (1 - w)·mean text KL + w·mean answer KL (w = retrieval_weight, when there are both)."""
-    is_lm = graph.task == "causal-lm"
-    register()
-    blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
-    attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
+    runner = _OnnxRunner(model, graph) if isinstance(model, ir.Model) else _TorchRunner(model, graph)
     kv_heads = graph.blocks[0].attn.num_kv_heads
     lengths = sorted(set(texts) | set(retrieval))
     order = sorted(range(len(grid)), key=lambda k: (grid[k].sink + grid[k].alpha, grid[k].beta))
     losses, measured = {}, 0
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = IMPLEMENTATION
-    try:
+    runs = [runner.runs_patterns(layer) for layer in range(graph.num_layers)]
+    with runner.active():
         bar = tqdm(total=len(lengths) * graph.num_layers * kv_heads, desc="profiling attention heads",
                    disable=not progress, unit="head")
         for n in lengths:
             batches = _batches(texts.get(n), retrieval.get(n, []), retrieval_weight)
             for b in batches:
-                _record(model, blocks, b)
+                runner.record(b)
             loss = np.full((graph.num_layers, kv_heads, len(grid)), np.nan)
             for layer in range(graph.num_layers):
-                if attns[layer] is None:
+                if not runs[layer]:
                     loss[layer] = np.inf  # no candidates here: masks would be ignored
                     bar.update(kv_heads)
                     continue
@@ -179,17 +247,10 @@ def profile_attention(model, graph: TransformerGraph, texts: dict[int, torch.Ten
                         if done:
                             loss[layer, head, k] = min(done)
                             continue
-                        attns[layer].tailor_spans = [p.to_json() if h == head else None
-                                                     for h in range(kv_heads)]
-                        try:
-                            loss[layer, head, k] = sum(b.weight * _divergence(model, blocks, layer, b, is_lm)
-                                                       for b in batches)
-                        finally:
-                            attns[layer].tailor_spans = None
+                        loss[layer, head, k] = runner.loss(
+                            layer, [p if h == head else None for h in range(kv_heads)], batches)
                         measured += 1
                     bar.update()
             losses[n] = np.maximum(loss, 0.0)  # KL ≥ 0; clips float noise
         bar.close()
-    finally:
-        model.config._attn_implementation = saved
     return AttentionInfluence(lengths, grid, losses, measured)

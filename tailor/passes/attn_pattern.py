@@ -20,6 +20,7 @@ import numpy as np
 from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_sparse_attention import substitute
 from tailor.rewriter.torch_surgery import attention_path
 from tailor.runtime.attention_patterns import Pattern, install
 
@@ -109,3 +110,10 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
     for o in options:
         module = model.get_submodule(attention_path(model, graph.blocks[o.layer]))
         install(model, module, [Pattern.from_json(s) for s in o.choice["spans"]])
+
+
+def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
+    """Each layer's decomposed attention core becomes block-sparse ONNX ops (the products cover
+    only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
+    for o in options:
+        substitute(model, graph.blocks[o.layer].attn, [Pattern.from_json(s) for s in o.choice["spans"]])

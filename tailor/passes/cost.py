@@ -27,6 +27,7 @@ import numpy as np
 from tailor.errors import TailorError
 from tailor.plan import OBJECTIVES
 from tailor.rewriter.graph import Attention, Projection, TransformerGraph
+from tailor.rewriter.onnx_sparse_attention import blocked_keys
 from tailor.runtime.attention_patterns import Pattern
 
 
@@ -221,10 +222,16 @@ class CostModel:
         n, kv_heads = w.prompt_len, len(patterns)
         heads = kv_heads * queries_per_group
         decomposed = a.kind == "decomposed"
+        # an ONNX graph's decomposed core is rewritten block-sparse (onnx_sparse_attention):
+        # whole key blocks, masked entries included; a torch model's is masked, saving nothing
+        blocked = decomposed and self.graph.backend == "onnx"
         total = Cost()
         for tokens, steps, keys in self._phases():
             if keys is None:  # prefill: keys per query summed over the KV heads
-                if decomposed:  # the whole score matrix is computed, then masked
+                if blocked:
+                    kept = [float(n) if p is None else float(blocked_keys(p, n, a.causal))
+                            for p in patterns]
+                elif decomposed:  # the whole score matrix is computed, then masked
                     kept = [float(n)] * kv_heads
                 elif a.causal:
                     kept = [(n + 1) / 2 if p is None else p.kept_keys_causal(n) / n for p in patterns]
