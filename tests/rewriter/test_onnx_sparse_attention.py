@@ -115,3 +115,20 @@ def test_fused_attention_has_no_sparse_form(tiny_onnx):
     a.kind = "sdpa"
     with pytest.raises(TailorError, match="decomposed"):
         attn_pattern.substitute(clone(co.source.model), a, [P([2, 4.0, 0.0])] * a.num_kv_heads)
+
+
+def test_onnx_compile_offers_patterns_only_where_they_can_pay(tiny_onnx):
+    """Profiling patterns on ONNX runs the whole model per head and pattern: by default it is
+    skipped (and the report says why) where the cheapest patterns would save under 10%."""
+    import tailor
+    from tailor.api import MIN_PATTERN_HEADROOM, pattern_headroom
+    from tailor.passes.attn_pattern import default_grid
+
+    g = capture(tiny_onnx["llama"]).graph
+    short, long = (CostModel(g, Workload(batch=1, prompt_len=n), get_target("cpu")) for n in (16, 512))
+    assert pattern_headroom(short, g, default_grid(16), "latency") < MIN_PATTERN_HEADROOM
+    assert pattern_headroom(long, g, default_grid(512), "latency") > MIN_PATTERN_HEADROOM
+    opt = tailor.compile(tiny_onnx["llama"], 0.8, prompt_len=16, target="cpu", calib_windows=8,
+                         use_cache=False, formats=("onnx",))
+    assert "narrowest pattern" in opt.report["attn_pattern_skipped"]
+    assert all(r["pass"] != "attn_pattern" for r in opt.plan.to_json()["rewrites"])
