@@ -70,12 +70,6 @@ def test_bad_budget(budget, tiny_onnx, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_onnx_pass_without_onnx_rewrite_explains(tiny_onnx, tmp_path, capsys):
-    _fails([str(tiny_onnx["llama"]), "--budget", "0.5", "--passes", "attn_pattern",
-            "-o", str(tmp_path / "out")], capsys, expect="no ONNX rewrite")
-    assert not (tmp_path / "out").exists()
-
-
 def test_unreachable_budget_names_the_smallest(tiny_hf_dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     _fails([str(tiny_hf_dirs["llama"]), "--budget", "0.05", "--passes", "ffn_prune", "--calib-windows",
