@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from tailor.errors import TailorError
 from tailor.quality.retrieval import RetrievalSample
+from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 from tailor.rewriter.torch_surgery import attention_path, block_path
@@ -177,6 +178,7 @@ class _OnnxRunner:
 
     def __init__(self, model: ir.Model, graph: TransformerGraph):
         self.model, self.graph, self.is_lm = model, graph, graph.task == "causal-lm"
+        self._dense = None  # one onnxruntime session of the dense model for every reference
 
     def active(self):
         return contextlib.nullcontext()
@@ -189,12 +191,12 @@ class _OnnxRunner:
         return True
 
     def record(self, batch: _Batch) -> None:
-        batch.reference = as_runnable(self.model)(batch.ids).float()
+        if self._dense is None:
+            self._dense = as_runnable(self.model)
+        batch.reference = self._dense(batch.ids).float()
 
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[_Batch]) -> float:
-        from tailor.passes.profile import clone
-
-        variant = clone(self.model)
+        variant = onnx_surgery.clone(self.model)
         substitute(variant, self.graph.blocks[layer].attn, patterns)
         run = as_runnable(variant)
         return sum(b.weight * _batch_divergence(b.reference, run(b.ids).float(), b, self.is_lm)

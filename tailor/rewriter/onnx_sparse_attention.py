@@ -200,11 +200,10 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
     keys = b.op("Add", b.op("Unsqueeze", starts, one), b.op("Range", c(0), b.op("Squeeze", span), c(1)))
     gathered = b.op("Clip", keys, c(0), b.op("Sub", b.op("Squeeze", seq), c(1)))
     rows = b.op("Range", c(0), b.op("Squeeze", padded), c(1))
-    shape_rows = b.op("Concat", padded, c([-1]), axis=0)
     row_keys = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", keys, one),
-                                     b.op("Concat", n_blocks, c([blk]), span, axis=0)), shape_rows)
-    row_gathered = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", gathered, one),
-                                         b.op("Concat", n_blocks, c([blk]), span, axis=0)), shape_rows)
+                                     b.op("Concat", n_blocks, c([blk]), span, axis=0)),
+                    b.op("Concat", padded, c([-1]), axis=0))               # [padded, span]
+    row_gathered = b.op("Clip", row_keys, c(0), b.op("Sub", b.op("Squeeze", seq), c(1)))
     query = b.op("Unsqueeze", rows, one)                                   # [padded, 1]
     dist = b.op("Sub", query, row_keys)
     if not causal:
@@ -219,12 +218,12 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
     if causal:
         sink_cols = b.op("Range", c(0), b.op("Squeeze", sink), c(1))
         sink_bias = b.op("Where", b.op("LessOrEqual", sink_cols, query), c(0.0, np.float32), neg)
-    # queries padded to whole blocks
+    # queries (and the model's mask rows) padded to whole blocks
     pads = b.op("Concat", c([0, 0, 0, 0, 0, 0]), b.op("Sub", padded, seq), c([0]), axis=0)
     q_pad = b.op("Pad", q, pads)
     q_blocks = b.op("Reshape", q_pad, c([0, 0, -1, blk, head_dim]))
     # the products: sink keys for every query, each block's window keys for its rows
-    k_sink = b.op("Slice", kt, zero, b.op("Unsqueeze", b.op("Squeeze", sink), zero), c([3]))
+    k_sink = b.op("Slice", kt, zero, sink, c([3]))
     s_sink = b.op("MatMul", q_pad, k_sink)                                # [B, H, padded, sink]
     # gathered as rows of head_dim (kᵀ's keys are its last, strided axis); onnxruntime folds the
     # transposes into the products
@@ -233,12 +232,16 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
     s_local = b.op("Reshape", b.op("MatMul", q_blocks, k_local),          # [B, H, padded, span]
                    b.op("Concat", c([0, 0]), padded, c([-1]), axis=0))
 
+    padded_masks: dict[ir.Value, ir.Value] = {}
+
     def mask_rows(mask):
-        """The model's mask [Bm, 1, rows, keys] with its query rows padded to `padded`."""
+        """The model's mask [Bm, 1, rows, keys] with its query rows padded to `padded` (once:
+        the local and the sink part both read it)."""
         if mask.shape[2] == 1:
             return mask
-        rows_pad = b.op("Concat", c([0, 0, 0, 0, 0, 0]), b.op("Sub", padded, seq), c([0]), axis=0)
-        return b.op("Pad", mask, rows_pad)
+        if mask not in padded_masks:
+            padded_masks[mask] = b.op("Pad", mask, pads)
+        return padded_masks[mask]
 
     def local_mask(mask):
         """The model's mask at the gathered keys, the pattern's keep mask folded in (one add)."""
@@ -251,7 +254,7 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
         return b.op("Add", m, local_bias)
 
     def sink_mask(mask):
-        return b.op("Slice", mask_rows(mask), zero, b.op("Unsqueeze", b.op("Squeeze", sink), zero), c([3]))
+        return b.op("Slice", mask_rows(mask), zero, sink, c([3]))
 
     s_local = _apply_steps(b, core, s_local, local_mask)
     if not any(kind == "add" for kind, _ in core.steps):
@@ -261,7 +264,7 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
         s_sink = b.op("Add", s_sink, sink_bias)
     probs = b.op("Softmax", b.op("Concat", s_sink, s_local, axis=-1), axis=-1)
     p_sink, p_local = b.op("Split", probs, b.op("Concat", sink, span, axis=0), axis=-1, num_outputs=2)
-    v_sink = b.op("Slice", v, zero, b.op("Unsqueeze", b.op("Squeeze", sink), zero), c([2]))
+    v_sink = b.op("Slice", v, zero, sink, c([2]))
     v_local = b.op("Gather", v, gathered, axis=2)                          # [B, H, blocks, span, d]
     p_blocks = b.op("Reshape", p_local, b.op("Concat", c([0, 0]), n_blocks, c([blk]), span, axis=0))
     out_local = b.op("Reshape", b.op("MatMul", p_blocks, v_local), c([0, 0, -1, head_dim]))
