@@ -7,10 +7,10 @@ runs, medians).
 Quality: MiniLM, the mean cosine of mean-pooled sentence embeddings against the original on
 held-out English sentences (docstrings of standard-library modules never used in calibration);
 refllama-16m, perplexity on code-eval.txt (512-token windows), calibrated on code-calib.txt.
-MiniLM calibrates with compile's encoder default: windows that begin at a sentence's [CLS], of
-the calibration sentences' median length (22 tokens), 8192 tokens of them (32-token windows cut
-anywhere gave cosine 0.944 at 0.75, 128-token ones 0.912; 64 windows were too few tokens for the
-least-squares refits: 0.925); latency is timed on 1 × 128 tokens
+MiniLM calibrates with compile's encoder default: the calibration sentences whole, each its own
+input ([CLS] … [SEP]), 16384 tokens of them (before: windows of their median length, 8192
+tokens; 32-token windows cut anywhere, 128-token ones and too few tokens all did worse); every
+plan is refitted in sequence after the search (tailor.passes.refit); latency is timed on 1 × 128 tokens
 (MiniLM) and 1 × 512 (refllama), the workloads the budgets are priced for. Every artifact (the
 original too, compiled at budget 1) also carries its TVM CPU build (`--format onnx,tvm`), timed
 in the same alternation with TVM_NUM_THREADS = --threads.

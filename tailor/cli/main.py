@@ -61,9 +61,10 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration text file (default: data-free, sampled from the model)")
     p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
     p.add_argument("--calib-windows", type=int, help="calibration windows (default: 8192 tokens' "
-                   "worth, at least 16)")
-    p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; "
-                   "for an encoder, the median length of the calibration text's lines)")
+                   "worth, at least 16; an encoder's lines: windows × their median length tokens of "
+                   "lines, default 16384 tokens)")
+    p.add_argument("--calib-len", type=int, help="tokens per calibration window (default 512; an "
+                   "encoder given text calibrates on its lines whole unless this is given)")
     p.add_argument("--eval", help="text file to report perplexity / KL / top-1 on (never calibrated on)")
     p.add_argument("--seed", type=int, help="seed for data-free calibration (default 0)")
     p.add_argument("--plan", help="replay this plan.json (from an artifact made for the same model) "

@@ -107,10 +107,44 @@ def neutral_signals(graph: TransformerGraph) -> Signals:
 
 # ---- calibration data ----------------------------------------------------------------------------
 
+class Lines:
+    """Calibration inputs each of its own length (an encoder's lines, whole, as it will see them),
+    grouped by length so that every batch is a plain [b, T] tensor."""
+
+    def __init__(self, rows: list[torch.Tensor]):
+        self.rows = sorted(rows, key=len)   # stable: equal lengths keep the text's order
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def numel(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    def batches(self, size: int) -> list[torch.Tensor]:
+        out, i = [], 0
+        while i < len(self.rows):
+            j = i
+            while j < len(self.rows) and j - i < size and len(self.rows[j]) == len(self.rows[i]):
+                j += 1
+            out.append(torch.stack(self.rows[i:j]))
+            i = j
+        return out
+
+
+Inputs = torch.Tensor | Lines   # [N, T] windows, or whole lines
+
+
+def batches(ids: Inputs, size: int) -> list[torch.Tensor]:
+    """[b, T] batches of calibration inputs, windows or lines."""
+    if isinstance(ids, Lines):
+        return ids.batches(size)
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 @dataclass
 class Calibration:
-    profile_ids: torch.Tensor     # [N, T] windows the signals and option losses are measured on
-    heldout_ids: torch.Tensor     # [M, T] windows the search's refine loop measures plans on
+    profile_ids: Inputs           # windows (or lines) the signals and option losses are measured on
+    heldout_ids: Inputs           # windows (or lines) the search's refine loop measures plans on
     source: str                   # human-readable: file and hash, or "data-free"
     digest: str
     stream: torch.Tensor | None = None   # all calibration tokens, for longer windows
@@ -139,23 +173,58 @@ def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | 
     file: tailor.quality.metrics.read_text_pieces); `windows` is a count or a function of the
     window length. With `per_line` (encoders, whose inputs are single sentences or passages),
     each line is tokenized on its own, with the special tokens the tokenizer adds (BERT's
-    [CLS] … [SEP]), every window begins where a line does (the model sees [CLS] at position 0, as
-    on real inputs) and `window` None is the median line length: windows the size of the inputs.
-    On MiniLM at budget 0.75, windows of 32 tokens cut anywhere gave an embedding cosine of 0.944,
-    aligned 0.950, aligned at the median (22) 0.952; 128-token windows 0.912."""
+    [CLS] … [SEP]); then with `window` None every input is a whole line, as the model will see
+    them ([CLS] at position 0, [SEP] at its end, every length), about count(median) × median
+    tokens of lines spread over the text; with a `window`, windows that begin where a line does.
+    On MiniLM at budget 0.75 (nominal cpu target, refitted in sequence), whole lines gave an
+    embedding cosine of 0.959 and windows of the median length 0.955 from the same text; windows
+    of 32 tokens cut anywhere had given 0.944 and 128-token ones 0.912 before sequential refits."""
     from tailor.quality.metrics import tokenize_lines, tokenize_pieces
 
     pieces = [pieces] if isinstance(pieces, str) else pieces
     count = windows if callable(windows) else (lambda n: windows)
     if per_line:
         ids, starts = tokenize_lines(pieces, tokenizer)
+        lengths = np.diff(np.append(starts, len(ids)))
         if window is None:
-            lengths = np.diff(np.append(starts, len(ids)))
-            window = max(2, int(np.median(lengths))) if len(lengths) else 2
+            median = max(2, int(np.median(lengths))) if len(lengths) else 2
+            return _calibration_from_lines(ids, starts, count(median) * median, name,
+                                           _max_len(tokenizer))
         return _calibration_from_stream(ids, window, count(window), name, "calibration text", starts=starts)
     window = window or DEFAULT_CALIB_LEN
     ids = tokenize_pieces(pieces, tokenizer)
     return _calibration_from_stream(ids, window, count(window), name, "calibration text")
+
+
+# lines longer than the tokenizer's limit (or than this, where it states none) are cut: calibrating
+# on a line's first 512 tokens says as much about the weights as on all of it
+MAX_LINE_TOKENS = 512
+
+
+def _max_len(tokenizer) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 2 <= limit < MAX_LINE_TOKENS else MAX_LINE_TOKENS
+
+
+def _calibration_from_lines(ids: np.ndarray, starts: np.ndarray, tokens: int, name: str,
+                            max_len: int) -> Calibration:
+    """Whole lines spread evenly over the text until about `tokens` tokens; every 4th held out."""
+    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    ends = np.append(starts[1:], len(ids))
+    lengths = np.minimum(ends - starts, max_len)
+    if len(starts) < 2:
+        raise TailorError(f"calibration text {name} has {len(starts)} non-empty line(s): an encoder "
+                          f"calibrates on its lines, one input each; need at least 2")
+    n = int(np.clip(round(tokens / max(lengths.mean(), 1)), 2, len(starts)))
+    chosen = np.unique(np.linspace(0, len(starts) - 1, n).astype(int))
+    rows = [stream[starts[i]:starts[i] + lengths[i]] for i in chosen]
+    held = np.arange(len(rows)) % 4 == 3 if len(rows) >= 4 else np.arange(len(rows)) == len(rows) - 1
+    digest = hashlib.sha256(b"".join(r.numpy().tobytes() + b"|" for r in rows)).hexdigest()[:16]
+    total = int(sum(len(r) for r in rows))
+    return Calibration(Lines([r for r, h in zip(rows, held) if not h]),
+                       Lines([r for r, h in zip(rows, held) if h]),
+                       f"{name} ({len(rows)} whole lines, {total} tokens, of {len(starts)})", digest,
+                       stream=stream)
 
 
 def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: int, name: str,
@@ -253,11 +322,11 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
 
 # ---- measuring ---------------------------------------------------------------------------------
 
-def model_outputs(model, ids: torch.Tensor, batch: int = 4) -> list[torch.Tensor]:
+def model_outputs(model, ids: Inputs, batch: int = 4) -> list[torch.Tensor]:
     """Logits (LMs) or hidden states of a transformers or onnx_ir model, in batches."""
     run = as_runnable(model)
     with torch.no_grad():
-        return [run(ids[i:i + batch]).float() for i in range(0, len(ids), batch)]
+        return [run(b).float() for b in batches(ids, batch)]
 
 
 def clone(model):
@@ -340,7 +409,7 @@ class SignalSums:
             o_gram=o_gram, down_gram=down_gram)
 
 
-def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signals:
+def collect_signals(model, graph: TransformerGraph, ids: Inputs) -> Signals:
     """The profile's statistics from a transformers model (forward hooks) or an onnx_ir model
     (its intermediate values made graph outputs, run by onnxruntime)."""
     if isinstance(model, ir.Model):
@@ -400,7 +469,7 @@ def collect_signals(model, graph: TransformerGraph, ids: torch.Tensor) -> Signal
                         [b.attn.head_dim for b in graph.blocks])
 
 
-def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, batch: int = 4) -> Signals:
+def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: Inputs, batch: int = 4) -> Signals:
     probe = onnx_surgery.clone(model)
     nodes = onnx_surgery.nodes_by_name(probe)
     values = onnx_surgery.block_values(probe, graph)
@@ -412,8 +481,8 @@ def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: torch.Tensor, b
     onnx_surgery.expose(probe, [x for row in wanted for x in row])
     run = as_runnable(probe)
     sums = SignalSums(graph.num_layers)
-    for s in range(0, len(ids), batch):
-        out = run.run_all(ids[s:s + batch].numpy())
+    for chunk in batches(ids, batch):
+        out = run.run_all(chunk.numpy())
         for i, row in enumerate(wanted):
             x, y, f, a, o_in, d_in, k = (torch.from_numpy(out[v.name]) for v in row)
             sums.block(i, x, y, f, a)

@@ -70,6 +70,15 @@ class BlockValues:
         return _residual_add(linear_output(self._nodes[self._block.ffn.down.node]))
 
     @property
+    def attn_residual(self) -> tuple[ir.Node, ir.Value, ir.Value]:
+        """(the Add, the attention branch it reads, the stream it adds to)."""
+        return self._attn
+
+    @property
+    def ffn_residual(self) -> tuple[ir.Node, ir.Value, ir.Value]:
+        return self._ffn
+
+    @property
     def input(self) -> ir.Value:
         return self._attn[2]
 
@@ -151,7 +160,8 @@ def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.nd
     """(W [out, in], b [out] or None) of a projection, whatever its layout."""
     w = _initializer(model, p.weight.name).const_value.numpy()
     w = w if p.layout == "out_in" else w.T
-    b = _initializer(model, p.bias.name).const_value.numpy() if p.bias is not None else None
+    bias = p.bias.name if p.bias is not None else f"{p.node}.bias"  # its own, or one a rewrite added
+    b = model.graph.initializers[bias].const_value.numpy() if bias in model.graph.initializers else None
     return w, b
 
 
@@ -172,9 +182,12 @@ def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray 
     if p.bias is not None:
         _set_initializer(model, p.bias.name, np.ascontiguousarray(b), _bias_user(model, p))
         return
+    name = f"{p.node}.bias"
+    if name in model.graph.initializers:  # added by an earlier rewrite
+        _set_initializer(model, name, np.ascontiguousarray(b), _bias_user(model, p))
+        return
     # a projection without bias gets one: Add after it
     out = node.outputs[0]
-    name = f"{p.node}.bias"
     bias = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(b), name=name))
     model.graph.register_initializer(bias)
     added = ir.Value(name=f"{out.name}.biased", type=out.type)

@@ -249,11 +249,17 @@ def test_encoder_calibration_keeps_special_tokens_per_line():
     windows = torch.cat([per_line.profile_ids, per_line.heldout_ids])
     assert len(windows) == 8 and bool((windows[:, 0] == tok.cls_token_id).all())
     assert not bool((torch.cat([whole.profile_ids, whole.heldout_ids])[1:, 0] == tok.cls_token_id).all())
-    # no window length given: the inputs' median length (here every line has the same)
-    sized = calibration_from_text(text, tok, None, lambda n: 240 // n, "t", per_line=True)
-    line = len(tok("Sentence number 10 is about calibration data.")["input_ids"])
-    assert sized.profile_ids.shape[1] == line
-    assert len(sized.profile_ids) + len(sized.heldout_ids) == 240 // line
+    # no window length given: the lines whole, [CLS] … [SEP] each, about count(median) × median
+    # tokens of them, batched by length
+    varied = "\n".join(("word " * (3 + i % 7)).strip() for i in range(60))
+    lines = calibration_from_text(varied, tok, None, lambda n: 120 // n, "t", per_line=True)
+    rows = lines.profile_ids.rows + lines.heldout_ids.rows
+    assert all(int(r[0]) == tok.cls_token_id and int(r[-1]) == tok.sep_token_id for r in rows)
+    assert len({len(r) for r in rows}) >= 4 and {len(r) for r in rows} <= {5 + k for k in range(7)}
+    assert 90 <= lines.profile_ids.numel() + lines.heldout_ids.numel() <= 150
+    assert len(lines.heldout_ids) == len(rows) // 4
+    for b in lines.profile_ids.batches(4):
+        assert b.ndim == 2 and len(b) <= 4
 
 
 def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
