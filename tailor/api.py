@@ -172,7 +172,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             trust_remote_code: bool = False,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
-            use_cache: bool = True, progress: bool = False, stages: "StageLog | None" = None) -> Compiled:
+            refit: bool = True, use_cache: bool = True, progress: bool = False,
+            stages: "StageLog | None" = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
@@ -181,6 +182,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
     plans validated at `validation_len` (default 3/4 prompt_len), with synthetic retrieval
     sequences written from `retrieval_template` (default: code-shaped `name = value` lines).
+    `refit` False leaves out the sequential refit after the search (tailor.passes.refit).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
     budget, objective, workload and target replace those given; calibration still runs, since
     the rewrites' compensation is fitted on this model's activations."""
@@ -268,7 +270,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             else:
                 variant = apply_options(clone(module), graph, result.chosen, prof.signals)
                 kl = heldout.divergence(variant) if result.chosen else 0.0
-        if result.chosen:
+        if result.chosen and refit:
             with stages("refit"):
                 variant, report["refit"] = _refit(module, variant, kl, graph, result.chosen, cal, heldout,
                                                   progress)

@@ -353,7 +353,13 @@ def print_summary(compiled, out: Path) -> None:
         t.add_row("measured latency ratio (here)",
                   f"{timed['ratio']:.3f} ({timed['original_ms']:.1f} → {timed['rewritten_ms']:.1f} ms)")
     search = compiled.report.get("search")
-    if search and search.get("measured_kl_heldout") is not None:
+    refit = compiled.report.get("refit")
+    if refit:
+        before, after = refit["measured_kl_heldout_before"], refit["measured_kl_heldout_after"]
+        t.add_row("KL to original (held-out calib)",
+                  f"{refit['measured_kl_heldout']:.4f} (search's plan {before:.4f}, refitted in sequence "
+                  f"{after:.4f}: {'kept' if refit['kept'] else 'not kept'})")
+    elif search and search.get("measured_kl_heldout") is not None:
         t.add_row("KL to original (held-out calib)", f"{search['measured_kl_heldout']:.4f}")
     quality = compiled.report.get("quality")
     if quality:

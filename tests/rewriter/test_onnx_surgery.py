@@ -179,6 +179,10 @@ def test_compile_an_onnx_model_under_budget(tiny_onnx, tmp_path, monkeypatch):
         expected = opt.model(probe).numpy()
     assert np.abs(OrtModel(out / "model.onnx").run_numpy(probe.numpy()) - expected).max() <= 1e-5
     assert opt.report["calibration"]["data"].startswith(str(calib))
+    # the sequential refit is kept only where the held-out windows say it helped
+    refit = opt.report["refit"]
+    assert refit["kept"] == (refit["measured_kl_heldout_after"] < refit["measured_kl_heldout_before"])
+    assert opt.report["search"]["measured_kl_heldout"] >= refit["measured_kl_heldout"] - 1e-12
 
 
 def test_onnx_input_errors(tiny_onnx, tmp_path, monkeypatch):
