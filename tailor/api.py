@@ -178,7 +178,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
     Calibration: `calib_windows` windows of `calib_len` tokens (defaults: 8192 tokens in windows
-    of 512, or for an encoder given text, of its lines' median length). Attention patterns are
+    of 512; an encoder given text and no `calib_len` calibrates on its lines whole, 16384 tokens
+    of them). Attention patterns are
     profiled at `attn_lengths` (default prompt_len/2 and prompt_len) and
     plans validated at `validation_len` (default 3/4 prompt_len), with synthetic retrieval
     sequences written from `retrieval_template` (default: code-shaped `name = value` lines).

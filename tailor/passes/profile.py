@@ -176,9 +176,10 @@ def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | 
     [CLS] … [SEP]); then with `window` None every input is a whole line, as the model will see
     them ([CLS] at position 0, [SEP] at its end, every length), about count(median) × median
     tokens of lines spread over the text; with a `window`, windows that begin where a line does.
-    On MiniLM at budget 0.75 (nominal cpu target, refitted in sequence), whole lines gave an
-    embedding cosine of 0.959 and windows of the median length 0.955 from the same text; windows
-    of 32 tokens cut anywhere had given 0.944 and 128-token ones 0.912 before sequential refits."""
+    On MiniLM at budget 0.75 (nominal cpu target; benchmarks/encoder_calibration.py), windows of
+    the median length gave an embedding cosine of 0.949, whole lines 0.951 on as many tokens and
+    0.956 on twice as many (0.951 / 0.953 / 0.960 refitted in sequence); windows of 32 tokens cut
+    anywhere had given 0.944 and 128-token ones 0.912."""
     from tailor.quality.metrics import tokenize_lines, tokenize_pieces
 
     pieces = [pieces] if isinstance(pieces, str) else pieces
