@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -121,13 +122,10 @@ class Lines:
         return sum(len(r) for r in self.rows)
 
     def batches(self, size: int) -> list[torch.Tensor]:
-        out, i = [], 0
-        while i < len(self.rows):
-            j = i
-            while j < len(self.rows) and j - i < size and len(self.rows[j]) == len(self.rows[i]):
-                j += 1
-            out.append(torch.stack(self.rows[i:j]))
-            i = j
+        out = []
+        for _, same in itertools.groupby(self.rows, key=len):
+            same = list(same)
+            out += [torch.stack(same[i:i + size]) for i in range(0, len(same), size)]
         return out
 
 
@@ -186,8 +184,8 @@ def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | 
     count = windows if callable(windows) else (lambda n: windows)
     if per_line:
         ids, starts = tokenize_lines(pieces, tokenizer)
-        lengths = np.diff(np.append(starts, len(ids)))
         if window is None:
+            lengths = np.diff(np.append(starts, len(ids)))
             median = max(2, int(np.median(lengths))) if len(lengths) else 2
             return _calibration_from_lines(ids, starts, count(median) * median, name,
                                            _max_len(tokenizer))
@@ -219,13 +217,18 @@ def _calibration_from_lines(ids: np.ndarray, starts: np.ndarray, tokens: int, na
     n = int(np.clip(round(tokens / max(lengths.mean(), 1)), 2, len(starts)))
     chosen = np.unique(np.linspace(0, len(starts) - 1, n).astype(int))
     rows = [stream[starts[i]:starts[i] + lengths[i]] for i in chosen]
-    held = np.arange(len(rows)) % 4 == 3 if len(rows) >= 4 else np.arange(len(rows)) == len(rows) - 1
+    held = _held_out(len(rows))
     digest = hashlib.sha256(b"".join(r.numpy().tobytes() + b"|" for r in rows)).hexdigest()[:16]
     total = int(sum(len(r) for r in rows))
     return Calibration(Lines([r for r, h in zip(rows, held) if not h]),
                        Lines([r for r, h in zip(rows, held) if h]),
                        f"{name} ({len(rows)} whole lines, {total} tokens, of {len(starts)})", digest,
                        stream=stream)
+
+
+def _held_out(n: int) -> np.ndarray:
+    """Which of n calibration inputs the search's refine loop keeps for itself: every 4th."""
+    return np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1
 
 
 def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: int, name: str,
@@ -243,7 +246,7 @@ def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: 
     else:
         chosen = eligible[np.linspace(0, len(eligible) - 1, n).astype(int)]
         t = torch.stack([stream[s:s + window] for s in chosen])
-    held = np.arange(n) % 4 == 3 if n >= 4 else np.arange(n) == n - 1  # every 4th one held out
+    held = _held_out(n)
     # the windows themselves, not just the stream: how they are cut is part of the data
     digest = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
     return Calibration(t[torch.from_numpy(~held)], t[torch.from_numpy(held)],

@@ -160,7 +160,7 @@ def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.nd
     """(W [out, in], b [out] or None) of a projection, whatever its layout."""
     w = _initializer(model, p.weight.name).const_value.numpy()
     w = w if p.layout == "out_in" else w.T
-    bias = p.bias.name if p.bias is not None else f"{p.node}.bias"  # its own, or one a rewrite added
+    bias = p.bias.name if p.bias is not None else _added_bias(p)  # its own, or one a rewrite added
     b = model.graph.initializers[bias].const_value.numpy() if bias in model.graph.initializers else None
     return w, b
 
@@ -170,6 +170,11 @@ def _bias_user(model: ir.Model, p: Projection) -> ir.Node:
     out = node.outputs[0]
     uses = list(out.uses())
     return uses[0].node if len(uses) == 1 and uses[0].node.op_type == "Add" else node
+
+
+def _added_bias(p: Projection) -> str:
+    """The initializer of the bias set_projection adds to a projection that had none."""
+    return f"{p.node}.bias"
 
 
 def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray | None) -> None:
@@ -182,7 +187,7 @@ def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray 
     if p.bias is not None:
         _set_initializer(model, p.bias.name, np.ascontiguousarray(b), _bias_user(model, p))
         return
-    name = f"{p.node}.bias"
+    name = _added_bias(p)
     if name in model.graph.initializers:  # added by an earlier rewrite
         _set_initializer(model, name, np.ascontiguousarray(b), _bias_user(model, p))
         return
