@@ -277,8 +277,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                 variant, report["refit"] = _refit(module, variant, kl, graph, result.chosen, cal, heldout,
                                                   progress)
         runnable, rewritten = as_runnable(variant), variant
-        if cost_model.measured_variant_ratio is not None:  # priced for this machine: check it here
-            t = _time_pair(as_runnable(module), runnable, graph, workload)
+        if cost_model.measured_ratios:  # priced for this machine: check it here
+            t = _time_side_by_side({"original": as_runnable(module), "rewritten": runnable}, graph, workload)
             report["measured_latency"] = {"ratio": t["rewritten"] / t["original"],
                                           "original_ms": t["original"] * 1e3,
                                           "rewritten_ms": t["rewritten"] * 1e3}
@@ -367,55 +367,104 @@ def _refit(module, variant, kl: float, graph: TransformerGraph, chosen: list, ca
 def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = True,
                 use_cache: bool = True) -> CostModel:
     """The cost model for `target`; for a table measured on this machine, fitted to this model
-    here (CostModel.fit_to_measured): the dense model and a variant with every FFN at half width
-    timed side by side. The measured ratio is cached with the profiles (keyed by the model, the
+    here (CostModel.fit_to_measured): the dense model and the variants of `_fit_variants` timed
+    side by side. The measured ratios are cached with the profiles (keyed by the model, the
     table and the workload) so that compiling again reaches the same plan."""
     cost_model = CostModel(cap.graph, workload, get_target(target))
     if not fit or not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
     graph = cap.graph
-    halves = []
-    for b in graph.blocks:
-        with contextlib.suppress(ValueError):  # an FFN that cannot be sliced stays whole
-            halves.append(PASSES["ffn_prune"].from_plan(graph, b.index,
-                                                        {"channels": list(range(b.ffn.width // 2))}))
-    if not halves:
+    variants = _fit_variants(graph, workload)
+    if not variants:
+        cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model
     from tailor.cli.default_model import cache_dir
 
     key = hashlib.sha256(json.dumps({"model": cap.model_hash, "target": asdict(cost_model.target),
-                                     "workload": asdict(workload)}, sort_keys=True).encode()).hexdigest()[:24]
+                                     "workload": asdict(workload), "variants": sorted(variants)},
+                                    sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_dir() / "fits" / f"{key}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+    ratios = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         if use_cache:
-            ratio = float(json.loads(cached.read_text())["variant_ratio"])
-            if 0 < ratio < 10:
-                cost_model.fit_to_measured(structure_of(graph, halves), ratio)
-                return cost_model
-    module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
-    try:
-        variant = apply_options(clone(module), graph, halves, None)
-    except TailorError as e:  # priced unfitted rather than not at all; the report says why
-        cost_model.fit_skipped = f"the half-width variant could not be built: {e}"
-        return cost_model
-    t = _time_pair(as_runnable(module), as_runnable(variant), graph, workload)
-    ratio = t["rewritten"] / t["original"]
-    cost_model.fit_to_measured(structure_of(graph, halves), ratio)
-    if use_cache:
-        with contextlib.suppress(OSError):
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"variant_ratio": ratio}))
-            os.replace(tmp, cached)
+            ratios = {name: float(r) for name, r in json.loads(cached.read_text())["ratios"].items()}
+            if set(ratios) != set(variants) or not all(0 < r < 10 for r in ratios.values()):
+                ratios = None
+    if ratios is None:
+        try:
+            ratios = _time_variants(cap, variants, workload)
+        except TailorError as e:  # priced unfitted rather than not at all; the report says why
+            cost_model.fit_skipped = str(e)
+            return cost_model
+        if use_cache:
+            with contextlib.suppress(OSError):
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"ratios": ratios}))
+                os.replace(tmp, cached)
+    cost_model.fit_to_measured({n: (structure_of(graph, o), ratios[n]) for n, o in variants.items()})
     return cost_model
 
 
-def _time_pair(original, rewritten, graph: TransformerGraph, workload: Workload) -> dict[str, float]:
-    """Median seconds of each on the workload's prompt, timed side by side after 20 warm-up
+def _time_variants(cap: Captured, variants: dict[str, list], workload: Workload) -> dict[str, float]:
+    """Each variant's latency / the dense model's, all timed side by side (TailorError: a variant
+    could not be built)."""
+    module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
+    runnables = {"original": as_runnable(module)}
+    for name, options in variants.items():
+        try:
+            runnables[name] = as_runnable(apply_options(clone(module), cap.graph, options, None))
+        except TailorError as e:
+            raise TailorError(f"the variant {name} could not be built: {e}") from None
+    t = _time_side_by_side(runnables, cap.graph, workload, repeats=FIT_REPEATS)
+    return {name: t[name] / t["original"] for name in variants}
+
+
+# calls of each fit variant timed (after as many warm-up calls): three runs of refllama-16m's
+# fit at 20 gave its half-width variant 0.810, 0.822 and 0.829 of the dense model
+FIT_REPEATS = 30
+
+
+def _fit_variants(graph: TransformerGraph, workload: Workload) -> dict[str, list]:
+    """The structures the cost model is fitted on, as options (shapes only: the timing does not
+    depend on the weights): every FFN at half width; every attention with half its query heads
+    (half its KV heads where each KV head serves one query head); on an ONNX graph whose attention
+    is decomposed, every KV head on the default grid's narrowest pattern, and on its widest that
+    keeps at most half the keys (block-sparse ops: what they cost whatever the pattern, and per
+    key). A layer that cannot be sliced stays whole; a variant no layer can take is left out."""
+    n, causal = workload.prompt_len, graph.blocks[0].attn.causal
+    by_keys = sorted(default_grid(n), key=lambda p: blocked_keys(p, n, causal))
+    narrow = by_keys[0]
+    wide = [narrow, *(p for p in by_keys if blocked_keys(p, n, causal) <= n / 2)][-1]
+    ffn, heads, narrow_all, wide_all = [], [], [], []
+    for b in graph.blocks:
+        a = b.attn
+        q_per = a.num_heads // a.num_kv_heads
+        kv = list(range(a.num_kv_heads if q_per > 1 else a.num_kv_heads // 2))
+        with contextlib.suppress(ValueError):
+            ffn.append(PASSES["ffn_prune"].from_plan(graph, b.index,
+                                                     {"channels": list(range(b.ffn.width // 2))}))
+        with contextlib.suppress(ValueError):
+            if kv:
+                heads.append(PASSES["head_prune"].from_plan(
+                    graph, b.index, {"kv_heads": kv, "queries": [list(range(max(1, q_per // 2)))] * len(kv)}))
+        if graph.backend == "onnx" and a.kind == "decomposed":
+            for pattern, options in ((narrow, narrow_all), (wide, wide_all)):
+                spans = [pattern.to_json()] * a.num_kv_heads
+                options.append(PASSES["attn_pattern"].from_plan(graph, b.index, {"spans": spans}))
+    return {name: options for name, options in (("ffn_half", ffn), ("heads_half", heads),
+                                                ("patterns_narrowest", narrow_all),
+                                                ("patterns_wide", wide_all if wide != narrow else []))
+            if options}
+
+
+def _time_side_by_side(models: dict, graph: TransformerGraph, workload: Workload,
+                       repeats: int = 20) -> dict[str, float]:
+    """Median seconds of each model on the workload's prompt, timed in turn after 20 warm-up
     calls each (onnxruntime's first dozens of calls run ~10% slower)."""
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
-    return time_side_by_side({"original": original, "rewritten": rewritten}, ids, repeats=20, warmup=20)
+    return time_side_by_side(models, ids, repeats=repeats, warmup=20)
 
 
 # an ONNX model's attention profile runs the whole model per (layer, KV head, pattern): offered

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import lsq_linear
 
 from tailor.errors import TailorError
 from tailor.plan import OBJECTIVES
@@ -127,6 +128,10 @@ class Cost:
         return Cost(self.flops - o.flops, self.bytes - o.bytes, self.kv_bytes - o.kv_bytes,
                     self.latency - o.latency, self.attn_flops - o.attn_flops)
 
+    def scaled(self, k: float) -> "Cost":
+        """The same work at `k` times the modelled seconds."""
+        return replace(self, latency=self.latency * k)
+
     def get(self, objective: str) -> float:
         return {"latency": self.latency, "flops": self.flops, "kv_memory": self.kv_bytes,
                 "attention": self.attn_flops}[objective]
@@ -135,8 +140,18 @@ class Cost:
 # Passes over the score matrix of decomposed attention besides the two products: masking
 # (Where, read + write), Softmax (read + write) and the export's NaN guard (read).
 SCORE_PASSES = 5
-# A fitted remainder beyond this many times the modelled passes is a timing gone wrong
-MAX_BRANCH_PASSES_SCALE = 100.0
+# Passes over [queries, head_dim] per head of a block-sparse ONNX core (onnx_sparse_attention)
+# besides the products, the same for every pattern: q padded to whole blocks (read + write), kᵀ
+# transposed to rows (2), the sink and window outputs added (3), sliced back (2), the NaN guard
+# (IsNaN + Where, ~3.5). A part of its own, not a share of the keys: on refllama-16m at 512 tokens
+# the narrowest pattern (48 keys a query) cost 40% of the dense core (512 keys).
+SPARSE_ROW_PASSES = 12
+# The parts of the modelled latency a measured target's fit scales (CostModel.fit_to_measured):
+# the passes around each branch (elementwise), the dense attention core, and the block-sparse one
+# of patterned heads: its products over the kept keys and its copies of rows (attention_core)
+FITTED_PARTS = ("branch_passes", "attention_core", "sparse_keys", "sparse_rows")
+# A fitted scale beyond this is a timing gone wrong
+MAX_FITTED_SCALE = 100.0
 # Elementwise passes per token around a branch, in vectors of the hidden size: the norm (read +
 # write) and the residual add (two reads, a write).
 NORM_PASSES, ADD_PASSES = 2, 3
@@ -146,43 +161,65 @@ BRANCH_PASSES = NORM_PASSES + ADD_PASSES
 class CostModel:
     def __init__(self, graph: TransformerGraph, workload: Workload, target: Target):
         self.graph, self.workload, self.target = graph, workload, target
-        # measured seconds of the passes around branches per modelled second (fit_to_measured)
-        self.branch_passes_scale = 1.0
-        self.measured_variant_ratio: float | None = None
+        # measured seconds per modelled second of each part a fit can see (fit_to_measured)
+        self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
+        self.measured_ratios: dict[str, float] = {}
         self.fit_skipped: str | None = None
 
     def to_json(self) -> dict:
-        out = {"target": self.target.name, "branch_passes_scale": self.branch_passes_scale,
-               "measured_variant_ratio": self.measured_variant_ratio}
+        out = {"target": self.target.name, "scales": dict(self.scales),
+               "measured_ratios": self.measured_ratios}
         return out | ({"fit_skipped": self.fit_skipped} if self.fit_skipped else {})
 
-    def fit_to_measured(self, variant: Structure, measured_ratio: float) -> float:
-        """Scale the passes around each branch (norm, residual add) so that `variant` (narrower
-        products, the same branches) costs `measured_ratio` of the dense model, the two timed
-        side by side on the target; returns the scale (≥ 1: a model that already prices what
-        was measured is kept).
+    def fit_to_measured(self, measured: dict[str, tuple[Structure, float]]) -> dict[str, float]:
+        """Scale the parts a roofline of products misprices (FITTED_PARTS) so that each variant
+        (name → (structure, its latency / the dense model's, timed side by side on the target))
+        costs what it measured: least squares over the variants, each scale in [1,
+        MAX_FITTED_SCALE] (≥ 1: a part the model already prices as measured is kept). Returns
+        the scales.
 
-        What a roofline of products misses is mostly work that head and FFN pruning do not
-        shrink and a skipped branch removes: norms and residual adds (onnxruntime's fused
-        SkipLayerNormalization alone was ~12% of MiniLM's 1 × 128 here), layout copies, the
-        runtime's dispatch. Pricing it from the dense model's absolute time instead mixed two
-        moments of a noisy machine (the table's and the model's: MiniLM timed 12.2, 14.7 and
-        18.8 ms in three compiles) and the scale swung from 9 to 22; a ratio timed side by side
-        does not drift."""
-        self.branch_passes_scale = 1.0
+        What the products' roofline misses is mostly (1) work around each branch that head and
+        FFN pruning do not shrink and a skipped branch removes: norms and residual adds
+        (onnxruntime's fused SkipLayerNormalization alone was ~12% of MiniLM's 1 × 128 here),
+        and (2) the attention core's many small per-head products and passes over the scores,
+        which run far below the table's product rates: refllama-16m at 1 × 512 with half its
+        query heads measured 0.67-0.69 of the dense model where a fit of (1) alone predicted
+        0.78-0.80. A variant with half-width FFNs pins (1), one with half the heads (2). Ratios
+        timed side by side, not the dense model's absolute time: that mixed two moments of a noisy
+        machine (MiniLM timed 12.2, 14.7 and 18.8 ms in three compiles)."""
+        self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
+        self.measured_ratios = {name: ratio for name, (_, ratio) in measured.items()}
+        if not measured:
+            return self.scales
+        dense = self.parts(Structure.dense(self.graph))
+        # per variant: rest_v + Σ k·part_v = ratio · (rest_d + Σ k·part_d), linear in the scales k
+        rows, rhs = [], []
+        for structure, ratio in measured.values():
+            v = self.parts(structure)
+            rows.append([v[c] - ratio * dense[c] for c in FITTED_PARTS])
+            rhs.append(ratio * dense["rest"] - v["rest"])
+        a = np.array(rows) / dense["rest"]  # seconds → fractions of the unscaled remainder
+        b = np.array(rhs) / dense["rest"]
+        used = np.abs(a).max(axis=0) > 1e-12  # a part no variant moves keeps its scale
+        if used.any():
+            fit = lsq_linear(a[:, used], b, bounds=(1.0, MAX_FITTED_SCALE))
+            for c, k in zip([c for c, u in zip(FITTED_PARTS, used) if u], fit.x):
+                self.scales[c] = float(k)
+        return self.scales
 
-        def split(structure: Structure) -> tuple[float, float]:
-            around = sum(self._elementwise_parts(i, s)[0].latency for i, s in enumerate(structure.layers))
-            return self.total(structure).latency - around, around
-
-        (rest_d, around_d), (rest_v, around_v) = split(Structure.dense(self.graph)), split(variant)
-        # (rest_v + k·around_v) / (rest_d + k·around_d) = measured_ratio, solved for k
-        gap = measured_ratio * around_d - around_v
-        if gap != 0:
-            scale = (rest_v - measured_ratio * rest_d) / gap
-            self.branch_passes_scale = min(max(scale, 1.0), MAX_BRANCH_PASSES_SCALE)
-        self.measured_variant_ratio = measured_ratio
-        return self.branch_passes_scale
+    def parts(self, structure: Structure) -> dict[str, float]:
+        """Modelled latency of `structure` split into FITTED_PARTS (unscaled) and the rest."""
+        kept, out = dict(self.scales), {}
+        try:
+            self.scales = dict.fromkeys(FITTED_PARTS, 0.0)
+            out["rest"] = self.total(structure).latency
+            for c in FITTED_PARTS:
+                self.scales[c] = 1.0
+                out[c] = self.total(structure).latency - out["rest"]
+                self.scales[c] = 0.0
+        finally:
+            self.scales = kept
+        return out
 
     # -- pieces ------------------------------------------------------------------------------
     def _matmul(self, tokens: int, n_in: int, n_out: int, weight_reads: int) -> Cost:
@@ -215,9 +252,30 @@ class CostModel:
 
     def attention_core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
                        own_kv: bool) -> Cost:
-        """q·kᵀ and p·v, plus reading (decode) and writing (prefill) the KV cache; each KV head
-        (with its query heads) over the keys its pattern keeps (all of them, and the passes over
-        the scores, where attention is decomposed: patterns are masks there and save nothing)."""
+        """The attention core of KV heads with `patterns` (None: dense), each part at its fitted
+        scale: the dense heads; and the block-sparse ones (an ONNX graph's patterned heads:
+        onnx_sparse_attention) as their products over the kept keys and the copies of their rows,
+        which run at other rates than the dense core's products and cost the same whatever
+        the pattern."""
+        blocked = a.kind == "decomposed" and self.graph.backend == "onnx"
+        dense = [p for p in patterns if p is None or not blocked]
+        sparse = [p for p in patterns if p is not None and blocked]
+        total = Cost()
+        if dense:
+            core, _ = self._core(a, queries_per_group, dense, own_kv)
+            total = total + core.scaled(self.scales["attention_core"])
+        if sparse:
+            keys, rows = self._core(a, queries_per_group, sparse, own_kv)
+            total = total + keys.scaled(self.scales["sparse_keys"]) + rows.scaled(self.scales["sparse_rows"])
+        return total
+
+    def _core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
+              own_kv: bool) -> tuple[Cost, Cost]:
+        """(the core, the block-sparse copies of its patterned heads' rows). The core: q·kᵀ and
+        p·v, plus reading (decode) and writing (prefill) the KV cache; each KV head (with its
+        query heads) over the keys its pattern keeps (all of them, and the passes over the
+        scores, where attention is decomposed: patterns are masks there and save nothing; an
+        ONNX graph's are block-sparse ops, whole key blocks)."""
         w, e, d = self.workload, self.target.bytes_per_element, a.head_dim
         n, kv_heads = w.prompt_len, len(patterns)
         heads = kv_heads * queries_per_group
@@ -225,7 +283,7 @@ class CostModel:
         # an ONNX graph's decomposed core is rewritten block-sparse (onnx_sparse_attention):
         # whole key blocks, masked entries included; a torch model's is masked, saving nothing
         blocked = decomposed and self.graph.backend == "onnx"
-        total = Cost()
+        total, rows = Cost(), Cost()
         for tokens, steps, keys in self._phases():
             if keys is None:  # prefill: keys per query summed over the KV heads
                 if blocked:
@@ -239,6 +297,9 @@ class CostModel:
                     kept = [n if p is None else min(n, p.kept_keys_bidirectional(n) / n) for p in patterns]
                 # q and k, v read once, the output (and the KV cache) written
                 by = tokens * (2 * heads * d * e + 2 * kv_heads * d * e * (2 if own_kv else 1))
+                if blocked:  # the block-sparse ops' copies of q, k and the output, whatever the pattern
+                    rows = rows + self._roofline(0.0, tokens * sum(p is not None for p in patterns) *
+                                                 queries_per_group * d * e * SPARSE_ROW_PASSES)
             else:  # decode: every new token reads each head's cache
                 kept = [keys if p is None or decomposed else min(keys, p.span(int(keys))) for p in patterns]
                 by = tokens * sum(kept) * 2 * d * e
@@ -252,7 +313,7 @@ class CostModel:
             length = w.prompt_len + w.gen_len
             cached = sum(length if p is None else p.span(length) for p in patterns)
             total.kv_bytes = w.batch * cached * 2 * d * e
-        return total
+        return total, rows
 
     # -- components of one layer ---------------------------------------------------------------
     def attention(self, layer: int, shape: LayerShape) -> Cost:
@@ -279,8 +340,7 @@ class CostModel:
     def elementwise(self, layer: int, shape: LayerShape) -> Cost:
         """The passes over activations around the products of the branches this layer keeps."""
         around, inside = self._elementwise_parts(layer, shape)
-        around.latency *= self.branch_passes_scale
-        return around + inside
+        return around.scaled(self.scales["branch_passes"]) + inside
 
     def _elementwise_parts(self, layer: int, shape: LayerShape) -> tuple[Cost, Cost]:
         """(around the kept branches, inside them), unscaled."""

@@ -85,6 +85,5 @@ def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -
                 onnx_surgery.slice_projection(model, p, rows=kept)
         if signals is not None:
             onnx_surgery.reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
-        else:  # shapes only (the cost model's timing variant): as the refit leaves it, with a bias
-            w, _ = onnx_surgery.projection_arrays(model, f.down)
-            onnx_surgery.set_projection(model, f.down, w[:, kept], np.zeros(w.shape[0], w.dtype))
+        else:  # shapes only (the cost model's timing variants)
+            onnx_surgery.drop_inputs(model, f.down, kept)

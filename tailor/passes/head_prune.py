@@ -130,7 +130,10 @@ def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -
         onnx_surgery.slice_projection(model, a.q, rows=q_cols.numpy())
         onnx_surgery.slice_projection(model, a.k, rows=kv_cols.numpy())
         onnx_surgery.slice_projection(model, a.v, rows=kv_cols.numpy())
-        onnx_surgery.reconstruct_inputs(model, a.o, q_cols, signals.o_gram[o.layer])
+        if signals is not None:
+            onnx_surgery.reconstruct_inputs(model, a.o, q_cols, signals.o_gram[o.layer])
+        else:  # shapes only (the cost model's timing variants)
+            onnx_surgery.drop_inputs(model, a.o, q_cols.numpy())
 
 
 def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:

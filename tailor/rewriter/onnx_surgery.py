@@ -214,6 +214,13 @@ def reconstruct_inputs(model: ir.Model, p: Projection, kept, gram) -> None:
     set_projection(model, p, sol[:, :-1], sol[:, -1])
 
 
+def drop_inputs(model: ir.Model, p: Projection, cols) -> None:
+    """Keep input columns `cols` of a projection, with the bias reconstruct_inputs would give it
+    (zero): the same program without calibration statistics (a variant timed for its shape)."""
+    w, _ = projection_arrays(model, p)
+    set_projection(model, p, w[:, cols], np.zeros(w.shape[0], w.dtype))
+
+
 def slice_projection(model: ir.Model, p: Projection, *, rows=None, cols=None) -> None:
     """Keep output rows `rows` and input columns `cols` of a projection."""
     w, b = projection_arrays(model, p)

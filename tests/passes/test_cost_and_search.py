@@ -74,25 +74,45 @@ def test_elementwise_passes_shrink_with_the_branches(llama_graph):
     assert cm.elementwise(0, replace(shape, kept=False)).bytes == 0
 
 
-def test_fit_to_measured_prices_the_remainder_as_per_layer_passes(llama_graph):
-    cm = CostModel(llama_graph, Workload(1, 256, 0), get_target("cpu"))
-    dense = Structure.dense(llama_graph)
-    half_ffn = dense.copy()
-    for layer, block in zip(half_ffn.layers, llama_graph.blocks):
-        layer.ffn_width = block.ffn.width // 2
-    skipped = dense.copy()
+def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx):
+    """Ratios made by a model with known scales: the fit on the compile's variants gets them back,
+    and prices a structure it was not fitted on as that model does."""
+    from tailor.api import _fit_variants
+
+    graph = capture(tiny_onnx["llama"]).graph
+    workload = Workload(1, 256, 0)
+    variants = {n: structure_of(graph, o) for n, o in _fit_variants(graph, workload).items()}
+    assert sorted(variants) == ["ffn_half", "heads_half", "patterns_narrowest", "patterns_wide"]
+    truth = CostModel(graph, workload, get_target("cpu"))
+    truth.scales = {"branch_passes": 6.0, "attention_core": 1.7, "sparse_keys": 2.0, "sparse_rows": 4.5}
+    fitted = CostModel(graph, workload, get_target("cpu"))
+    scales = fitted.fit_to_measured({n: (s, truth.ratio(s, "latency")) for n, s in variants.items()})
+    assert scales == pytest.approx(truth.scales, rel=1e-6)
+    skipped = Structure.dense(graph)
     skipped.layers[1].kept = False
-    modelled = cm.ratio(half_ffn, "latency"), cm.ratio(skipped, "latency")
-    # timed slower than modelled: the remainder is priced so that the variant costs what it measured
-    measured = (1 + modelled[0]) / 2
-    scale = cm.fit_to_measured(half_ffn, measured)
-    assert scale > 1 and cm.ratio(half_ffn, "latency") == pytest.approx(measured)
-    assert cm.to_json()["measured_variant_ratio"] == measured
-    # a skipped layer takes its share of the remainder with it
-    assert cm.ratio(skipped, "latency") == pytest.approx(modelled[1], rel=0.2)
-    # timed at or below what the model already prices: left as it was
-    assert cm.fit_to_measured(half_ffn, modelled[0] * 0.9) == 1.0
-    assert cm.ratio(half_ffn, "latency") == pytest.approx(modelled[0])
+    assert fitted.ratio(skipped, "latency") == pytest.approx(truth.ratio(skipped, "latency"))
+    assert fitted.to_json()["measured_ratios"]["ffn_half"] == pytest.approx(truth.ratio(variants["ffn_half"],
+                                                                                         "latency"))
+    # parts that ran faster than modelled: no scale goes below 1 (a roofline is a floor)
+    truth.scales = dict.fromkeys(truth.scales, 0.5)
+    scales = fitted.fit_to_measured({n: (s, truth.ratio(s, "latency")) for n, s in variants.items()})
+    assert min(scales.values()) == pytest.approx(1.0) and all(k >= 1.0 for k in scales.values())
+
+
+def test_fit_on_a_torch_graph_leaves_the_block_sparse_parts(llama_graph):
+    """A torch model's patterns are masks, not block-sparse ops: the fit recovers the branch
+    passes and the attention core from its two variants and leaves the sparse parts at 1."""
+    from tailor.api import _fit_variants
+
+    workload = Workload(1, 256, 0)
+    variants = {n: structure_of(llama_graph, o) for n, o in _fit_variants(llama_graph, workload).items()}
+    assert sorted(variants) == ["ffn_half", "heads_half"]
+    truth = CostModel(llama_graph, workload, get_target("cpu"))
+    truth.scales |= {"branch_passes": 5.0, "attention_core": 2.5}
+    cm = CostModel(llama_graph, workload, get_target("cpu"))
+    scales = cm.fit_to_measured({n: (s, truth.ratio(s, "latency")) for n, s in variants.items()})
+    assert scales == pytest.approx(truth.scales, rel=1e-6)
+    assert scales["sparse_keys"] == scales["sparse_rows"] == 1.0
 
 
 def test_unknown_target():

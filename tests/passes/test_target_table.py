@@ -83,7 +83,9 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
     c = tailor.compile(tiny_models["llama"], budget=0.7, target=str(out), prompt_len=64, calib_windows=4,
                        calib_len=32, passes=["layer_skip", "ffn_prune"])
     fitted = c.report["cost_model"]
-    assert 0 < fitted["measured_variant_ratio"] < 1.5 and 1.0 <= fitted["branch_passes_scale"] <= 100
+    assert sorted(fitted["measured_ratios"]) == ["ffn_half", "heads_half"]
+    assert all(0 < r < 1.5 for r in fitted["measured_ratios"].values())
+    assert all(1.0 <= k <= 100 for k in fitted["scales"].values())
     assert c.plan.predicted["latency"] <= 0.7 + 1e-9
     # the measured ratio is cached: compiling again prices (and so plans) the same
     again = tailor.compile(tiny_models["llama"], budget=0.7, target=str(out), prompt_len=64, calib_windows=4,
@@ -95,7 +97,7 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
     # a built-in target has nominal, not measured, seconds: nothing to fit
     nominal = tailor.compile(tiny_models["llama"], budget=0.7, target="cpu", prompt_len=64, calib_windows=4,
                              calib_len=32, passes=["layer_skip"])
-    assert nominal.report["cost_model"]["measured_variant_ratio"] is None
+    assert nominal.report["cost_model"]["measured_ratios"] == {}
 
 
 def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tmp_path, monkeypatch):
@@ -113,4 +115,4 @@ def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tm
     monkeypatch.setattr(tailor.api, "apply_options", unbuildable)
     cm = tailor.api._cost_model(tailor.api.capture(tiny_models["llama"]), tailor.api.Workload(1, 32, 0),
                                 str(table))
-    assert cm.branch_passes_scale == 1.0 and "no residual Add" in cm.to_json()["fit_skipped"]
+    assert set(cm.scales.values()) == {1.0} and "no residual Add" in cm.to_json()["fit_skipped"]
