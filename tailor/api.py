@@ -207,7 +207,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     cost_model = _cost_model(cap, workload, target, fit=budget < 1.0, use_cache=use_cache)
     plan = Plan(cap.model_hash, budget, objective,
                 {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
-    report: dict[str, Any] = {"model": describe(cap.graph, workload), "cost_model": cost_model.to_json()}
+    report: dict[str, Any] = {"model": describe(cap.graph, workload), "cost_model": cost_model.to_json(),
+                              "clean_ups": getattr(cap.source, "cleaned", {})}
     runnable: torch.nn.Module
     # what the passes rewrite: a transformers model, or the onnx_ir model of an ONNX input
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
@@ -384,11 +385,12 @@ def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = T
                                      "workload": asdict(workload), "variants": sorted(variants)},
                                     sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_dir() / "fits" / f"{key}.json"
+    timed = set(variants) | ({CLEAN_UP} if getattr(cap.source, "cleaned", None) else set())
     ratios = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         if use_cache:
             ratios = {name: float(r) for name, r in json.loads(cached.read_text())["ratios"].items()}
-            if set(ratios) != set(variants) or not all(0 < r < 10 for r in ratios.values()):
+            if set(ratios) != timed or not all(0 < r < 10 for r in ratios.values()):
                 ratios = None
     if ratios is None:
         try:
@@ -403,21 +405,30 @@ def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = T
                 tmp.write_text(json.dumps({"ratios": ratios}))
                 os.replace(tmp, cached)
     cost_model.fit_to_measured({n: (structure_of(graph, o), ratios[n]) for n, o in variants.items()})
+    cost_model.baseline = ratios.get(CLEAN_UP, 1.0)
     return cost_model
+
+
+# the name under which the fit times the dense model against the ONNX input it was cleaned from
+CLEAN_UP = "clean_up"
 
 
 def _time_variants(cap: Captured, variants: dict[str, list], workload: Workload) -> dict[str, float]:
     """Each variant's latency / the dense model's, all timed side by side (TailorError: a variant
-    could not be built)."""
+    could not be built); and where lossless clean-ups changed an ONNX input, the dense model's /
+    the input's as given (CLEAN_UP)."""
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
     runnables = {"original": as_runnable(module)}
+    if getattr(cap.source, "cleaned", None):
+        runnables["input"] = OrtModel(cap.source.path)
     for name, options in variants.items():
         try:
             runnables[name] = as_runnable(apply_options(clone(module), cap.graph, options, None))
         except TailorError as e:
             raise TailorError(f"the variant {name} could not be built: {e}") from None
     t = _time_side_by_side(runnables, cap.graph, workload, repeats=FIT_REPEATS)
-    return {name: t[name] / t["original"] for name in variants}
+    ratios = {name: t[name] / t["original"] for name in variants}
+    return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {})
 
 
 # calls of each fit variant timed (after as many warm-up calls): three runs of refllama-16m's

@@ -165,10 +165,13 @@ class CostModel:
         self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
         self.measured_ratios: dict[str, float] = {}
         self.fit_skipped: str | None = None
+        # latency of the dense model the passes rewrite (an ONNX input after its lossless
+        # clean-ups, tailor.rewriter.cleanup) / the input's as given: timed with the fit, 1 unmeasured
+        self.baseline = 1.0
 
     def to_json(self) -> dict:
         out = {"target": self.target.name, "scales": dict(self.scales),
-               "measured_ratios": self.measured_ratios}
+               "measured_ratios": self.measured_ratios, "baseline": self.baseline}
         return out | ({"fit_skipped": self.fit_skipped} if self.fit_skipped else {})
 
     def fit_to_measured(self, measured: dict[str, tuple[Structure, float]]) -> dict[str, float]:
@@ -391,12 +394,14 @@ class CostModel:
         return total
 
     def ratio(self, structure: Structure, objective: str) -> float:
-        dense = self.total(Structure.dense(self.graph)).get(objective)
-        return self.total(structure).get(objective) / dense if dense else 1.0
+        """`structure`'s cost / the input model's (for latency, through the baseline)."""
+        return self.ratios(structure)[objective]
 
     def ratios(self, structure: Structure) -> dict[str, float]:
         dense, cur = self.total(Structure.dense(self.graph)), self.total(structure)
-        return {o: (cur.get(o) / dense.get(o) if dense.get(o) else 1.0) for o in OBJECTIVES}
+        out = {o: (cur.get(o) / dense.get(o) if dense.get(o) else 1.0) for o in OBJECTIVES}
+        out["latency"] *= self.baseline
+        return out
 
 
 # ---- plain FLOP counts for `tailor inspect` ----------------------------------------------------

@@ -104,7 +104,8 @@ def _milp(c: np.ndarray, constraints: list):
 def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str) -> None:
     """Refuse a budget no combination of options reaches, naming the smallest one that is."""
     dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
-    floor = smallest_ratio(options, objective, dense)
+    floor = smallest_ratio(options, objective, dense) * cost_model.ratio(Structure.dense(cost_model.graph),
+                                                                          objective)
     if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
         names = ", ".join(sorted({o.pass_name for o in options})) or "none"
         raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
@@ -125,7 +126,10 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     if budget >= 1.0:
         return SearchResult([], 0.0, 0.0 if measure else None)
     check_reachable(options, cost_model, budget, objective)
-    limit = budget - 1.0
+    # options' costs are fractions of the dense model they rewrite, the budget one of the input's
+    # (which lossless clean-ups may have made the dense model beat: CostModel.baseline)
+    base = cost_model.ratio(Structure.dense(cost_model.graph), objective)
+    limit = budget / base - 1.0
     losses = np.array([max(o.loss, 0.0) for o in options])
     best: SearchResult | None = None
     history = []
@@ -158,7 +162,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         for name in sorted({o.pass_name for o in options}):
             idx = [i for i, o in enumerate(options) if o.pass_name == name]
             sub = [options[i] for i in idx]
-            if smallest_ratio(sub, objective, dense) > budget + 1e-9:
+            if smallest_ratio(sub, objective, dense) * base > budget + 1e-9:
                 continue
             chosen = solve(sub, initial[idx], objective, limit, dense)
             keys = tuple(sorted(o.key for o in chosen or []))

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import torch
 
 from tailor.errors import TailorError
+from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import check_onnx_file, first_line
@@ -46,6 +47,7 @@ class OnnxSource:
     path: Path
     input_names: list[str] = field(default_factory=list)
     data_files: list[str] = field(default_factory=list)  # external data, relative to path's folder
+    cleaned: dict[str, int] = field(default_factory=dict)  # lossless clean-ups: sites per rule
 
     backend = "onnx"
 
@@ -216,9 +218,11 @@ def _load_checked(path: Path) -> tuple[ir.Model, str | None, list[str]]:
 
 def capture_onnx(path: Path) -> Captured:
     model, run_problem, data_files = _load_checked(path)
-    graph = recognize(OnnxDataflow(model))  # a graph that is no transformer: said first
     if run_problem:
+        recognize(OnnxDataflow(model))  # a graph that is no transformer: said first
         raise TailorError(run_problem)
+    cleaned = clean(model)  # before recognition, which names the nodes the rewrites change
+    graph = recognize(OnnxDataflow(model))
     names = [v.name for v in model.graph.inputs]
     digest = sha256_files([path] + [path.parent / loc for loc in data_files])
-    return Captured(graph, OnnxSource(model, path, names, data_files), "sha256:" + digest)
+    return Captured(graph, OnnxSource(model, path, names, data_files, cleaned), "sha256:" + digest)

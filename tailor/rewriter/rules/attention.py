@@ -55,8 +55,20 @@ class DecomposedAttentionRule:
         q, k = g.data_inputs(qk)[:2]
         p_side, v = g.data_inputs(pv)[:2]
         causal = is_causal_mask(g, mask)
-        return AttentionSite(q, k, v, g.output(pv), mask, causal, "decomposed",
+        return AttentionSite(q, k, v, self._past_output_guard(g, g.output(pv)), mask, causal, "decomposed",
                              [g.node_name(n) for n in (qk, node, pv)])
+
+    @staticmethod
+    def _past_output_guard(g: Dataflow, out):
+        """The attention's output past a NaN guard on it, where(isnan(out), 0, out), which
+        tailor.rewriter.cleanup moves there from the probabilities."""
+        users = list(g.consumers(out))
+        guard = [c for c in users if g.op(c) == df.WHERE]
+        if len(users) == 2 and len(guard) == 1:
+            test = next(c for c in users if c is not guard[0])
+            if any(x is y for x in g.outputs(test) for y in g.inputs(guard[0])):
+                return g.output(guard[0])
+        return out
 
     def _scores_matmul(self, g: Dataflow, value, seen):
         """Walk back from the softmax input to q@k^T; the other operand of an add/where is the mask."""

@@ -1,0 +1,73 @@
+"""Lossless clean-ups (tailor.rewriter.cleanup) against the graphs they came from, run by
+onnxruntime: the same outputs, fully masked rows included."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from tailor.rewriter.capture import capture
+from tailor.rewriter.cleanup import clean
+from tailor.runtime.session import cpu_session
+from tests.conftest import ids_for
+
+
+def _guarded_attention(fill: float) -> onnx.ModelProto:
+    """p = softmax(scores); where(isnan(p), fill, p) @ v, as torch.onnx writes it."""
+    nodes = [helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("IsNaN", ["p"], ["nan"]),
+             helper.make_node("Where", ["nan", "fill", "p"], ["guarded"]),
+             helper.make_node("MatMul", ["guarded", "v"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2, 3, 4]),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2, 4, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 3, 5])],
+        [helper.make_tensor("fill", TensorProto.FLOAT, [], [fill])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _run(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return cpu_session(proto.SerializeToString(), 1).run(None, feeds)[0]
+
+
+def test_nan_guard_moves_after_the_product_and_zeroes_the_same_rows():
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    scores[0, 1, 2] = -np.inf          # a query whose every key is masked: NaN probabilities
+    scores[0, 0, 1, :2] = -np.inf      # partly masked: finite
+    feeds = {"scores": scores, "v": rng.standard_normal((1, 2, 4, 5)).astype(np.float32)}
+    proto = _guarded_attention(0.0)
+    model = ir.serde.deserialize_model(proto)
+    assert clean(model) == {"nan_guard_after_product": 1}
+    cleaned = ir.serde.serialize_model(model)
+    ops = [n.op_type for n in cleaned.graph.node]
+    assert ops.index("MatMul") < ops.index("IsNaN")  # the guard now reads [queries, head_dim]
+    expected, got = _run(proto, feeds), _run(cleaned, feeds)
+    assert np.array_equal(got[0, 1, 2], np.zeros(5, np.float32))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_guard_that_fills_with_something_else_is_left_alone():
+    model = ir.serde.deserialize_model(_guarded_attention(1.0))
+    assert clean(model) == {}
+    assert [n.op_type for n in model.graph][:2] == ["Softmax", "IsNaN"]
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_exported_models_are_cleaned_at_capture_and_compute_the_same(tiny_onnx, name):
+    cap = capture(tiny_onnx[name])
+    layers = cap.graph.num_layers
+    assert cap.source.cleaned == {"nan_guard_after_product": layers}
+    ids = ids_for(batch=2, seq=12).numpy()
+    feeds = {"input_ids": ids}
+    if "attention_mask" in cap.source.input_names:
+        mask = np.ones_like(ids)
+        mask[1, 7:] = 0  # a padded sequence
+        feeds["attention_mask"] = mask
+    original = cpu_session(str(tiny_onnx[name]), 1).run(None, feeds)[0]
+    cleaned_bytes = ir.serde.serialize_model(cap.source.model).SerializeToString()
+    cleaned = cpu_session(cleaned_bytes, 1).run(None, feeds)[0]
+    np.testing.assert_allclose(cleaned, original, rtol=1e-6, atol=1e-6)
