@@ -208,7 +208,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     plan = Plan(cap.model_hash, budget, objective,
                 {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}, target=target)
     report: dict[str, Any] = {"model": describe(cap.graph, workload), "cost_model": cost_model.to_json(),
-                              "clean_ups": getattr(cap.source, "cleaned", {})}
+                              "clean_ups": _clean_ups(cap)}
     runnable: torch.nn.Module
     # what the passes rewrite: a transformers model, or the onnx_ir model of an ONNX input
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
@@ -278,8 +278,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                 variant, report["refit"] = _refit(module, variant, kl, graph, result.chosen, cal, heldout,
                                                   progress)
         runnable, rewritten = as_runnable(variant), variant
-        if cost_model.measured_ratios:  # priced for this machine: check it here
-            t = _time_side_by_side({"original": as_runnable(module), "rewritten": runnable}, graph, workload)
+        if cost_model.measured_ratios:  # priced for this machine: check it here, against the input as given
+            given = OrtModel(cap.source.path) if isinstance(cap.source, OnnxSource) else as_runnable(module)
+            t = _time_side_by_side({"original": given, "rewritten": runnable}, graph, workload)
             report["measured_latency"] = {"ratio": t["rewritten"] / t["original"],
                                           "original_ms": t["original"] * 1e3,
                                           "rewritten_ms": t["rewritten"] * 1e3}
@@ -326,7 +327,7 @@ def _replay(model: Any, plan: str | Path | Plan, *, trust_remote_code: bool, cal
                     predicted=cost_model.ratios(structure_of(graph, chosen)))
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
     report: dict[str, Any] = {"model": describe(graph, workload), "replayed_plan": where,
-                              "cost_model": cost_model.to_json()}
+                              "cost_model": cost_model.to_json(), "clean_ups": _clean_ups(cap)}
     if chosen:
         with stages("profile"):
             cal = _calibration(module, graph, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
@@ -385,7 +386,7 @@ def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = T
                                      "workload": asdict(workload), "variants": sorted(variants)},
                                     sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_dir() / "fits" / f"{key}.json"
-    timed = set(variants) | ({CLEAN_UP} if getattr(cap.source, "cleaned", None) else set())
+    timed = set(variants) | ({CLEAN_UP} if _clean_ups(cap) else set())
     ratios = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         if use_cache:
@@ -409,6 +410,11 @@ def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = T
     return cost_model
 
 
+def _clean_ups(cap: Captured) -> dict[str, int]:
+    """The lossless clean-ups capture made to an ONNX input (tailor.rewriter.cleanup)."""
+    return cap.source.cleaned if isinstance(cap.source, OnnxSource) else {}
+
+
 # the name under which the fit times the dense model against the ONNX input it was cleaned from
 CLEAN_UP = "clean_up"
 
@@ -419,7 +425,7 @@ def _time_variants(cap: Captured, variants: dict[str, list], workload: Workload)
     the input's as given (CLEAN_UP)."""
     module = cap.source.module if isinstance(cap.source, TorchSource) else cap.source.model
     runnables = {"original": as_runnable(module)}
-    if getattr(cap.source, "cleaned", None):
+    if _clean_ups(cap):
         runnables["input"] = OrtModel(cap.source.path)
     for name, options in variants.items():
         try:

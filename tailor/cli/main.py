@@ -348,6 +348,11 @@ def print_summary(compiled, out: Path) -> None:
         t.add_row(r["pass"], f"{r['label']} (est. KL {r['estimated_kl']:.4f})")
     for obj, ratio in plan.predicted.items():
         t.add_row(f"predicted {obj} ratio", f"{ratio:.3f}" + (" ← budget" if obj == plan.objective else ""))
+    cleaned = compiled.report.get("clean_ups")
+    if cleaned:
+        baseline = compiled.report["cost_model"]["baseline"]
+        t.add_row("lossless clean-ups", ", ".join(f"{k} × {n}" for k, n in cleaned.items()) +
+                  (f" (latency {baseline:.3f} of the input's, measured)" if baseline != 1.0 else ""))
     timed = compiled.report.get("measured_latency")
     if timed:
         t.add_row("measured latency ratio (here)",

@@ -71,3 +71,27 @@ def test_exported_models_are_cleaned_at_capture_and_compute_the_same(tiny_onnx, 
     cleaned_bytes = ir.serde.serialize_model(cap.source.model).SerializeToString()
     cleaned = cpu_session(cleaned_bytes, 1).run(None, feeds)[0]
     np.testing.assert_allclose(cleaned, original, rtol=1e-6, atol=1e-6)
+
+
+def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, tmp_path, monkeypatch):
+    """The budget stays a fraction of the input as given: the fit measures what the clean-ups
+    saved (CostModel.baseline) and the search spends only the rest on lossy rewrites."""
+    import json
+
+    import tailor.api
+    from tailor.passes.cost import Structure, Workload
+    from tailor.passes.search import search
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    table = tmp_path / "cpu.json"
+    table.write_text(json.dumps({"kind": "tailor-target", "name": "t", "flops_per_s": 1e11,
+                                 "bytes_per_s": 2e10, "bytes_per_element": 4,
+                                 "matmul": [[1e6, 1e10], [1e9, 1e11]]}))
+    cap = capture(tiny_onnx["llama"])
+    cm = tailor.api._cost_model(cap, Workload(1, 32, 0), str(table))
+    assert 0.3 < cm.baseline < 3 and cm.baseline != 1.0
+    assert cm.ratio(Structure.dense(cap.graph), "latency") == pytest.approx(cm.baseline)
+    assert cm.ratio(Structure.dense(cap.graph), "flops") == 1.0  # the guard is no FLOP
+    # a budget the cleaned model already meets needs no lossy rewrite
+    cm.baseline = 0.9
+    assert search([], cm, 0.95, "latency", None).chosen == []
