@@ -79,6 +79,7 @@ class _Core:
         self.qk, softmax, self.pv = (nodes[name] for name in attn.nodes)
         self.q, self.kt = self.qk.inputs[0], self.qk.inputs[1]
         self.v = self.pv.inputs[1]
+        self.guarded = _guarded(self.pv.outputs[0])
         if self.q.dtype not in (None, ir.DataType.FLOAT):
             raise TailorError(f"attention {attn.nodes[0]}: sparse patterns on ONNX run in float32, "
                               f"not {self.q.dtype}")
@@ -108,6 +109,15 @@ class _Core:
             if kind == "add" and not _mask_shape_ok(operand):
                 raise TailorError(f"attention {attn.nodes[0]}: mask of shape {operand.shape} "
                                   f"(need [batch or 1, 1, queries or 1, keys])")
+
+
+def _guarded(value: ir.Value) -> bool:
+    """Is `value` zeroed where NaN right after, where(isnan(value), 0, value) (the guard
+    tailor.rewriter.cleanup moves there from the probabilities)?"""
+    uses = [u.node for u in value.uses()]
+    test = [n for n in uses if n.op_type == "IsNaN"]
+    where = [n for n in uses if n.op_type == "Where"]
+    return len(uses) == 2 and len(test) == 1 and len(where) == 1 and where[0].inputs[0] is test[0].outputs[0]
 
 
 def _reaches(value: ir.Value, target: ir.Node, depth: int = 8) -> bool:
@@ -167,16 +177,16 @@ def _apply_steps(b: _Builder, core: _Core, scores, mask_part):
     return scores
 
 
-def _guard(b: _Builder, out):
+def _guard(b: _Builder, core: _Core, out):
     """A query whose every key is masked gets zeros, as the exporter's NaN guard gave it; on the
     output rows (head_dim wide) rather than the probabilities (keys wide): a NaN row there is
-    what a NaN row of probabilities becomes."""
-    return b.op("Where", b.op("IsNaN", out), b.const(0.0, np.float32), out)
+    what a NaN row of probabilities becomes. Left out where the core's output is guarded already."""
+    return out if core.guarded else b.op("Where", b.op("IsNaN", out), b.const(0.0, np.float32), out)
 
 
 def _dense(b: _Builder, core: _Core, q, kt, v):
     scores = _apply_steps(b, core, b.op("MatMul", q, kt), lambda m: m)
-    return _guard(b, b.op("MatMul", b.op("Softmax", scores, axis=-1), v))
+    return _guard(b, core, b.op("MatMul", b.op("Softmax", scores, axis=-1), v))
 
 
 def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, head_dim: int):
@@ -269,4 +279,4 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
     p_blocks = b.op("Reshape", p_local, b.op("Concat", c([0, 0]), n_blocks, c([blk]), span, axis=0))
     out_local = b.op("Reshape", b.op("MatMul", p_blocks, v_local), c([0, 0, -1, head_dim]))
     out = b.op("Add", b.op("MatMul", p_sink, v_sink), out_local)
-    return _guard(b, b.op("Slice", out, zero, seq, c([2])))
+    return _guard(b, core, b.op("Slice", out, zero, seq, c([2])))
