@@ -2,6 +2,8 @@
 output on calibration data, so the residual stream keeps its average offset."""
 from __future__ import annotations
 
+import numpy as np
+
 from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery
@@ -41,4 +43,5 @@ def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) 
 def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
     values = onnx_surgery.block_values(model, graph)
     for o in options:
-        onnx_surgery.replace_with_constant(model, values[o.layer].ffn_out, signals.ffn_mean[o.layer])
+        mean = signals.ffn_mean[o.layer] if signals is not None else np.zeros(graph.hidden_size)
+        onnx_surgery.replace_with_constant(model, values[o.layer].ffn_out, mean)

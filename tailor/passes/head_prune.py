@@ -123,7 +123,8 @@ def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -
         b = graph.blocks[o.layer]
         a = b.attn
         if not o.choice["kv_heads"]:
-            onnx_surgery.replace_with_constant(model, values[o.layer].attn_out, signals.attn_mean[o.layer])
+            mean = signals.attn_mean[o.layer] if signals is not None else np.zeros(graph.hidden_size)
+            onnx_surgery.replace_with_constant(model, values[o.layer].attn_out, mean)
             continue
         q_cols, kv_cols = kept_columns(a, o)
         onnx_surgery.set_head_counts(model, b, len(q_cols) // a.head_dim, len(kv_cols) // a.head_dim)
