@@ -188,7 +188,8 @@ class CostModel:
         and (2) the attention core's many small per-head products and passes over the scores,
         which run far below the table's product rates: refllama-16m at 1 × 512 with half its
         query heads measured 0.67-0.69 of the dense model where a fit of (1) alone predicted
-        0.78-0.80. A variant with half-width FFNs pins (1), one with half the heads (2). Ratios
+        0.78-0.80. A variant with half-width FFNs pins (1), one with half the heads (2), two with
+        every head on a narrow and a wide pattern the block-sparse core's row copies and keys. Ratios
         timed side by side, not the dense model's absolute time: that mixed two moments of a noisy
         machine (MiniLM timed 12.2, 14.7 and 18.8 ms in three compiles)."""
         self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
@@ -204,7 +205,7 @@ class CostModel:
             rhs.append(ratio * dense["rest"] - v["rest"])
         a = np.array(rows) / dense["rest"]  # seconds → fractions of the unscaled remainder
         b = np.array(rhs) / dense["rest"]
-        used = np.abs(a).max(axis=0) > 1e-12  # a part no variant moves keeps its scale
+        used = np.abs(a).max(axis=0) > 1e-12  # a part no structure has (a torch graph's sparse core) keeps 1
         if used.any():
             fit = lsq_linear(a[:, used], b, bounds=(1.0, MAX_FITTED_SCALE))
             for c, k in zip([c for c, u in zip(FITTED_PARTS, used) if u], fit.x):

@@ -103,9 +103,10 @@ def _milp(c: np.ndarray, constraints: list):
 
 def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str) -> None:
     """Refuse a budget no combination of options reaches, naming the smallest one that is."""
-    dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
-    floor = smallest_ratio(options, objective, dense) * cost_model.ratio(Structure.dense(cost_model.graph),
-                                                                          objective)
+    structure = Structure.dense(cost_model.graph)
+    dense = cost_model.total(structure).get(objective)
+    # options' savings are fractions of the dense model, the budget one of the input (baseline)
+    floor = smallest_ratio(options, objective, dense) * cost_model.ratio(structure, objective)
     if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
         names = ", ".join(sorted({o.pass_name for o in options})) or "none"
         raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
