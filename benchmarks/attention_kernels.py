@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tailor.codegen.triton.decode import sparse_decode
 from tailor.codegen.triton.prefill import sparse_prefill
 from tailor.codegen.triton.reference import prefill_reference
-from tailor.runtime.attention_patterns import Pattern, density
+from tailor.core.patterns import Pattern, density
 from tailor.runtime.kv_cache import HeadLayout, LayerCache
 
 HQ, HKV, D, SINK = 32, 8, 128, 128

@@ -27,10 +27,12 @@ import torch
 import transformers
 
 import tailor
-from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, token_windows
-from tailor.quality.retrieval import make_samples, retrieval_accuracy
-from tailor.runtime.attention_patterns import Pattern, density, install
-from tailor.runtime.session import HFModel
+from tailor.backends.runners import HFModel
+from tailor.core.patterns import Pattern, density
+from tailor.data.retrieval import make_samples, retrieval_accuracy
+from tailor.data.text import load_tokenizer, read_text, token_windows
+from tailor.quality.metrics import lm_metrics
+from tailor.rewriter.modules.sparse_attention import install
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import tailor
+from tailor.backends.export import export_onnx
+from tailor.backends.runners import HFModel, OrtModel
 from tailor.rewriter.capture import load_hf_directory
-from tailor.rewriter.export import export_onnx
-from tailor.runtime.session import HFModel, OrtModel
 
 REPO = Path(__file__).resolve().parent.parent
 REFLLAMA = (REPO / "../shared/models/refllama-16m").resolve()

@@ -1,6 +1,6 @@
 """Does the fitted cost model predict structures it was not fitted on? refllama-16m exported to
 ONNX, 1 × 512 tokens, on this CPU: the target measured first (as `tailor calibrate-target`
-does), the cost model fitted as compile fits it (tailor.api._cost_model: the dense model beside
+does), the cost model fitted as compile fits it (tailor.pipeline._cost_model: the dense model beside
 its four fit variants), then each held-out structure below built shape-only (weights left as
 sliced: timing does not depend on them), timed side by side with the dense model and compared
 with the model's prediction.
@@ -16,16 +16,17 @@ from pathlib import Path
 
 from cpu_onnx import refllama_onnx
 
-from tailor.api import _cost_model, _time_side_by_side
+from tailor.backends.runners import OrtModel, as_runnable
+from tailor.core.patterns import Pattern
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import Workload
-from tailor.passes.profile import apply_options, clone
+from tailor.passes.measure import clone
+from tailor.passes.profile import apply_options
 from tailor.passes.registry import PASSES
 from tailor.passes.search import structure_of
-from tailor.passes.target_table import measure_cpu
+from tailor.pipeline import _cost_model, _time_side_by_side
 from tailor.rewriter.capture import capture
-from tailor.runtime.attention_patterns import Pattern
-from tailor.runtime.session import OrtModel, as_runnable
+from tailor.runtime.target_table import measure_cpu
 
 
 def held_out(graph) -> dict[str, list]:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 import tailor
+from tailor.backends.export import export_onnx
+from tailor.backends.runners import OrtModel
 from tailor.cli.default_model import (
     EVAL_MODULES,
     cache_dir,
@@ -38,11 +40,10 @@ from tailor.cli.default_model import (
     docstring_sentences,
     minilm_onnx,
 )
-from tailor.passes.target_table import measure_cpu
-from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, time_side_by_side, token_windows
+from tailor.data.text import load_tokenizer, read_text, token_windows
+from tailor.quality.metrics import lm_metrics, time_side_by_side
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
-from tailor.rewriter.export import export_onnx
-from tailor.runtime.session import OrtModel
+from tailor.runtime.target_table import measure_cpu
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()

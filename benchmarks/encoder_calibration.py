@@ -23,9 +23,9 @@ import numpy as np
 from cpu_onnx import minilm_quality
 
 import tailor
+from tailor.backends.runners import OrtModel, as_runnable
 from tailor.cli.default_model import EVAL_MODULES, default_calibration, docstring_sentences, minilm_onnx
-from tailor.quality.metrics import load_tokenizer, tokenize_lines
-from tailor.runtime.session import OrtModel, as_runnable
+from tailor.data.text import load_tokenizer, tokenize_lines
 
 
 def main() -> None:

@@ -50,9 +50,10 @@ def make_plan(path: Path) -> None:
     head_prune and ffn_prune: 667 options measured one by one; option measurements ran out of
     24 GiB).
     The plan is therefore the search's answer on cost alone: what it costs is what is measured."""
+    from tailor.core.targets import get_target
     from tailor.passes.attention_profile import AttentionInfluence
     from tailor.passes.attn_pattern import default_grid
-    from tailor.passes.cost import CostModel, Structure, Workload, get_target
+    from tailor.passes.cost import CostModel, Structure, Workload
     from tailor.passes.profile import neutral_signals
     from tailor.passes.registry import PASSES, candidates_for
     from tailor.passes.search import price, search, structure_of

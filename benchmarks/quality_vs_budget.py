@@ -24,19 +24,17 @@ from pathlib import Path
 
 import torch
 
-from tailor.api import HeldOut
+from tailor.core.targets import get_target
+from tailor.data.calibration import add_attention_data, calibration_from_text
+from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.passes.attn_pattern import default_grid
-from tailor.passes.cost import CostModel, Workload, get_target
-from tailor.passes.profile import (
-    add_attention_data,
-    apply_options,
-    calibration_from_text,
-    model_outputs,
-    run_profile,
-)
+from tailor.passes.cost import CostModel, Workload
+from tailor.passes.measure import model_outputs
+from tailor.passes.profile import apply_options, run_profile
 from tailor.passes.registry import PASSES
 from tailor.passes.search import price, search, structure_of
-from tailor.quality.metrics import lm_metrics, load_tokenizer, read_text, token_windows
+from tailor.pipeline import HeldOut
+from tailor.quality.metrics import lm_metrics
 from tailor.rewriter.capture import capture
 
 REPO = Path(__file__).resolve().parent.parent

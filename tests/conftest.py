@@ -74,7 +74,7 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_models, tmp_path_factory):
     """name -> path of the model exported with torch.onnx.export(dynamo=True)."""
-    from tailor.rewriter.export import export_onnx
+    from tailor.backends.export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     paths = {}

@@ -8,8 +8,8 @@ import yaml
 
 import tailor
 from tailor.cli.main import optimize_main
-from tailor.errors import TailorError
-from tailor.plan import SCHEMA_VERSION, Plan
+from tailor.core.errors import TailorError
+from tailor.core.plan import SCHEMA_VERSION, Plan
 from tailor.runtime.artifact import write_artifact
 
 

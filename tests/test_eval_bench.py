@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tailor.cli.main import main
-from tailor.errors import TailorError
-from tailor.quality.metrics import evaluate
+from tailor.core.errors import TailorError
+from tailor.evaluate import evaluate
 from tests.conftest import REFLLAMA, SHARED, needs_shared
 
 
@@ -63,10 +63,11 @@ def test_retrieval_probe_on_the_real_model(refllama_artifact, capsys):
     import torch
     import transformers
 
-    from tailor.quality.metrics import load_tokenizer
-    from tailor.quality.retrieval import retrieval_accuracy
-    from tailor.runtime.attention_patterns import Pattern, install
-    from tailor.runtime.session import HFModel
+    from tailor.backends.runners import HFModel
+    from tailor.core.patterns import Pattern
+    from tailor.data.retrieval import retrieval_accuracy
+    from tailor.data.text import load_tokenizer
+    from tailor.rewriter.modules.sparse_attention import install
 
     assert main(["eval", str(refllama_artifact), "--probe", "retrieval", "--lengths", "384",
                  "--samples", "12", "--json"]) == 0
@@ -85,8 +86,8 @@ def test_retrieval_probe_on_the_real_model(refllama_artifact, capsys):
 def test_retrieval_samples_have_their_answer_in_context():
     import re
 
-    from tailor.quality.metrics import load_tokenizer
-    from tailor.quality.retrieval import RetrievalTemplate, make_samples
+    from tailor.data.retrieval import RetrievalTemplate, make_samples
+    from tailor.data.text import load_tokenizer
 
     tok = load_tokenizer(REFLLAMA)
     for s in make_samples(tok, 300, 6, seed=3):

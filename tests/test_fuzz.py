@@ -19,10 +19,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tailor.errors import TailorError
-from tailor.passes.profile import apply_options, clone
+from tailor.core.errors import TailorError
+from tailor.core.plan import Plan
+from tailor.passes.measure import clone
+from tailor.passes.profile import apply_options
 from tailor.passes.registry import options_from_plan
-from tailor.plan import Plan
 from tailor.rewriter.capture import capture
 from tailor.runtime.artifact import verify_artifact
 from tests.conftest import build_model, ids_for

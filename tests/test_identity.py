@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tailor
+from tailor.backends.runners import OrtModel
 from tailor.cli.main import optimize_main
-from tailor.runtime.session import OrtModel
 from tests.conftest import FAMILIES, ids_for
 
 

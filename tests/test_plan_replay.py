@@ -10,7 +10,7 @@ import torch
 
 import tailor
 from tailor.cli.main import optimize_main
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.passes.registry import options_from_plan
 from tailor.rewriter.capture import capture
 from tests.conftest import ids_for

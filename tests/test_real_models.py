@@ -48,8 +48,8 @@ def test_inspect_minilm(capsys):
 
 def test_minilm_onnx_identity(tmp_path):
     """The demo path: MiniLM exported to ONNX, optimized at budget 1.0, same embeddings."""
+    from tailor.backends.export import export_onnx
     from tailor.rewriter.capture import load_hf_directory
-    from tailor.rewriter.export import export_onnx
 
     onnx_path = tmp_path / "minilm" / "model.onnx"
     onnx_path.parent.mkdir()

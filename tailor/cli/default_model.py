@@ -8,15 +8,10 @@ import os
 import re
 from pathlib import Path
 
-from tailor.errors import TailorError
+from tailor.backends.export import export_onnx
+from tailor.core.cache import cache_dir
+from tailor.core.errors import TailorError
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
-from tailor.rewriter.export import export_onnx
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TAILOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tailor")
-    return Path(root)
 
 
 def minilm_directory() -> Path:

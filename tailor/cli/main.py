@@ -15,8 +15,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tailor.errors import TailorError
-from tailor.plan import OBJECTIVES, check_budget
+from tailor.core.errors import TailorError
+from tailor.core.plan import OBJECTIVES, check_budget
 
 # piped output gets a fixed wide layout instead of rich's 80-column default
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -240,7 +240,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     import torch
 
     import tailor
-    from tailor.api import StageLog, reference_outputs
+    from tailor.pipeline import StageLog, reference_outputs
     from tailor.quality.validate import Check, as_json, check_onnx, compare_outputs
 
     def stage_done(name, secs):
@@ -381,8 +381,8 @@ def print_summary(compiled, out: Path) -> None:
 # ---- inspect -----------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    from tailor.api import describe
     from tailor.passes.cost import Workload
+    from tailor.pipeline import describe
     from tailor.rewriter.capture import capture
 
     if args.seq_len < 1:
@@ -418,7 +418,7 @@ def print_structure(info: dict) -> None:
 # ---- eval and bench ----------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from tailor.quality.metrics import evaluate, probe_retrieval
+    from tailor.evaluate import evaluate, probe_retrieval
 
     if args.text is None and args.probe is None:
         raise TailorError("eval needs --text FILE and/or --probe retrieval")
@@ -443,7 +443,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from tailor.quality.metrics import bench
+    from tailor.evaluate import bench
 
     result = bench(Path(args.artifact), args.reference, seq_len=args.seq_len, batch=args.batch,
                    repeats=args.repeats, runtime=args.runtime)
@@ -457,7 +457,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_calibrate_target(args) -> int:
-    from tailor.passes.target_table import load_target_file, measure_cpu
+    from tailor.core.targets import load_target_file
+    from tailor.runtime.target_table import measure_cpu
 
     out = Path(args.out)
     if out.suffix != ".json":

@@ -29,14 +29,15 @@ import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
-from tailor.errors import TailorError
-from tailor.quality.retrieval import RetrievalSample
+from tailor.backends.runners import as_runnable
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.data.retrieval import RetrievalSample
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, register
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 from tailor.rewriter.torch_surgery import attention_path, block_path
-from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, dispatching_module, register
-from tailor.runtime.session import as_runnable
 
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
@@ -125,7 +126,7 @@ def _frozen_prefix(blocks: list, layer: int, outputs: list):
 
 def _batch_divergence(ref: torch.Tensor, out: torch.Tensor, batch: _Batch, is_lm: bool) -> float:
     """Over every token for text, over each row's answer tokens for retrieval."""
-    from tailor.passes.profile import divergence
+    from tailor.passes.measure import divergence
 
     if batch.answer_lens is None:
         return divergence([ref], [out], is_lm)

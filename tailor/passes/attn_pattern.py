@@ -1,7 +1,7 @@
 """attn_pattern: a sparse attention pattern per KV head (MoA, DuoAttention, RazorAttention).
 
 Each KV head keeps all its keys (dense) or a sink plus a window that grows with the length,
-from a grid (tailor.runtime.attention_patterns.Pattern). The profile measures, per layer, KV
+from a grid (tailor.core.patterns.Pattern). The profile measures, per layer, KV
 head and pattern, the divergence masking that head costs (tailor.passes.attention_profile).
 
 A layer uses at most two distinct patterns (dense counts as one), so its heads can be permuted
@@ -17,12 +17,13 @@ import itertools
 
 import numpy as np
 
+from tailor.core.patterns import Pattern
 from tailor.passes.base import Option, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.modules.sparse_attention import install
 from tailor.rewriter.onnx_sparse_attention import substitute
 from tailor.rewriter.torch_surgery import attention_path
-from tailor.runtime.attention_patterns import Pattern, install
 
 NAME = "attn_pattern"
 MEASURED = False  # option losses come from the per-head profile, not one run per option

@@ -18,18 +18,16 @@ sum of its options' deltas (options of one layer are combined by the search's co
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import lsq_linear
 
-from tailor.errors import TailorError
-from tailor.plan import OBJECTIVES
+from tailor.core.patterns import Pattern
+from tailor.core.plan import OBJECTIVES
+from tailor.core.targets import Target
 from tailor.rewriter.graph import Attention, Projection, TransformerGraph
 from tailor.rewriter.onnx_sparse_attention import blocked_keys
-from tailor.runtime.attention_patterns import Pattern
 
 
 @dataclass(frozen=True)
@@ -41,51 +39,6 @@ class Workload:
     @property
     def seq_len(self) -> int:  # tokens a prefill processes
         return self.prompt_len
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    flops_per_s: float        # dense matmul peak at `bytes_per_element`
-    bytes_per_s: float        # memory bandwidth
-    bytes_per_element: int    # weights, activations and KV cache
-    # measured (FLOPs of one product, achieved FLOP/s), sorted; empty: the peak for every size
-    matmul_rates: tuple[tuple[float, float], ...] = ()
-
-    def compute_seconds(self, flops: float) -> float:
-        """Time of `flops` of matrix work: at the peak, or at the rate measured for products of
-        that size (log-log interpolation, clamped to the table's ends)."""
-        if not self.matmul_rates or flops <= 0:
-            return flops / self.flops_per_s
-        sizes, rates = zip(*self.matmul_rates)
-        rate = math.exp(np.interp(math.log(flops), np.log(sizes), np.log(rates)))
-        return flops / rate
-
-    def override(self, flops_per_s: float | None = None, bytes_per_s: float | None = None) -> "Target":
-        return replace(self, flops_per_s=flops_per_s or self.flops_per_s,
-                       bytes_per_s=bytes_per_s or self.bytes_per_s)
-
-
-# Vendor peaks (dense bf16 tensor cores on GPUs; fp32 on the CPU, a 2-core development machine
-# class, refined by measurement in the CPU back-end issue).
-TARGETS = {
-    "cpu": Target("cpu", 1.0e11, 2.0e10, 4),
-    "a100": Target("a100", 312e12, 2.0e12, 2),
-    "h100": Target("h100", 989e12, 3.35e12, 2),
-    "h200": Target("h200", 989e12, 4.8e12, 2),
-}
-
-
-def get_target(name: str) -> Target:
-    """A built-in target, or a JSON table measured by `tailor calibrate-target` (a path)."""
-    if name in TARGETS:
-        return TARGETS[name]
-    if name.endswith(".json"):
-        from tailor.passes.target_table import load_target_file
-
-        return load_target_file(Path(name))
-    raise TailorError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or a table "
-                      f"from `tailor calibrate-target` (.json)")
 
 
 @dataclass

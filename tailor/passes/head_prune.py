@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.passes.base import Option, exact_keys, sliceable, sorted_indices
 from tailor.passes.cost import LayerShape
 from tailor.rewriter import onnx_surgery

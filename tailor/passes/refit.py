@@ -24,12 +24,12 @@ import torch
 from onnx_ir import Model as OnnxModel
 from torch import nn
 
-from tailor.errors import TailorError
-from tailor.passes.profile import Inputs, batches
+from tailor.backends.runners import as_runnable
+from tailor.core.errors import TailorError
+from tailor.data.calibration import Inputs, batches
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.torch_surgery import block_path, module_path
-from tailor.runtime.session import as_runnable
 
 # ridge toward the weights the passes left, × the mean input power
 REFIT_RIDGE = 1.0

@@ -20,7 +20,7 @@ def candidates_for(graph: TransformerGraph, signals, passes: list[str]) -> list[
 def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str = "plan") -> list[Option]:
     """The options a plan's rewrites name, each checked against this graph: known pass, layer in
     range, a choice the pass can apply here, and no two rewrites claiming the same part."""
-    from tailor.errors import TailorError
+    from tailor.core.errors import TailorError
 
     options, claimed = [], {}
     for n, r in enumerate(rewrites):

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.passes.base import Option
 from tailor.passes.cost import OBJECTIVES, CostModel, Structure
 from tailor.passes.registry import PASSES

@@ -15,7 +15,7 @@ from tailor.rewriter.graph import TransformerGraph  # noqa: E402
 def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path, length: int = 1024) -> None:
     """Rows are layers; columns the query heads, then the FFN's width. Kept = dark; a head with
     an attention pattern is shaded by the fraction of attention it keeps at `length` tokens."""
-    from tailor.runtime.attention_patterns import Pattern, density
+    from tailor.core.patterns import Pattern, density
 
     heads = max(b.attn.num_heads for b in graph.blocks)
     grid = np.ones((graph.num_layers, heads + 1))

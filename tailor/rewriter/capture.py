@@ -14,14 +14,14 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from tailor.errors import TailorError
+from tailor.core.digests import sha256_files
+from tailor.core.errors import TailorError
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import check_onnx_file, first_line
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
-from tailor.runtime.artifact import sha256_files
 
 # files worth carrying into an artifact so the result stays HF-loadable; never pickles
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 
 ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
               "tensor(bool)": np.bool_, "tensor(float16)": np.float16}

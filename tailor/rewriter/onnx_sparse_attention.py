@@ -8,7 +8,7 @@ rewrite replaces a decomposed attention core (q @ kᵀ, scale, additive mask, so
       and the keys [c·block − reach, c·block + block (+ reach))  (gathered per block: window)
 
 with reach = the window rounded up to whole blocks, the window computed from the sequence length
-at run time (window(N) = floor(alpha + beta·N), as tailor.runtime.attention_patterns defines it),
+at run time (window(N) = floor(alpha + beta·N), as tailor.core.patterns defines it),
 so the graph keeps its dynamic sequence length. Keys outside the pattern inside a gathered block,
 padding past the end, and sink keys repeated in the window are masked; the model's own mask
 (causal, padding) is gathered alongside. Both parts share one softmax. Heads of a layer with
@@ -23,9 +23,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
 from tailor.rewriter.graph import Attention
-from tailor.runtime.attention_patterns import Pattern
 
 # score ops between q @ kᵀ and the softmax this rewrite reproduces: scalar scaling, additive mask
 _SCALE_OPS = {"Mul", "Div"}

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection, TransformerGraph
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}

@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 
-from tailor.errors import UnrecognizedModel
+from tailor.core.errors import UnrecognizedModel
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import Dataflow
 from tailor.rewriter.graph import FFN, Attention, Block, Embedding, Norm, Projection, TransformerGraph

@@ -11,8 +11,9 @@ import os
 import torch
 from torch import nn
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection
+from tailor.rewriter.modules.constant_branch import ConstantBranch
 
 
 def module_path(weight_name: str) -> str:
@@ -43,21 +44,6 @@ def ffn_path(model: nn.Module, block: Block) -> str:
 def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
-class ConstantBranch(nn.Module):
-    """A residual branch replaced by its mean output on calibration data, whatever the input
-    (a skipped FFN or attention). Returns (value, None) where the replaced module returned a
-    tuple (HF attention modules do)."""
-
-    def __init__(self, hidden: int, returns_tuple: bool, dtype=torch.float32):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-        self.register_buffer("mean_output", torch.zeros(hidden, dtype=dtype))
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.mean_output.to(hidden_states.dtype).expand_as(hidden_states)
-        return (out, None) if self.returns_tuple else out
 
 
 def replace_with_constant(model: nn.Module, path: str, hidden: int, returns_tuple: bool,

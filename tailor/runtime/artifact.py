@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -18,25 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tailor.errors import TailorError
+from tailor.core.digests import sha256_file
+from tailor.core.errors import TailorError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _held: dict[Path, int] = {}  # output locks this process holds, with their nesting depth
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over the files' bytes in order, read in chunks (weights can be large)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_files([path])
 
 
 def check_output_dir(out: Path, force: bool) -> None:

@@ -12,7 +12,6 @@ Pruned heads and skipped layers need nothing here: the model no longer has them.
 """
 from __future__ import annotations
 
-import contextvars
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,15 +19,12 @@ import torch
 
 from tailor.codegen.triton import ops
 from tailor.codegen.triton.reference import DENSE_WINDOW
-from tailor.errors import TailorError
-from tailor.runtime.attention_patterns import IMPLEMENTATION, Pattern, dispatching_module, register
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.rewriter.modules.decoding import ACTIVE
+from tailor.rewriter.modules.shared_kv import SharedKVAttention
+from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, register
 from tailor.runtime.kv_cache import HeadLayout, LayerCache
-
-_ACTIVE: contextvars.ContextVar["DecodeState | None"] = contextvars.ContextVar("tailor_decode", default=None)
-
-
-def active_state() -> "DecodeState | None":
-    return _ACTIVE.get()
 
 
 @dataclass
@@ -72,8 +68,6 @@ class DecodeState:
 
 def _attention_modules(model) -> list[tuple[torch.nn.Module, torch.nn.Module | None]]:
     """(attention module, source k projection if it reads another layer's KV), in model order."""
-    from tailor.passes.kv_share import SharedKVAttention
-
     out, seen = [], set()
     for m in model.modules():
         if isinstance(m, SharedKVAttention):
@@ -152,17 +146,17 @@ class Generator:
             # under torch.compile those hooks did not run (the layer read a stale K/V)
             warnings.warn("compiled generation does not cover KV-sharing layers yet; running eagerly",
                           stacklevel=2)
-        elif compiled:  # attention itself runs outside the graphs (attention_patterns._attend_generating)
+        elif compiled:  # attention itself runs outside the graphs (sparse_attention._attend_generating)
             self._forward = torch.compile(self.model)
 
     def _run(self, **inputs) -> torch.Tensor:
         saved = self.model.config._attn_implementation
         self.model.config._attn_implementation = IMPLEMENTATION
-        token = _ACTIVE.set(self.state)
+        token = ACTIVE.set(self.state)
         try:
             return self._forward(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         finally:
-            _ACTIVE.reset(token)
+            ACTIVE.reset(token)
             self.model.config._attn_implementation = saved
 
     @torch.no_grad()

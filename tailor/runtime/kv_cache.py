@@ -8,7 +8,7 @@ memory is the plan's kept spans, not heads × max_len. Position p of head h sits
     offset[h] + p                               if p < sink[h]
     offset[h] + sink[h] + (p - sink[h]) % ring  otherwise.
 At length n (the query is position n - 1) head h attends positions p < sink and
-n - window(n) <= p <= n - 1 (tailor.runtime.attention_patterns). With a window that grows with
+n - window(n) <= p <= n - 1 (tailor.core.patterns). With a window that grows with
 the length (beta > 0), positions cached at an earlier step were computed under that step's
 window, as in MoA; with static windows cached decoding equals recomputing the whole sequence.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tailor.codegen.triton.reference import DENSE_WINDOW
-from tailor.runtime.attention_patterns import Pattern
+from tailor.core.patterns import Pattern
 
 
 @dataclass(frozen=True)

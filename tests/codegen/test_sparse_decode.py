@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from tailor.codegen.triton.decode import sparse_decode  # noqa: E402
 from tailor.codegen.triton.reference import decode_reference, prefill_reference  # noqa: E402
-from tailor.runtime.attention_patterns import Pattern  # noqa: E402
+from tailor.core.patterns import Pattern  # noqa: E402
 from tailor.runtime.kv_cache import HeadLayout, LayerCache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

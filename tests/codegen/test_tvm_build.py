@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import tailor
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tests.conftest import ids_for
 
 pytest.importorskip("tvm")
 
 
 def _ort(path, ids):
-    from tailor.runtime.session import OrtModel
+    from tailor.backends.runners import OrtModel
 
     return OrtModel(path).run_numpy(ids.numpy())
 

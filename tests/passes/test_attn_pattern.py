@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import tailor
-from tailor.passes.cost import CostModel, LayerShape, Structure, Workload, get_target
+from tailor.core.patterns import Pattern, density, keep_mask
+from tailor.core.targets import get_target
+from tailor.passes.cost import CostModel, LayerShape, Structure, Workload
 from tailor.rewriter.capture import capture
-from tailor.runtime.attention_patterns import Pattern, density, install, keep_mask
+from tailor.rewriter.modules.sparse_attention import install
 from tests.conftest import build_model, ids_for
 
 PATTERNS = [Pattern(2, 3, 0.0), Pattern(0, 1, 0.25), Pattern(4, 0, 0.5), None]
@@ -61,7 +63,7 @@ def _reference_attention(q, k, v, patterns, causal, scale):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_function_honours_each_heads_pattern(causal):
-    from tailor.runtime.attention_patterns import sparse_attention_forward
+    from tailor.rewriter.modules.sparse_attention import sparse_attention_forward
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
@@ -93,7 +95,7 @@ def test_dense_plan_is_exact_and_a_pattern_changes_only_what_it_should():
 def test_patterned_model_exports_to_onnx_and_onnxruntime_runs_the_pattern(tmp_path):
     import onnxruntime as ort
 
-    from tailor.rewriter.export import export_onnx
+    from tailor.backends.export import export_onnx
 
     model = build_model("llama")
     for layer in model.model.layers:

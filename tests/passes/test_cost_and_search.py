@@ -6,9 +6,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
+from tailor.core.targets import get_target
 from tailor.passes.base import Option
-from tailor.passes.cost import CostModel, Structure, Workload, get_target
+from tailor.passes.cost import CostModel, Structure, Workload
 from tailor.passes.search import price, search, solve, structure_of
 from tailor.rewriter.capture import capture
 
@@ -41,7 +42,7 @@ def test_kv_memory_follows_kv_heads(llama_graph):
 def test_decomposed_attention_prices_its_scores_and_gains_nothing_from_patterns(llama_graph):
     """MatMul/mask/Softmax/MatMul attention (ONNX exports) computes and passes over every score:
     causal halving and sparse patterns (masks there) save nothing; fewer heads save scores."""
-    from tailor.runtime.attention_patterns import Pattern
+    from tailor.core.patterns import Pattern
 
     blocks = [replace(b, attn=replace(b.attn, kind="decomposed")) for b in llama_graph.blocks]
     decomposed = replace(llama_graph, blocks=blocks)
@@ -77,7 +78,7 @@ def test_elementwise_passes_shrink_with_the_branches(llama_graph):
 def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx):
     """Ratios made by a model with known scales: the fit on the compile's variants gets them back,
     and prices a structure it was not fitted on as that model does."""
-    from tailor.api import _fit_variants
+    from tailor.pipeline import _fit_variants
 
     graph = capture(tiny_onnx["llama"]).graph
     workload = Workload(1, 256, 0)
@@ -102,7 +103,7 @@ def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx)
 def test_fit_on_a_torch_graph_leaves_the_block_sparse_parts(llama_graph):
     """A torch model's patterns are masks, not block-sparse ops: the fit recovers the branch
     passes and the attention core from its two variants and leaves the sparse parts at 1."""
-    from tailor.api import _fit_variants
+    from tailor.pipeline import _fit_variants
 
     workload = Workload(1, 256, 0)
     variants = {n: structure_of(llama_graph, o) for n, o in _fit_variants(llama_graph, workload).items()}

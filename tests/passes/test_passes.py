@@ -221,7 +221,7 @@ def test_kv_share_saves_kv_memory_and_reloads(tmp_path, monkeypatch):
 
 def test_rewritten_model_exports_to_onnx(tmp_path, monkeypatch):
     """A budgeted torch plan can ship as ONNX: onnxruntime runs the rewritten model, same outputs."""
-    from tailor.runtime.session import OrtModel
+    from tailor.backends.runners import OrtModel
 
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     c = tailor.compile(build_model("qwen2"), budget=0.7, prompt_len=128, calib_windows=4, calib_len=32,
@@ -237,8 +237,8 @@ def test_encoder_calibration_keeps_special_tokens_per_line():
     """Encoders see [CLS] … [SEP] around every input, [CLS] first: per-line calibration windows
     carry them and begin where an input does."""
     from tailor.cli.default_model import minilm_directory
-    from tailor.passes.profile import calibration_from_text
-    from tailor.quality.metrics import load_tokenizer
+    from tailor.data.calibration import calibration_from_text
+    from tailor.data.text import load_tokenizer
 
     tok = load_tokenizer(minilm_directory())
     text = "\n".join(f"Sentence number {i} is about calibration data." for i in range(60))
@@ -267,8 +267,8 @@ def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
     characters intact): no text lost or repeated, and one piece is exactly the whole text's
     tokens; bad UTF-8 is named with its byte offset."""
     from tailor.cli.default_model import minilm_directory
-    from tailor.errors import TailorError
-    from tailor.quality.metrics import load_tokenizer, read_text_pieces, tokenize_pieces
+    from tailor.core.errors import TailorError
+    from tailor.data.text import load_tokenizer, read_text_pieces, tokenize_pieces
 
     tok = load_tokenizer(REFLLAMA if REFLLAMA.is_dir() else minilm_directory())
     text = "".join(f"def f{i}(x):\n    return x * {i}  # ünïcödé ✓\n\n" for i in range(400))

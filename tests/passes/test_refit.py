@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from tailor.backends.runners import HFModel, OrtModel
 from tailor.passes.base import Option
-from tailor.passes.profile import apply_options, clone, collect_signals, divergence, model_outputs
+from tailor.passes.measure import clone, divergence, model_outputs
+from tailor.passes.profile import apply_options, collect_signals
 from tailor.passes.refit import refit_sequentially, solve
 from tailor.rewriter.capture import capture
-from tailor.runtime.session import HFModel, OrtModel
 from tests.conftest import ids_for
 
 PLAN = [Option("head_prune", 0, {"kv_heads": [1], "queries": [[0, 1]]}, ()),

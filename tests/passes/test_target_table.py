@@ -8,8 +8,9 @@ import pytest
 
 import tailor
 from tailor.cli.main import main
-from tailor.errors import TailorError
-from tailor.passes.cost import CostModel, Structure, Target, Workload, get_target
+from tailor.core.errors import TailorError
+from tailor.core.targets import Target, get_target
+from tailor.passes.cost import CostModel, Structure, Workload
 from tailor.rewriter.capture import capture
 
 
@@ -101,7 +102,7 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
 
 
 def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tmp_path, monkeypatch):
-    import tailor.api
+    import tailor.pipeline
 
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     table = tmp_path / "cpu.json"
@@ -112,7 +113,7 @@ def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tm
     def unbuildable(*args, **kwargs):
         raise TailorError("no residual Add consumes x")
 
-    monkeypatch.setattr(tailor.api, "apply_options", unbuildable)
-    cm = tailor.api._cost_model(tailor.api.capture(tiny_models["llama"]), tailor.api.Workload(1, 32, 0),
+    monkeypatch.setattr(tailor.pipeline, "apply_options", unbuildable)
+    cm = tailor.pipeline._cost_model(tailor.pipeline.capture(tiny_models["llama"]), tailor.pipeline.Workload(1, 32, 0),
                                 str(table))
     assert set(cm.scales.values()) == {1.0} and "no residual Add" in cm.to_json()["fit_skipped"]

@@ -8,9 +8,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
+from tailor.backends.runners import cpu_session
 from tailor.rewriter.capture import capture
 from tailor.rewriter.cleanup import clean
-from tailor.runtime.session import cpu_session
 from tests.conftest import ids_for
 
 
@@ -78,7 +78,7 @@ def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, 
     saved (CostModel.baseline) and the search spends only the rest on lossy rewrites."""
     import json
 
-    import tailor.api
+    import tailor.pipeline
     from tailor.passes.cost import Structure, Workload
     from tailor.passes.search import search
 
@@ -88,7 +88,7 @@ def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, 
                                  "bytes_per_s": 2e10, "bytes_per_element": 4,
                                  "matmul": [[1e6, 1e10], [1e9, 1e11]]}))
     cap = capture(tiny_onnx["llama"])
-    cm = tailor.api._cost_model(cap, Workload(1, 32, 0), str(table))
+    cm = tailor.pipeline._cost_model(cap, Workload(1, 32, 0), str(table))
     assert 0.3 < cm.baseline < 3 and cm.baseline != 1.0
     assert cm.ratio(Structure.dense(cap.graph), "latency") == pytest.approx(cm.baseline)
     assert cm.ratio(Structure.dense(cap.graph), "flops") == 1.0  # the guard is no FLOP

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers as tf
 
-from tailor.errors import UnrecognizedModel
+from tailor.backends.export import export_onnx
+from tailor.core.errors import UnrecognizedModel
 from tailor.rewriter.capture import capture
-from tailor.rewriter.export import export_onnx
 from tests.conftest import perturb_vectors
 
 C = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)

@@ -9,16 +9,18 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from tailor.errors import TailorError
+from tailor.backends.runners import HFModel, OrtModel, cpu_session
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.core.targets import get_target
 from tailor.passes import attn_pattern
 from tailor.passes.attention_profile import profile_attention
-from tailor.passes.cost import CostModel, Workload, get_target
-from tailor.passes.profile import apply_options, clone
+from tailor.passes.cost import CostModel, Workload
+from tailor.passes.measure import clone
+from tailor.passes.profile import apply_options
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.capture import capture
 from tailor.rewriter.onnx_sparse_attention import block_size, blocked_keys
-from tailor.runtime.attention_patterns import Pattern
-from tailor.runtime.session import HFModel, OrtModel, cpu_session
 from tests.conftest import ids_for
 
 P = Pattern.from_json
@@ -123,8 +125,8 @@ def test_onnx_compile_offers_patterns_only_where_they_can_pay(tiny_onnx):
     """Profiling patterns on ONNX runs the whole model per head and pattern: by default it is
     skipped (and the report says why) where the cheapest patterns would save under 10%."""
     import tailor
-    from tailor.api import MIN_PATTERN_HEADROOM, pattern_headroom
     from tailor.passes.attn_pattern import default_grid
+    from tailor.pipeline import MIN_PATTERN_HEADROOM, pattern_headroom
 
     g = capture(tiny_onnx["llama"]).graph
     short, long = (CostModel(g, Workload(batch=1, prompt_len=n), get_target("cpu")) for n in (16, 512))

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import tailor
-from tailor.errors import TailorError
+from tailor.backends.export import export_onnx
+from tailor.backends.runners import HFModel, OrtModel
+from tailor.core.errors import TailorError
 from tailor.passes.base import Option
-from tailor.passes.profile import apply_options, clone, collect_signals
+from tailor.passes.measure import clone
+from tailor.passes.profile import apply_options, collect_signals
 from tailor.passes.registry import candidates_for
 from tailor.rewriter.capture import capture
-from tailor.rewriter.export import export_onnx
 from tailor.rewriter.torch_surgery import replace_with_constant
-from tailor.runtime.session import HFModel, OrtModel
 from tests.conftest import build_model, ids_for
 
 STRUCTURAL = ["layer_skip", "ffn_skip", "ffn_prune", "head_prune", "kv_share"]

@@ -82,7 +82,7 @@ def test_torchscript_exported_bert(tiny_models, tmp_path):
     intermediate shapes and a different decomposition; recognition still finds the structure."""
     import torch
 
-    from tailor.runtime.session import HFModel
+    from tailor.backends.runners import HFModel
 
     path = tmp_path / "legacy_bert.onnx"
     ids = torch.randint(0, 96, (2, 12))

@@ -3,14 +3,14 @@
 Spans are per KV head: `sinks[h]` tokens at the start plus a window of `windows[h]` tokens
 before (causal) or around (bidirectional) each query; a dense head has sink 0 and a window of
 at least the sequence length (`DENSE_WINDOW`). This is the mask of
-tailor.runtime.attention_patterns at one length N, with window = window(N) resolved to an int.
+tailor.core.patterns at one length N, with window = window(N) resolved to an int.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from tailor.runtime.attention_patterns import Pattern, keep_mask
+from tailor.core.patterns import Pattern, keep_mask
 
 DENSE_WINDOW = 1 << 30
 

@@ -7,7 +7,7 @@
 The build is for one static input shape, the plan's workload (batch × prompt length): TVM's ONNX
 importer cannot follow the shape arithmetic of exported transformers with symbolic sizes, so the
 sizes are fixed first and onnxscript's optimizer folds that arithmetic to constants. Shorter
-inputs run padded where padding is exact (see tailor.runtime.tvm_session).
+inputs run padded where padding is exact (see tailor.codegen.tvm.module).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tailor.errors import TailorError
+from tailor.codegen.tvm.module import MANIFEST, SO, WEIGHTS, TvmModel
+from tailor.core.errors import TailorError
 from tailor.rewriter.onnx_check import first_line
 
-SO, WEIGHTS, MANIFEST = "model.so", "model.tvm.safetensors", "tvm.json"
 # TVM must reproduce onnxruntime to this, relative to the output's largest magnitude (fp32 sums
 # in another order across a dozen layers: ~3e-6 measured on MiniLM and refllama-16m)
 RTOL = 1e-4
@@ -113,9 +113,8 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
 
 
 def _check(onnx_path: Path, out: Path, batch: int, seq_len: int, vocab: int) -> tuple[float, float]:
+    from tailor.backends.runners import OrtModel
     from tailor.rewriter.capture import example_input_ids
-    from tailor.runtime.session import OrtModel
-    from tailor.runtime.tvm_session import TvmModel
 
     ort_model = OrtModel(onnx_path)
     ids = example_input_ids(vocab, seq_len, batch=batch, seed=1).numpy()

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 from tailor.rewriter.capture import load_hf_directory, load_onnx
 from tailor.rewriter.onnx_check import input_specs, onnx_feeds
 

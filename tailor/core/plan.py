@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 
 SCHEMA_VERSION = 1
 # attention: the FLOPs of attention itself (q·kᵀ and p·v), i.e. the density of the attention

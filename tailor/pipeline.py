@@ -19,39 +19,33 @@ import numpy as np
 import torch
 import yaml
 
-from tailor.errors import TailorError
-from tailor.passes.attention_profile import AttentionInfluence
-from tailor.passes.attn_pattern import default_grid
-from tailor.passes.cost import OBJECTIVES, CostModel, Structure, Workload, get_target, model_flops
-from tailor.passes.profile import (
+from tailor.backends.export import export_onnx, save_onnx
+from tailor.backends.runners import HFModel, OrtModel, as_runnable
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.core.plan import Plan, check_budget
+from tailor.core.targets import get_target
+from tailor.data.calibration import (
     DEFAULT_CALIB_LEN,
     Calibration,
     Lines,
     add_attention_data,
-    apply_options,
     calibration_data_free,
     calibration_from_ids,
     calibration_from_text,
-    clone,
-    collect_signals,
-    divergence,
-    model_outputs,
-    neutral_signals,
-    run_profile,
 )
+from tailor.data.retrieval import RetrievalTemplate
+from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
+from tailor.passes.attention_profile import AttentionInfluence
+from tailor.passes.attn_pattern import default_grid
+from tailor.passes.cost import OBJECTIVES, CostModel, Structure, Workload, model_flops
+from tailor.passes.measure import clone, divergence, model_outputs
+from tailor.passes.profile import apply_options, collect_signals, neutral_signals, run_profile
 from tailor.passes.refit import refit_sequentially
 from tailor.passes.registry import PASSES, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, search, structure_of
-from tailor.plan import Plan, check_budget
-from tailor.quality.metrics import (
-    evaluate_pair,
-    has_tokenizer,
-    load_tokenizer,
-    read_text_pieces,
-    time_side_by_side,
-)
+from tailor.quality.metrics import evaluate_pair, time_side_by_side
 from tailor.quality.plots import plan_picture
-from tailor.quality.retrieval import RetrievalTemplate
 from tailor.rewriter.capture import (
     TOKENIZER_FILES,
     Captured,
@@ -61,12 +55,9 @@ from tailor.rewriter.capture import (
     example_input_ids,
     load_hf_directory,
 )
-from tailor.rewriter.export import export_onnx, save_onnx
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_sparse_attention import blocked_keys
 from tailor.runtime.artifact import verify_artifact, write_artifact
-from tailor.runtime.attention_patterns import Pattern
-from tailor.runtime.session import HFModel, OrtModel, as_runnable
 
 FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
 CALIB_TOKENS = 8192  # default calibration size, in tokens
@@ -380,7 +371,7 @@ def _cost_model(cap: Captured, workload: Workload, target: str, *, fit: bool = T
     if not variants:
         cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model
-    from tailor.cli.default_model import cache_dir
+    from tailor.core.cache import cache_dir
 
     key = hashlib.sha256(json.dumps({"model": cap.model_hash, "target": asdict(cost_model.target),
                                      "workload": asdict(workload), "variants": sorted(variants)},
@@ -600,7 +591,7 @@ def load(folder: str | Path, runtime: str | None = None) -> Compiled:
     except (OSError, json.JSONDecodeError):
         raise TailorError(f"{folder}/report.json: unreadable") from None
     if runtime == "tvm":
-        from tailor.runtime.tvm_session import TvmModel
+        from tailor.codegen.tvm.module import TvmModel
 
         model: torch.nn.Module = TvmModel(folder)
     elif BASE_CONFIG in files and plan.rewrites:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tailor.errors import TailorError
+from tailor.core.errors import TailorError
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"

@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from tailor.backends.runners import HFModel
 from tailor.rewriter.capture import example_input_ids
-from tailor.runtime.session import HFModel
 
 # protobuf cannot hold a model over 2 GB; past this size weights go to a side file
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -11,17 +11,13 @@ JSON (`--target cpu.json`).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
-
-from tailor.errors import TailorError
 
 # (tokens, in features, out features): transformer projection shapes, small to large
 MATMUL_SHAPES = [(m, k, n) for m in (16, 128, 512) for k, n in ((256, 256), (384, 1536), (1024, 1024),
@@ -56,7 +52,7 @@ def _median_seconds(run, min_seconds: float = 0.2, min_repeats: int = 5) -> floa
 
 def measure_cpu(threads: int | None = None) -> dict:
     """Time matrix products and a memory-bound add with onnxruntime; the target as JSON data."""
-    from tailor.runtime.session import cpu_session
+    from tailor.backends.runners import cpu_session
 
     threads = threads or len(os.sched_getaffinity(0))
     rng = np.random.default_rng(0)
@@ -80,34 +76,3 @@ def measure_cpu(threads: int | None = None) -> dict:
             "threads": threads,
             "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
             "runtime": "onnxruntime"}
-
-
-def load_target_file(path: Path):
-    """A Target from a JSON table written by measure_cpu (checked: it is user input)."""
-    from tailor.passes.cost import Target
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TailorError(f"{path}: not a readable target table ({type(e).__name__})") from None
-    if not isinstance(data, dict) or data.get("kind") != "tailor-target":
-        raise TailorError(f"{path}: not a target table (write one with `tailor calibrate-target -o FILE`)")
-    try:
-        rows = [(float(f), float(r)) for f, r in data["matmul"]]
-        name, peak, bandwidth = str(data["name"]), float(data["flops_per_s"]), float(data["bytes_per_s"])
-        element = int(data["bytes_per_element"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise TailorError(f"{path}: malformed target table ({type(e).__name__}: {e})") from None
-    values = [peak, bandwidth] + [v for row in rows for v in row]
-    if not rows or not all(np.isfinite(v) and v > 0 for v in values) or element not in (1, 2, 4, 8):
-        raise TailorError(f"{path}: target table values must be positive and finite")
-    by_size: dict[float, list[float]] = {}
-    for f, r in rows:  # products of one size but other shapes: their geometric mean
-        by_size.setdefault(f, []).append(r)
-    sizes = sorted(by_size)
-    # the upper envelope: larger products run at least as fast on a CPU, and a dip in the table is
-    # timing noise (another process, a frequency change) that would steer the search (three runs
-    # on this machine gave refllama-16m at budget 0.5 plans measuring 0.60, 0.60 and 0.77)
-    rates = np.maximum.accumulate([float(np.exp(np.mean(np.log(by_size[f])))) for f in sizes])
-    table = tuple(zip(sizes, (float(r) for r in rates)))
-    return Target(name, peak, bandwidth, element, matmul_rates=table)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tailor.codegen.tvm.build import MANIFEST, SO, WEIGHTS
-from tailor.errors import TailorError
+from tailor.backends.runners import NumpyModel
+from tailor.core.errors import TailorError
 from tailor.rewriter.onnx_check import onnx_feeds
-from tailor.runtime.session import NumpyModel
+
+# the files of a build, beside the artifact's model.onnx
+SO, WEIGHTS, MANIFEST = "model.so", "model.tvm.safetensors", "tvm.json"
 
 
 class TvmModel(NumpyModel):
