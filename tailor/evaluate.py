@@ -13,12 +13,19 @@ from tailor.quality.metrics import evaluate_pair, time_side_by_side
 
 
 def evaluate(artifact: Path, text: Path, *, reference: str | None = None, tokenizer: str | None = None,
-             seq_len: int = 1024, windows: int = 8) -> dict:
+             seq_len: int = 1024, windows: int = 8, lines: int = 256) -> dict:
+    """Quality of an artifact on a text (tailor.quality.metrics.evaluate_pair), never past the
+    positions its model takes: report.json's model.max_positions where the report has it, else
+    the learned positions of a transformers model's config."""
     compiled = load(artifact)
-    task = compiled.report.get("model", {}).get("task", "")
+    info = compiled.report.get("model", {})
+    max_len = info.get("max_positions")
+    config = getattr(compiled.model, "config", None)
+    if max_len is None and info.get("positional") == "learned" and config is not None:
+        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return evaluate_pair(open_model(reference) if reference else None, compiled.model, text,
-                         Path(tokenizer) if tokenizer else Path(artifact), task,
-                         seq_len=seq_len, windows=windows)
+                         Path(tokenizer) if tokenizer else Path(artifact), info.get("task", ""),
+                         seq_len=seq_len, windows=windows, max_len=max_len, lines=lines)
 
 
 def probe_retrieval(artifact: Path, lengths: list[int], *, samples: int = 32, reference: str | None = None,

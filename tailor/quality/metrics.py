@@ -2,6 +2,7 @@
 cosine of hidden states for encoders. And side-by-side latency."""
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -24,26 +25,96 @@ def lm_metrics(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor
     return out
 
 
+def pooled_cosines(hidden: torch.Tensor, ref_hidden: torch.Tensor) -> torch.Tensor:
+    """Cosine of the mean-pooled embeddings [B] of hidden states [B, T, H] and their reference."""
+    return torch.cosine_similarity(hidden.double().mean(1), ref_hidden.double().mean(1), -1)
+
+
 def encoder_metrics(hidden: torch.Tensor, ref_hidden: torch.Tensor | None) -> dict:
     if ref_hidden is None:
         return {}
-    emb, ref = hidden.double().mean(1), ref_hidden.double().mean(1)
-    return {"mean_cosine_to_reference": float(torch.cosine_similarity(emb, ref, -1).mean())}
+    return {"mean_cosine_to_reference": float(pooled_cosines(hidden, ref_hidden).mean())}
+
+
+# a tokenizer without a stated limit gives model_max_length = int(1e30); beyond this it is not one
+_NO_LIMIT = 1 << 20
+
+
+def line_limit(tokenizer, max_len: int | None) -> int | None:
+    """The most tokens an encoder's line may have: the model's positions (max_len) or the
+    tokenizer's model_max_length, whichever is smaller; None where neither is known."""
+    stated = getattr(tokenizer, "model_max_length", None)
+    limits = [n for n in (max_len, stated) if isinstance(n, int) and 2 <= n < _NO_LIMIT]
+    return min(limits) if limits else None
+
+
+def encoder_lines(pieces, tokenizer, count: int, limit: int | None) -> list[torch.Tensor]:
+    """The first `count` non-empty lines of a text, each one input with its special tokens
+    ([CLS] … [SEP]), as calibration makes them (tailor.data.text.tokenize_lines); cut to `limit`
+    tokens by the tokenizer (so a cut line still ends with [SEP])."""
+    rows: list[torch.Tensor] = []
+    kwargs = {"truncation": True, "max_length": limit} if limit else {}
+    for piece in pieces:
+        lines = [line for line in piece.splitlines() if line.strip()][: count - len(rows)]
+        if lines:
+            encoded = tokenizer(lines, **kwargs)["input_ids"]
+            rows += [torch.as_tensor(ids, dtype=torch.int64) for ids in encoded]
+        if len(rows) >= count:
+            break
+    return rows
 
 
 def evaluate_pair(reference, candidate, text: Path, tokenizer_dir: Path | None, task: str, *,
-                  seq_len: int = 1024, windows: int = 12) -> dict:
+                  seq_len: int = 1024, windows: int = 12, max_len: int | None = None,
+                  lines: int = 256, batch: int = 16) -> dict:
     """Quality of `candidate` (model(input_ids) -> tensor) on a text, against `reference` if given:
-    the same windows for both."""
+    the same inputs for both. `max_len` is the most positions the model takes (learned absolute
+    positions), where known. A causal LM is measured on the first `windows` windows of
+    min(seq_len, max_len) tokens of the text as one stream; an encoder line by line, as it is
+    calibrated: each of the first `lines` non-empty lines one input with its special tokens, cut
+    to max_len (or the tokenizer's model_max_length where smaller), lines of equal length
+    batched `batch` at a time; its metric is the embedding cosine averaged over the lines."""
     if tokenizer_dir is None:
         raise TailorError("evaluating on a text needs a tokenizer: pass --tokenizer DIR")
-    stream = tokenize_pieces(read_text_pieces(text), load_tokenizer(tokenizer_dir), limit=seq_len * windows)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if task == "encoder":
+        return _evaluate_lines(reference, candidate, text, tokenizer, lines, line_limit(tokenizer, max_len),
+                               batch)
+    if max_len is not None:
+        seq_len = min(seq_len, max_len)
+    stream = tokenize_pieces(read_text_pieces(text), tokenizer, limit=seq_len * windows)
     ids = token_windows(stream, seq_len, windows)
     with torch.no_grad():
         out = torch.cat([candidate(row[None]) for row in ids])
         ref = torch.cat([reference(row[None]) for row in ids]) if reference is not None else None
     result = {"text": str(text), "windows": int(ids.shape[0]), "seq_len": seq_len}
     result.update(lm_metrics(out, ids, ref) if task == "causal-lm" else encoder_metrics(out, ref))
+    return result
+
+
+def _evaluate_lines(reference, candidate, text: Path, tokenizer, count: int, limit: int | None,
+                    batch: int) -> dict:
+    rows = encoder_lines(read_text_pieces(text), tokenizer, count, limit)
+    if not rows:
+        raise TailorError(f"{text} has no non-empty line: too short to evaluate an encoder on "
+                          f"(each line is one input)")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # equal lengths side by side
+    cosines = []
+    with torch.no_grad():
+        for _, same in itertools.groupby(order, key=lambda i: len(rows[i])):
+            same = list(same)
+            for k in range(0, len(same), batch):
+                ids = torch.stack([rows[i] for i in same[k:k + batch]])
+                out = candidate(ids)
+                if reference is not None:
+                    cosines.append(pooled_cosines(out, reference(ids)))
+    result = {"text": str(text), "lines": len(rows), "tokens": int(sum(len(r) for r in rows))}
+    if limit is not None:
+        result["max_len"] = limit
+    if cosines:
+        c = torch.cat(cosines)
+        result.update({"mean_cosine_to_reference": float(c.mean()),
+                       "min_cosine_to_reference": float(c.min())})
     return result
 
 
