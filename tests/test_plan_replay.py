@@ -72,6 +72,9 @@ def _plan_with(searched, tmp_path, rewrites) -> str:
     ([{"pass": "layer_skip", "layer": 1, "choice": {}}, {"pass": "ffn_skip", "layer": 1, "choice": {}}],
      "conflicts with rewrite 0"),
     ([{"pass": "layer_skip", "layer": 1, "choice": {"extra": 1}}], "exactly the keys"),
+    # a JSON boolean is not layer 1 (it slipped past the conflict check: the claim "attn:True")
+    ([{"pass": "head_prune", "layer": True, "choice": {"kv_heads": [1], "queries": [[0]]}},
+      {"pass": "kv_share", "layer": 2, "choice": {"source": 1}}], "layer must be a whole number"),
 ])
 def test_bad_rewrites_refused(searched, tiny_hf_dirs, tmp_path, capsys, rewrites, expect):
     _fails([str(tiny_hf_dirs["llama"]), "--plan", _plan_with(searched, tmp_path, rewrites),

@@ -44,29 +44,42 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "plan") -> "Plan":
+        """A plan from untrusted JSON, its types checked strictly: a JSON boolean is not a number
+        (in Python True == 1, so "layer": true would pass as layer 1 and slip past the conflict
+        check of the rewrites, whose claims are strings like "attn:True"), and a whole number is
+        not a float (2.0) or a string ("2")."""
         if not isinstance(data, dict):
             raise TailorError(f"{where}: a plan is a JSON object")
-        version = data.get("schema_version")
-        if not isinstance(version, int) or version < 1:
-            raise TailorError(f"{where}: missing or invalid schema_version")
+        if "schema_version" not in data:
+            raise TailorError(f"{where}: missing schema_version")
+        version = _whole(data["schema_version"], "schema_version", where)
+        if version < 1:
+            raise TailorError(f"{where}: invalid schema_version {version}")
         if version > SCHEMA_VERSION:
             raise TailorError(f"{where}: plan schema {version} is newer than this tailor reads "
                               f"({SCHEMA_VERSION}); upgrade tailor")
-        try:
-            rewrites = data.get("rewrites", [])
-            if not isinstance(rewrites, list) or not all(
-                    isinstance(r, dict) and isinstance(r.get("pass"), str) and isinstance(r.get("layer"), int)
-                    and isinstance(r.get("choice"), dict) for r in rewrites):
-                raise ValueError("rewrites must be a list of {pass, layer, choice} objects")
-            plan = cls(model_hash=str(data["model_hash"]), budget=check_budget(data["budget"]),
-                       objective=str(data.get("objective", "latency")),
-                       workload={str(k): int(v) for k, v in data.get("workload", {}).items()},
-                       target=str(data.get("target", "h100")),
-                       rewrites=rewrites,
-                       predicted={str(k): float(v) for k, v in data.get("predicted", {}).items()},
-                       schema_version=version)
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
-            raise TailorError(f"{where}: malformed plan ({type(e).__name__}: {e})") from None
+        for key in ("model_hash", "budget"):
+            if key not in data:
+                raise TailorError(f"{where}: malformed plan (missing {key})")
+        model_hash = _string(data["model_hash"], "model_hash", where)
+        budget = check_budget(_number(data["budget"], "budget", where))
+        objective = _string(data.get("objective", "latency"), "objective", where)
+        target = _string(data.get("target", "h100"), "target", where)
+        workload = {_string(k, "a workload key", where): _whole(v, f"workload.{k}", where)
+                    for k, v in _object(data.get("workload", {}), "workload", where).items()}
+        predicted = {_string(k, "a predicted key", where): _number(v, f"predicted.{k}", where)
+                     for k, v in _object(data.get("predicted", {}), "predicted", where).items()}
+        rewrites = data.get("rewrites", [])
+        if not isinstance(rewrites, list):
+            raise TailorError(f"{where}: rewrites must be a list of {{pass, layer, choice}} objects, "
+                              f"got {_shown(rewrites)}")
+        for n, r in enumerate(rewrites):
+            _object(r, f"rewrite {n}", where, article="must be an object {pass, layer, choice}")
+            _string(r.get("pass"), f"rewrite {n}: pass", where)
+            _whole(r.get("layer"), f"rewrite {n}: layer", where)
+            _object(r.get("choice"), f"rewrite {n}: choice", where)
+        plan = cls(model_hash=model_hash, budget=budget, objective=objective, workload=workload,
+                   target=target, rewrites=rewrites, predicted=predicted, schema_version=version)
         if plan.objective not in OBJECTIVES:
             raise TailorError(f"{where}: unknown objective {plan.objective!r}")
         w = plan.workload
@@ -81,3 +94,41 @@ class Plan:
             return cls.from_json(json.loads(Path(path).read_text()), str(path))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TailorError(f"{path}: unreadable plan ({type(e).__name__})") from None
+
+
+# ---- strict JSON types for Plan.from_json ------------------------------------------------------
+
+def _shown(value: Any) -> str:
+    """A value as the JSON had it (true, not True)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _whole(value: Any, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TailorError(f"{where}: {what} must be a whole number (not true/false, 2.0 or \"2\"), "
+                          f"got {_shown(value)}")
+    return value
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TailorError(f"{where}: {what} must be a number (not true/false or a string), got {_shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise TailorError(f"{where}: {what} is out of range, got {_shown(value)}") from None
+
+
+def _string(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise TailorError(f"{where}: {what} must be a string, got {_shown(value)}")
+    return value
+
+
+def _object(value: Any, what: str, where: str, article: str = "must be an object") -> dict:
+    if not isinstance(value, dict):
+        raise TailorError(f"{where}: {what} {article}, got {_shown(value)}")
+    return value
