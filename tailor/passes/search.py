@@ -6,8 +6,9 @@ A multiple-choice knapsack solved exactly with scipy's HiGHS MILP:
                Σ_{o claims r} x_o ≤ 1   for every resource r (a layer's attention, its FFN, ...)
                x_o ∈ {0, 1}
 Losses start as each option's KL measured alone. Options interact, so a refine loop applies the
-plan, measures its real KL on held-out calibration windows, scales the chosen options' losses by
-measured / predicted and solves again; the plan each pass reaches alone is measured as well, and
+plan, measures its real KL on held-out calibration windows, shares the loss the estimates missed
+out over the chosen options (half by estimate, half equally, so that an option estimated free can
+be found out too) and solves again; the plan each pass reaches alone is measured as well, and
 the best measured plan wins. Deterministic: HiGHS on the
 same inputs returns the same solution and ties break on option order.
 """
@@ -153,9 +154,18 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
             best = SearchResult(copy.copy(chosen), predicted, measured)
         if measured <= 1.1 * predicted:
             break  # the estimates hold
-        factor = measured / max(predicted, 1e-12)
-        for o in chosen:  # these interact badly together: make them look as costly as they are
-            losses[options.index(o)] *= factor
+        # These interact badly together: make them look as costly as they are. The loss nobody
+        # predicted is shared out over the chosen options, each weighted by its own estimate plus
+        # the mean estimate of the chosen ones (a pseudo-count). Shares by estimate alone (what
+        # scaling every loss by measured / predicted does) could never correct an option whose
+        # estimate is zero or nearly (0 × any factor = 0): measured alone, it looked harmless, yet
+        # it may be the part that hurts in company; with no evidence either way it is suspected
+        # as much as the average chosen option. The split is thus half by estimate, half equal
+        # (all equal when every estimate is zero), and the chosen losses still sum to measured.
+        idx = [options.index(o) for o in chosen]
+        weights = losses[idx] + predicted / len(idx)
+        shares = weights / weights.sum() if weights.sum() > 0 else np.full(len(idx), 1.0 / len(idx))
+        losses[idx] += (measured - predicted) * shares
     # Interactions grow with compression and can defeat the additive estimates; the plans each
     # pass reaches on its own are cheap to measure, so they compete too.
     if measure is not None:

@@ -154,3 +154,39 @@ def test_search_budget_met_unreachable_and_deterministic(llama_graph):
     assert cm.ratio(structure_of(llama_graph, a.chosen), "latency") <= 0.6 + 1e-9
     with pytest.raises(TailorError, match=r"smallest reachable budget is 0\.\d+"):
         search(opts, cm, 0.01, "latency", measure=None)
+
+
+def test_refine_corrects_an_option_estimated_free(llama_graph):
+    """An option whose estimated loss is 0 but which really hurts: scaling the chosen options'
+    losses by measured / predicted could never correct it (0 × any factor), so every refined plan
+    kept it. The loss the estimates missed is shared out over the chosen options, the one
+    estimated free included, and the next plan leaves it."""
+    from tailor.passes.profile import neutral_signals
+    from tailor.passes.registry import candidates_for
+
+    cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph), ["layer_skip", "ffn_prune", "head_prune"])
+    price(opts, cm)
+    dense = cm.total(Structure.dense(llama_graph)).latency
+    true = {}
+    for o in opts:  # estimates right for all but one: KL per unit of saving, layer skips dear
+        o.loss = {"layer_skip": 10.0, "ffn_prune": 3.0, "head_prune": 2.0}[o.pass_name] * \
+            (1.0 if o.pass_name == "layer_skip" else -o.cost["latency"] / dense)
+        true[o.key] = o.loss
+    trap = next(o for o in opts if o.label == "layer 2: drop attention")
+    trap.loss, true[trap.key] = 0.0, 5.0  # "free" alone, costly in truth
+    measured = []
+
+    def measure(chosen):
+        measured.append([o.key for o in chosen])
+        return sum(true[o.key] for o in chosen)
+
+    result = search(opts, cm, 0.7, "latency", measure)
+    assert trap.key in measured[0]                      # the estimates pick it first
+    assert trap.key not in measured[1]                  # one correction and the search moves away
+    assert trap.key not in [o.key for o in result.chosen]
+    assert result.measured_kl == pytest.approx(sum(true[o.key] for o in result.chosen))
+    assert result.measured_kl < 1.0                     # before: 5.33, every plan kept the trap
+    assert cm.ratio(structure_of(llama_graph, result.chosen), "latency") <= 0.7 + 1e-9
+    assert [o.key for o in search(opts, cm, 0.7, "latency", measure).chosen] == \
+        [o.key for o in result.chosen]                  # deterministic
