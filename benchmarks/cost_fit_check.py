@@ -1,6 +1,6 @@
 """Does the fitted cost model predict structures it was not fitted on? refllama-16m exported to
 ONNX, 1 × 512 tokens, on this CPU: the target measured first (as `tailor calibrate-target`
-does), the cost model fitted as compile fits it (tailor.pipeline._cost_model: the dense model beside
+does), the cost model fitted as compile fits it (tailor.stages.cost.cost_model_for: the dense model beside
 its four fit variants), then each held-out structure below built shape-only (weights left as
 sliced: timing does not depend on them), timed side by side with the dense model and compared
 with the model's prediction.
@@ -16,17 +16,16 @@ from pathlib import Path
 
 from cpu_onnx import refllama_onnx
 
-from tailor.backends.runners import OrtModel, as_runnable
+from tailor.backends import backend_for
+from tailor.backends.runners import OrtModel
 from tailor.core.patterns import Pattern
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import Workload
-from tailor.passes.measure import clone
-from tailor.passes.profile import apply_options
-from tailor.passes.registry import PASSES
+from tailor.passes.registry import PASSES, apply_options
 from tailor.passes.search import structure_of
-from tailor.pipeline import _cost_model, _time_side_by_side
 from tailor.rewriter.capture import capture
 from tailor.runtime.target_table import measure_cpu
+from tailor.stages.cost import cost_model_for, time_on_workload
 
 
 def held_out(graph) -> dict[str, list]:
@@ -74,15 +73,15 @@ def main() -> None:
         table.write_text(json.dumps(measure_cpu(args.threads)))
         cap = capture(refllama_onnx())
         workload = Workload(1, 512, 0)
-        cm = _cost_model(cap, workload, str(table), use_cache=False)
+        cm = cost_model_for(cap, backend_for(cap), workload, str(table), use_cache=False)
     fitted = cm.to_json()
     print("fitted scales:", {k: round(v, 2) for k, v in fitted["scales"].items()},
           "from", {k: round(v, 3) for k, v in fitted["measured_ratios"].items()})
     original = OrtModel(cap.source.path, args.threads)
     print("\n| structure | predicted latency | measured latency | off by |\n|---|---|---|---|")
     for name, options in held_out(cap.graph).items():
-        variant = as_runnable(apply_options(clone(cap.source.model), cap.graph, options, None))
-        t = _time_side_by_side({"original": original, "variant": variant}, cap.graph, workload, repeats=30)
+        variant = apply_options(backend_for(cap).clone(), options, None).runnable()
+        t = time_on_workload({"original": original, "variant": variant}, cap.graph, workload, repeats=30)
         predicted = cm.ratio(structure_of(cap.graph, options), "latency")
         measured = t["variant"] / t["original"]
         print(f"| {name} | {predicted:.3f} | {measured:.3f} | {abs(predicted / measured - 1):.1%} |",

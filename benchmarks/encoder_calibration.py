@@ -23,7 +23,7 @@ import numpy as np
 from cpu_onnx import minilm_quality
 
 import tailor
-from tailor.backends.runners import OrtModel, as_runnable
+from tailor.backends.runners import OrtModel
 from tailor.cli.default_model import EVAL_MODULES, default_calibration, docstring_sentences, minilm_onnx
 from tailor.data.text import load_tokenizer, tokenize_lines
 
@@ -48,7 +48,7 @@ def main() -> None:
             t0 = time.perf_counter()
             opt = tailor.compile(onnx, args.budget, objective="latency", target="cpu", prompt_len=128,
                                  calib=calib, refit=refit, formats=("onnx",), **kw)
-            models[refit] = as_runnable(opt.rewritten)
+            models[refit] = opt.rewritten.runnable()
             kls[refit] = (opt.report["search"]["measured_kl_heldout"], opt.report.get("refit", {}),
                           opt.plan.predicted["latency"], time.perf_counter() - t0)
         q = minilm_quality(models, tok, held)

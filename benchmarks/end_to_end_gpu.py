@@ -82,13 +82,13 @@ def make_plan(path: Path) -> None:
 
 
 def rewritten(plan: dict, dtype, device):
-    from tailor.passes.profile import apply_options
-    from tailor.passes.registry import options_from_plan
+    from tailor.backends.torch_backend import TorchBackend
+    from tailor.passes.registry import apply_options, options_from_plan
     from tailor.rewriter.capture import capture
 
     model = build(dtype, "cpu")
     graph = capture(model).graph
-    apply_options(model, graph, options_from_plan(graph, plan["rewrites"]), None)
+    apply_options(TorchBackend(model, graph), options_from_plan(graph, plan["rewrites"]), None)
     return model.to(device)
 
 

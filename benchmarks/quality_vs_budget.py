@@ -16,7 +16,6 @@ A baseline that cannot reach a budget says so.
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import time
 from datetime import date
@@ -24,18 +23,18 @@ from pathlib import Path
 
 import torch
 
+from tailor.backends import backend_for
 from tailor.core.targets import get_target
 from tailor.data.calibration import add_attention_data, calibration_from_text
 from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import CostModel, Workload
-from tailor.passes.measure import model_outputs
-from tailor.passes.profile import apply_options, run_profile
-from tailor.passes.registry import PASSES
+from tailor.passes.profile import run_profile
+from tailor.passes.registry import PASSES, apply_options
 from tailor.passes.search import price, search, structure_of
-from tailor.pipeline import HeldOut
 from tailor.quality.metrics import lm_metrics
 from tailor.rewriter.capture import capture
+from tailor.stages.search import HeldOut
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()
@@ -71,7 +70,7 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     t0 = time.time()
     cap = capture(MODEL)
-    model, graph = cap.source.module, cap.graph
+    dense, graph = backend_for(cap), cap.graph
     tok = load_tokenizer(MODEL)
     cal = calibration_from_text(read_text(SHARED / "data" / "code-calib.txt"), tok, 512, 16, "code-calib.txt")
     lengths = [512, 1024]
@@ -79,18 +78,18 @@ def main() -> None:
     settings = {"windows": 16, "len": 512, "seed": 0,
                 "attn": {"lengths": lengths, "grid": [g.to_json() for g in default_grid(max(lengths))],
                          "retrieval": cal.retrieval_weight}}
-    prof, options = run_profile(model, graph, cal, list(PASSES), model_hash=cap.model_hash,
-                                settings=settings, progress=True)
+    prof, options = run_profile(dense, cal, list(PASSES), model_hash=cap.model_hash, settings=settings,
+                                progress=True)
     for o in options:
         o.loss = prof.option_kl.get(o.key, o.loss)
     cm = CostModel(graph, Workload(1, 1024, 0), get_target(args.target))
     price(options, cm)
     eval_ids = token_windows(tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"], 1024, 12)
-    dense_logits = torch.cat(model_outputs(model, eval_ids, batch=1))
-    heldout = HeldOut(model, graph, cal)
+    dense_logits = torch.cat(dense.outputs(eval_ids, batch=1))
+    heldout = HeldOut(dense, cal)
 
     def measure(chosen):
-        return heldout.divergence(apply_options(copy.deepcopy(model), graph, chosen, prof.signals))
+        return heldout.divergence(apply_options(dense.clone(), chosen, prof.signals))
 
     rows = []
 
@@ -98,8 +97,8 @@ def main() -> None:
         if chosen is None:
             rows.append(f"| {budget} | {method} | unreachable | | | | |")
             return
-        variant = apply_options(copy.deepcopy(model), graph, chosen, prof.signals)
-        m = lm_metrics(torch.cat(model_outputs(variant, eval_ids, batch=1)), eval_ids, dense_logits)
+        variant = apply_options(dense.clone(), chosen, prof.signals)
+        m = lm_metrics(torch.cat(variant.outputs(eval_ids, batch=1)), eval_ids, dense_logits)
         ratio = cm.ratio(structure_of(graph, chosen), "latency")
         what = ", ".join(sorted({o.pass_name for o in chosen})) or "—"
         rows.append(f"| {budget} | {method} | {ratio:.3f} | {m['perplexity']:.3f} | "

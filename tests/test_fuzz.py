@@ -21,11 +21,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tailor.backends.torch_backend import TorchBackend
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
-from tailor.passes.measure import clone
-from tailor.passes.profile import apply_options
-from tailor.passes.registry import options_from_plan
+from tailor.passes.registry import apply_options, options_from_plan
 from tailor.rewriter.capture import capture
 from tailor.runtime.artifact import verify_artifact
 from tests.conftest import build_model, ids_for
@@ -98,7 +97,7 @@ def _check_plan(targets, name, data, what):
     except TailorError:
         return
     try:
-        rewritten = apply_options(clone(model), graph, options, None)
+        rewritten = apply_options(TorchBackend(model, graph).clone(), options, None).runnable()
         with torch.no_grad():
             out = rewritten(ids_for())
     except Exception as e:

@@ -101,3 +101,16 @@ def test_every_candidate_round_trips_through_a_plan(tiny_models):
             assert (back.key, back.claims) == (o.key, o.claims)
         with pytest.raises(TailorError, match="layers 0..2"):
             options_from_plan(graph, [{"pass": "layer_skip", "layer": 3, "choice": {}}])
+
+
+def test_replay_honours_refit_cache_and_progress(searched, tiny_hf_dirs, tmp_path, monkeypatch, capsys):
+    """A replayed plan runs the same stages as a search: refit only if asked, the profile cache
+    (signals) unless told not to, progress bars when asked."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model, kw = str(tiny_hf_dirs["llama"]), dict(plan=searched / "plan.json", calib_windows=4, calib_len=32)
+    assert "refit" not in tailor.compile(model, refit=False, **kw).report
+    shown = tailor.compile(model, progress=True, **kw)
+    assert "refit" in shown.report and "refitting in sequence" in capsys.readouterr().err
+    assert shown.report["calibration"]["cached"] is True     # the first replay stored the signals
+    assert tailor.compile(model, use_cache=False, **kw).report["calibration"]["cached"] is False
+

@@ -240,8 +240,9 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     import torch
 
     import tailor
-    from tailor.pipeline import StageLog, reference_outputs
     from tailor.quality.validate import Check, as_json, check_onnx, compare_outputs
+    from tailor.stages.artifact import reference_outputs
+    from tailor.stages.log import StageLog
 
     def stage_done(name, secs):
         console.print(f"  {name:<9} {secs:6.2f} s")
@@ -382,8 +383,8 @@ def print_summary(compiled, out: Path) -> None:
 
 def cmd_inspect(args) -> int:
     from tailor.passes.cost import Workload
-    from tailor.pipeline import describe
     from tailor.rewriter.capture import capture
+    from tailor.stages.artifact import describe
 
     if args.seq_len < 1:
         raise TailorError("--seq-len must be positive")

@@ -19,25 +19,16 @@ measurements cheap:
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
-from tailor.backends.runners import as_runnable
-from tailor.core.errors import TailorError
+from tailor.backends.base import Backend, ProfileBatch
 from tailor.core.patterns import Pattern
 from tailor.data.retrieval import RetrievalSample
-from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, register
-from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
-from tailor.rewriter.torch_surgery import attention_path, block_path
 
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
@@ -67,160 +58,28 @@ class AttentionInfluence:
                    {int(n): np.asarray(v) for n, v in d["loss"].items()}, int(d["measured"]))
 
 
-@dataclass
-class _Batch:
-    ids: torch.Tensor                    # [B, T], every row the same length
-    weight: float                        # of this batch's mean divergence in the loss
-    answer_lens: list[int] | None        # retrieval: answers are the last tokens of each row
-    reference: torch.Tensor | None = None
-    block_outputs: list | None = None
-
-    @property
-    def keep(self) -> int:
-        """Logits needed: all for text, the answers' last few for retrieval (saves the head)."""
-        return 0 if self.answer_lens is None else max(self.answer_lens) + 1
-
-
 def contains(outer: Pattern, inner: Pattern, n: int) -> bool:
     """Does `outer` keep every key `inner` keeps, at length n?"""
     return outer.sink >= inner.sink and outer.window(n) >= inner.window(n)
 
 
-def _run(model, batch: _Batch) -> torch.Tensor:
-    kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(type(model)) else {}
-    with torch.no_grad():
-        out = model(input_ids=batch.ids, use_cache=False, **kwargs)
-    t = out.logits if getattr(out, "logits", None) is not None else out[0]
-    return t.float()
-
-
-@functools.cache
-def _takes_logits_to_keep(model_class) -> bool:
-    """Asked once per class: `_run` is the profile's inner loop."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _record(model, blocks: list, batch: _Batch) -> None:
-    outputs: list = [None] * len(blocks)
-    hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-             for i, blk in enumerate(blocks)]
-    try:
-        batch.reference = _run(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    batch.block_outputs = outputs
-
-
-@contextlib.contextmanager
-def _frozen_prefix(blocks: list, layer: int, outputs: list):
-    """Blocks before `layer` return their recorded dense outputs instead of computing."""
-    for i in range(layer):
-        blocks[i].forward = lambda *a, _out=outputs[i], **k: _out
-    try:
-        yield
-    finally:
-        for i in range(layer):
-            del blocks[i].forward
-
-
-def _batch_divergence(ref: torch.Tensor, out: torch.Tensor, batch: _Batch, is_lm: bool) -> float:
-    """Over every token for text, over each row's answer tokens for retrieval."""
-    from tailor.passes.measure import divergence
-
-    if batch.answer_lens is None:
-        return divergence([ref], [out], is_lm)
-    t = ref.shape[1]  # the positions that predict each row's answer tokens
-    return float(np.mean([divergence([ref[r:r + 1, t - c - 1:t - 1]], [out[r:r + 1, t - c - 1:t - 1]], is_lm)
-                          for r, c in enumerate(batch.answer_lens)]))
-
-
-class _TorchRunner:
-    """Patterns installed through transformers' attention interface; the layers before the one
-    measured replay their recorded dense outputs."""
-
-    def __init__(self, model, graph: TransformerGraph):
-        self.model, self.is_lm = model, graph.task == "causal-lm"
-        self.blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
-        self.attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
-
-    @contextlib.contextmanager
-    def active(self):
-        register()
-        saved = self.model.config._attn_implementation
-        self.model.config._attn_implementation = IMPLEMENTATION
-        try:
-            yield
-        finally:
-            self.model.config._attn_implementation = saved
-
-    def runs_patterns(self, layer: int) -> bool:
-        return self.attns[layer] is not None
-
-    def record(self, batch: _Batch) -> None:
-        _record(self.model, self.blocks, batch)
-
-    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[_Batch]) -> float:
-        self.attns[layer].tailor_spans = [None if p is None else p.to_json() for p in patterns]
-        try:
-            total = 0.0
-            for b in batches:
-                with _frozen_prefix(self.blocks, layer, b.block_outputs):
-                    out = _run(self.model, b)
-                total += b.weight * _batch_divergence(b.reference, out, b, self.is_lm)
-            return total
-        finally:
-            self.attns[layer].tailor_spans = None
-
-
-class _OnnxRunner:
-    """An onnx_ir model: each measurement rewrites a copy (onnx_sparse_attention) and runs it
-    whole with onnxruntime."""
-
-    def __init__(self, model: ir.Model, graph: TransformerGraph):
-        self.model, self.graph, self.is_lm = model, graph, graph.task == "causal-lm"
-        self._dense = None  # one onnxruntime session of the dense model for every reference
-
-    def active(self):
-        return contextlib.nullcontext()
-
-    def runs_patterns(self, layer: int) -> bool:
-        try:
-            sparse_core(self.model, self.graph.blocks[layer].attn)
-        except TailorError:
-            return False
-        return True
-
-    def record(self, batch: _Batch) -> None:
-        if self._dense is None:
-            self._dense = as_runnable(self.model)
-        batch.reference = self._dense(batch.ids).float()
-
-    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[_Batch]) -> float:
-        variant = onnx_surgery.clone(self.model)
-        substitute(variant, self.graph.blocks[layer].attn, patterns)
-        run = as_runnable(variant)
-        return sum(b.weight * _batch_divergence(b.reference, run(b.ids).float(), b, self.is_lm)
-                   for b in batches)
-
-
 def _batches(texts: torch.Tensor | None, samples: list[RetrievalSample],
-             retrieval_weight: float) -> list[_Batch]:
+             retrieval_weight: float) -> list[ProfileBatch]:
     out = []
     if texts is not None and len(texts):
-        out.append(_Batch(texts, 1 - retrieval_weight if samples else 1.0, None))
+        out.append(ProfileBatch(texts, 1 - retrieval_weight if samples else 1.0, None))
     if samples:
         ids = torch.stack([s.ids for s in samples])  # make_samples: all of one length
-        out.append(_Batch(ids, retrieval_weight if out else 1.0, [s.answer_len for s in samples]))
+        out.append(ProfileBatch(ids, retrieval_weight if out else 1.0, [s.answer_len for s in samples]))
     return out
 
 
-def profile_attention(model, graph: TransformerGraph, texts: dict[int, torch.Tensor],
+def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
                       retrieval: dict[int, list[RetrievalSample]], grid: list[Pattern], *,
                       retrieval_weight: float, progress: bool) -> AttentionInfluence:
     """texts: length -> [n, length] token windows; retrieval: length -> samples of that length.
     Loss = (1 - w)·mean text KL + w·mean answer KL (w = retrieval_weight, when there are both)."""
-    runner = _OnnxRunner(model, graph) if isinstance(model, ir.Model) else _TorchRunner(model, graph)
+    graph, runner = backend.graph, backend.pattern_runner()
     kv_heads = graph.blocks[0].attn.num_kv_heads
     lengths = sorted(set(texts) | set(retrieval))
     order = sorted(range(len(grid)), key=lambda k: (grid[k].sink + grid[k].alpha, grid[k].beta))

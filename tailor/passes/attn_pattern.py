@@ -17,16 +17,12 @@ import itertools
 
 import numpy as np
 
+from tailor.backends.base import Backend
 from tailor.core.patterns import Pattern
-from tailor.passes.base import Option, exact_keys
+from tailor.passes.base import Option, Pass, exact_keys
 from tailor.passes.cost import LayerShape
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.modules.sparse_attention import install
-from tailor.rewriter.onnx_sparse_attention import substitute
-from tailor.rewriter.torch_surgery import attention_path
 
-NAME = "attn_pattern"
-MEASURED = False  # option losses come from the per-head profile, not one run per option
 
 def default_grid(longest: int) -> list[Pattern]:
     """Sink S (a power of two near N/24, 4..64: 64 at N = 1536) and windows S, 2S or 4S, static
@@ -72,49 +68,43 @@ def _layer_options(losses: np.ndarray, grid: list[Pattern]) -> list[tuple[tuple,
     return out
 
 
-def candidates(graph: TransformerGraph, signals) -> list[Option]:
-    grid, losses = head_losses(graph, signals)
-    out = []
-    for b in graph.blocks:
-        if not np.isfinite(losses[b.index]).all():
-            continue  # the profile found this layer's attention does not run patterns
-        for assign, loss in _layer_options(losses[b.index], grid):
-            option = _spans(b.index, [None if a < 0 else grid[a] for a in assign])
-            option.loss = loss
-            out.append(option)
-    return out
-
-
 def _spans(layer: int, patterns: list[Pattern | None]) -> Option:
     label = f"layer {layer}: " + ", ".join(f"kv{h} {'dense' if p is None else p}"
                                            for h, p in enumerate(patterns))
-    return Option(NAME, layer, {"spans": [None if p is None else p.to_json() for p in patterns]},
+    return Option(AttnPattern.name, layer, {"spans": [None if p is None else p.to_json() for p in patterns]},
                   (f"attn:{layer}",), label=label)
 
 
-def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
-    exact_keys(choice, {"spans"})
-    spans, heads = choice["spans"], graph.blocks[layer].attn.num_kv_heads
-    if not isinstance(spans, list) or len(spans) != heads:
-        raise ValueError(f"spans must list one pattern (or null: dense) per KV head ({heads})")
-    patterns = [None if s is None else Pattern.checked(s) for s in spans]
-    if all(p is None for p in patterns):
-        raise ValueError("every head is dense: the choice changes nothing")
-    return _spans(layer, patterns)
 
+class AttnPattern(Pass):
+    name = "attn_pattern"
+    measured = False  # option losses come from the per-head profile, not one run per option
 
-def reshape(option: Option, shape: LayerShape) -> None:
-    shape.kv_patterns = tuple(Pattern.from_json(s) for s in option.choice["spans"])
+    def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
+        grid, losses = head_losses(graph, signals)
+        out = []
+        for b in graph.blocks:
+            if not np.isfinite(losses[b.index]).all():
+                continue  # the profile found this layer's attention does not run patterns
+            for assign, loss in _layer_options(losses[b.index], grid):
+                option = _spans(b.index, [None if a < 0 else grid[a] for a in assign])
+                option.loss = loss
+                out.append(option)
+        return out
 
+    def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
+        exact_keys(choice, {"spans"})
+        spans, heads = choice["spans"], graph.blocks[layer].attn.num_kv_heads
+        if not isinstance(spans, list) or len(spans) != heads:
+            raise ValueError(f"spans must list one pattern (or null: dense) per KV head ({heads})")
+        patterns = [None if s is None else Pattern.checked(s) for s in spans]
+        if all(p is None for p in patterns):
+            raise ValueError("every head is dense: the choice changes nothing")
+        return _spans(layer, patterns)
 
-def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
-    for o in options:
-        module = model.get_submodule(attention_path(model, graph.blocks[o.layer]))
-        install(model, module, [Pattern.from_json(s) for s in o.choice["spans"]])
+    def reshape(self, option: Option, shape: LayerShape) -> None:
+        shape.kv_patterns = tuple(Pattern.from_json(s) for s in option.choice["spans"])
 
-
-def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
-    """Each layer's decomposed attention core becomes block-sparse ONNX ops (the products cover
-    only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
-    for o in options:
-        substitute(model, graph.blocks[o.layer].attn, [Pattern.from_json(s) for s in o.choice["spans"]])
+    def apply(self, backend: Backend, options: list[Option], signals) -> None:
+        for o in options:
+            backend.set_patterns(o.layer, [Pattern.from_json(s) for s in o.choice["spans"]])

@@ -1,29 +1,31 @@
-"""What every rewrite pass has in common: an Option is one thing a pass could do.
+"""What every rewrite pass has in common: an Option is one thing a pass could do, a Pass the
+object that offers, prices and applies them.
 
-A pass is a module with
-    NAME
-    candidates(graph, signals) -> list[Option]     what could be done (signals rank heads etc.)
-    reshape(option, LayerShape)                    its effect on the cost model's Structure
-    apply_torch(model, graph, options, signals)    do it (signals None: shapes only, on reload)
-    apply_onnx(model, graph, options, signals)     do it on an onnx_ir model (optional)
-    from_plan(graph, layer, choice) -> Option      the option a plan.json names, checked against
-                                                   the graph (ValueError says what does not fit)
 Options claim resources (e.g. "attn:3"); two options with a common claim exclude each other,
 which is all the search needs to know to combine passes.
 """
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from tailor.backends import BACKENDS
+from tailor.backends.base import Backend
 from tailor.rewriter.graph import Projection, TransformerGraph
 
 
 def sliceable(graph: TransformerGraph, projections: list[Projection]) -> bool:
     """Whether these projections can be sliced: not column ranges of a fused weight (GPT-2's
-    c_attn, Phi-3's qkv) and, on torch, nn.Linear weights (not Conv1D's transposed layout)."""
-    return all(p.columns is None and (graph.backend == "onnx" or p.layout == "out_in") for p in projections)
+    c_attn, Phi-3's qkv), and stored [out, in] unless the backend slices [in, out] (Conv1D)."""
+    in_out = BACKENDS[graph.backend].slices_in_out_layout
+    return all(p.columns is None and (in_out or p.layout == "out_in") for p in projections)
+
+
+def edits_post_norm_branches(graph: TransformerGraph) -> bool:
+    """Whether a post-norm block's branch can be replaced or rewired alone on this backend."""
+    return BACKENDS[graph.backend].edits_post_norm_branches
 
 
 @dataclass
@@ -57,3 +59,34 @@ def sorted_indices(value: Any, bound: int, what: str) -> list[int]:
 def exact_keys(choice: dict, keys: set[str]) -> None:
     if set(choice) != keys:
         raise ValueError(f"choice must have exactly the keys {sorted(keys)}, got {sorted(choice)}")
+
+
+class Pass(abc.ABC):
+    """One rewrite, written once for every backend:
+        candidates(graph, signals)        what could be done here (signals rank heads etc.)
+        from_plan(graph, layer, choice)   the option a plan.json names, checked against the graph
+                                          (ValueError says what does not fit)
+        reshape(option, shape)            its effect on the cost model's LayerShape
+        apply(backend, options, signals)  do it, in the backend's edit vocabulary (signals None:
+                                          shapes only, on reload or for a timing variant)
+    """
+
+    name: ClassVar[str]
+    # option losses measured one run per option (False: the pass estimates them itself)
+    measured: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
+        ...
+
+    @abc.abstractmethod
+    def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
+        ...
+
+    @abc.abstractmethod
+    def reshape(self, option: Option, shape) -> None:
+        ...
+
+    @abc.abstractmethod
+    def apply(self, backend: Backend, options: list[Option], signals) -> None:
+        ...

@@ -10,15 +10,12 @@ as closely as the kept channels allow.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from tailor.passes.base import Option, exact_keys, sliceable, sorted_indices
+from tailor.backends.base import Backend
+from tailor.passes.base import Option, Pass, exact_keys, sliceable, sorted_indices
 from tailor.passes.cost import LayerShape
-from tailor.rewriter import onnx_surgery
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import add_bias, reconstruct_inputs, slice_linear
 
-NAME = "ffn_prune"
 KEEP = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 
 
@@ -26,64 +23,48 @@ def channel_scores(signals, layer: int) -> np.ndarray:
     return np.asarray(signals.down_importance[layer])
 
 
-def candidates(graph: TransformerGraph, signals) -> list[Option]:
-    out = []
-    for b in graph.blocks:
-        f = b.ffn
-        if not sliceable(graph, f.projections):
-            continue
-        order = np.argsort(-channel_scores(signals, b.index), kind="stable")
-        for keep in KEEP:
-            n = max(8, int(round(f.width * keep / 8)) * 8)  # multiples of 8 stay kernel-friendly
-            if n >= f.width:
-                continue
-            out.append(_keep(graph, b.index, sorted(int(c) for c in order[:n])))
-    return out
-
-
 def _keep(graph: TransformerGraph, layer: int, kept: list[int]) -> Option:
-    return Option(NAME, layer, {"channels": kept}, (f"ffn:{layer}",),
+    return Option(FfnPrune.name, layer, {"channels": kept}, (f"ffn:{layer}",),
                   label=f"layer {layer}: FFN keep {len(kept)}/{graph.blocks[layer].ffn.width}")
 
 
-def from_plan(graph: TransformerGraph, layer: int, choice: dict) -> Option:
-    f = graph.blocks[layer].ffn
-    exact_keys(choice, {"channels"})
-    if not sliceable(graph, f.projections):
-        raise ValueError("this FFN's projections cannot be sliced")
-    kept = sorted_indices(choice["channels"], f.width, "channels")
-    if not 0 < len(kept) < f.width:
-        raise ValueError(f"channels must keep between 1 and {f.width - 1} of {f.width}")
-    return _keep(graph, layer, kept)
+class FfnPrune(Pass):
+    name = "ffn_prune"
 
+    def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
+        out = []
+        for b in graph.blocks:
+            f = b.ffn
+            if not sliceable(graph, f.projections):
+                continue
+            order = np.argsort(-channel_scores(signals, b.index), kind="stable")
+            for keep in KEEP:
+                n = max(8, int(round(f.width * keep / 8)) * 8)  # multiples of 8 stay kernel-friendly
+                if n >= f.width:
+                    continue
+                out.append(_keep(graph, b.index, sorted(int(c) for c in order[:n])))
+        return out
 
-def reshape(option: Option, shape: LayerShape) -> None:
-    shape.ffn_width = len(option.choice["channels"])
+    def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
+        f = graph.blocks[layer].ffn
+        exact_keys(choice, {"channels"})
+        if not sliceable(graph, f.projections):
+            raise ValueError("this FFN's projections cannot be sliced")
+        kept = sorted_indices(choice["channels"], f.width, "channels")
+        if not 0 < len(kept) < f.width:
+            raise ValueError(f"channels must keep between 1 and {f.width - 1} of {f.width}")
+        return _keep(graph, layer, kept)
 
+    def reshape(self, option: Option, shape: LayerShape) -> None:
+        shape.ffn_width = len(option.choice["channels"])
 
-def apply_torch(model, graph: TransformerGraph, options: list[Option], signals) -> None:
-    for o in options:
-        f = graph.blocks[o.layer].ffn
-        kept = torch.tensor(o.choice["channels"], dtype=torch.long)
-        for p in (f.gate, f.up):
-            if p is not None:
-                slice_linear(model, p, rows=kept)
-        if signals is not None:
-            reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
-        else:  # reload: shapes only, the weights come from the artifact
-            slice_linear(model, f.down, cols=kept)
-            add_bias(model, f.down, torch.zeros(f.down.out_features))
-
-
-def apply_onnx(model, graph: TransformerGraph, options: list[Option], signals) -> None:
-    for o in options:
-        f = graph.blocks[o.layer].ffn
-        kept = o.choice["channels"]
-        onnx_surgery.set_ffn_width(model, graph.blocks[o.layer], len(kept))
-        for p in (f.gate, f.up):
-            if p is not None:
-                onnx_surgery.slice_projection(model, p, rows=kept)
-        if signals is not None:
-            onnx_surgery.reconstruct_inputs(model, f.down, kept, signals.down_gram[o.layer])
-        else:  # shapes only (the cost model's timing variants)
-            onnx_surgery.drop_inputs(model, f.down, kept)
+    def apply(self, backend: Backend, options: list[Option], signals) -> None:
+        for o in options:
+            f = backend.graph.blocks[o.layer].ffn
+            kept = o.choice["channels"]
+            backend.set_ffn_width(o.layer, len(kept))
+            for p in (f.gate, f.up):
+                if p is not None:
+                    backend.keep_outputs(p, kept)
+            # the down projection refitted on the calibration Gram matrix; shapes only without it
+            backend.keep_inputs(f.down, kept, signals.down_gram[o.layer] if signals is not None else None)

@@ -22,22 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
-from tailor.backends.runners import as_runnable
+from tailor.backends.base import Backend, divergence
 from tailor.core.digests import sha256_file
-from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
-from tailor.data.calibration import Calibration, Inputs, batches
+from tailor.data.calibration import Calibration, Inputs
 from tailor.passes.attention_profile import AttentionInfluence, profile_attention
 from tailor.passes.base import Option
-from tailor.passes.measure import clone, divergence, model_outputs
 from tailor.passes.obs import removal_importance
-from tailor.rewriter import onnx_surgery
+from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import RIDGE, block_path, module_path
+from tailor.rewriter.torch_surgery import RIDGE
 
 PROFILE_VERSION = 3
 
@@ -117,10 +114,6 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return aug.T @ aug
 
 
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 class SignalSums:
     """Running sums of the profile's statistics, fed by torch hooks or onnxruntime outputs."""
 
@@ -171,119 +164,29 @@ class SignalSums:
             o_gram=o_gram, down_gram=down_gram)
 
 
-def collect_signals(model, graph: TransformerGraph, ids: Inputs) -> Signals:
-    """The profile's statistics from a transformers model (forward hooks) or an onnx_ir model
-    (its intermediate values made graph outputs, run by onnxruntime)."""
-    if isinstance(model, ir.Model):
-        return _collect_onnx(model, graph, ids)
+def collect_signals(backend: Backend, ids: Inputs) -> Signals:
+    """The profile's statistics, summed over the backend's block traces on `ids`."""
+    graph = backend.graph
     sums = SignalSums(graph.num_layers)
-    seen: dict[str, list] = {k: [None] * graph.num_layers for k in ("in", "ffn", "attn", "o", "down")}
-
-    def save_input(kind, i):
-        def hook(mod, args, kwargs):
-            seen[kind][i] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def save_output(kind, i):
-        def hook(mod, args, out):
-            seen[kind][i] = _first(out)
-        return hook
-
-    def block_done(i):
-        def hook(mod, args, out):
-            sums.block(i, seen["in"][i], _first(out), seen["ffn"][i], seen["attn"][i])
-            sums.projection_inputs(i, seen["o"][i], seen["down"][i])
-        return hook
-
-    def key(i):
-        def hook(mod, args, out):
-            sums.key(i, out)
-        return hook
-
-    hooks = []
-    for b in graph.blocks:
-        i, sub = b.index, model.get_submodule
-        block = sub(block_path(model, b))
-        hooks += [
-            block.register_forward_pre_hook(save_input("in", i), with_kwargs=True),
-            sub(module_path(b.attn.o.weight.name)).register_forward_pre_hook(save_input("o", i),
-                                                                             with_kwargs=True),
-            sub(module_path(b.ffn.down.weight.name)).register_forward_pre_hook(save_input("down", i),
-                                                                               with_kwargs=True),
-            # the branches' outputs are their last projections' outputs (not the modules around
-            # them, which in post-norm models include the residual add and the norm)
-            sub(module_path(b.ffn.down.weight.name)).register_forward_hook(save_output("ffn", i)),
-            sub(module_path(b.attn.o.weight.name)).register_forward_hook(save_output("attn", i)),
-            sub(module_path(b.attn.k.weight.name)).register_forward_hook(key(i)),
-            block.register_forward_hook(block_done(i)),
-        ]
-    try:
-        model_outputs(model, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def weight(p):
-        w = model.get_submodule(module_path(p.weight.name)).weight.detach().double()
-        return w if p.layout == "out_in" else w.T
-
-    return sums.signals([weight(b.attn.o) for b in graph.blocks], [weight(b.ffn.down) for b in graph.blocks],
+    for traces in backend.block_traces(ids):
+        for i, t in enumerate(traces):
+            sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
+            sums.projection_inputs(i, t.o_in, t.down_in)
+            sums.key(i, t.key)
+    return sums.signals([torch.from_numpy(backend.projection_weight(b.attn.o)) for b in graph.blocks],
+                        [torch.from_numpy(backend.projection_weight(b.ffn.down)) for b in graph.blocks],
                         [b.attn.head_dim for b in graph.blocks])
 
 
-def _collect_onnx(model: ir.Model, graph: TransformerGraph, ids: Inputs, batch: int = 4) -> Signals:
-    probe = onnx_surgery.clone(model)
-    nodes = onnx_surgery.nodes_by_name(probe)
-    values = onnx_surgery.block_values(probe, graph)
-    wanted = []
-    for b, v in zip(graph.blocks, values):
-        k = onnx_surgery.linear_output(nodes[b.attn.k.node])
-        wanted.append([v.input, v.output, v.ffn_out, v.attn_out, nodes[b.attn.o.node].inputs[0],
-                       nodes[b.ffn.down.node].inputs[0], k])
-    onnx_surgery.expose(probe, [x for row in wanted for x in row])
-    run = as_runnable(probe)
-    sums = SignalSums(graph.num_layers)
-    for chunk in batches(ids, batch):
-        out = run.run_all(chunk.numpy())
-        for i, row in enumerate(wanted):
-            x, y, f, a, o_in, d_in, k = (torch.from_numpy(out[v.name]) for v in row)
-            sums.block(i, x, y, f, a)
-            sums.projection_inputs(i, o_in, d_in)
-            sums.key(i, k)
-
-    def weight(p):
-        w, _ = onnx_surgery.projection_arrays(model, p)
-        return torch.from_numpy(np.array(w, dtype=np.float64))  # [out, in]
-
-    return sums.signals([weight(b.attn.o) for b in graph.blocks], [weight(b.ffn.down) for b in graph.blocks],
-                        [b.attn.head_dim for b in graph.blocks])
-
-
-def apply_options(model, graph: TransformerGraph, options: list[Option], signals: Signals | None):
-    """Apply options of several passes to `model` in place, in the order that keeps indices valid."""
-    from tailor.passes.registry import APPLY_ORDER, PASSES
-
-    onnx = isinstance(model, ir.Model)
-    for name in APPLY_ORDER:
-        chosen = [o for o in options if o.pass_name == name]
-        if chosen:
-            apply = getattr(PASSES[name], "apply_onnx" if onnx else "apply_torch", None)
-            if apply is None:
-                raise TailorError(f"pass {name} has no ONNX rewrite yet")
-            apply(model, graph, chosen, signals)
-    return onnx_surgery.finish(model) if onnx else model
-
-
-def measure_options(model, graph: TransformerGraph, options: list[Option], signals: Signals,
-                    ids: torch.Tensor, reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
-    from tailor.passes.registry import PASSES
-
-    is_lm = graph.task == "causal-lm"
+def measure_options(backend: Backend, options: list[Option], signals: Signals, ids: Inputs,
+                    reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
+    """Each option applied alone to a copy: its divergence from `reference` on `ids`."""
+    is_lm = backend.graph.task == "causal-lm"
     result = {}
-    options = [o for o in options if getattr(PASSES[o.pass_name], "MEASURED", True)]
+    options = [o for o in options if PASSES[o.pass_name].measured]
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
-        variant = apply_options(clone(model), graph, [o], signals)
-        result[o.key] = divergence(reference, model_outputs(variant, ids), is_lm)
+        variant = apply_options(backend.clone(), [o], signals)
+        result[o.key] = divergence(reference, variant.outputs(ids), is_lm)
     return result
 
 
@@ -334,12 +237,10 @@ def store(profile: Profile) -> None:
     os.replace(tmp, path)
 
 
-def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list[str], *,
-                model_hash: str, settings: dict, progress: bool = True,
-                use_cache: bool = True) -> tuple[Profile, list[Option]]:
+def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, model_hash: str, settings: dict,
+                progress: bool = True, use_cache: bool = True) -> tuple[Profile, list[Option]]:
     """Signals, the candidate options of `passes`, and each option's measured KL."""
-    from tailor.passes.registry import PASSES, candidates_for
-
+    graph = backend.graph
     # everything that changes a measured number is part of the key
     key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes), "ridge": RIDGE})
     cached = load_cached(key) if use_cache else None
@@ -348,23 +249,21 @@ def run_profile(model, graph: TransformerGraph, calib: Calibration, passes: list
         candidates = candidates_for(graph, cached.signals, passes)
         # candidates a newer tailor offers that this entry has not measured: measure them now
         # rather than let the search take an unmeasured option for free
-        missing = [o for o in candidates if o.key not in cached.option_kl
-                   and getattr(PASSES[o.pass_name], "MEASURED", True)]
+        missing = [o for o in candidates if o.key not in cached.option_kl and PASSES[o.pass_name].measured]
         if missing:
-            reference = model_outputs(model, calib.profile_ids)
-            cached.option_kl.update(measure_options(model, graph, missing, cached.signals,
-                                                    calib.profile_ids, reference, progress))
+            reference = backend.outputs(calib.profile_ids)
+            cached.option_kl.update(measure_options(backend, missing, cached.signals, calib.profile_ids,
+                                                    reference, progress))
             store(cached)
         return cached, candidates
-    signals = collect_signals(model, graph, calib.profile_ids)
+    signals = collect_signals(backend, calib.profile_ids)
     if "attn_pattern" in passes:
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
-        signals.attention = profile_attention(model, graph, calib.attn_texts, calib.retrieval, grid,
-                                              progress=progress,
-                                              retrieval_weight=calib.retrieval_weight)
+        signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
+                                              progress=progress, retrieval_weight=calib.retrieval_weight)
     candidates = candidates_for(graph, signals, passes)
-    reference = model_outputs(model, calib.profile_ids)
-    option_kl = measure_options(model, graph, candidates, signals, calib.profile_ids, reference, progress)
+    reference = backend.outputs(calib.profile_ids)
+    option_kl = measure_options(backend, candidates, signals, calib.profile_ids, reference, progress)
     prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
     if use_cache:
         store(prof)

@@ -1,11 +1,19 @@
 """The rewrite passes the search may combine. A new pass is one file and one line here."""
 from __future__ import annotations
 
-from tailor.passes import attn_pattern, ffn_prune, ffn_skip, head_prune, kv_share, layer_skip
-from tailor.passes.base import Option
+from tailor.backends.base import Backend
+from tailor.core.errors import TailorError
+from tailor.passes.attn_pattern import AttnPattern
+from tailor.passes.base import Option, Pass
+from tailor.passes.ffn_prune import FfnPrune
+from tailor.passes.ffn_skip import FfnSkip
+from tailor.passes.head_prune import HeadPrune
+from tailor.passes.kv_share import KvShare
+from tailor.passes.layer_skip import LayerSkip
 from tailor.rewriter.graph import TransformerGraph
 
-PASSES = {m.NAME: m for m in (layer_skip, ffn_skip, ffn_prune, head_prune, kv_share, attn_pattern)}
+PASSES: dict[str, Pass] = {p.name: p for p in (LayerSkip(), FfnSkip(), FfnPrune(), HeadPrune(), KvShare(),
+                                                 AttnPattern())}
 # per-layer edits first, then layer removal (which renumbers the layers)
 APPLY_ORDER = ("head_prune", "attn_pattern", "ffn_prune", "ffn_skip", "kv_share", "layer_skip")
 
@@ -17,11 +25,20 @@ def candidates_for(graph: TransformerGraph, signals, passes: list[str]) -> list[
     return out
 
 
+def apply_options(backend: Backend, options: list[Option], signals) -> Backend:
+    """Apply options of several passes to `backend` in place, in the order that keeps indices
+    valid; returns it."""
+    for name in APPLY_ORDER:
+        chosen = [o for o in options if o.pass_name == name]
+        if chosen:
+            PASSES[name].apply(backend, chosen, signals)
+    backend.finish()
+    return backend
+
+
 def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str = "plan") -> list[Option]:
     """The options a plan's rewrites name, each checked against this graph: known pass, layer in
     range, a choice the pass can apply here, and no two rewrites claiming the same part."""
-    from tailor.core.errors import TailorError
-
     options, claimed = [], {}
     for n, r in enumerate(rewrites):
         what = f"{where}: rewrite {n} ({r.get('pass')!r} on layer {r.get('layer')!r})"

@@ -78,11 +78,11 @@ def test_elementwise_passes_shrink_with_the_branches(llama_graph):
 def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx):
     """Ratios made by a model with known scales: the fit on the compile's variants gets them back,
     and prices a structure it was not fitted on as that model does."""
-    from tailor.pipeline import _fit_variants
+    from tailor.stages.cost import fit_variants
 
     graph = capture(tiny_onnx["llama"]).graph
     workload = Workload(1, 256, 0)
-    variants = {n: structure_of(graph, o) for n, o in _fit_variants(graph, workload).items()}
+    variants = {n: structure_of(graph, o) for n, o in fit_variants(graph, workload).items()}
     assert sorted(variants) == ["ffn_half", "heads_half", "patterns_narrowest", "patterns_wide"]
     truth = CostModel(graph, workload, get_target("cpu"))
     truth.scales = {"branch_passes": 6.0, "attention_core": 1.7, "sparse_keys": 2.0, "sparse_rows": 4.5}
@@ -103,10 +103,10 @@ def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx)
 def test_fit_on_a_torch_graph_leaves_the_block_sparse_parts(llama_graph):
     """A torch model's patterns are masks, not block-sparse ops: the fit recovers the branch
     passes and the attention core from its two variants and leaves the sparse parts at 1."""
-    from tailor.pipeline import _fit_variants
+    from tailor.stages.cost import fit_variants
 
     workload = Workload(1, 256, 0)
-    variants = {n: structure_of(llama_graph, o) for n, o in _fit_variants(llama_graph, workload).items()}
+    variants = {n: structure_of(llama_graph, o) for n, o in fit_variants(llama_graph, workload).items()}
     assert sorted(variants) == ["ffn_half", "heads_half"]
     truth = CostModel(llama_graph, workload, get_target("cpu"))
     truth.scales |= {"branch_passes": 5.0, "attention_core": 2.5}

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import tailor
+from tailor.backends import backend_for
 from tailor.passes.base import Option
-from tailor.passes.profile import apply_options, collect_signals, load_cached, store
+from tailor.passes.profile import collect_signals, load_cached, store
+from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
 from tests.conftest import REFLLAMA, build_model, ids_for
 
@@ -24,9 +26,9 @@ def _calib_ids():
 
 
 def _apply(model, options):
-    g = capture(model).graph
-    signals = collect_signals(model, g, _calib_ids())
-    return apply_options(copy.deepcopy(model), g, options, signals)
+    dense = backend_for(capture(model))
+    signals = collect_signals(dense, _calib_ids())
+    return apply_options(dense.clone(), options, signals).model
 
 
 def test_skipping_an_identity_block_changes_nothing():

@@ -2,17 +2,17 @@
 the same on a transformers model and its ONNX export."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
+from tailor.backends import backend_for
+from tailor.backends.base import divergence
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.passes.base import Option
-from tailor.passes.measure import clone, divergence, model_outputs
-from tailor.passes.profile import apply_options, collect_signals
+from tailor.passes.profile import collect_signals
 from tailor.passes.refit import refit_sequentially, solve
+from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
 from tests.conftest import ids_for
 
@@ -37,26 +37,25 @@ def test_solve_recovers_a_linear_map_and_keeps_a_missing_bias_missing():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_refitting_an_unchanged_model_changes_nothing(tiny_models, tiny_onnx, name):
     ids = ids_for(batch=8, seq=16, seed=1)
-    for source in (tiny_models[name], capture(tiny_onnx[name]).source.model):
-        graph = capture(tiny_models[name] if isinstance(source, torch.nn.Module) else tiny_onnx[name]).graph
-        before = model_outputs(source, ids)
-        after = model_outputs(refit_sequentially(source, clone(source), graph, ids), ids)
+    for source in (backend_for(capture(tiny_models[name])), backend_for(capture(tiny_onnx[name]))):
+        before = source.outputs(ids)
+        after = refit_sequentially(source, source.clone(), ids).outputs(ids)
         for a, b in zip(before, after):
             assert float((a - b).abs().max()) <= 1e-4
 
 
 def test_refit_brings_a_rewritten_model_closer_and_onnx_matches_torch(tiny_models, tiny_onnx):
-    model, ct, co = tiny_models["llama"], capture(tiny_models["llama"]), capture(tiny_onnx["llama"])
+    bt, bo = backend_for(capture(tiny_models["llama"])), backend_for(capture(tiny_onnx["llama"]))
     calib, held = ids_for(batch=16, seq=24, seed=3), ids_for(batch=8, seq=24, seed=9)
-    signals = collect_signals(model, ct.graph, calib)
-    reference = model_outputs(model, held)
-    torch_plan = apply_options(copy.deepcopy(model), ct.graph, PLAN, signals)
-    before = divergence(reference, model_outputs(torch_plan, held), True)
-    torch_refit = refit_sequentially(model, torch_plan, ct.graph, calib, removed={1})
-    after = divergence(reference, model_outputs(torch_refit, held), True)
+    signals = collect_signals(bt, calib)
+    reference = bt.outputs(held)
+    torch_plan = apply_options(bt.clone(), PLAN, signals)
+    before = divergence(reference, torch_plan.outputs(held), True)
+    torch_refit = refit_sequentially(bt, torch_plan, calib, removed={1})
+    after = divergence(reference, torch_refit.outputs(held), True)
     assert after < 0.9 * before
-    onnx_plan = apply_options(clone(co.source.model), co.graph, PLAN, signals)
-    onnx_refit = refit_sequentially(co.source.model, onnx_plan, co.graph, calib, removed={1})
+    onnx_plan = apply_options(bo.clone(), PLAN, signals)
+    onnx_refit = refit_sequentially(bo, onnx_plan, calib, removed={1})
     with torch.no_grad():
-        expected = HFModel(torch_refit)(held).numpy()
-    assert np.abs(OrtModel(onnx_refit).run_numpy(held.numpy()) - expected).max() <= 1e-3
+        expected = HFModel(torch_refit.model)(held).numpy()
+    assert np.abs(OrtModel(onnx_refit.model).run_numpy(held.numpy()) - expected).max() <= 1e-3

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import tailor
+from tailor.backends import backend_for
 from tailor.cli.main import main
 from tailor.core.errors import TailorError
 from tailor.core.targets import Target, get_target
@@ -102,7 +103,7 @@ def test_a_measured_table_fits_the_cost_model_to_the_model_timed_here(tiny_model
 
 
 def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tmp_path, monkeypatch):
-    import tailor.pipeline
+    import tailor.stages.cost
 
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     table = tmp_path / "cpu.json"
@@ -113,7 +114,7 @@ def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tm
     def unbuildable(*args, **kwargs):
         raise TailorError("no residual Add consumes x")
 
-    monkeypatch.setattr(tailor.pipeline, "apply_options", unbuildable)
-    cm = tailor.pipeline._cost_model(tailor.pipeline.capture(tiny_models["llama"]), tailor.pipeline.Workload(1, 32, 0),
-                                str(table))
+    monkeypatch.setattr(tailor.stages.cost, "apply_options", unbuildable)
+    cap = capture(tiny_models["llama"])
+    cm = tailor.stages.cost.cost_model_for(cap, backend_for(cap), Workload(1, 32, 0), str(table))
     assert set(cm.scales.values()) == {1.0} and "no residual Add" in cm.to_json()["fit_skipped"]

@@ -78,9 +78,10 @@ def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, 
     saved (CostModel.baseline) and the search spends only the rest on lossy rewrites."""
     import json
 
-    import tailor.pipeline
+    from tailor.backends import backend_for
     from tailor.passes.cost import Structure, Workload
     from tailor.passes.search import search
+    from tailor.stages.cost import cost_model_for
 
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     table = tmp_path / "cpu.json"
@@ -88,7 +89,7 @@ def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, 
                                  "bytes_per_s": 2e10, "bytes_per_element": 4,
                                  "matmul": [[1e6, 1e10], [1e9, 1e11]]}))
     cap = capture(tiny_onnx["llama"])
-    cm = tailor.pipeline._cost_model(cap, Workload(1, 32, 0), str(table))
+    cm = cost_model_for(cap, backend_for(cap), Workload(1, 32, 0), str(table))
     assert 0.3 < cm.baseline < 3 and cm.baseline != 1.0
     assert cm.ratio(Structure.dense(cap.graph), "latency") == pytest.approx(cm.baseline)
     assert cm.ratio(Structure.dense(cap.graph), "flops") == 1.0  # the guard is no FLOP

@@ -9,6 +9,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from tailor.backends import backend_for
 from tailor.backends.runners import HFModel, OrtModel, cpu_session
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
@@ -16,11 +17,10 @@ from tailor.core.targets import get_target
 from tailor.passes import attn_pattern
 from tailor.passes.attention_profile import profile_attention
 from tailor.passes.cost import CostModel, Workload
-from tailor.passes.measure import clone
-from tailor.passes.profile import apply_options
+from tailor.passes.registry import apply_options
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.capture import capture
-from tailor.rewriter.onnx_sparse_attention import block_size, blocked_keys
+from tailor.rewriter.onnx_sparse_attention import block_size, blocked_keys, substitute
 from tests.conftest import ids_for
 
 P = Pattern.from_json
@@ -45,11 +45,10 @@ def test_blocked_onnx_attention_matches_masked_reference(tiny_models, tiny_onnx,
     spans = SPANS[kind](ct.graph.blocks[0].attn.num_kv_heads)
     ids = ids_for(batch=2, seq=seq, seed=3)
     with torch.no_grad():
-        patterned = apply_options(copy.deepcopy(model), ct.graph, _options(ct.graph, spans), None)
+        patterned = apply_options(backend_for(ct).clone(), _options(ct.graph, spans), None).model
         expected = HFModel(patterned)(ids)
         dense = HFModel(model)(ids)
-    rewritten = onnx_surgery.finish(apply_options(clone(co.source.model), co.graph,
-                                                  _options(co.graph, spans), None))
+    rewritten = apply_options(backend_for(co).clone(), _options(co.graph, spans), None).model
     got = OrtModel(rewritten).run_numpy(ids.numpy())
     assert np.abs(got - expected.numpy()).max() <= 1e-4
     assert (dense - expected).abs().max() > 1e-3  # the patterns do change the output
@@ -60,17 +59,16 @@ def test_blocked_onnx_attention_matches_masked_reference(tiny_models, tiny_onnx,
 def test_blocked_encoder_attention_honours_padding(tiny_models, tiny_onnx):
     """Padded keys stay masked inside the gathered blocks; an all-padding row gives what the
     original graph gives (its NaN guard: zeros)."""
-    model, ct, co = tiny_models["bert"], capture(tiny_models["bert"]), capture(tiny_onnx["bert"])
+    ct, co = capture(tiny_models["bert"]), capture(tiny_onnx["bert"])
     spans = SPANS["two_patterns"](ct.graph.blocks[0].attn.num_kv_heads)
     ids = ids_for(batch=3, seq=29, seed=5)
     mask = torch.ones_like(ids)
     mask[0, 20:] = 0
     mask[1, 3:] = 0
     with torch.no_grad():
-        patterned = apply_options(copy.deepcopy(model), ct.graph, _options(ct.graph, spans), None)
+        patterned = apply_options(backend_for(ct).clone(), _options(ct.graph, spans), None).model
         expected = patterned(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
-    rewritten = onnx_surgery.finish(apply_options(clone(co.source.model), co.graph,
-                                                  _options(co.graph, spans), None))
+    rewritten = apply_options(backend_for(co).clone(), _options(co.graph, spans), None).model
     session = cpu_session(ir.serde.serialize_model(rewritten).SerializeToString())
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     valid = mask.bool().numpy()
@@ -81,12 +79,12 @@ def test_blocked_encoder_attention_honours_padding(tiny_models, tiny_onnx):
 def test_onnx_attention_profile_equals_torch_profile(tiny_models, tiny_onnx):
     """The same model measured through its ONNX export (rewritten per head, onnxruntime) and
     through transformers: the same losses."""
-    model, ct, co = tiny_models["llama"], capture(tiny_models["llama"]), capture(tiny_onnx["llama"])
+    ct, co = capture(tiny_models["llama"]), capture(tiny_onnx["llama"])
     grid = [P([2, 4.0, 0.0]), P([0, 8.0, 0.0]), P([4, 2.0, 0.125])]
     texts = {24: ids_for(batch=3, seq=24, seed=7), 40: ids_for(batch=2, seq=40, seed=8)}
     kw = dict(retrieval_weight=0.0, progress=False)
-    t = profile_attention(model, ct.graph, texts, {}, grid, **kw)
-    o = profile_attention(co.source.model, co.graph, texts, {}, grid, **kw)
+    t = profile_attention(backend_for(ct), texts, {}, grid, **kw)
+    o = profile_attention(backend_for(co), texts, {}, grid, **kw)
     assert t.measured == o.measured > 0
     for n in texts:
         assert t.loss[n].max() > 1e-4  # the patterns cost something (tiny random model: little)
@@ -118,7 +116,7 @@ def test_fused_attention_has_no_sparse_form(tiny_onnx):
     a = copy.copy(co.graph.blocks[0].attn)
     a.kind = "sdpa"
     with pytest.raises(TailorError, match="decomposed"):
-        attn_pattern.substitute(clone(co.source.model), a, [P([2, 4.0, 0.0])] * a.num_kv_heads)
+        substitute(onnx_surgery.clone(co.source.model), a, [P([2, 4.0, 0.0])] * a.num_kv_heads)
 
 
 def test_onnx_compile_offers_patterns_only_where_they_can_pay(tiny_onnx):
@@ -126,7 +124,7 @@ def test_onnx_compile_offers_patterns_only_where_they_can_pay(tiny_onnx):
     skipped (and the report says why) where the cheapest patterns would save under 10%."""
     import tailor
     from tailor.passes.attn_pattern import default_grid
-    from tailor.pipeline import MIN_PATTERN_HEADROOM, pattern_headroom
+    from tailor.stages.cost import MIN_PATTERN_HEADROOM, pattern_headroom
 
     g = capture(tiny_onnx["llama"]).graph
     short, long = (CostModel(g, Workload(batch=1, prompt_len=n), get_target("cpu")) for n in (16, 512))

@@ -10,18 +10,23 @@ import pytest
 import torch
 
 import tailor
+from tailor.backends import backend_for
 from tailor.backends.export import export_onnx
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.core.errors import TailorError
 from tailor.passes.base import Option
-from tailor.passes.measure import clone
-from tailor.passes.profile import apply_options, collect_signals
-from tailor.passes.registry import candidates_for
+from tailor.passes.profile import collect_signals
+from tailor.passes.registry import apply_options, candidates_for
 from tailor.rewriter.capture import capture
 from tailor.rewriter.torch_surgery import replace_with_constant
 from tests.conftest import build_model, ids_for
 
 STRUCTURAL = ["layer_skip", "ffn_skip", "ffn_prune", "head_prune", "kv_share"]
+
+
+def _rewritten(captured, options, signals):
+    """A rewritten copy of the captured model, in its own form (transformers or onnx_ir)."""
+    return apply_options(backend_for(captured).clone(), options, signals).model
 
 
 def _both(tiny_models, tiny_onnx, name):
@@ -34,7 +39,7 @@ def _both(tiny_models, tiny_onnx, name):
 @pytest.mark.parametrize("name", ["llama", "mistral", "bert"])
 def test_onnx_signals_equal_torch_signals(tiny_models, tiny_onnx, name):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, name)
-    st, so = collect_signals(model, ct.graph, ids), collect_signals(co.source.model, co.graph, ids)
+    st, so = collect_signals(backend_for(ct), ids), collect_signals(backend_for(co), ids)
     for field in ("block_influence", "ffn_contribution", "ffn_mean", "attn_mean", "kv_similarity",
                   "o_importance", "down_importance"):
         np.testing.assert_allclose(np.asarray(getattr(so, field)), np.asarray(getattr(st, field)),
@@ -46,7 +51,7 @@ def test_onnx_signals_equal_torch_signals(tiny_models, tiny_onnx, name):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "bert"])
 def test_every_option_rewrites_onnx_like_torch(tiny_models, tiny_onnx, name):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, name)
-    signals = collect_signals(model, ct.graph, ids)
+    signals = collect_signals(backend_for(ct), ids)
     torch_opts = candidates_for(ct.graph, signals, STRUCTURAL)
     onnx_opts = {o.key: o for o in candidates_for(co.graph, signals, STRUCTURAL)}
     # ONNX offers everything torch does (and, for post-norm blocks, more: see below)
@@ -54,8 +59,8 @@ def test_every_option_rewrites_onnx_like_torch(tiny_models, tiny_onnx, name):
     assert {o.pass_name for o in torch_opts} >= {"layer_skip", "ffn_prune", "head_prune"}
     for o in torch_opts:
         with torch.no_grad():
-            expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, [o], signals))(ids).numpy()
-        rewritten = apply_options(clone(co.source.model), co.graph, [onnx_opts[o.key]], signals)
+            expected = HFModel(_rewritten(ct, [o], signals))(ids).numpy()
+        rewritten = _rewritten(co, [onnx_opts[o.key]], signals)
         got = OrtModel(rewritten).run_numpy(ids.numpy())
         assert got.shape == expected.shape, o.key
         assert np.abs(got - expected).max() <= 1e-4, o.key
@@ -63,14 +68,14 @@ def test_every_option_rewrites_onnx_like_torch(tiny_models, tiny_onnx, name):
 
 def test_a_combined_plan_rewrites_onnx_like_torch(tiny_models, tiny_onnx):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "mistral")
-    signals = collect_signals(model, ct.graph, ids)
+    signals = collect_signals(backend_for(ct), ids)
     chosen = [Option("head_prune", 0, {"kv_heads": [1], "queries": [[0, 2]]}, ()),
               Option("ffn_prune", 0, {"channels": list(range(0, 96, 2))}, ()),
               Option("kv_share", 2, {"source": 1}, ()),
               Option("ffn_skip", 1, {}, ())]
     with torch.no_grad():
-        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, signals))(ids).numpy()
-    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+        expected = HFModel(_rewritten(ct, chosen, signals))(ids).numpy()
+    rewritten = _rewritten(co, chosen, signals)
     assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
     # the removed weights are gone from the graph, not just unused
     sizes = {v.name: v.const_value.size for v in rewritten.graph.initializers.values()}
@@ -98,10 +103,10 @@ def test_rewritten_onnx_keeps_onnxruntime_fusions(tiny_models, tiny_onnx, tmp_pa
     # the rewrite re-infers shapes with the batch and sequence names: without them onnxruntime
     # cannot prove a residual add's inputs alike and leaves Add + LayerNormalization unfused
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "bert")
-    signals = collect_signals(model, ct.graph, ids)
+    signals = collect_signals(backend_for(ct), ids)
     chosen = [Option("head_prune", 0, {"kv_heads": [0, 2], "queries": [[0], [0]]}, ()),
               Option("ffn_prune", 1, {"channels": list(range(0, 64, 2))}, ())]
-    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+    rewritten = _rewritten(co, chosen, signals)
     before, after = _fused_ops(co.source.model, tmp_path), _fused_ops(rewritten, tmp_path)
     assert before["SkipLayerNormalization"] > 0
     assert after["SkipLayerNormalization"] == before["SkipLayerNormalization"]
@@ -112,13 +117,13 @@ def test_skips_beside_blocks_other_passes_rewrote(tiny_models, tiny_onnx):
     # a layer skip after an FFN skip and a dropped attention elsewhere: the branches those made
     # constant have lost their residual Adds, which the skip must not need to find
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
-    signals = collect_signals(model, ct.graph, ids)
+    signals = collect_signals(backend_for(ct), ids)
     chosen = [Option("head_prune", 0, {"kv_heads": [], "queries": []}, ()),
               Option("ffn_skip", 0, {}, ()),
               Option("layer_skip", 1, {}, ())]
     with torch.no_grad():
-        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, signals))(ids).numpy()
-    rewritten = apply_options(clone(co.source.model), co.graph, chosen, signals)
+        expected = HFModel(_rewritten(ct, chosen, signals))(ids).numpy()
+    rewritten = _rewritten(co, chosen, signals)
     assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
 
 
@@ -126,8 +131,8 @@ def test_adjacent_layer_skips_on_onnx(tiny_models, tiny_onnx):
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "llama")
     chosen = [Option("layer_skip", 1, {}, ()), Option("layer_skip", 2, {}, ())]
     with torch.no_grad():
-        expected = HFModel(apply_options(copy.deepcopy(model), ct.graph, chosen, None))(ids).numpy()
-    rewritten = apply_options(clone(co.source.model), co.graph, chosen, None)
+        expected = HFModel(_rewritten(ct, chosen, None))(ids).numpy()
+    rewritten = _rewritten(co, chosen, None)
     assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - expected).max() <= 1e-4
 
 
@@ -135,9 +140,9 @@ def test_post_norm_drop_attention_on_onnx_keeps_the_residual(tiny_models, tiny_o
     """BERT's attention branch made constant keeps the residual add and the norm after it (on
     torch the attention module holds those too, so there the option is not offered)."""
     model, ct, co, ids = _both(tiny_models, tiny_onnx, "bert")
-    signals = collect_signals(co.source.model, co.graph, ids)
+    signals = collect_signals(backend_for(co), ids)
     drop = Option("head_prune", 1, {"kv_heads": [], "queries": []}, ())
-    rewritten = apply_options(clone(co.source.model), co.graph, [drop], signals)
+    rewritten = _rewritten(co, [drop], signals)
     expected_model = copy.deepcopy(model)  # by hand: only the output projection becomes the mean
     replace_with_constant(expected_model, "encoder.layer.1.attention.output.dense", 64, returns_tuple=False,
                           mean=signals.attn_mean[1])
@@ -158,9 +163,9 @@ def test_gpt2_ffn_pruning_on_onnx_rewrites_flattening_shapes(tmp_path):
     export_onnx(model, path, encoder=False)
     co = capture(path)
     ids = ids_for(batch=4, seq=24, seed=3)
-    signals = collect_signals(co.source.model, co.graph, ids)
+    signals = collect_signals(backend_for(co), ids)
     keep = Option("ffn_prune", 1, {"channels": list(range(192))}, ())
-    rewritten = apply_options(clone(co.source.model), co.graph, [keep], signals)
+    rewritten = _rewritten(co, [keep], signals)
     ref = OrtModel(co.source.model).run_numpy(ids.numpy())
     assert np.abs(OrtModel(rewritten).run_numpy(ids.numpy()) - ref).max() <= 1e-4
 

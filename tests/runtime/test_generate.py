@@ -6,8 +6,9 @@ import pytest
 import torch
 import transformers as tf
 
+from tailor.backends import backend_for
 from tailor.passes.base import Option
-from tailor.passes.profile import apply_options
+from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
 from tailor.runtime.generate import generate, kv_cache_bytes
 from tests.conftest import perturb_vectors
@@ -24,7 +25,7 @@ def _model(plan):
     config = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                             num_key_value_heads=2, num_hidden_layers=5, use_cache=False)
     model = perturb_vectors(tf.LlamaForCausalLM(config)).eval()
-    apply_options(model, capture(model).graph, plan, None)
+    apply_options(backend_for(capture(model)), plan, None)
     return model
 
 

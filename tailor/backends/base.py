@@ -1,0 +1,245 @@
+"""The backend interface: one captured model in its format, and everything format-specific.
+
+A pass, the profile, the search and the refit speak to a `Backend` only: run a batch, trace the
+residual stream block by block, read a projection's weights, apply a structural edit (the small
+vocabulary below, in which every rewrite pass is written once), measure attention patterns head
+by head, refit a branch, write the model out. Two implementations: `TorchBackend` (a transformers
+module) and `OnnxBackend` (an onnx_ir model run by onnxruntime). A new input format is a new
+backend, not edits in every pass.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+
+from tailor.core.patterns import Pattern
+from tailor.data.calibration import Inputs, batches
+from tailor.rewriter.graph import Projection, TransformerGraph
+
+# the two residual branches of a block
+BRANCHES = ("attn", "ffn")
+
+
+class BlockTrace(NamedTuple):
+    """One block on one batch: the residual stream in and out [B, T, H], each branch's output
+    (before its residual add), the inputs of the output and down projections, the keys."""
+    input: torch.Tensor
+    output: torch.Tensor
+    ffn_out: torch.Tensor
+    attn_out: torch.Tensor
+    o_in: torch.Tensor
+    down_in: torch.Tensor
+    key: torch.Tensor
+
+
+def divergence(reference: list[torch.Tensor], outputs: list[torch.Tensor], is_lm: bool) -> float:
+    """Mean per-token KL(reference || output) for LMs; 1 - cosine of hidden states otherwise."""
+    total, count = 0.0, 0
+    for ref, out in zip(reference, outputs):
+        if is_lm:
+            lp_ref, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(out.double(), -1)
+            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+        else:
+            kl = 1 - torch.cosine_similarity(ref.double(), out.double(), dim=-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)
+
+
+@dataclass
+class ProfileBatch:
+    """Inputs the attention profile measures a pattern on, with the dense model's outputs."""
+    ids: torch.Tensor                    # [B, T], every row the same length
+    weight: float                        # of this batch's mean divergence in the loss
+    answer_lens: list[int] | None        # retrieval: answers are the last tokens of each row
+    reference: torch.Tensor | None = None
+    block_outputs: list | None = None    # the dense blocks' outputs, where a backend replays them
+
+    @property
+    def keep(self) -> int:
+        """Logits needed: all for text, the answers' last few for retrieval (saves the head)."""
+        return 0 if self.answer_lens is None else max(self.answer_lens) + 1
+
+    def divergence(self, out: torch.Tensor, is_lm: bool) -> float:
+        """Over every token for text, over each row's answer tokens for retrieval."""
+        ref = self.reference
+        if self.answer_lens is None:
+            return divergence([ref], [out], is_lm)
+        t = ref.shape[1]  # the positions that predict each row's answer tokens
+        return float(np.mean([divergence([ref[r:r + 1, t - c - 1:t - 1]], [out[r:r + 1, t - c - 1:t - 1]],
+                                         is_lm) for r, c in enumerate(self.answer_lens)]))
+
+
+class PatternRunner(abc.ABC):
+    """Measures what one layer's attention patterns cost (tailor.passes.attention_profile)."""
+
+    @abc.abstractmethod
+    def active(self):
+        """A context in which patterns can be measured."""
+
+    @abc.abstractmethod
+    def runs_patterns(self, layer: int) -> bool:
+        """Whether this layer's attention can run per-head patterns at all."""
+
+    @abc.abstractmethod
+    def record(self, batch: ProfileBatch) -> None:
+        """The dense model's outputs on the batch (and whatever the runner replays)."""
+
+    @abc.abstractmethod
+    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
+        """Σ weight × divergence with `layer` on `patterns`, the other layers dense."""
+
+
+class BranchSums:
+    """E[x̃x̃ᵀ] and E[t x̃ᵀ] over batches (x̃ = [x; 1]): what a least-squares refit needs."""
+
+    def __init__(self):
+        self.gram = self.cross = None
+        self.tokens = 0
+
+    def add(self, x: np.ndarray, t: np.ndarray) -> None:
+        xa = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        xa = np.concatenate([xa, np.ones((len(xa), 1))], 1)
+        t = t.reshape(len(xa), -1).astype(np.float64)
+        g, c = xa.T @ xa, t.T @ xa
+        self.gram, self.cross = (g, c) if self.gram is None else (self.gram + g, self.cross + c)
+        self.tokens += len(xa)
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.gram / self.tokens, self.cross / self.tokens
+
+
+class Branches(abc.ABC):
+    """The branches of a rewritten model beside the dense one (tailor.passes.refit): for branch
+    `kind` of `layer`, the rewritten model's inputs to its last projection and the target
+    t = r + y − r' (dense stream + dense branch − rewritten stream)."""
+
+    @abc.abstractmethod
+    def present(self, layer: int, kind: str) -> bool:
+        """Whether the branch still ends in its projection and residual add (not skipped)."""
+
+    @abc.abstractmethod
+    def statistics(self, layer: int, kind: str, ids: Inputs, batch: int) -> BranchSums:
+        ...
+
+    @abc.abstractmethod
+    def weights(self, layer: int, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The projection's weight [out, in] and bias (None where it has none)."""
+
+    @abc.abstractmethod
+    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+        ...
+
+
+def branch_projection(graph: TransformerGraph, layer: int, kind: str) -> Projection:
+    """The last projection of a branch: the attention's output, or the FFN's down projection."""
+    b = graph.blocks[layer]
+    return b.attn.o if kind == "attn" else b.ffn.down
+
+
+class Backend(abc.ABC):
+    """One model in its format, with the graph recognised on it. Edits change `model` in place;
+    `clone()` first to keep the original."""
+
+    format: ClassVar[str]
+    # What the format's surgery can do, asked by passes instead of the format's name:
+    # a post-norm block's branch replaced or rewired alone (on torch the attention module of a
+    # post-norm block holds its residual add and norm, so it cannot)
+    edits_post_norm_branches: ClassVar[bool]
+    # projections stored [in, out] (GPT-2's Conv1D) sliced
+    slices_in_out_layout: ClassVar[bool]
+    # the attention profile replays the layers before the one measured (else it runs the whole
+    # model per layer, head and pattern, and is offered only where patterns can pay for it)
+    profiles_patterns_cheaply: ClassVar[bool]
+
+    def __init__(self, model: Any, graph: TransformerGraph):
+        self.model, self.graph = model, graph
+
+    # ---- running ----
+
+    @abc.abstractmethod
+    def clone(self) -> "Backend":
+        """An independent copy to rewrite."""
+
+    @abc.abstractmethod
+    def runnable(self) -> torch.nn.Module:
+        """model(input_ids [B, T]) -> logits or hidden states."""
+
+    def outputs(self, ids: Inputs, batch: int = 4) -> list[torch.Tensor]:
+        """The model's outputs on calibration inputs, in batches, as float32."""
+        run = self.runnable()
+        with torch.no_grad():
+            return [run(b).float() for b in batches(ids, batch)]
+
+    @abc.abstractmethod
+    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
+        """Per batch, every block's BlockTrace (the profile's signals are sums over them)."""
+
+    @abc.abstractmethod
+    def projection_weight(self, p: Projection) -> np.ndarray:
+        """A projection's weight [out, in], float64."""
+
+    # ---- structural edits: the vocabulary the passes are written in ----
+
+    @abc.abstractmethod
+    def remove_blocks(self, layers: list[int]) -> None:
+        """Whole blocks out; the stream goes from each one's input to its output's users."""
+
+    @abc.abstractmethod
+    def constant_branch(self, layer: int, kind: str, mean) -> None:
+        """A branch ("attn" | "ffn") becomes a constant: `mean` [H], or zeros (shapes only)."""
+
+    @abc.abstractmethod
+    def keep_outputs(self, p: Projection, rows) -> None:
+        """Keep output channels `rows` of a projection (its bias alike)."""
+
+    @abc.abstractmethod
+    def keep_inputs(self, p: Projection, cols, gram: np.ndarray | None) -> None:
+        """Keep input channels `cols` of a projection: the kept weights and a bias refitted by
+        least squares on `gram` (E[x̃x̃ᵀ] of its full input), or with `gram` None plainly sliced
+        with a zero bias (shapes only: a reload, whose weights come after, or a timing variant)."""
+
+    @abc.abstractmethod
+    def set_heads(self, layer: int, kv_heads: int, queries_per_group: int) -> None:
+        """The attention's head counts after its projections were sliced."""
+
+    @abc.abstractmethod
+    def set_ffn_width(self, layer: int, width: int) -> None:
+        """The FFN's width after its projections were sliced."""
+
+    @abc.abstractmethod
+    def share_kv(self, layer: int, source: int) -> None:
+        """`layer` attends over the keys and values of the earlier layer `source`."""
+
+    @abc.abstractmethod
+    def runs_patterns(self, layer: int) -> bool:
+        """Whether the layer's attention can run per-KV-head patterns."""
+
+    @abc.abstractmethod
+    def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
+        """Per-KV-head attention patterns (None: dense)."""
+
+    def finish(self) -> None:
+        """After a set of edits: whatever the format needs to stay consistent."""
+
+    # ---- measuring and refitting ----
+
+    @abc.abstractmethod
+    def pattern_runner(self) -> PatternRunner:
+        ...
+
+    @abc.abstractmethod
+    def branches(self, dense: "Backend", removed: set[int]) -> Branches:
+        """This (rewritten) model's branches beside `dense`; `removed`: the layers it skips."""
+
+    # ---- writing ----
+
+    @abc.abstractmethod
+    def save(self, folder: Path, formats: tuple[str, ...]) -> None:
+        """Write the model into an artifact folder in `formats`."""

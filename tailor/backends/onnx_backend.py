@@ -1,0 +1,238 @@
+"""The ONNX backend: an onnx_ir model, run by onnxruntime, edited through
+tailor.rewriter.onnx_surgery (and onnx_sparse_attention for patterns).
+
+Signals come from the intermediate values made graph outputs of a copy; a pattern is measured by
+rewriting a copy and running it whole (no frozen prefix as on torch).
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from tailor.backends.base import (
+    Backend,
+    BlockTrace,
+    Branches,
+    BranchSums,
+    PatternRunner,
+    ProfileBatch,
+    branch_projection,
+)
+from tailor.backends.export import save_onnx
+from tailor.backends.runners import OrtModel
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.data.calibration import Inputs, batches
+from tailor.rewriter import onnx_surgery
+from tailor.rewriter.capture import OnnxSource
+from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
+
+
+class OnnxBackend(Backend):
+    format = "onnx"
+    edits_post_norm_branches = True
+    profiles_patterns_cheaply = False
+    slices_in_out_layout = True
+
+    def __init__(self, model: ir.Model, graph: TransformerGraph, source: OnnxSource | None = None, *,
+                 edited: bool = False):
+        """`source`: the file the model was read from, written byte for byte while nothing (not
+        even a lossless clean-up) changed the model."""
+        super().__init__(model, graph)
+        self.source, self.edited = source, edited
+
+    def clone(self) -> "OnnxBackend":
+        return OnnxBackend(onnx_surgery.clone(self.model), self.graph, self.source, edited=self.edited)
+
+    def runnable(self) -> OrtModel:
+        return OrtModel(self.model)
+
+    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
+        probe = onnx_surgery.clone(self.model)
+        nodes = onnx_surgery.nodes_by_name(probe)
+        values = onnx_surgery.block_values(probe, self.graph)
+        wanted = []
+        for b, v in zip(self.graph.blocks, values):
+            k = onnx_surgery.linear_output(nodes[b.attn.k.node])
+            wanted.append([v.input, v.output, v.ffn_out, v.attn_out, nodes[b.attn.o.node].inputs[0],
+                           nodes[b.ffn.down.node].inputs[0], k])
+        onnx_surgery.expose(probe, [x for row in wanted for x in row])
+        run = OrtModel(probe)
+        for chunk in batches(ids, batch):
+            out = run.run_all(chunk.numpy())
+            yield [BlockTrace(*(torch.from_numpy(out[v.name]) for v in row)) for row in wanted]
+
+    def projection_weight(self, p: Projection) -> np.ndarray:
+        w, _ = onnx_surgery.projection_arrays(self.model, p)
+        return np.array(w, dtype=np.float64)  # [out, in]
+
+    # ---- edits ----
+
+    def _edit(self) -> ir.Model:
+        self.edited = True
+        return self.model
+
+    def remove_blocks(self, layers: list[int]) -> None:
+        model = self._edit()
+        values = onnx_surgery.block_values(model, self.graph)
+        # found before any bypass, and applied last first: a skipped block's input may be the
+        # output of the skipped block before it
+        ends = [(values[i].output, values[i].input) for i in sorted(layers, reverse=True)]
+        for output, block_input in ends:
+            onnx_surgery.bypass(model, output, block_input)
+
+    def constant_branch(self, layer: int, kind: str, mean) -> None:
+        model = self._edit()
+        values = onnx_surgery.block_values(model, self.graph)[layer]
+        mean = mean if mean is not None else np.zeros(self.graph.hidden_size)
+        onnx_surgery.replace_with_constant(model, values.attn_out if kind == "attn" else values.ffn_out, mean)
+
+    def keep_outputs(self, p: Projection, rows) -> None:
+        onnx_surgery.slice_projection(self._edit(), p, rows=np.asarray(rows))
+
+    def keep_inputs(self, p: Projection, cols, gram: np.ndarray | None) -> None:
+        model = self._edit()
+        if gram is not None:
+            onnx_surgery.reconstruct_inputs(model, p, cols, gram)
+        else:
+            onnx_surgery.drop_inputs(model, p, np.asarray(cols))
+
+    def set_heads(self, layer: int, kv_heads: int, queries_per_group: int) -> None:
+        onnx_surgery.set_head_counts(self._edit(), self.graph.blocks[layer], kv_heads * queries_per_group,
+                                     kv_heads)
+
+    def set_ffn_width(self, layer: int, width: int) -> None:
+        onnx_surgery.set_ffn_width(self._edit(), self.graph.blocks[layer], width)
+
+    def share_kv(self, layer: int, source: int) -> None:
+        """The layer's key and value projections' outputs are replaced by the source's: it still
+        applies its own position encoding and head layout to them, as SharedKVAttention does."""
+        model = self._edit()
+        nodes = onnx_surgery.nodes_by_name(model)
+        own, src = self.graph.blocks[layer].attn, self.graph.blocks[source].attn
+        for mine, theirs in ((own.k, src.k), (own.v, src.v)):
+            onnx_surgery.bypass(model, onnx_surgery.linear_output(nodes[mine.node]),
+                                onnx_surgery.linear_output(nodes[theirs.node]))
+
+    def runs_patterns(self, layer: int) -> bool:
+        try:
+            sparse_core(self.model, self.graph.blocks[layer].attn)
+        except TailorError:
+            return False
+        return True
+
+    def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
+        """The layer's decomposed attention core becomes block-sparse ONNX ops (the products
+        cover only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
+        substitute(self._edit(), self.graph.blocks[layer].attn, patterns)
+
+    def finish(self) -> None:
+        onnx_surgery.finish(self.model)
+
+    # ---- measuring and refitting ----
+
+    def pattern_runner(self) -> PatternRunner:
+        return OnnxPatternRunner(self)
+
+    def branches(self, dense: Backend, removed: set[int]) -> Branches:
+        return OnnxBranches(dense.model, self, self.graph)
+
+    # ---- writing ----
+
+    def save(self, folder: Path, formats: tuple[str, ...]) -> None:
+        """model.onnx: the input file itself, byte for byte with its external data, while nothing
+        changed the model; else the model as it is now."""
+        src = self.source
+        if self.edited or src is None:
+            save_onnx(self.model, folder / "model.onnx")
+            return
+        shutil.copyfile(src.path, folder / "model.onnx")
+        for loc in src.data_files:
+            (folder / loc).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.path.parent / loc, folder / loc)
+
+
+class OnnxPatternRunner(PatternRunner):
+    """Each measurement rewrites a copy (onnx_sparse_attention) and runs it whole."""
+
+    def __init__(self, backend: OnnxBackend):
+        self.backend, self.is_lm = backend, backend.graph.task == "causal-lm"
+        self._dense = None  # one onnxruntime session of the dense model for every reference
+
+    def active(self):
+        return contextlib.nullcontext()
+
+    def runs_patterns(self, layer: int) -> bool:
+        return self.backend.runs_patterns(layer)
+
+    def record(self, batch: ProfileBatch) -> None:
+        if self._dense is None:
+            self._dense = self.backend.runnable()
+        batch.reference = self._dense(batch.ids).float()
+
+    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
+        variant = self.backend.clone()
+        variant.set_patterns(layer, patterns)
+        run = variant.runnable()
+        return sum(b.weight * b.divergence(run(b.ids).float(), self.is_lm) for b in batches)
+
+
+def _residual(values: onnx_surgery.BlockValues, kind: str):
+    """(the residual Add, the branch it reads, the stream it adds to) of one branch."""
+    return values.attn_residual if kind == "attn" else values.ffn_residual
+
+
+class OnnxBranches(Branches):
+    """A rewritten ONNX model's branches beside the dense one, run by onnxruntime."""
+
+    def __init__(self, dense: ir.Model, rewritten: OnnxBackend, graph: TransformerGraph):
+        self.rewritten, self.graph = rewritten, graph
+        probe = onnx_surgery.clone(dense)
+        values = onnx_surgery.block_values(probe, graph)
+        self.sums = {(i, kind): _residual(v, kind)[0].outputs[0].name
+                     for i, v in enumerate(values) for kind in ("attn", "ffn")}
+        onnx_surgery.expose(probe, [_residual(v, kind)[0].outputs[0] for v in values
+                                    for kind in ("attn", "ffn")])
+        self.dense = OrtModel(probe)
+
+    @property
+    def model(self) -> ir.Model:
+        return self.rewritten.model
+
+    def present(self, layer: int, kind: str) -> bool:
+        if branch_projection(self.graph, layer, kind).node not in onnx_surgery.nodes_by_name(self.model):
+            return False
+        try:
+            _residual(onnx_surgery.block_values(self.model, self.graph)[layer], kind)
+        except TailorError:
+            return False
+        return True
+
+    def statistics(self, layer: int, kind: str, ids: Inputs, batch: int) -> BranchSums:
+        probe = onnx_surgery.clone(self.model)
+        x = onnx_surgery.nodes_by_name(probe)[branch_projection(self.graph, layer, kind).node].inputs[0]
+        _, _, stream = _residual(onnx_surgery.block_values(probe, self.graph)[layer], kind)
+        onnx_surgery.expose(probe, [x, stream])
+        run, sums = OrtModel(probe), BranchSums()
+        for chunk in batches(ids, batch):
+            dense, out = self.dense.run_all(chunk.numpy()), run.run_all(chunk.numpy())
+            sums.add(out[x.name], dense[self.sums[(layer, kind)]] - out[stream.name])
+        return sums
+
+    def weights(self, layer: int, kind: str):
+        return onnx_surgery.projection_arrays(self.model, branch_projection(self.graph, layer, kind))
+
+    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+        old, _ = self.weights(layer, kind)
+        onnx_surgery.set_projection(self._edited(), branch_projection(self.graph, layer, kind),
+                                    w.astype(old.dtype), None if b is None else b.astype(old.dtype))
+
+    def _edited(self) -> ir.Model:
+        return self.rewritten._edit()

@@ -1,0 +1,362 @@
+"""The torch backend: a transformers model, edited through tailor.rewriter.torch_surgery.
+
+Modules are found from the weight names recognition recorded. Signals come from forward hooks;
+attention patterns run through transformers' attention interface (rewriter.modules.sparse_attention)
+and are measured with the layers before the one measured replaying their recorded outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tailor.backends.base import (
+    Backend,
+    BlockTrace,
+    Branches,
+    BranchSums,
+    PatternRunner,
+    ProfileBatch,
+    branch_projection,
+)
+from tailor.backends.export import export_onnx
+from tailor.backends.runners import HFModel
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.data.calibration import Inputs, batches
+from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.modules.shared_kv import SharedKVAttention
+from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, install, register
+from tailor.rewriter.torch_surgery import (
+    add_bias,
+    attention_path,
+    block_path,
+    ffn_path,
+    module_path,
+    reconstruct_inputs,
+    remove_layers,
+    replace_with_constant,
+    set_module,
+    slice_linear,
+)
+
+# the original architecture of a rewritten model: tailor.load rebuilds it and replays the plan
+BASE_CONFIG = "base_config.json"
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class TorchBackend(Backend):
+    format = "torch"
+    edits_post_norm_branches = False
+    profiles_patterns_cheaply = True
+    slices_in_out_layout = False
+
+    def __init__(self, model: nn.Module, graph: TransformerGraph, *, edited: bool = False):
+        super().__init__(model, graph)
+        self.edited = edited
+
+    def clone(self) -> "TorchBackend":
+        return TorchBackend(copy.deepcopy(self.model), self.graph, edited=self.edited)
+
+    def runnable(self) -> nn.Module:
+        return HFModel(self.model)
+
+    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
+        model, graph = self.model, self.graph
+        seen: dict[str, list] = {k: [None] * graph.num_layers
+                                 for k in ("in", "out", "ffn", "attn", "o", "down", "k")}
+
+        def save_input(kind, i):
+            def hook(mod, args, kwargs):
+                seen[kind][i] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        def save_output(kind, i):
+            def hook(mod, args, out):
+                seen[kind][i] = _first(out)
+            return hook
+
+        hooks = []
+        for b in graph.blocks:
+            i, sub = b.index, model.get_submodule
+            block = sub(block_path(model, b))
+            o, down = sub(module_path(b.attn.o.weight.name)), sub(module_path(b.ffn.down.weight.name))
+            hooks += [
+                block.register_forward_pre_hook(save_input("in", i), with_kwargs=True),
+                o.register_forward_pre_hook(save_input("o", i), with_kwargs=True),
+                down.register_forward_pre_hook(save_input("down", i), with_kwargs=True),
+                # the branches' outputs are their last projections' outputs (not the modules
+                # around them, which in post-norm models include the residual add and the norm)
+                down.register_forward_hook(save_output("ffn", i)),
+                o.register_forward_hook(save_output("attn", i)),
+                sub(module_path(b.attn.k.weight.name)).register_forward_hook(save_output("k", i)),
+                block.register_forward_hook(save_output("out", i)),
+            ]
+        run = self.runnable()
+        try:
+            for chunk in batches(ids, batch):
+                with torch.no_grad():
+                    run(chunk)
+                yield [BlockTrace(*(seen[k][i] for k in ("in", "out", "ffn", "attn", "o", "down", "k")))
+                       for i in range(graph.num_layers)]
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def projection_weight(self, p: Projection) -> np.ndarray:
+        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().double()
+        return (w if p.layout == "out_in" else w.T).numpy()
+
+    # ---- edits ----
+
+    def _edit(self) -> nn.Module:
+        self.edited = True
+        return self.model
+
+    def remove_blocks(self, layers: list[int]) -> None:
+        model = self._edit()
+        remove_layers(model, [block_path(model, self.graph.blocks[i]) for i in layers])
+
+    def constant_branch(self, layer: int, kind: str, mean) -> None:
+        model, b = self._edit(), self.graph.blocks[layer]
+        path = attention_path(model, b) if kind == "attn" else ffn_path(model, b)
+        # HF attention modules return (output, weights); MLPs return the output
+        replace_with_constant(model, path, self.graph.hidden_size, returns_tuple=kind == "attn", mean=mean)
+
+    def keep_outputs(self, p: Projection, rows) -> None:
+        slice_linear(self._edit(), p, rows=torch.as_tensor(rows, dtype=torch.long))
+
+    def keep_inputs(self, p: Projection, cols, gram: np.ndarray | None) -> None:
+        model, cols = self._edit(), torch.as_tensor(cols, dtype=torch.long)
+        if gram is not None:
+            reconstruct_inputs(model, p, cols, gram)
+        else:
+            slice_linear(model, p, cols=cols)
+            add_bias(model, p, torch.zeros(p.out_features))
+
+    def set_heads(self, layer: int, kv_heads: int, queries_per_group: int) -> None:
+        a = self.graph.blocks[layer].attn
+        attn = self._edit().get_submodule(attention_path(self.model, self.graph.blocks[layer]))
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = queries_per_group
+        elif queries_per_group != a.num_heads // a.num_kv_heads:
+            raise TailorError(f"layer {layer}: {type(attn).__name__} has no num_key_value_groups; "
+                              f"only whole KV groups can be pruned there")
+
+    def set_ffn_width(self, layer: int, width: int) -> None:
+        """Nothing to do: the FFN's modules take their widths from their weights."""
+
+    def share_kv(self, layer: int, source: int) -> None:
+        model = self._edit()
+        own, src = self.graph.blocks[layer], self.graph.blocks[source]
+        path = attention_path(model, own)
+        rel = len(path) + 1
+        shared = SharedKVAttention(model.get_submodule(path), own,
+                                   model.get_submodule(module_path(src.attn.k.weight.name)),
+                                   model.get_submodule(module_path(src.attn.v.weight.name)),
+                                   module_path(own.attn.q.weight.name)[rel:],
+                                   module_path(own.attn.o.weight.name)[rel:])
+        set_module(model, path, shared)
+
+    def runs_patterns(self, layer: int) -> bool:
+        attn = self.model.get_submodule(attention_path(self.model, self.graph.blocks[layer]))
+        return dispatching_module(attn) is not None
+
+    def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
+        model = self._edit()
+        install(model, model.get_submodule(attention_path(model, self.graph.blocks[layer])), patterns)
+
+    # ---- measuring and refitting ----
+
+    def pattern_runner(self) -> PatternRunner:
+        return TorchPatternRunner(self.model, self.graph)
+
+    def branches(self, dense: Backend, removed: set[int]) -> Branches:
+        return TorchBranches(dense.model, self.model, self.graph, removed)
+
+    # ---- writing ----
+
+    def save(self, folder: Path, formats: tuple[str, ...], *, base_config: dict | None = None) -> None:
+        """safetensors (+ config.json; a rewritten model also `base_config`, the original
+        architecture, as BASE_CONFIG) and/or model.onnx."""
+        if "safetensors" in formats:
+            self.model.save_pretrained(folder, safe_serialization=True)
+            if self.edited and base_config is not None:
+                (folder / BASE_CONFIG).write_text(json.dumps(base_config, indent=2, default=str))
+        if "onnx" in formats:
+            export_onnx(self.model, folder / "model.onnx", encoder=self.graph.task == "encoder")
+
+
+# ---- attention patterns, measured head by head -----------------------------------------------------
+
+def _run(model, batch: ProfileBatch) -> torch.Tensor:
+    kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(type(model)) else {}
+    with torch.no_grad():
+        out = model(input_ids=batch.ids, use_cache=False, **kwargs)
+    t = out.logits if getattr(out, "logits", None) is not None else out[0]
+    return t.float()
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    """Asked once per class: `_run` is the profile's inner loop."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+@contextlib.contextmanager
+def _frozen_prefix(blocks: list, layer: int, outputs: list):
+    """Blocks before `layer` return their recorded dense outputs instead of computing."""
+    for i in range(layer):
+        blocks[i].forward = lambda *a, _out=outputs[i], **k: _out
+    try:
+        yield
+    finally:
+        for i in range(layer):
+            del blocks[i].forward
+
+
+class TorchPatternRunner(PatternRunner):
+    """Patterns installed through transformers' attention interface; the layers before the one
+    measured replay their recorded dense outputs."""
+
+    def __init__(self, model: nn.Module, graph: TransformerGraph):
+        self.model, self.is_lm = model, graph.task == "causal-lm"
+        self.blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
+        self.attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
+
+    @contextlib.contextmanager
+    def active(self):
+        register()
+        saved = self.model.config._attn_implementation
+        self.model.config._attn_implementation = IMPLEMENTATION
+        try:
+            yield
+        finally:
+            self.model.config._attn_implementation = saved
+
+    def runs_patterns(self, layer: int) -> bool:
+        return self.attns[layer] is not None
+
+    def record(self, batch: ProfileBatch) -> None:
+        outputs: list = [None] * len(self.blocks)
+        hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+                 for i, blk in enumerate(self.blocks)]
+        try:
+            batch.reference = _run(self.model, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        batch.block_outputs = outputs
+
+    def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
+        self.attns[layer].tailor_spans = [None if p is None else p.to_json() for p in patterns]
+        try:
+            total = 0.0
+            for b in batches:
+                with _frozen_prefix(self.blocks, layer, b.block_outputs):
+                    out = _run(self.model, b)
+                total += b.weight * b.divergence(out, self.is_lm)
+            return total
+        finally:
+            self.attns[layer].tailor_spans = None
+
+
+# ---- branches for the sequential refit -----------------------------------------------------------
+
+class TorchBranches(Branches):
+    """A rewritten transformers model's branches beside the dense one, by forward hooks. Skipped
+    layers left their ModuleList, so a layer's modules are found at its index among those kept."""
+
+    def __init__(self, dense: nn.Module, rewritten: nn.Module, graph: TransformerGraph, removed: set[int]):
+        self.dense, self.rewritten, self.graph, self.removed = dense, rewritten, graph, set(removed)
+
+    def _path(self, layer: int, name: str) -> str:
+        """Where the dense model's module `name` of `layer` sits in the rewritten model."""
+        block = block_path(self.dense, self.graph.blocks[layer])
+        parent, _, idx = block.rpartition(".")
+        shift = sum(1 for r in self.removed if r < layer)
+        return f"{parent}.{int(idx) - shift}{name[len(block):]}" if idx.isdigit() else name
+
+    def _module(self, model: nn.Module, layer: int, name: str) -> nn.Module | None:
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(self._path(layer, name) if model is self.rewritten else name)
+        return None
+
+    def _names(self, layer: int, kind: str) -> tuple[str, str, str]:
+        """Module paths (dense model) of the block, the branch's projection, and the FFN's input
+        projection."""
+        b = self.graph.blocks[layer]
+        projection = branch_projection(self.graph, layer, kind)
+        return (block_path(self.dense, b), module_path(projection.weight.name),
+                module_path(b.ffn.up.weight.name))
+
+    def present(self, layer: int, kind: str) -> bool:
+        if layer in self.removed:
+            return False
+        return isinstance(self._module(self.rewritten, layer, self._names(layer, kind)[1]), nn.Linear)
+
+    def _run(self, model: nn.Module, layer: int, kind: str, chunk: torch.Tensor):
+        """(projection input, the stream the branch adds to, the branch) on one batch."""
+        block_name, proj_name, up_name = self._names(layer, kind)
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_input(key):
+            def hook(mod, args, kwargs):
+                seen[key] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        def keep_output(key):
+            def hook(mod, args, out):
+                seen[key] = _first(out)
+            return hook
+
+        mod = lambda name: self._module(model, layer, name)  # noqa: E731
+        hooks = [mod(block_name).register_forward_pre_hook(keep_input("in"), with_kwargs=True),
+                 mod(block_name).register_forward_hook(keep_output("out")),
+                 mod(proj_name).register_forward_pre_hook(keep_input("x"), with_kwargs=True),
+                 mod(proj_name).register_forward_hook(keep_output("y"))]
+        if kind == "ffn" and self.graph.blocks[layer].residual == "post_norm":
+            hooks.append(mod(up_name).register_forward_pre_hook(keep_input("ffn_in"), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                HFModel(model)(chunk)
+        finally:
+            for h in hooks:
+                h.remove()
+        if kind == "attn":
+            stream = seen["in"]
+        elif self.graph.blocks[layer].residual == "post_norm":
+            stream = seen["ffn_in"]          # BERT: the FFN adds to its own input, then norms
+        else:
+            stream = seen["out"] - seen["y"]  # pre-norm: the block ends with the FFN's add
+        return seen["x"], stream, seen["y"]
+
+    def statistics(self, layer: int, kind: str, ids: Inputs, batch: int) -> BranchSums:
+        sums = BranchSums()
+        for chunk in batches(ids, batch):
+            _, r, y = self._run(self.dense, layer, kind, chunk)
+            x2, r2, _ = self._run(self.rewritten, layer, kind, chunk)
+            sums.add(x2.double().numpy(), (r + y - r2).double().numpy())
+        return sums
+
+    def weights(self, layer: int, kind: str):
+        lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
+        return (lin.weight.detach().double().numpy(),
+                None if lin.bias is None else lin.bias.detach().double().numpy())
+
+    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+        lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
+        lin.weight.data.copy_(torch.from_numpy(w))
+        if b is not None:
+            lin.bias.data.copy_(torch.from_numpy(b))

@@ -1,0 +1,224 @@
+"""The result of a compile (`Compiled`), the artifact it saves, and `load`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from tailor.backends.base import Backend
+from tailor.backends.runners import HFModel, OrtModel
+from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
+from tailor.core.errors import TailorError
+from tailor.core.plan import Plan
+from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
+from tailor.passes.registry import apply_options, options_from_plan
+from tailor.quality.plots import plan_picture
+from tailor.rewriter.capture import (
+    TOKENIZER_FILES,
+    Captured,
+    OnnxSource,
+    TorchSource,
+    capture,
+    example_input_ids,
+    load_hf_directory,
+)
+from tailor.rewriter.graph import TransformerGraph
+from tailor.runtime.artifact import verify_artifact, write_artifact
+
+FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
+
+
+@dataclass
+class Compiled:
+    model: torch.nn.Module      # model(input_ids [B, T]) -> logits or hidden states
+    plan: Plan
+    report: dict[str, Any]
+    graph: TransformerGraph | None = None
+    source: TorchSource | OnnxSource | None = field(default=None, repr=False)
+    formats: tuple[str, ...] = ()
+    run_config: dict[str, Any] | None = None
+    rewritten: Backend | None = field(default=None, repr=False)   # the rewritten model in its backend
+
+    def generate(self, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
+        """Continue token-id prompts with the per-head KV cache (tailor.runtime.generate): Triton
+        kernels where the model is on CUDA, their torch references elsewhere."""
+        from tailor.runtime.generate import generate
+
+        if not isinstance(self.model, HFModel):
+            raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+        return generate(self.model, prompts, max_new_tokens, **sampling)
+
+    def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
+        """Write the artifact directory atomically; refuses to replace one unless force.
+        check(tmp_dir), if given, validates the written artifact before it is moved into place."""
+        if self.source is None:
+            raise TailorError("this Compiled was loaded from an artifact; copy the folder instead")
+        return write_artifact(Path(out), self._write, force=force, check=check)
+
+    def _write(self, tmp: Path) -> None:
+        (tmp / "plan.json").write_text(self.plan.dumps())
+        self._write_model(tmp)
+        if "tvm" in self.formats:
+            self._build_tvm(tmp)
+        (tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+        if self.plan.rewrites and self.graph is not None:
+            plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png",
+                         length=self.plan.workload.get("prompt_len", 1024))
+        if self.run_config is not None:
+            (tmp / "run.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+
+    def _write_model(self, tmp: Path) -> None:
+        src = self.source
+        if isinstance(self.rewritten, TorchBackend):
+            # reloading a rewritten model replays the plan's structure on the original architecture
+            base = src.module.config.to_dict()
+            base["architectures"] = [type(src.module).__name__]
+            self.rewritten.save(tmp, self.formats, base_config=base)
+        else:
+            self.rewritten.save(tmp, self.formats)
+        folder = src.path.parent if isinstance(src, OnnxSource) else src.path
+        if folder is not None:
+            _copy_tokenizer(folder, tmp)
+
+    def _build_tvm(self, tmp: Path) -> None:
+        """model.so + weights from the written model.onnx, for the plan's workload shape."""
+        from tailor.codegen.tvm.build import build
+
+        w = self.plan.workload
+        info = build(tmp / "model.onnx", tmp, batch=w.get("batch", 1), seq_len=w.get("prompt_len", 1024),
+                     causal=self.graph.task == "causal-lm", vocab_size=self.graph.vocab_size)
+        info = {k: v for k, v in info.items() if k != "params"}
+        if any(r["pass"] == "attn_pattern" for r in self.plan.rewrites):
+            info["attention"] = (
+                "attention patterns run in TVM as the block-sparse ONNX ops (gathers and batched "
+                "products, untuned)" if isinstance(self.source, OnnxSource) else
+                "attention patterns run in TVM as dense attention under a mask: correct, but no "
+                "attention work is saved (the exported graph masks; no sparse TVM lowering yet)")
+        self.report["tvm"] = info
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Carry the tokenizer along so the artifact is usable on its own (JSON/text files only)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
+
+
+def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
+    if "tvm" in (formats or ()) and importlib.util.find_spec("tvm") is None:
+        raise TailorError("format tvm needs Apache TVM: pip install 'apache-tvm==0.27.0.post1' "
+                          "(the tailor[tvm] extra)")
+    if isinstance(cap.source, OnnxSource):
+        if formats and set(formats) - {"onnx", "tvm"}:
+            raise TailorError("an ONNX input can only produce an ONNX artifact (--format onnx or onnx,tvm)")
+        return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
+    formats = tuple(formats or ("safetensors",))
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise TailorError(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if "tvm" in formats and "onnx" not in formats:
+        formats = formats + ("onnx",)
+    return formats
+
+
+def load(folder: str | Path, runtime: str | None = None) -> Compiled:
+    """Load an artifact written by Compiled.save(); verifies every file's sha256 first.
+    runtime "tvm" runs its TVM build (format tvm); otherwise its model runs in PyTorch
+    (safetensors) or onnxruntime (model.onnx)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TailorError(f"{folder}: no such artifact directory")
+    files = verify_artifact(folder)
+    if runtime not in (None, "tvm"):
+        raise TailorError(f"unknown runtime {runtime!r}; leave it out, or 'tvm'")
+    if runtime == "tvm" and "tvm.json" not in files:
+        raise TailorError(f"{folder}: the artifact holds no TVM build (compile with format tvm)")
+    plan = Plan.load(folder / "plan.json")
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise TailorError(f"{folder}/report.json: unreadable") from None
+    if runtime == "tvm":
+        from tailor.codegen.tvm.module import TvmModel
+
+        model: torch.nn.Module = TvmModel(folder)
+    elif BASE_CONFIG in files and plan.rewrites:
+        model = HFModel(load_rewritten(folder, plan))
+    elif "model.safetensors" in files or "model.safetensors.index.json" in files:
+        model = HFModel(load_hf_directory(folder))
+    elif "model.onnx" in files:
+        model = OrtModel(folder / "model.onnx")
+    else:
+        raise TailorError(f"{folder}: the artifact holds no model (model.safetensors or model.onnx)")
+    return Compiled(model, plan, report)
+
+
+def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
+    """Rebuild a rewritten model: the original architecture from base_config.json, the plan's
+    structural edits (shapes only), then the weights from safetensors (strictly)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / BASE_CONFIG).read_text())
+    if cfg.get("auto_map"):
+        raise TailorError(f"{folder}/{BASE_CONFIG}: remote code is not loaded")
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None:
+        raise TailorError(f"{folder}/{BASE_CONFIG}: unknown architecture {arch!r}")
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"},
+                                              model_type=cfg["model_type"])
+    model = cls(config).eval()
+    graph = capture(model).graph
+    apply_options(TorchBackend(model, graph), options_from_plan(graph, plan.rewrites, f"{folder}/plan.json"),
+                  None)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {graph.lm_head.weight.name} if graph.lm_head is not None and graph.tied_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise TailorError(f"{folder}: weights do not match the plan's structure "
+                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
+    """What `tailor inspect` shows: structure, parameters and FLOPs per block."""
+    return {
+        "backend": graph.backend, "task": graph.task, "layers": graph.num_layers,
+        "hidden_size": graph.hidden_size, "vocab_size": graph.vocab_size,
+        "positional": graph.positional, "tied_embeddings": graph.tied_embeddings,
+        "max_positions": max_positions(graph), "params": graph.params,
+        "workload": {"batch": workload.batch, "prompt_len": workload.prompt_len, "gen_len": workload.gen_len},
+        "flops": model_flops(graph, workload),
+        "blocks": [{
+            "layer": b.index, "heads": b.attn.num_heads, "kv_heads": b.attn.num_kv_heads,
+            "head_dim": b.attn.head_dim, "rope": b.attn.rope, "causal": b.attn.causal,
+            "attention_op": b.attn.kind, "ffn": b.ffn.kind, "activation": b.ffn.activation,
+            "ffn_width": b.ffn.width, "norm": "/".join(sorted({n.kind for n in b.norms})),
+            "residual": b.residual, "params": b.params,
+            "attn_flops": attention_flops(b.attn, workload), "ffn_flops": ffn_flops(b.ffn, workload),
+        } for b in graph.blocks],
+    }
+
+
+def max_positions(graph: TransformerGraph) -> int | None:
+    """The most positions the model takes: the rows of a learned position table (None for
+    rotary and other schemes, which extrapolate)."""
+    return graph.embedding.position.shape[0] if graph.embedding.position is not None else None
+
+
+def reference_outputs(model: torch.nn.Module, vocab: int, seq_len: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Sample token ids and the model's outputs on them, for validation."""
+    ids = example_input_ids(vocab, seq_len, batch=1, seed=1)
+    with torch.no_grad():
+        return ids.numpy(), model(ids).float().numpy()

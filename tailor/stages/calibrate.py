@@ -1,0 +1,91 @@
+"""Calibration: the inputs every measurement of a compile runs on, from what the user gave."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tailor.backends.base import Backend
+from tailor.core.errors import TailorError
+from tailor.data.calibration import (
+    DEFAULT_CALIB_LEN,
+    Calibration,
+    Lines,
+    add_attention_data,
+    calibration_data_free,
+    calibration_from_ids,
+    calibration_from_text,
+)
+from tailor.data.retrieval import RetrievalTemplate
+from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
+from tailor.rewriter.capture import OnnxSource, TorchSource
+
+CALIB_TOKENS = 8192  # default calibration size, in tokens
+# an encoder's lines are short and its layers cheap: more of them (MiniLM at 0.75, nominal cpu
+# target, benchmarks/encoder_calibration.py: embedding cosine 0.9513 on 8192 tokens of lines,
+# 0.9562 on 16384)
+ENCODER_CALIB_TOKENS = 16384
+
+
+def tokenizer_dir(source: TorchSource | OnnxSource, tokenizer) -> Path | None:
+    """The tokenizer: given, or beside the model (its HF directory, or the .onnx file's folder)."""
+    if tokenizer:
+        return Path(tokenizer)
+    return source.path.parent if isinstance(source, OnnxSource) else source.path
+
+
+def input_len(ids) -> int | str:
+    """The calibration windows' length, or "lines" where every input is a whole line."""
+    return "lines" if isinstance(ids, Lines) else int(ids.shape[1])
+
+
+def calibration_windows(windows: int | None, length: int, tokens: int = CALIB_TOKENS) -> int:
+    """Windows given, or enough for `tokens` tokens (at least 16): the least-squares refits
+    of pruned FFNs and heads have as many unknowns per output as the layer is wide, and 64
+    windows of 32 tokens (2048 tokens for MiniLM's 1536-wide FFN) fitted the calibration text,
+    not the sentences after it (embedding cosine at 0.75: 0.925 with 2048 tokens, 0.946 with 8192)."""
+    return windows if windows is not None else max(16, -(-tokens // length))
+
+
+def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, tokenizer, windows: int | None,
+                length: int | None, seed: int) -> Calibration:
+    """Calibration windows; `length` None: DEFAULT_CALIB_LEN tokens, or for an encoder given text,
+    its lines whole (windows × their median length tokens of them, by default ENCODER_CALIB_TOKENS)."""
+    graph = backend.graph
+    if calib is not None and Path(calib).suffix != ".json":
+        tok_dir = tokenizer_dir(source, tokenizer)
+        if tok_dir is None:
+            raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a "
+                              "module)")
+        encoder = graph.task == "encoder"
+        tokens = ENCODER_CALIB_TOKENS if encoder else CALIB_TOKENS
+        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_dir), length,
+                                     lambda n: calibration_windows(windows, n, tokens), str(calib),
+                                     per_line=encoder)
+    length = length or DEFAULT_CALIB_LEN
+    windows = calibration_windows(windows, length)
+    if calib is None:
+        return calibration_data_free(backend.model, graph.vocab_size, length, windows, seed)
+    return calibration_from_ids(Path(calib), graph.vocab_size, length, windows)  # no tokenizer needed
+
+
+def attention_data(cal: Calibration, backend: Backend, source: TorchSource | OnnxSource, tokenizer,
+                   passes: list[str], lengths: list[int], validation_len: int,
+                   retrieval_template: dict | None, seed: int, grid) -> dict[str, Any]:
+    """Windows of the profiled and validation lengths and synthetic retrieval sequences (for a
+    causal LM, or where attention patterns are searched), added to `cal`; the settings that
+    change what the attention profile measures."""
+    graph = backend.graph
+    if graph.task != "causal-lm" and "attn_pattern" not in passes:
+        return {}
+    template = RetrievalTemplate.parse(retrieval_template or {})
+    tok = tokenizer_dir(source, tokenizer)
+    # retrieval sequences need the model's tokenizer: given, or beside the model
+    usable = tok is not None and (tokenizer is not None or has_tokenizer(tok))
+    add_attention_data(cal, lengths, validation_len,
+                       load_tokenizer(tok) if usable and graph.task == "causal-lm" else None,
+                       template=template, seed=seed)
+    if "attn_pattern" not in passes:
+        return {}
+    return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid], "template": asdict(template),
+                     "retrieval": cal.retrieval_weight}}

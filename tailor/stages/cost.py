@@ -1,0 +1,153 @@
+"""The cost model of a compile: for `target`, and where the target is a table measured on this
+machine, fitted to this model timed here (CostModel.fit_to_measured)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from tailor.backends.base import Backend
+from tailor.backends.runners import OrtModel
+from tailor.core.cache import cache_dir
+from tailor.core.errors import TailorError
+from tailor.core.patterns import Pattern
+from tailor.core.targets import get_target
+from tailor.passes.attn_pattern import default_grid
+from tailor.passes.cost import CostModel, Structure, Workload
+from tailor.passes.registry import PASSES, apply_options
+from tailor.passes.search import structure_of
+from tailor.quality.metrics import time_side_by_side
+from tailor.rewriter.capture import Captured, OnnxSource
+from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_sparse_attention import blocked_keys
+
+# calls of each fit variant timed (after as many warm-up calls): three runs of refllama-16m's
+# fit at 20 gave its half-width variant 0.810, 0.822 and 0.829 of the dense model
+FIT_REPEATS = 30
+# the name under which the fit times the dense model against the ONNX input it was cleaned from
+CLEAN_UP = "clean_up"
+# an ONNX model's attention profile runs the whole model per (layer, KV head, pattern): offered
+# by default only where patterns can pay for it (MiniLM at 128 tokens: 7%, refllama-16m at 512: 22%)
+MIN_PATTERN_HEADROOM = 0.10
+
+
+def clean_ups(cap: Captured) -> dict[str, int]:
+    """The lossless clean-ups capture made to an ONNX input (tailor.rewriter.cleanup)."""
+    return cap.source.cleaned if isinstance(cap.source, OnnxSource) else {}
+
+
+def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: str, *, fit: bool = True,
+                   use_cache: bool = True) -> CostModel:
+    """The cost model for `target`; for a table measured on this machine, fitted to this model
+    here (CostModel.fit_to_measured): the dense model and the variants of `fit_variants` timed
+    side by side. The measured ratios are cached (keyed by the model, the table and the
+    workload) so that compiling again reaches the same plan."""
+    cost_model = CostModel(cap.graph, workload, get_target(target))
+    if not fit or not cost_model.target.matmul_rates or workload.gen_len:
+        return cost_model
+    graph = cap.graph
+    variants = fit_variants(graph, workload)
+    if not variants:
+        cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
+        return cost_model
+    key = hashlib.sha256(json.dumps({"model": cap.model_hash, "target": asdict(cost_model.target),
+                                     "workload": asdict(workload), "variants": sorted(variants)},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_dir() / "fits" / f"{key}.json"
+    timed = set(variants) | ({CLEAN_UP} if clean_ups(cap) else set())
+    ratios = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        if use_cache:
+            ratios = {name: float(r) for name, r in json.loads(cached.read_text())["ratios"].items()}
+            if set(ratios) != timed or not all(0 < r < 10 for r in ratios.values()):
+                ratios = None
+    if ratios is None:
+        try:
+            ratios = _time_variants(cap, dense, variants, workload)
+        except TailorError as e:  # priced unfitted rather than not at all; the report says why
+            cost_model.fit_skipped = str(e)
+            return cost_model
+        if use_cache:
+            with contextlib.suppress(OSError):
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"ratios": ratios}))
+                os.replace(tmp, cached)
+    cost_model.fit_to_measured({n: (structure_of(graph, o), ratios[n]) for n, o in variants.items()})
+    cost_model.baseline = ratios.get(CLEAN_UP, 1.0)
+    return cost_model
+
+
+def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list],
+                   workload: Workload) -> dict[str, float]:
+    """Each variant's latency / the dense model's, all timed side by side (TailorError: a variant
+    could not be built); and where lossless clean-ups changed an ONNX input, the dense model's /
+    the input's as given (CLEAN_UP)."""
+    runnables = {"original": dense.runnable()}
+    if clean_ups(cap):
+        runnables["input"] = OrtModel(cap.source.path)
+    for name, options in variants.items():
+        try:
+            runnables[name] = apply_options(dense.clone(), options, None).runnable()
+        except TailorError as e:
+            raise TailorError(f"the variant {name} could not be built: {e}") from None
+    t = time_on_workload(runnables, cap.graph, workload, repeats=FIT_REPEATS)
+    ratios = {name: t[name] / t["original"] for name in variants}
+    return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {})
+
+
+def fit_variants(graph: TransformerGraph, workload: Workload) -> dict[str, list]:
+    """The structures the cost model is fitted on, as options (shapes only: the timing does not
+    depend on the weights): every FFN at half width; every attention with half its query heads
+    (half its KV heads where each KV head serves one query head); on an ONNX graph whose attention
+    is decomposed, every KV head on the default grid's narrowest pattern, and on its widest that
+    keeps at most half the keys (block-sparse ops: what they cost whatever the pattern, and per
+    key). A layer that cannot be sliced stays whole; a variant no layer can take is left out."""
+    n, causal = workload.prompt_len, graph.blocks[0].attn.causal
+    by_keys = sorted(default_grid(n), key=lambda p: blocked_keys(p, n, causal))
+    narrow = by_keys[0]
+    wide = [narrow, *(p for p in by_keys if blocked_keys(p, n, causal) <= n / 2)][-1]
+    ffn, heads, narrow_all, wide_all = [], [], [], []
+    for b in graph.blocks:
+        a = b.attn
+        q_per = a.num_heads // a.num_kv_heads
+        kv = list(range(a.num_kv_heads if q_per > 1 else a.num_kv_heads // 2))
+        with contextlib.suppress(ValueError):
+            ffn.append(PASSES["ffn_prune"].from_plan(graph, b.index,
+                                                     {"channels": list(range(b.ffn.width // 2))}))
+        with contextlib.suppress(ValueError):
+            if kv:
+                heads.append(PASSES["head_prune"].from_plan(
+                    graph, b.index, {"kv_heads": kv, "queries": [list(range(max(1, q_per // 2)))] * len(kv)}))
+        if graph.backend == "onnx" and a.kind == "decomposed":
+            for pattern, options in ((narrow, narrow_all), (wide, wide_all)):
+                spans = [pattern.to_json()] * a.num_kv_heads
+                options.append(PASSES["attn_pattern"].from_plan(graph, b.index, {"spans": spans}))
+    return {name: options for name, options in (("ffn_half", ffn), ("heads_half", heads),
+                                                ("patterns_narrowest", narrow_all),
+                                                ("patterns_wide", wide_all if wide != narrow else []))
+            if options}
+
+
+def time_on_workload(models: dict, graph: TransformerGraph, workload: Workload,
+                     repeats: int = 20) -> dict[str, float]:
+    """Median seconds of each model on the workload's prompt, timed in turn after 20 warm-up
+    calls each (onnxruntime's first dozens of calls run ~10% slower)."""
+    ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
+                        generator=torch.Generator().manual_seed(0))
+    return time_side_by_side(models, ids, repeats=repeats, warmup=20)
+
+
+def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[Pattern],
+                     objective: str) -> float:
+    """The share of the objective saved with every KV head on the grid's cheapest pattern."""
+    n = cost_model.workload.prompt_len
+    narrowest = min(grid, key=lambda p: blocked_keys(p, n, graph.blocks[0].attn.causal))
+    sparse = Structure.dense(graph)
+    for shape in sparse.layers:
+        shape.kv_patterns = (narrowest,) * shape.kv_groups
+    return 1.0 - cost_model.ratio(sparse, objective)

@@ -1,0 +1,79 @@
+"""Planning: the budgeted search over the profile's options (or a saved plan's options), measured
+on held-out data, and the sequential refit of the plan's model."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from tailor.backends.base import Backend, divergence
+from tailor.data.calibration import Calibration
+from tailor.passes.base import Option
+from tailor.passes.cost import CostModel
+from tailor.passes.refit import refit_sequentially
+from tailor.passes.registry import apply_options
+from tailor.passes.search import SearchResult, search
+
+
+class HeldOut:
+    """What the search's refine loop measures a plan on: next-token KL on held-out calibration
+    windows (and on windows of the validation length, not profiled, when attention is profiled)
+    and, weighted, the KL at the answers of held-out retrieval sequences of that length."""
+
+    def __init__(self, dense: Backend, cal: Calibration):
+        self.cal, self.is_lm = cal, dense.graph.task == "causal-lm"
+        self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
+        self.reference = [dense.outputs(t) for t in self.texts]
+        self.retrieval = [s.ids for s in cal.heldout_retrieval]
+        self.ret_reference = self._answers(dense)
+
+    def _answers(self, backend: Backend) -> list[torch.Tensor]:
+        run = backend.runnable()
+        with torch.no_grad():
+            return [run(ids[None]).float()[:, s.answer_start - 1:-1]
+                    for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
+
+    def divergence(self, backend: Backend) -> float:
+        """Text KL (the mean over the calibration length and the validation length) and the
+        retrieval answers' KL, weighted."""
+        kl = float(np.mean([divergence(ref, backend.outputs(t), self.is_lm)
+                            for ref, t in zip(self.reference, self.texts)]))
+        if not self.retrieval:
+            return kl
+        w = self.cal.retrieval_weight
+        return (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
+
+
+def searched_plan(dense: Backend, options: list[Option], signals, cost_model: CostModel, budget: float,
+                  objective: str, heldout: HeldOut) -> tuple[SearchResult, Backend, float]:
+    """The search's plan, its rewritten model and that model's held-out divergence (the best
+    measured model is kept rather than rebuilt)."""
+    best: dict[str, Any] = {}
+
+    def measure(chosen):
+        variant = apply_options(dense.clone(), chosen, signals)
+        kl = heldout.divergence(variant)
+        if not best or kl < best["kl"]:
+            best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
+        return kl
+
+    result = search(options, cost_model, budget, objective, measure)
+    if best.get("keys") == sorted(o.key for o in result.chosen):
+        return result, best["model"], best["kl"]
+    variant = apply_options(dense.clone(), result.chosen, signals)
+    return result, variant, (heldout.divergence(variant) if result.chosen else 0.0)
+
+
+def refitted(dense: Backend, variant: Backend, kl: float, chosen: list[Option], cal: Calibration,
+             heldout: HeldOut, progress: bool) -> tuple[Backend, dict[str, Any]]:
+    """The plan's model refitted in sequence (tailor.passes.refit), kept where the held-out
+    windows say it is closer to the original; the report says which, with both figures."""
+    removed = {o.layer for o in chosen if o.pass_name == "layer_skip"}
+    candidate = refit_sequentially(dense, variant.clone(), cal.profile_ids, removed=removed,
+                                   progress=progress)
+    after = heldout.divergence(candidate)
+    kept = after < kl
+    return (candidate if kept else variant), {"measured_kl_heldout_before": kl,
+                                              "measured_kl_heldout_after": after, "kept": kept,
+                                              "measured_kl_heldout": min(kl, after)}
