@@ -76,7 +76,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         cap = capture(model, trust_remote_code=trust_remote_code)
         dense = backend_for(cap)
     graph, formats = cap.graph, resolve_formats(formats, cap)
-    replayed = _replayed_options(given, plan, cap) if given is not None else None
+    replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
                                 use_cache=use_cache)
     result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
@@ -164,13 +164,13 @@ def _saved_plan(plan: str | Path | Plan) -> Plan:
     return plan if isinstance(plan, Plan) else Plan.load(Path(plan))
 
 
-def _replayed_options(given: Plan, plan: str | Path | Plan, cap: Captured) -> list[Option]:
+def _replayed_options(given: Plan, plan: str | Path | Plan, cap: Captured, dense: Backend) -> list[Option]:
     """The saved plan's options, checked against the model they are replayed on."""
     where = "plan" if isinstance(plan, Plan) else str(plan)
     if given.model_hash != cap.model_hash:
         raise TailorError(f"{where}: made for another model (hash {given.model_hash[:12]}…, this model "
                           f"is {cap.model_hash[:12]}…)")
-    return options_from_plan(cap.graph, given.rewrites, where)
+    return options_from_plan(cap.graph, given.rewrites, where, dense)
 
 
 def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: CostModel, grid, lengths,

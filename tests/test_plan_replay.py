@@ -114,3 +114,21 @@ def test_replay_honours_refit_cache_and_progress(searched, tiny_hf_dirs, tmp_pat
     assert shown.report["calibration"]["cached"] is True     # the first replay stored the signals
     assert tailor.compile(model, use_cache=False, **kw).report["calibration"]["cached"] is False
 
+
+def test_plan_patterns_refused_where_the_layer_cannot_run_them(tiny_onnx):
+    """The graph alone cannot tell whether a layer runs patterns (a fused attention op cannot):
+    the backend is asked before anything is applied."""
+    import copy
+
+    from tailor.backends.onnx_backend import OnnxBackend
+
+    co = capture(tiny_onnx["llama"])
+    graph, block = copy.copy(co.graph), copy.copy(co.graph.blocks[1])
+    block.attn = copy.copy(block.attn)
+    block.attn.kind = "sdpa"   # as one fused attention op is recognised
+    graph.blocks = [b if b.index != 1 else block for b in co.graph.blocks]
+    rewrite = {"pass": "attn_pattern", "layer": 1,
+               "choice": {"spans": [[4, 8.0, 0.0]] * graph.blocks[1].attn.num_kv_heads}}
+    assert options_from_plan(graph, [rewrite])
+    with pytest.raises(TailorError, match="layer 1.*cannot run per-head patterns"):
+        options_from_plan(graph, [rewrite], "plan", OnnxBackend(co.source.model, graph))

@@ -105,6 +105,11 @@ class AttnPattern(Pass):
     def reshape(self, option: Option, shape: LayerShape) -> None:
         shape.kv_patterns = tuple(Pattern.from_json(s) for s in option.choice["spans"])
 
+    def check(self, backend: Backend, option: Option) -> None:
+        if not backend.runs_patterns(option.layer):
+            raise ValueError(f"this layer's attention cannot run per-head patterns on {backend.format} "
+                             f"(it needs transformers' attention interface, or decomposed ONNX attention)")
+
     def apply(self, backend: Backend, options: list[Option], signals) -> None:
         for o in options:
             backend.set_patterns(o.layer, [Pattern.from_json(s) for s in o.choice["spans"]])

@@ -69,6 +69,7 @@ class Pass(abc.ABC):
         reshape(option, shape)            its effect on the cost model's LayerShape
         apply(backend, options, signals)  do it, in the backend's edit vocabulary (signals None:
                                           shapes only, on reload or for a timing variant)
+        check(backend, option)            can this model take it (a plan's option, before applying)
     """
 
     name: ClassVar[str]
@@ -90,3 +91,7 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def apply(self, backend: Backend, options: list[Option], signals) -> None:
         ...
+
+    def check(self, backend: Backend, option: Option) -> None:
+        """ValueError where this backend's model cannot take the option (beyond what the graph
+        says: from_plan's checks); a plan's options are checked before anything runs."""

@@ -36,9 +36,11 @@ def apply_options(backend: Backend, options: list[Option], signals) -> Backend:
     return backend
 
 
-def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str = "plan") -> list[Option]:
-    """The options a plan's rewrites name, each checked against this graph: known pass, layer in
-    range, a choice the pass can apply here, and no two rewrites claiming the same part."""
+def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str = "plan",
+                      backend: Backend | None = None) -> list[Option]:
+    """The options a plan's rewrites name, each checked against this graph (and where given, the
+    backend's model): known pass, layer in range, a choice the pass can apply here, and no two
+    rewrites claiming the same part."""
     options, claimed = [], {}
     for n, r in enumerate(rewrites):
         what = f"{where}: rewrite {n} ({r.get('pass')!r} on layer {r.get('layer')!r})"
@@ -49,6 +51,8 @@ def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str 
                               f"is the plan for another model?")
         try:
             option = PASSES[r["pass"]].from_plan(graph, r["layer"], r["choice"])
+            if backend is not None:
+                PASSES[r["pass"]].check(backend, option)
         except ValueError as e:
             raise TailorError(f"{what}: {e}") from None
         for c in option.claims:

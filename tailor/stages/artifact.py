@@ -176,8 +176,8 @@ def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
                                               model_type=cfg["model_type"])
     model = cls(config).eval()
     graph = capture(model).graph
-    apply_options(TorchBackend(model, graph), options_from_plan(graph, plan.rewrites, f"{folder}/plan.json"),
-                  None)
+    backend = TorchBackend(model, graph)
+    apply_options(backend, options_from_plan(graph, plan.rewrites, f"{folder}/plan.json", backend), None)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
