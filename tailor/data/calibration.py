@@ -173,9 +173,13 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
     encoders, and for ONNX models (which cannot be sampled from without a KV cache), random tokens."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (windows, 1), generator=gen)
-    torch.manual_seed(seed)
     sampled = hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False
-    with torch.no_grad():
+    # transformers' sampling draws from torch's global generators: seeded inside a fork of their
+    # state (the CPU's and the model's GPU's), so the caller's random stream is as it was
+    device = getattr(model, "device", None)
+    cuda = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
         if sampled:
             import transformers
 
