@@ -25,6 +25,9 @@ class Target:
     bytes_per_element: int    # weights, activations and KV cache
     # measured (FLOPs of one product, achieved FLOP/s), sorted; empty: the peak for every size
     matmul_rates: tuple[tuple[float, float], ...] = ()
+    # whether a torch model's attention patterns skip the keys they drop over the prompt: tailor's
+    # Triton block-sparse prefill runs on GPUs; elsewhere they run as masked dense attention
+    sparse_prefill: bool = False
 
     def compute_seconds(self, flops: float) -> float:
         """Time of `flops` of matrix work: at the peak, or at the rate measured for products of
@@ -44,9 +47,9 @@ class Target:
 # class, refined by measurement in the CPU back-end issue).
 TARGETS = {
     "cpu": Target("cpu", 1.0e11, 2.0e10, 4),
-    "a100": Target("a100", 312e12, 2.0e12, 2),
-    "h100": Target("h100", 989e12, 3.35e12, 2),
-    "h200": Target("h200", 989e12, 4.8e12, 2),
+    "a100": Target("a100", 312e12, 2.0e12, 2, sparse_prefill=True),
+    "h100": Target("h100", 989e12, 3.35e12, 2, sparse_prefill=True),
+    "h200": Target("h200", 989e12, 4.8e12, 2, sparse_prefill=True),
 }
 
 

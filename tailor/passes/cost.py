@@ -241,13 +241,17 @@ class CostModel:
         # an ONNX graph's decomposed core is rewritten block-sparse (onnx_sparse_attention):
         # whole key blocks, masked entries included; a torch model's is masked, saving nothing
         blocked = decomposed and self.graph.backend == "onnx"
+        # a torch model's patterned heads run as masked dense attention (every key, and the mask
+        # rules out the causal kernel's skipped half) unless the target runs tailor's
+        # block-sparse prefill; its per-head KV cache shrinks on any device
+        masked = not decomposed and not self.target.sparse_prefill and any(p is not None for p in patterns)
         total, rows = Cost(), Cost()
         for tokens, steps, keys in self._phases():
             if keys is None:  # prefill: keys per query summed over the KV heads
                 if blocked:
                     kept = [float(n) if p is None else float(blocked_keys(p, n, a.causal))
                             for p in patterns]
-                elif decomposed:  # the whole score matrix is computed, then masked
+                elif decomposed or masked:  # the whole score matrix is computed, then masked
                     kept = [float(n)] * kv_heads
                 elif a.causal:
                     kept = [(n + 1) / 2 if p is None else p.kept_keys_causal(n) / n for p in patterns]

@@ -120,6 +120,23 @@ def test_cost_model_prices_attention_by_density():
     assert cm.ratio(s, "kv_memory") == pytest.approx((128 + 512) / (2 * 512), rel=1e-9)
 
 
+def test_patterns_are_priced_as_the_target_runs_them():
+    """A torch model's patterns run as masked SDPA except where tailor's block-sparse kernels run
+    them (GPU targets): on the CPU target the prompt's attention costs what dense attention under
+    a mask costs, while the per-head KV cache (tailor's generation, any device) still shrinks."""
+    graph = capture(build_model("llama")).graph
+    pats = (Pattern(64, 64, 0.0), None)
+    sparse = Structure([LayerShape(True, True, 2, 2, kv_patterns=pats) for _ in graph.blocks])
+    workload = Workload(1, 512, 0)
+    gpu, cpu = (CostModel(graph, workload, get_target(t)) for t in ("h100", "cpu"))
+    assert gpu.ratio(sparse, "attention") == pytest.approx(density(list(pats), 512), rel=1e-9)
+    assert density(list(pats), 512) < 0.8
+    assert cpu.ratio(sparse, "attention") >= 1.0   # masked: every key of every head, no causal skip
+    assert cpu.ratio(sparse, "latency") >= 1.0
+    assert cpu.ratio(sparse, "kv_memory") == pytest.approx(gpu.ratio(sparse, "kv_memory"))
+    assert cpu.ratio(sparse, "kv_memory") < 1.0
+
+
 def test_budgeted_plan_meets_density_and_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     model = build_model("llama")
