@@ -14,4 +14,5 @@ def backend_for(captured: Captured) -> Backend:
     src = captured.source
     if isinstance(src, TorchSource):
         return TorchBackend(src.module, captured.graph)
-    return OnnxBackend(src.model, captured.graph, src)
+    # a lossless clean-up changed the model: what is measured and written is the cleaned graph
+    return OnnxBackend(src.model, captured.graph, src, edited=bool(src.cleaned))

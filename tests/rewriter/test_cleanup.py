@@ -96,3 +96,21 @@ def test_a_measured_target_times_the_cleaned_model_against_the_input(tiny_onnx, 
     # a budget the cleaned model already meets needs no lossy rewrite
     cm.baseline = 0.9
     assert search([], cm, 0.95, "latency", None).chosen == []
+
+
+def test_the_artifact_holds_the_cleaned_model_it_reports(tiny_onnx, tmp_path, monkeypatch):
+    """With no lossy rewrite (a budget the clean-up alone meets, or 1.0) the artifact is the
+    cleaned graph that was timed and reported, not the input's bytes: every NaN guard reads the
+    attention's output (p @ v), none the probabilities."""
+    import tailor
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    c = tailor.compile(str(tiny_onnx["llama"]), budget=1.0)
+    assert c.report["clean_ups"] and not c.plan.rewrites
+    written = onnx.load(c.save(tmp_path / "a") / "model.onnx")
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    guards = [producers.get(n.input[0]) for n in written.graph.node if n.op_type == "IsNaN"]
+    assert guards and set(guards) == {"MatMul"}, guards
+    ids = ids_for(batch=1, seq=12, seed=2)
+    got = cpu_session(str(tmp_path / "a" / "model.onnx")).run(None, {"input_ids": ids.numpy()})[0]
+    assert np.abs(got - c.model(ids).numpy()).max() <= 1e-5
