@@ -99,3 +99,16 @@ def test_retrieval_samples_have_their_answer_in_context():
         assert text.count(f"{key} = ") == 1
     with pytest.raises(TailorError, match="must contain"):
         RetrievalTemplate.parse({"line": "{key} is here"})
+
+
+def test_onnxruntime_failures_are_one_clear_line(tiny_onnx):
+    """An input the graph cannot take (here more positions than BERT's 128 learned ones) is a
+    TailorError naming the runtime and the input's shape, at whatever stage it happens."""
+    import torch
+
+    from tailor.backends.runners import OrtModel
+    from tailor.core.errors import TailorError
+
+    with pytest.raises(TailorError, match=r"onnxruntime .* input of shape \[1, 200\]") as e:
+        OrtModel(tiny_onnx["bert"])(torch.zeros(1, 200, dtype=torch.long))
+    assert "\n" not in str(e.value)

@@ -86,10 +86,17 @@ class OrtModel(NumpyModel):
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Every graph output by name (profiling adds intermediate values as outputs)."""
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, onnx_feeds(self.input_specs, input_ids))))
+        return dict(zip(names, self._run(names, input_ids)))
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.session.run(None, onnx_feeds(self.input_specs, input_ids))[0]
+        return self._run(None, input_ids)[0]
+
+    def _run(self, names: list[str] | None, input_ids: np.ndarray) -> list[np.ndarray]:
+        try:
+            return self.session.run(names, onnx_feeds(self.input_specs, input_ids))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise TailorError(f"onnxruntime failed on {self.path or 'the rewritten model'} with an input of "
+                              f"shape {list(input_ids.shape)}: {str(e).splitlines()[0]}") from None
 
 
 
