@@ -14,7 +14,6 @@ from typing import Any
 
 from tailor.backends import backend_for
 from tailor.backends.base import Backend
-from tailor.backends.runners import OrtModel
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
 from tailor.passes.attention_profile import AttentionInfluence
@@ -25,15 +24,15 @@ from tailor.passes.profile import neutral_signals, run_profile
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.quality.metrics import evaluate_pair
-from tailor.rewriter.capture import Captured, OnnxSource, capture
+from tailor.rewriter.capture import Captured, capture
 from tailor.stages.artifact import Compiled, describe, load, max_positions, resolve_formats
-from tailor.stages.calibrate import attention_data, calibration, input_len, tokenizer_dir
+from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_dir
 from tailor.stages.cost import (
     MIN_PATTERN_HEADROOM,
     clean_ups,
     cost_model_for,
+    measured_latency,
     pattern_headroom,
-    time_on_workload,
 )
 from tailor.stages.log import StageLog
 from tailor.stages.search import HeldOut, refitted, searched_plan
@@ -130,20 +129,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             report["search"]["measured_kl_heldout"] = report["refit"]["measured_kl_heldout"]
     result.rewrites = [o.to_json() for o in chosen]
     result.predicted = cost_model.ratios(structure_of(graph, chosen))
-    report["calibration"] = {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
-                             "heldout_windows": len(cal.heldout_ids),
-                             "heldout_retrieval_sequences": len(cal.heldout_retrieval),
-                             "retrieval_weight": cal.retrieval_weight}
-    if prof.signals.attention is not None:
-        report["attention_profile"] = prof.signals.attention.to_json()
-    report["signals"] = {"block_influence": prof.signals.block_influence,
-                         "ffn_contribution": prof.signals.ffn_contribution}
+    report |= profile_report(prof, cal)
     if cost_model.measured_ratios:  # priced for this machine: check it here, against the input as given
-        given_model = OrtModel(cap.source.path) if isinstance(cap.source, OnnxSource) else dense.runnable()
-        t = time_on_workload({"original": given_model, "rewritten": variant.runnable()}, graph, workload)
-        report["measured_latency"] = {"ratio": t["rewritten"] / t["original"],
-                                      "original_ms": t["original"] * 1e3,
-                                      "rewritten_ms": t["rewritten"] * 1e3}
+        report["measured_latency"] = measured_latency(cap, dense, variant, workload)
     if eval_text is not None and chosen:
         with stages("evaluate"):
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),

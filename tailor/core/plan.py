@@ -115,7 +115,8 @@ def _whole(value: Any, what: str, where: str) -> int:
 
 def _number(value: Any, what: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TailorError(f"{where}: {what} must be a number (not true/false or a string), got {_shown(value)}")
+        raise TailorError(f"{where}: {what} must be a number (not true/false or a string), "
+                          f"got {_shown(value)}")
     try:
         return float(value)
     except OverflowError:

@@ -18,6 +18,7 @@ from tailor.data.calibration import (
 )
 from tailor.data.retrieval import RetrievalTemplate
 from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
+from tailor.passes.profile import Profile
 from tailor.rewriter.capture import OnnxSource, TorchSource
 
 CALIB_TOKENS = 8192  # default calibration size, in tokens
@@ -89,3 +90,17 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
         return {}
     return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid], "template": asdict(template),
                      "retrieval": cal.retrieval_weight}}
+
+
+def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:
+    """What report.json says of the calibration and the profile's signals."""
+    out: dict[str, Any] = {
+        "calibration": {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
+                        "heldout_windows": len(cal.heldout_ids),
+                        "heldout_retrieval_sequences": len(cal.heldout_retrieval),
+                        "retrieval_weight": cal.retrieval_weight},
+        "signals": {"block_influence": prof.signals.block_influence,
+                    "ffn_contribution": prof.signals.ffn_contribution}}
+    if prof.signals.attention is not None:
+        out["attention_profile"] = prof.signals.attention.to_json()
+    return out

@@ -151,3 +151,12 @@ def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[
     for shape in sparse.layers:
         shape.kv_patterns = (narrowest,) * shape.kv_groups
     return 1.0 - cost_model.ratio(sparse, objective)
+
+
+def measured_latency(cap: Captured, dense: Backend, rewritten: Backend,
+                     workload: Workload) -> dict[str, float]:
+    """The rewritten model timed beside the input as given (an ONNX file before its clean-ups)."""
+    given = OrtModel(cap.source.path) if isinstance(cap.source, OnnxSource) else dense.runnable()
+    t = time_on_workload({"original": given, "rewritten": rewritten.runnable()}, cap.graph, workload)
+    return {"ratio": t["rewritten"] / t["original"], "original_ms": t["original"] * 1e3,
+            "rewritten_ms": t["rewritten"] * 1e3}

@@ -165,7 +165,8 @@ def test_refine_corrects_an_option_estimated_free(llama_graph):
     from tailor.passes.registry import candidates_for
 
     cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
-    opts = candidates_for(llama_graph, neutral_signals(llama_graph), ["layer_skip", "ffn_prune", "head_prune"])
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph),
+                          ["layer_skip", "ffn_prune", "head_prune"])
     price(opts, cm)
     dense = cm.total(Structure.dense(llama_graph)).latency
     true = {}
