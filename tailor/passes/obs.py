@@ -1,7 +1,7 @@
 """Which input channels of a projection matter once the others are refitted: a greedy, structured
 optimal brain surgeon (OBS; ZipLM's structured form) over groups of input columns.
 
-Pruning refits the kept channels by least squares (torch_surgery.least_squares_refit), so a
+Pruning refits the kept channels by least squares (rewriter.least_squares.compensate), so a
 channel the others can reproduce costs little to drop however large it is, and two channels
 that carry the same signal are not both needed. FLAP's fluctuation metric, Var(x_c)·||W[:, c]||²,
 scores each channel alone and sees neither; OBS prices every removal with the compensation done.

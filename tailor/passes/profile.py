@@ -34,7 +34,7 @@ from tailor.passes.base import Option
 from tailor.passes.obs import removal_importance
 from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.torch_surgery import RIDGE
+from tailor.rewriter.least_squares import COMPENSATION_RIDGE
 
 PROFILE_VERSION = 3
 
@@ -157,9 +157,9 @@ class SignalSums:
             ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
             attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
             kv_similarity=sim,
-            o_importance=[removal_importance(w.numpy(), gm, d, RIDGE).tolist()
+            o_importance=[removal_importance(w.numpy(), gm, d, COMPENSATION_RIDGE).tolist()
                           for w, gm, d in zip(o_weights, o_gram, head_dims)],
-            down_importance=[removal_importance(w.numpy(), gm, 1, RIDGE).tolist()
+            down_importance=[removal_importance(w.numpy(), gm, 1, COMPENSATION_RIDGE).tolist()
                              for w, gm in zip(down_weights, down_gram)],
             o_gram=o_gram, down_gram=down_gram)
 
@@ -242,7 +242,8 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
     """Signals, the candidate options of `passes`, and each option's measured KL."""
     graph = backend.graph
     # everything that changes a measured number is part of the key
-    key = profile_key(model_hash, calib.digest, {**settings, "passes": sorted(passes), "ridge": RIDGE})
+    key = profile_key(model_hash, calib.digest,
+                      {**settings, "passes": sorted(passes), "ridge": COMPENSATION_RIDGE})
     cached = load_cached(key) if use_cache else None
     if cached is not None:
         cached.extra["cached"] = True
@@ -262,8 +263,9 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
         signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
                                               progress=progress, retrieval_weight=calib.retrieval_weight)
     candidates = candidates_for(graph, signals, passes)
-    reference = backend.outputs(calib.profile_ids)
-    option_kl = measure_options(backend, candidates, signals, calib.profile_ids, reference, progress)
+    measured = [o for o in candidates if PASSES[o.pass_name].measured]
+    reference = backend.outputs(calib.profile_ids) if measured else []
+    option_kl = measure_options(backend, measured, signals, calib.profile_ids, reference, progress)
     prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
     if use_cache:
         store(prof)

@@ -2,7 +2,7 @@
 branch (attention output, FFN down) is refitted in model order on the rewritten model's own
 activations.
 
-Each pass compensates its own rewrite (least_squares_refit) on the dense model's statistics,
+Each pass compensates its own rewrite (rewriter.least_squares.compensate) on the dense model's statistics,
 alone: it cannot see that the layers before it changed too. Here, as in SparseGPT's sequential
 mode, a projection is fitted on the inputs the rewritten model really gives it, and its target is
 where the dense model's residual stream stands after the branch:
@@ -22,25 +22,7 @@ from tqdm import tqdm
 
 from tailor.backends.base import BRANCHES, Backend
 from tailor.data.calibration import Inputs
-
-# ridge toward the weights the passes left, × the mean input power
-REFIT_RIDGE = 1.0
-
-
-def solve(gram: np.ndarray, cross: np.ndarray, w: np.ndarray, b: np.ndarray | None,
-          ridge: float = REFIT_RIDGE) -> tuple[np.ndarray, np.ndarray | None]:
-    """argmin over [W' | b'] of E||t − W'x − b'||² + λ||W' − W||², with G = E[x̃x̃ᵀ] and
-    C = E[t x̃ᵀ] (x̃ = [x; 1]); λ = ridge · mean diag of G's channels (the bias goes free).
-    A projection without a bias (`b` None) stays without one: W' alone is fitted."""
-    n = w.shape[1]
-    size = n + 1 if b is not None else n
-    gram, cross = gram[:size, :size], cross[:, :size]
-    reg = np.zeros(size)
-    reg[:n] = ridge * gram.diagonal()[:n].mean()
-    w_aug = np.concatenate([w, b[:, None]], 1) if b is not None else w
-    # lstsq, not solve: a channel that never varies on the calibration data leaves G singular
-    sol = np.linalg.lstsq(gram + np.diag(reg), (cross + w_aug * reg).T, rcond=None)[0].T
-    return sol[:, :n], (sol[:, n] if b is not None else None)
+from tailor.rewriter.least_squares import REFIT_RIDGE, ridge_fit
 
 
 def refit_sequentially(dense: Backend, rewritten: Backend, ids: Inputs, *, removed: set[int] = frozenset(),
@@ -54,7 +36,7 @@ def refit_sequentially(dense: Backend, rewritten: Backend, ids: Inputs, *, remov
     for layer, kind in tqdm(steps, desc="refitting in sequence", disable=not progress, unit="branch"):
         gram, cross = branches.statistics(layer, kind, ids, batch).means()
         w, b = branches.weights(layer, kind)
-        branches.write(layer, kind, *solve(gram, cross, w.astype(np.float64),
-                                           None if b is None else b.astype(np.float64)))
+        branches.write(layer, kind, *ridge_fit(gram, cross, w.astype(np.float64),
+                                               None if b is None else b.astype(np.float64), REFIT_RIDGE))
     rewritten.finish()
     return rewritten

@@ -15,6 +15,7 @@ import onnx_ir.passes.common as common_passes
 
 from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection, TransformerGraph
+from tailor.rewriter.least_squares import compensate
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
@@ -203,15 +204,10 @@ def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray 
 
 
 def reconstruct_inputs(model: ir.Model, p: Projection, kept, gram) -> None:
-    """least_squares_refit (torch_surgery) on an ONNX projection."""
-    import torch
-
-    from tailor.rewriter.torch_surgery import least_squares_refit
-
+    """Keep input channels `kept` of an ONNX projection, compensated (least_squares.compensate)."""
     w, b = projection_arrays(model, p)
-    sol = least_squares_refit(torch.tensor(w), None if b is None else torch.tensor(b), gram,
-                              torch.as_tensor(kept, dtype=torch.long)).numpy().astype(w.dtype)
-    set_projection(model, p, sol[:, :-1], sol[:, -1])
+    w_kept, bias = compensate(w, b, gram, np.asarray(kept))
+    set_projection(model, p, w_kept.astype(w.dtype), bias.astype(w.dtype))
 
 
 def drop_inputs(model: ir.Model, p: Projection, cols) -> None:
