@@ -51,6 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="pin the digests computed now")
     ap.add_argument("--only", help="comma-separated case names")
+    ap.add_argument("--save", type=Path, help="also write each case's plan.json and report.json here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TAILOR_CACHE"] = str(Path(tmp) / "cache")
@@ -64,9 +65,13 @@ def main() -> int:
             model = kwargs.pop("model")
             opt = tailor.compile(model, use_cache=False, refit=True, **kwargs)
             digests[name] = hashlib.sha256(opt.plan.dumps().encode()).hexdigest()
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                (args.save / f"{name}.plan.json").write_text(opt.plan.dumps())
+                (args.save / f"{name}.report.json").write_text(json.dumps(opt.report, indent=1, default=str))
             print(f"{name}: {digests[name]}  ({len(opt.plan.rewrites)} rewrites, "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
-    if args.write:
+    if args.write or not PINS.is_file():
         pins = json.loads(PINS.read_text()) if PINS.is_file() else {}
         PINS.write_text(json.dumps(pins | digests, indent=2, sort_keys=True) + "\n")
         return 0

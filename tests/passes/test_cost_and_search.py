@@ -55,8 +55,11 @@ def test_decomposed_attention_prices_its_scores_and_gains_nothing_from_patterns(
         2 * fused.attention_core(a_fused, 2, dense, True).attn_flops, rel=0.01)  # n keys, not (n + 1) / 2
     assert unfused.attention_core(a_unfused, 2, sparse, True).latency == \
         unfused.attention_core(a_unfused, 2, dense, True).latency
-    assert fused.attention_core(a_fused, 2, sparse, True).latency < \
-        fused.attention_core(a_fused, 2, dense, True).latency
+    # fused SDPA skips the keys a pattern drops where tailor's block-sparse kernels run (GPUs);
+    # on the CPU the patterns run as masked SDPA (tests/passes/test_attn_pattern.py)
+    gpu = CostModel(llama_graph, workload, get_target("h100"))
+    assert gpu.attention_core(a_fused, 2, sparse, True).attn_flops < \
+        gpu.attention_core(a_fused, 2, dense, True).attn_flops
     # the passes over the scores: latency beyond the products', halved with half the query heads
     extra = [unfused.attention_core(a_unfused, q, dense, True).latency
              - unfused._roofline(unfused.attention_core(a_unfused, q, dense, True).attn_flops, 0).latency
