@@ -97,7 +97,7 @@ def _check_plan(targets, name, data, what):
     except TailorError:
         return
     try:
-        rewritten = apply_options(TorchBackend(model, graph).clone(), options, None).runnable()
+        rewritten = apply_options(TorchBackend(model, graph).clone(), options, None).model
         with torch.no_grad():
             out = rewritten(ids_for())
     except Exception as e:
