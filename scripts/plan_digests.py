@@ -1,7 +1,8 @@
 """Pin what the search decides: the sha256 of plan.json for fixed inputs and seed.
 
 A structural refactor must leave these unchanged (same inputs, same seed, same machine and
-libraries: byte-identical plan.json). A fix that changes plans updates the pins in its own commit.
+libraries: byte-identical plan.json but for the model hash, see plan_digest). A fix that changes
+plans updates the pins in its own commit.
 
     python scripts/plan_digests.py            # compute and compare with scripts/plan_digests.json
     python scripts/plan_digests.py --write    # pin the digests computed now
@@ -47,6 +48,14 @@ def cases(work: Path) -> dict[str, dict]:
     }
 
 
+def plan_digest(plan) -> str:
+    """sha256 of plan.json without the model's hash: an ONNX export's bytes (hence its hash)
+    carry the exporting code's file paths, so the same model exported from another checkout
+    hashes differently while every decision in the plan is the same."""
+    data = plan.to_json() | {"model_hash": ""}
+    return hashlib.sha256((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()).hexdigest()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="pin the digests computed now")
@@ -64,7 +73,7 @@ def main() -> int:
             t0 = time.perf_counter()
             model = kwargs.pop("model")
             opt = tailor.compile(model, use_cache=False, refit=True, **kwargs)
-            digests[name] = hashlib.sha256(opt.plan.dumps().encode()).hexdigest()
+            digests[name] = plan_digest(opt.plan)
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 (args.save / f"{name}.plan.json").write_text(opt.plan.dumps())
@@ -76,7 +85,10 @@ def main() -> int:
         PINS.write_text(json.dumps(pins | digests, indent=2, sort_keys=True) + "\n")
         return 0
     pins = json.loads(PINS.read_text())
-    changed = [n for n, d in digests.items() if pins.get(n) != d]
+    unpinned = [n for n in digests if n not in pins]
+    changed = [n for n, d in digests.items() if n in pins and pins[n] != d]
+    if unpinned:
+        print(f"no pin yet (pin with --write): {', '.join(unpinned)}")
     print("plan.json unchanged" if not changed else f"plan.json changed: {', '.join(changed)}")
     return 1 if changed else 0
 
