@@ -180,10 +180,10 @@ def collect_signals(backend: Backend, ids: Inputs) -> Signals:
 
 def measure_options(backend: Backend, options: list[Option], signals: Signals, ids: Inputs,
                     reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
-    """Each option applied alone to a copy: its divergence from `reference` on `ids`."""
+    """Each option (of a pass that measures: PASSES[name].measured) applied alone to a copy: its
+    divergence from `reference` on `ids`."""
     is_lm = backend.graph.task == "causal-lm"
     result = {}
-    options = [o for o in options if PASSES[o.pass_name].measured]
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
         variant = apply_options(backend.clone(), [o], signals)
         result[o.key] = divergence(reference, variant.outputs(ids), is_lm)
