@@ -25,7 +25,7 @@ from tailor.passes.registry import PASSES, apply_options, candidates_for, option
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
-from tailor.stages.artifact import Compiled, describe, load, max_positions, resolve_formats
+from tailor.stages.artifact import Compiled, describe, load, max_positions, placement, resolve_formats
 from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_dir
 from tailor.stages.cost import (
     MIN_PATTERN_HEADROOM,
@@ -45,7 +45,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
             calib_windows: int | None = None, calib_len: int | None = None,
             eval_text: str | Path | None = None, seed: int = 0, formats: tuple[str, ...] | None = None,
-            trust_remote_code: bool = False,
+            trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto",
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             refit: bool = True, use_cache: bool = True, progress: bool = False,
@@ -61,7 +61,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     lines). `refit` False leaves out the sequential refit after the search (tailor.passes.refit).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
     budget, objective, workload and target replace those given; calibration still runs, since
-    the rewrites' compensation is fitted on this model's activations."""
+    the rewrites' compensation is fitted on this model's activations. A torch model is compiled
+    on `device` (auto | cpu | cuda | cuda:N; auto: a GPU when there is one, for a module where it
+    is) in `dtype` (auto | float32 | bfloat16 | float16; auto: the checkpoint's on a GPU, float32
+    on the CPU, a module's own), and the result stays there."""
     stages = stages or StageLog()
     given = _saved_plan(plan) if plan is not None else None
     if given is not None:
@@ -72,14 +75,15 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         _check_request(objective, passes)
 
     with stages("capture"):
-        cap = capture(model, trust_remote_code=trust_remote_code)
+        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         dense = backend_for(cap)
     graph, formats = cap.graph, resolve_formats(formats, cap)
     replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
                                 use_cache=use_cache)
     result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
-    report: dict[str, Any] = {"model": describe(graph, workload), "cost_model": cost_model.to_json(),
+    report: dict[str, Any] = {"model": describe(graph, workload) | placement(cap),
+                              "cost_model": cost_model.to_json(),
                               "clean_ups": clean_ups(cap)}
     if replayed is not None:
         report["replayed_plan"] = str(plan) if not isinstance(plan, Plan) else "plan"
@@ -99,7 +103,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     with stages("profile"):
         cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
         settings: dict[str, Any] = {"windows": len(cal.profile_ids) + len(cal.heldout_ids),
-                                    "len": input_len(cal.profile_ids), "seed": seed}
+                                    "len": input_len(cal.profile_ids), "seed": seed,
+                                    # numbers differ by precision and kind of device, not by GPU index
+                                    "dtype": report["model"]["dtype"],
+                                    "device": report["model"]["device"].split(":")[0]}
         settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
                                    validation_len or max(64, 3 * workload.prompt_len // 4),
                                    retrieval_template, seed, grid)
@@ -184,5 +191,5 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
 def _compiled(dense: Backend, rewritten: Backend, plan: Plan, report: dict, cap: Captured,
               formats: tuple[str, ...], stages: StageLog) -> Compiled:
     report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
-    report["stages"] = stages.times
+    report["stages"] = stages.to_json()
     return Compiled(rewritten.runnable(), plan, report, cap.graph, cap.source, formats, rewritten=rewritten)

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
+from tailor.core.devices import module_device
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import load_hf_directory, load_onnx
 from tailor.rewriter.onnx_check import input_specs, onnx_feeds
@@ -30,7 +31,11 @@ class HFModel(torch.nn.Module):
         return self.inner.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        """Inputs from anywhere (calibration ids live on the host) run where the model is; the
+        output stays there."""
+        device = module_device(self.inner)
+        out = self.inner(input_ids=input_ids.to(device), use_cache=False,
+                         attention_mask=None if attention_mask is None else attention_mask.to(device))
         return out.logits if getattr(out, "logits", None) is not None else out[0]
 
 

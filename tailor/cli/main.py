@@ -28,7 +28,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
     "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
-    "validation_len": None, "retrieval_template": None, "plan": None,
+    "validation_len": None, "retrieval_template": None, "plan": None, "device": "auto", "dtype": "auto",
 }
 
 
@@ -52,6 +52,10 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="workload batch size (default 1)")
     p.add_argument("--target", help="hardware the cost model prices for: cpu, a100, h100 (default) "
                    "or h200 (vendor peaks), or a table measured here by `tailor calibrate-target` (.json)")
+    p.add_argument("--device", help="where a torch model is compiled and stays: auto (a CUDA GPU when "
+                   "there is one), cpu, cuda or cuda:N (ONNX models run on onnxruntime's CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="precision of a torch model: auto (the checkpoint's on a GPU, float32 on the CPU)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
                    "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern)")
     p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
@@ -208,6 +212,10 @@ def cmd_optimize(args) -> int:
 
     cfg = resolve_config(args)
     cfg["budget"] = check_budget(cfg["budget"])
+    from tailor.core.devices import resolve_device, resolve_dtype
+
+    # before anything is read or written: a device this machine lacks, a dtype it cannot run
+    resolve_dtype("float32" if cfg["dtype"] == "auto" else cfg["dtype"], resolve_device(cfg["device"]))
     model = cfg["model"]
     if model is None:
         from tailor.cli.default_model import default_calibration, minilm_onnx
@@ -240,12 +248,15 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     import torch
 
     import tailor
+    from tailor.core.devices import DTYPES, tolerance
     from tailor.quality.validate import Check, as_json, check_onnx, compare_outputs
     from tailor.stages.artifact import reference_outputs
     from tailor.stages.log import StageLog
 
-    def stage_done(name, secs):
-        console.print(f"  {name:<9} {secs:6.2f} s")
+    def stage_done(name, secs, memory):
+        gpu = memory["peak_gpu_gib"]
+        console.print(f"  {name:<9} {secs:7.2f} s   peak host {memory['peak_host_gib']:.2f} GiB"
+                      + (f", GPU {gpu:.2f} GiB" if gpu is not None else ""))
 
     stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
     what = f"replaying {cfg['plan']}" if cfg["plan"] else f"budget {budget:g}, objective {cfg['objective']}"
@@ -258,7 +269,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
                               attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
                               retrieval_template=cfg["retrieval_template"], plan=cfg["plan"],
-                              stages=stages)
+                              device=cfg["device"], dtype=cfg["dtype"], stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:
@@ -274,12 +285,14 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     def validate(tmp: Path) -> None:
         # the artifact must reproduce the compiled model (the input itself at budget 1.0); how far
         # a rewritten model is from the original is quality, measured in the search and --eval
-        reloaded = tailor.load(tmp)
+        placed = compiled.report["model"]
+        reloaded = tailor.load(tmp, device=placed["device"], dtype=placed["dtype"]) \
+            if placed["dtype"] in DTYPES else tailor.load(tmp)
         with torch.no_grad():
-            got = reloaded.model(torch.from_numpy(ids)).float().numpy()
+            got = reloaded.model(torch.from_numpy(ids)).float().cpu().numpy()
         if (tmp / "model.onnx").is_file():
             checks.append(check_onnx(tmp / "model.onnx"))
-        checks.extend(compare_outputs(expected, got, 1e-5))
+        checks.extend(compare_outputs(expected, got, tolerance(DTYPES.get(placed["dtype"], torch.float32))))
         if (tmp / "tvm.json").is_file():  # the build checked itself against onnxruntime
             t = json.loads((tmp / "tvm.json").read_text())
             checks.append(Check("tvm", True, f"TVM build ({t['target']}, {t['shape'][0]} × {t['shape'][1]} "
@@ -292,7 +305,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                                    f"{out} was not written")
         report = json.loads((tmp / "report.json").read_text())
         report["validation"] = as_json(checks)
-        report["stages"] = stages.times
+        report["stages"] = stages.to_json()
         _rewrite_json(tmp, "report.json", report)
 
     with stages("write"):

@@ -186,8 +186,10 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
             level = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()  # padding advice irrelevant to unpadded sampling
             try:
+                ids = ids.to(device)
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                     max_new_tokens=window - 1, min_new_tokens=window - 1, pad_token_id=0)
+                                     max_new_tokens=window - 1, min_new_tokens=window - 1,
+                                     pad_token_id=0).cpu()
             finally:
                 transformers.logging.set_verbosity(level)
         else:

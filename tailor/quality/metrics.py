@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tailor.core.devices import synchronize
 from tailor.core.errors import TailorError
 from tailor.data.text import load_tokenizer, read_text_pieces, token_windows, tokenize_pieces
 
@@ -130,7 +131,7 @@ def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, rep
         for _ in range(repeats):
             for name, m in models.items():
                 t0 = time.perf_counter()
-                m(ids)
+                synchronize(m(ids).device)  # a GPU model returns before its kernels finish
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 

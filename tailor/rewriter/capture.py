@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from tailor.core.devices import checkpoint_dtype, module_device, resolve_device, resolve_dtype
 from tailor.core.digests import sha256_files
 from tailor.core.errors import TailorError
 from tailor.rewriter.cleanup import clean
@@ -59,10 +61,13 @@ class Captured:
     model_hash: str
 
 
-def capture(model: Any, *, trust_remote_code: bool = False, seq_len: int = 16) -> Captured:
-    """Recognise any supported model. `model` is an nn.Module, an HF directory or an .onnx path."""
+def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.device = "auto",
+            dtype: str | torch.dtype = "auto", seq_len: int = 16) -> Captured:
+    """Recognise any supported model. `model` is an nn.Module, an HF directory or an .onnx path.
+    A torch model is captured where it will be compiled: `device` and `dtype` (tailor.core.devices;
+    for a module, auto is where it already is and its own dtype)."""
     if isinstance(model, torch.nn.Module):
-        return capture_torch(model, seq_len=seq_len)
+        return capture_torch(on_device(model, device, dtype), seq_len=seq_len)
     if not isinstance(model, (str, Path)):
         raise TailorError(f"cannot compile a {type(model).__name__}: pass a transformers model, "
                           f"an HF model directory or an .onnx file")
@@ -71,7 +76,7 @@ def capture(model: Any, *, trust_remote_code: bool = False, seq_len: int = 16) -
         raise TailorError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / "config.json").is_file():
-            module = load_hf_directory(path, trust_remote_code=trust_remote_code)
+            module = load_hf_directory(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
             return capture_torch(module, seq_len=seq_len, path=path)
         if (path / "model.onnx").is_file():
             return capture_onnx(path / "model.onnx")
@@ -81,7 +86,33 @@ def capture(model: Any, *, trust_remote_code: bool = False, seq_len: int = 16) -
 
 # ---- torch ---------------------------------------------------------------------------------
 
-def load_hf_directory(path: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:
+def on_device(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """The module itself where it already is on `device` in `dtype` (auto: its own), else a copy
+    moved there: the user's module is never changed."""
+    import copy
+
+    here = module_device(module)
+    params = next(module.parameters(), None)
+    want_device = here if str(device or "auto") == "auto" else resolve_device(device)
+    stored = params.dtype if params is not None else torch.float32
+    want_dtype = resolve_dtype(dtype, want_device, stored)
+    if want_device == here and want_dtype == stored:
+        return module
+    return copy.deepcopy(module).to(want_device, want_dtype)
+
+
+def load_dtype(config: dict, device: torch.device, dtype) -> torch.dtype:
+    """`auto`: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16/fp16 matmuls are
+    emulated or slow on most processors and the reference numbers of a CPU compile are fp32."""
+    if str(dtype or "auto") == "auto" and device.type == "cpu":
+        return torch.float32
+    return resolve_dtype(dtype, device, checkpoint_dtype(config))
+
+
+def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cpu",
+                      dtype="auto") -> torch.nn.Module:
+    """The model, its weights read from safetensors straight onto `device` in `dtype` (one copy;
+    no fp32 upcast of a bf16 checkpoint unless asked)."""
     import transformers
 
     try:
@@ -103,9 +134,12 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False) -> torch.n
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
         extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise TailorError(f"{path}: no model.safetensors{extra}")
+    device = resolve_device(device)
+    dtype = load_dtype(config, device, dtype)
+    check_fits(path, device, dtype)
     transformers.utils.logging.disable_progress_bar()
     try:
-        module, info = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32,
+        module, info = cls.from_pretrained(path, use_safetensors=True, dtype=dtype, device_map=device,
                                            local_files_only=True, output_loading_info=True,
                                            trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for broken folders
@@ -115,6 +149,42 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False) -> torch.n
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
         raise TailorError(f"{path}: weights do not match the config ({detail})")
     return module.eval()
+
+
+def weight_bytes(path: Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's floating-point weights take in `dtype` (from the safetensors
+    headers: nothing is loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * (itemsize if sl.get_dtype().startswith(("F", "BF")) else 1)
+    return total
+
+
+def check_fits(path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before loading, a model whose weights alone exceed the memory the device has free
+    (a compile needs more than that: activations, a copy of each rewritten layer)."""
+    need = weight_bytes(path, dtype)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = "host memory"
+    if need > free:
+        name = str(dtype).removeprefix("torch.")
+        raise TailorError(f"{path}: its weights take {need / 2**30:.1f} GiB in {name}, more than the "
+                          f"{free / 2**30:.1f} GiB free on {where}; choose a smaller --dtype or another "
+                          f"--device")
 
 
 def example_input_ids(vocab_size: int, seq_len: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -127,7 +197,7 @@ def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | No
     if config is None or not hasattr(config, "vocab_size"):
         raise TailorError(f"{type(module).__name__} is not a transformers model (no config.vocab_size)")
     module.eval()
-    ids = example_input_ids(int(config.vocab_size), seq_len)
+    ids = example_input_ids(int(config.vocab_size), seq_len).to(module_device(module))
     old_cache = getattr(config, "use_cache", None)
     config.use_cache = False  # a DynamicCache in the outputs does not export
     try:
@@ -140,7 +210,11 @@ def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | No
         if old_cache is not None:
             config.use_cache = old_cache
     graph = recognize(FxDataflow(program))
-    return Captured(graph, TorchSource(module, path), hash_state_dict(module))
+    # a directory is named by its files, whatever dtype and device it was loaded in: a plan made
+    # on a GPU in bf16 replays on the CPU in fp32
+    digest = "sha256:" + sha256_files(sorted(path.glob("*.safetensors"))) if path is not None \
+        else hash_state_dict(module)
+    return Captured(graph, TorchSource(module, path), digest)
 
 
 def hash_state_dict(module: torch.nn.Module) -> str:

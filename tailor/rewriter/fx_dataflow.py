@@ -107,7 +107,7 @@ class FxDataflow(Dataflow):
 
     def constant(self, value):
         if isinstance(value, torch.fx.Node) and value.op == "placeholder" and value.name in self._consts:
-            return self._constants[self._consts[value.name]].detach().numpy()
+            return self._constants[self._consts[value.name]].detach().cpu().numpy()
         return None
 
     def scalar_operand(self, node):
@@ -178,7 +178,7 @@ class FxDataflow(Dataflow):
         return (start, min(width, start + sizes[index]), width)
 
     def param_array(self, ref):
-        return self._state[ref.name].detach().float().numpy()
+        return self._state[ref.name].detach().cpu().float().numpy()
 
 
 def _flat_args(args):

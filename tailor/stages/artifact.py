@@ -14,6 +14,7 @@ import yaml
 from tailor.backends.base import Backend
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
+from tailor.core.devices import resolve_device
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
 from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
@@ -26,6 +27,7 @@ from tailor.rewriter.capture import (
     TorchSource,
     capture,
     example_input_ids,
+    load_dtype,
     load_hf_directory,
 )
 from tailor.rewriter.graph import TransformerGraph
@@ -127,10 +129,11 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
     return formats
 
 
-def load(folder: str | Path, runtime: str | None = None) -> Compiled:
+def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
+         dtype: str = "auto") -> Compiled:
     """Load an artifact written by Compiled.save(); verifies every file's sha256 first.
     runtime "tvm" runs its TVM build (format tvm); otherwise its model runs in PyTorch
-    (safetensors) or onnxruntime (model.onnx)."""
+    (safetensors, on `device` in `dtype`: tailor.core.devices) or onnxruntime (model.onnx)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TailorError(f"{folder}: no such artifact directory")
@@ -149,9 +152,9 @@ def load(folder: str | Path, runtime: str | None = None) -> Compiled:
 
         model: torch.nn.Module = TvmModel(folder)
     elif BASE_CONFIG in files and plan.rewrites:
-        model = HFModel(load_rewritten(folder, plan))
+        model = HFModel(load_rewritten(folder, plan, device, dtype))
     elif "model.safetensors" in files or "model.safetensors.index.json" in files:
-        model = HFModel(load_hf_directory(folder))
+        model = HFModel(load_hf_directory(folder, device=device, dtype=dtype))
     elif "model.onnx" in files:
         model = OrtModel(folder / "model.onnx")
     else:
@@ -159,9 +162,10 @@ def load(folder: str | Path, runtime: str | None = None) -> Compiled:
     return Compiled(model, plan, report)
 
 
-def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
+def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "auto") -> torch.nn.Module:
     """Rebuild a rewritten model: the original architecture from base_config.json, the plan's
-    structural edits (shapes only), then the weights from safetensors (strictly)."""
+    structural edits (shapes only), then the weights from safetensors (strictly), on `device`
+    in `dtype`."""
     import transformers
     from safetensors.torch import load_file
 
@@ -188,7 +192,8 @@ def load_rewritten(folder: Path, plan: Plan) -> torch.nn.Module:
                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     if tied:
         model.tie_weights()
-    return model
+    where = resolve_device(device)
+    return model.to(where, load_dtype(cfg, where, dtype))
 
 
 def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
@@ -211,6 +216,15 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
     }
 
 
+def placement(cap: Captured) -> dict[str, str]:
+    """Where the model was compiled and in which precision (an ONNX model: onnxruntime on the
+    CPU, in the file's own types)."""
+    if cap.source.backend != "torch":
+        return {"device": "cpu", "dtype": "as stored"}
+    p = next(cap.source.module.parameters())
+    return {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
+
+
 def max_positions(graph: TransformerGraph) -> int | None:
     """The most positions the model takes: the rows of a learned position table (None for
     rotary and other schemes, which extrapolate)."""
@@ -221,4 +235,4 @@ def reference_outputs(model: torch.nn.Module, vocab: int, seq_len: int = 16) -> 
     """Sample token ids and the model's outputs on them, for validation."""
     ids = example_input_ids(vocab, seq_len, batch=1, seed=1)
     with torch.no_grad():
-        return ids.numpy(), model(ids).float().numpy()
+        return ids.numpy(), model(ids).float().cpu().numpy()

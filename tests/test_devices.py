@@ -1,0 +1,99 @@
+"""Device and dtype follow the model (tailor.core.devices): resolution, refusals, loading without
+an upcast, the user's module untouched, per-stage peak memory."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tailor
+from tailor.cli.main import optimize_main
+from tailor.core.devices import PeakMemory, checkpoint_dtype, resolve_device, resolve_dtype, tolerance
+from tailor.core.errors import TailorError
+from tailor.rewriter.capture import capture, load_hf_directory, weight_bytes
+from tests.conftest import build_model, ids_for
+
+
+def test_resolution_and_refusals():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(TailorError, match="unknown device"):
+        resolve_device("tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(TailorError, match="no CUDA GPU"):
+            resolve_device("cuda:1")
+    with pytest.raises(TailorError, match="unknown dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+    assert resolve_dtype("auto", torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+    assert checkpoint_dtype({"torch_dtype": "bfloat16"}) == torch.bfloat16
+    assert checkpoint_dtype({}) is None
+    assert tolerance(torch.bfloat16) > tolerance(torch.float32)
+
+
+def test_cli_refuses_a_missing_gpu_before_writing(tmp_path, capsys, tiny_hf_dirs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    assert optimize_main([str(tiny_hf_dirs["llama"]), "--device", "cuda", "--budget", "0.5",
+                          "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err, err
+    assert not out.exists()
+
+
+def test_hf_directory_loads_in_the_asked_dtype_with_one_copy(tmp_path):
+    model = build_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert checkpoint_dtype(cfg) == torch.bfloat16
+    # on the CPU, auto is float32 (the CPU's reference precision); asked, bf16 stays bf16
+    assert next(load_hf_directory(tmp_path / "m").parameters()).dtype == torch.float32
+    kept = load_hf_directory(tmp_path / "m", dtype="bfloat16")
+    assert next(kept.parameters()).dtype == torch.bfloat16
+    n = sum(p.numel() for p in model.parameters())
+    assert weight_bytes(tmp_path / "m", torch.bfloat16) == 2 * n
+    assert weight_bytes(tmp_path / "m", torch.float32) == 4 * n
+
+
+def test_capture_in_another_dtype_leaves_the_users_module_alone():
+    model = build_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cap = capture(model, dtype="bfloat16")
+    assert next(cap.source.module.parameters()).dtype == torch.bfloat16
+    assert cap.source.module is not model
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    assert capture(model).source.module is model  # auto: where and as it is
+
+
+def test_compile_in_bf16_stays_bf16_and_reports_stage_memory():
+    model = build_model("llama")
+    compiled = tailor.compile(model, 0.8, dtype="bfloat16", prompt_len=32, calib_windows=4, calib_len=16,
+                              passes=["ffn_prune"], refit=False, use_cache=False)
+    assert next(compiled.model.parameters()).dtype == torch.bfloat16
+    report = compiled.report
+    assert report["model"]["dtype"] == "bfloat16" and report["model"]["device"] == "cpu"
+    for name in ("capture", "profile", "search"):
+        stage = report["stages"][name]
+        assert stage["seconds"] > 0 and stage["peak_host_gib"] > 0.1
+    ids = ids_for()
+    with torch.no_grad():
+        dense = model(ids).logits
+        got = compiled.model(ids).float()
+    assert np.isfinite(got.numpy()).all() and got.shape == dense.shape
+
+
+def test_peak_memory_sees_an_allocation_freed_inside_the_block():
+    import time
+
+    from tailor.core.devices import _rss_bytes
+
+    before = _rss_bytes()
+    meter = PeakMemory()
+    with meter():
+        block = np.ones(256 * 2 ** 20 // 8)  # 256 MiB, touched
+        time.sleep(0.1)                      # a few samples while it lives
+        del block
+    assert _rss_bytes() < before + 128 * 2 ** 20                 # freed again
+    assert meter.host_gib * 2 ** 30 >= before + 200 * 2 ** 20    # yet the peak saw it
