@@ -10,7 +10,7 @@ backend, not edits in every pass.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -38,17 +38,28 @@ class BlockTrace(NamedTuple):
     key: torch.Tensor
 
 
-def divergence(reference: list[torch.Tensor], outputs: list[torch.Tensor], is_lm: bool) -> float:
-    """Mean per-token KL(reference || output) for LMs; 1 - cosine of hidden states otherwise."""
+# float64 elements one step of `divergence` holds per temporary: a batch of 2048 tokens of a
+# 128K-token vocabulary (Llama 3) would otherwise take 2 GiB per temporary, several at once
+DIVERGENCE_CHUNK = 2 ** 25
+
+
+def divergence(reference: list[torch.Tensor], outputs: Iterable[torch.Tensor], is_lm: bool) -> float:
+    """Mean per-token KL(reference || output) for LMs; 1 - cosine of hidden states otherwise.
+    In float64, on the outputs' device, a bounded number of tokens at a time."""
     total, count = 0.0, 0
     for ref, out in zip(reference, outputs):
-        if is_lm:
-            lp_ref, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(out.double(), -1)
-            kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
-        else:
-            kl = 1 - torch.cosine_similarity(ref.double(), out.double(), dim=-1)
-        total += float(kl.sum())
-        count += kl.numel()
+        ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+        ref = ref.to(out.device)
+        rows = max(1, DIVERGENCE_CHUNK // ref.shape[-1])
+        for start in range(0, len(ref), rows):
+            r, o = ref[start:start + rows].double(), out[start:start + rows].double()
+            if is_lm:
+                lp_ref, lp = torch.log_softmax(r, -1), torch.log_softmax(o, -1)
+                kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+            else:
+                kl = 1 - torch.cosine_similarity(r, o, dim=-1)
+            total += float(kl.sum())
+            count += kl.numel()
     return total / max(count, 1)
 
 
@@ -173,9 +184,15 @@ class Backend(abc.ABC):
 
     def outputs(self, ids: Inputs, batch: int = 4) -> list[torch.Tensor]:
         """The model's outputs on calibration inputs, in batches, as float32."""
+        return list(self.stream(ids, batch))
+
+    def stream(self, ids: Inputs, batch: int = 4) -> Iterator[torch.Tensor]:
+        """`outputs` one batch at a time: what a comparison with a stored reference needs (one
+        batch of a 128K vocabulary's logits alive, not all of them)."""
         run = self.runnable()
-        with torch.no_grad():
-            return [run(b).float() for b in batches(ids, batch)]
+        for b in batches(ids, batch):
+            with torch.no_grad():
+                yield run(b).float()
 
     @abc.abstractmethod
     def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:

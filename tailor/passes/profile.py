@@ -186,7 +186,7 @@ def measure_options(backend: Backend, options: list[Option], signals: Signals, i
     result = {}
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
         variant = apply_options(backend.clone(), [o], signals)
-        result[o.key] = divergence(reference, variant.outputs(ids), is_lm)
+        result[o.key] = divergence(reference, variant.stream(ids), is_lm)
     return result
 
 

@@ -37,7 +37,7 @@ class HeldOut:
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
         retrieval answers' KL, weighted."""
-        kl = float(np.mean([divergence(ref, backend.outputs(t), self.is_lm)
+        kl = float(np.mean([divergence(ref, backend.stream(t), self.is_lm)
                             for ref, t in zip(self.reference, self.texts)]))
         if not self.retrieval:
             return kl
