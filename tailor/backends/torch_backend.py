@@ -43,6 +43,7 @@ from tailor.rewriter.torch_surgery import (
     module_path,
     reconstruct_inputs,
     remove_layers,
+    replace_parameter,
     replace_with_constant,
     set_module,
     slice_linear,
@@ -357,6 +358,6 @@ class TorchBranches(Branches):
 
     def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        lin.weight.data.copy_(torch.from_numpy(w))
+        replace_parameter(lin, "weight", w)
         if b is not None:
-            lin.bias.data.copy_(torch.from_numpy(b))
+            replace_parameter(lin, "bias", b)
