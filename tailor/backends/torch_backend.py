@@ -348,15 +348,15 @@ class TorchBranches(Branches):
         for chunk in batches(ids, batch):
             _, r, y = self._run(self.dense, layer, kind, chunk)
             x2, r2, _ = self._run(self.rewritten, layer, kind, chunk)
-            sums.add(x2.double().numpy(), (r + y - r2).double().numpy())
+            # in float64: in a bf16 model the streams r and r' nearly cancel
+            sums.add(x2, r.double() + y.double() - r2.double())
         return sums
 
     def weights(self, layer: int, kind: str):
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        return (lin.weight.detach().double().numpy(),
-                None if lin.bias is None else lin.bias.detach().double().numpy())
+        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
 
-    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+    def write(self, layer: int, kind: str, w: torch.Tensor, b: torch.Tensor | None) -> None:
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
         replace_parameter(lin, "weight", w)
         if b is not None:

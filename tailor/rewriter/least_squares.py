@@ -92,6 +92,33 @@ def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pinv_hermitian(a, torch.finfo(torch.float64).eps * len(a)) @ b
 
 
+def add_gram(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """acc + Σ x̃x̃ᵀ over the rows of x [tokens, n] (x̃ = [x; 1]), summed into acc in place (a new
+    float64 accumulator on x's device where acc is None). By blocks, so that no [x | 1] copy of a
+    large x is made."""
+    x = x.to(torch.float64)
+    n = x.shape[1]
+    if acc is None:
+        acc = x.new_zeros(n + 1, n + 1)
+    acc[:n, :n].addmm_(x.T, x)
+    s = x.sum(0)
+    acc[:n, n] += s
+    acc[n, :n] += s
+    acc[n, n] += len(x)
+    return acc
+
+
+def add_cross(acc: torch.Tensor | None, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc + Σ t x̃ᵀ over the rows of t [tokens, out] and x [tokens, n], as add_gram."""
+    t, x = t.to(torch.float64), x.to(torch.float64)
+    n = x.shape[1]
+    if acc is None:
+        acc = x.new_zeros(t.shape[1], n + 1)
+    acc[:, :n].addmm_(t.T, x)
+    acc[:, n] += t.sum(0)
+    return acc
+
+
 def ridge_fit(gram, cross, w0, b0, ridge: float):
     """The estimator above: gram [(n + 1), (n + 1)], cross [out, n + 1], w0 [out, n] (numpy or
     torch, any float dtype). A projection without a bias (`b0` None) stays without one: W' alone

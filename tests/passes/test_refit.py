@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailor.backends import backend_for
-from tailor.backends.base import divergence
+from tailor.backends.base import BranchSums, divergence
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import TorchBackend
 from tailor.passes.base import Option
@@ -77,3 +77,26 @@ def test_rewrites_and_the_refit_leave_weights_shared_with_the_dense_model_untouc
         refit_sequentially(dense, rewritten, ids, removed=removed)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_branch_sums_of_numpy_or_torch_batches_are_the_numpy_reference_s_moments():
+    """E[x̃x̃ᵀ] and E[t x̃ᵀ] summed blockwise in float64, from numpy (onnxruntime) or torch batches
+    of any float dtype, against the concatenated [x | 1] the numpy implementation multiplied."""
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(2, 5, 6)) + 0.5 for _ in range(3)]
+    ts = [rng.normal(size=(2, 5, 4)) for _ in range(3)]
+    for convert in (lambda a: a.astype(np.float32), lambda a: torch.from_numpy(a).to(torch.bfloat16)):
+        sums = BranchSums()
+        for x, t in zip(xs, ts):
+            sums.add(convert(x), convert(t))
+
+        def rows(arrays):
+            """The batches' tokens as float64, at the precision they were given in."""
+            return np.concatenate([np.asarray(torch.as_tensor(convert(a)).double()).reshape(10, -1)
+                                   for a in arrays])
+
+        xa, t = np.concatenate([rows(xs), np.ones((30, 1))], 1), rows(ts)
+        gram, cross = sums.means()
+        assert gram.dtype == cross.dtype == torch.float64
+        np.testing.assert_allclose(gram.numpy(), xa.T @ xa / 30, rtol=1e-12)
+        np.testing.assert_allclose(cross.numpy(), t.T @ xa / 30, rtol=1e-12)
