@@ -116,7 +116,8 @@ class TorchBackend(Backend):
                 h.remove()
 
     def projection_weight(self, p: Projection) -> np.ndarray:
-        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().double()
+        # to the CPU in the model's dtype (half the bytes of float64), then widened
+        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().cpu().double()
         return (w if p.layout == "out_in" else w.T).numpy()
 
     # ---- edits ----
