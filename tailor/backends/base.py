@@ -21,6 +21,7 @@ import torch
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
 from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.least_squares import add_cross, add_gram, compute_device, float64
 
 # the two residual branches of a block
 BRANCHES = ("attn", "ffn")
@@ -108,21 +109,24 @@ class PatternRunner(abc.ABC):
 
 
 class BranchSums:
-    """E[x̃x̃ᵀ] and E[t x̃ᵀ] over batches (x̃ = [x; 1]): what a least-squares refit needs."""
+    """E[x̃x̃ᵀ] and E[t x̃ᵀ] over batches (x̃ = [x; 1]): what a least-squares refit needs. Summed in
+    float64 on the device of the first x given (a CUDA model's refit stays on CUDA; numpy batches,
+    from onnxruntime, on the CPU)."""
 
     def __init__(self):
         self.gram = self.cross = None
         self.tokens = 0
 
-    def add(self, x: np.ndarray, t: np.ndarray) -> None:
-        xa = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        xa = np.concatenate([xa, np.ones((len(xa), 1))], 1)
-        t = t.reshape(len(xa), -1).astype(np.float64)
-        g, c = xa.T @ xa, t.T @ xa
-        self.gram, self.cross = (g, c) if self.gram is None else (self.gram + g, self.cross + c)
-        self.tokens += len(xa)
+    def add(self, x, t) -> None:
+        """x [..., n] and t [..., out] over the same tokens, numpy or torch."""
+        device = compute_device(self.gram, x)
+        x = float64(x, device)
+        x = x.reshape(-1, x.shape[-1])
+        t = float64(t, device).reshape(len(x), -1)
+        self.gram, self.cross = add_gram(self.gram, x), add_cross(self.cross, t, x)
+        self.tokens += len(x)
 
-    def means(self) -> tuple[np.ndarray, np.ndarray]:
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gram / self.tokens, self.cross / self.tokens
 
 
@@ -140,12 +144,13 @@ class Branches(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def weights(self, layer: int, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """The projection's weight [out, in] and bias (None where it has none)."""
+    def weights(self, layer: int, kind: str) -> tuple[Any, Any]:
+        """The projection's weight [out, in] and bias (None where it has none), as the format
+        holds them (tensors on the model's device, or numpy arrays)."""
 
     @abc.abstractmethod
-    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
-        ...
+    def write(self, layer: int, kind: str, w, b) -> None:
+        """New weights, of the kind `weights` gave (least_squares.ridge_fit returns that kind)."""
 
 
 def branch_projection(graph: TransformerGraph, layer: int, kind: str) -> Projection:

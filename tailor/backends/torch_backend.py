@@ -43,6 +43,7 @@ from tailor.rewriter.torch_surgery import (
     module_path,
     reconstruct_inputs,
     remove_layers,
+    replace_parameter,
     replace_with_constant,
     set_module,
     slice_linear,
@@ -119,7 +120,8 @@ class TorchBackend(Backend):
                 h.remove()
 
     def projection_weight(self, p: Projection) -> np.ndarray:
-        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().double()
+        # to the CPU in the model's dtype (half the bytes of float64), then widened
+        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().cpu().double()
         return (w if p.layout == "out_in" else w.T).numpy()
 
     # ---- edits ----
@@ -422,16 +424,16 @@ class TorchBranches(Branches):
         for state in self._states:
             _, r, y = self._branch("dense", state, layer, kind)
             x2, r2, _ = self._branch("rewritten", state, layer, kind)
-            sums.add(x2.double().numpy(), (r + y - r2).double().numpy())
+            # in float64: in a bf16 model the streams r and r' nearly cancel
+            sums.add(x2, r.double() + y.double() - r2.double())
         return sums
 
     def weights(self, layer: int, kind: str):
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        return (lin.weight.detach().double().numpy(),
-                None if lin.bias is None else lin.bias.detach().double().numpy())
+        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
 
-    def write(self, layer: int, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+    def write(self, layer: int, kind: str, w: torch.Tensor, b: torch.Tensor | None) -> None:
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        lin.weight.data.copy_(torch.from_numpy(w))
+        replace_parameter(lin, "weight", w)
         if b is not None:
-            lin.bias.data.copy_(torch.from_numpy(b))
+            replace_parameter(lin, "bias", b)

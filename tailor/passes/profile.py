@@ -34,7 +34,7 @@ from tailor.passes.base import Option
 from tailor.passes.obs import removal_importance
 from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.least_squares import COMPENSATION_RIDGE
+from tailor.rewriter.least_squares import COMPENSATION_RIDGE, add_gram
 
 PROFILE_VERSION = 3
 
@@ -107,15 +107,13 @@ def neutral_signals(graph: TransformerGraph) -> Signals:
 # ---- measuring ---------------------------------------------------------------------------------
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """Σ x̃ x̃ᵀ over tokens, x̃ = [x; 1]."""
-    flat = x.reshape(-1, x.shape[-1])
-    aug = torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], 1)
-    return aug.T @ aug
+# rows of a layer's keys kept for kv_similarity: enough for a ranking, and bounded on a GPU
+KEY_ROWS = 4096
 
 
 class SignalSums:
-    """Running sums of the profile's statistics, fed by torch hooks or onnxruntime outputs."""
+    """Running sums of the profile's statistics, fed by torch hooks or onnxruntime outputs: in
+    float64 on the device of the tensors given."""
 
     def __init__(self, n: int):
         self.n = n
@@ -136,18 +134,36 @@ class SignalSums:
         self._add("attn_sum", i, attn_out.double().sum((0, 1)))
 
     def projection_inputs(self, i: int, o_in: torch.Tensor, down_in: torch.Tensor):
-        for name, x in (("o", o_in.double()), ("d", down_in.double())):
-            self._add(f"{name}_gram", i, _gram(x))
+        for name, x in (("o_gram", o_in), ("d_gram", down_in)):
+            self.acc[name][i] = add_gram(self.acc[name][i], x.reshape(-1, x.shape[-1]))
 
     def key(self, i: int, k: torch.Tensor):
-        self.keys[i] = k.double().flatten(0, 1)  # last batch only: enough for a ranking
+        """Last batch only: enough for a ranking. Evenly spaced rows past KEY_ROWS, the same in
+        every layer (the similarity compares layers token by token)."""
+        k = k.flatten(0, 1)
+        if len(k) > KEY_ROWS:
+            k = k[torch.linspace(0, len(k) - 1, KEY_ROWS, dtype=torch.float64, device=k.device).long()]
+        self.keys[i] = k.double()
 
     def signals(self, o_weights: list[torch.Tensor], down_weights: list[torch.Tensor],
                 head_dims: list[int]) -> Signals:
-        """The weights in out_in layout: the output and down projection of every layer."""
+        """The weights in out_in layout: the output and down projection of every layer. Consumes
+        the grams: each layer's is ranked on its device, then kept as float32 on the CPU (half
+        the host memory; an 8B model's down projections alone have 32 × 14337² entries) and its
+        float64 sum freed."""
         acc, n, tok = self.acc, self.n, self.acc["tok"]
-        o_gram = [(acc["o_gram"][i] / tok[i]).numpy() for i in range(n)]
-        down_gram = [(acc["d_gram"][i] / tok[i]).numpy() for i in range(n)]
+
+        def ranked(name: str, weights: list[torch.Tensor], groups: list[int]):
+            grams, importance = [], []
+            for i in range(n):
+                gram, acc[name][i] = acc[name][i] / tok[i], None
+                importance.append(removal_importance(weights[i], gram, groups[i], COMPENSATION_RIDGE,
+                                                     device=gram.device).tolist())
+                grams.append(gram.float().cpu().numpy())
+            return grams, importance
+
+        o_gram, o_importance = ranked("o_gram", o_weights, head_dims)
+        down_gram, down_importance = ranked("d_gram", down_weights, [1] * n)
         ks = self.keys
         sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
                 else 0.0 for j in range(n)] for i in range(n)]
@@ -156,11 +172,7 @@ class SignalSums:
             ffn_contribution=[acc["ffn_norm"][i] / tok[i] for i in range(n)],
             ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
             attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
-            kv_similarity=sim,
-            o_importance=[removal_importance(w.numpy(), gm, d, COMPENSATION_RIDGE).tolist()
-                          for w, gm, d in zip(o_weights, o_gram, head_dims)],
-            down_importance=[removal_importance(w.numpy(), gm, 1, COMPENSATION_RIDGE).tolist()
-                             for w, gm in zip(down_weights, down_gram)],
+            kv_similarity=sim, o_importance=o_importance, down_importance=down_importance,
             o_gram=o_gram, down_gram=down_gram)
 
 

@@ -17,7 +17,6 @@ cosine on held-out sentences went 0.9491 → 0.9510 (calibration windows) and 0.
 """
 from __future__ import annotations
 
-import numpy as np
 from tqdm import tqdm
 
 from tailor.backends.base import BRANCHES, Backend
@@ -35,8 +34,6 @@ def refit_sequentially(dense: Backend, rewritten: Backend, ids: Inputs, *, remov
              if branches.present(layer, kind)]
     for layer, kind in tqdm(steps, desc="refitting in sequence", disable=not progress, unit="branch"):
         gram, cross = branches.statistics(layer, kind, ids, batch).means()
-        w, b = branches.weights(layer, kind)
-        branches.write(layer, kind, *ridge_fit(gram, cross, w.astype(np.float64),
-                                               None if b is None else b.astype(np.float64), REFIT_RIDGE))
+        branches.write(layer, kind, *ridge_fit(gram, cross, *branches.weights(layer, kind), REFIT_RIDGE))
     rewritten.finish()
     return rewritten

@@ -3,9 +3,15 @@
 Modules are found from the weight names recognition recorded (state-dict keys), never from
 architecture-specific attribute names: a projection's module owns its weight; a block's module
 is the deepest module owning all of the block's weights; likewise the attention and the FFN.
+
+Edits never write into an existing Parameter: they put new Parameters or new modules in place.
+A clone being rewritten may share its unchanged Parameters with the dense model, which an
+in-place write would change too. New tensors go to the device and dtype of the weights they
+replace.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -47,16 +53,34 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
+def replace_parameter(module: nn.Module, name: str, value) -> None:
+    """module.<name> becomes a new Parameter holding `value`, in the old one's device and dtype."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.as_tensor(value).to(old.device, old.dtype),
+                                       requires_grad=old.requires_grad))
+
+
 def replace_with_constant(model: nn.Module, path: str, hidden: int, returns_tuple: bool,
                           mean=None) -> None:
-    dtype = next(model.parameters()).dtype
-    branch = ConstantBranch(hidden, returns_tuple, dtype)
+    # placed like the module it replaces (its first parameter; a model may span devices)
+    like = next(itertools.chain(model.get_submodule(path).parameters(), model.parameters()))
+    branch = ConstantBranch(hidden, returns_tuple, like.dtype).to(like.device)
     if mean is not None:
-        branch.mean_output.copy_(torch.as_tensor(mean, dtype=dtype))
+        branch.mean_output.copy_(torch.as_tensor(mean, dtype=like.dtype, device=like.device))
     set_module(model, path, branch)
 
 
 # ---- linear layers -----------------------------------------------------------------------------
+
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding new Parameters `weight` [out, in] and `bias`: built on the meta device,
+    so that no initialisation is computed only to be overwritten."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias)
+    return lin
+
 
 def _linear(model: nn.Module, p: Projection) -> nn.Linear:
     mod = model.get_submodule(module_path(p.weight.name))
@@ -70,28 +94,24 @@ def slice_linear(model: nn.Module, p: Projection, *, rows: torch.Tensor | None =
                  cols: torch.Tensor | None = None) -> nn.Linear:
     """Keep output rows `rows` and input columns `cols` of a projection, in place of the module."""
     old = _linear(model, p)
-    w = old.weight.data
+    w, b = old.weight.detach(), None if old.bias is None else old.bias.detach()
     if rows is not None:
-        w = w[rows]
+        rows = torch.as_tensor(rows, device=w.device)
+        w, b = w[rows], (b[rows] if b is not None else None)
     if cols is not None:
-        w = w[:, cols]
-    bias = old.bias.data[rows] if old.bias is not None and rows is not None else \
-        (old.bias.data if old.bias is not None else None)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
-    new.weight.data.copy_(w)
-    if bias is not None:
-        new.bias.data.copy_(bias)
+        w = w[:, torch.as_tensor(cols, device=w.device)]
+    # what was not sliced (the bias, for columns) is shared with the old module, as a clone
+    # shares unchanged weights
+    new = _new_linear(w, b)
     set_module(model, module_path(p.weight.name), new)
     return new
 
 
 def add_bias(model: nn.Module, p: Projection, delta: torch.Tensor) -> None:
-    """bias += delta, creating the bias if the projection had none."""
+    """bias += delta (as a new Parameter), creating the bias if the projection had none."""
     lin = _linear(model, p)
-    if lin.bias is None:
-        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                            device=lin.weight.device))
-    lin.bias.data += delta.to(lin.bias.dtype)
+    bias = lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.detach()
+    lin.bias = nn.Parameter(bias + torch.as_tensor(delta).to(bias.device, bias.dtype))
 
 
 # ---- layers --------------------------------------------------------------------------------------
@@ -124,13 +144,9 @@ def remove_layers(model: nn.Module, paths: list[str]) -> None:
 
 
 def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram) -> None:
-    """Keep input channels `kept` of an nn.Linear, compensated (least_squares.compensate), in place
-    of the module."""
+    """Keep input channels `kept` of an nn.Linear, compensated (least_squares.compensate, on the
+    weight's device), in place of the module."""
     lin = _linear(model, p)
-    w, b = compensate(lin.weight.detach().double().cpu().numpy(),
-                      lin.bias.detach().double().cpu().numpy() if lin.bias is not None else None, gram,
-                      torch.as_tensor(kept).cpu().numpy())
-    new = slice_linear(model, p, cols=kept)
-    new.weight.data.copy_(torch.from_numpy(w).to(new.weight.dtype))
-    add_bias(model, p, torch.zeros(new.out_features))
-    _linear(model, p).bias.data.copy_(torch.from_numpy(b).to(new.weight.dtype))
+    w, b = compensate(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, kept)
+    dtype = lin.weight.dtype
+    set_module(model, module_path(p.weight.name), _new_linear(w.to(dtype), b.to(dtype)))

@@ -10,7 +10,7 @@ import torch
 import tailor
 from tailor.backends import backend_for
 from tailor.passes.base import Option
-from tailor.passes.profile import collect_signals, load_cached, store
+from tailor.passes.profile import KEY_ROWS, SignalSums, collect_signals, load_cached, store
 from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
 from tests.conftest import REFLLAMA, build_model, ids_for
@@ -29,6 +29,41 @@ def _apply(model, options):
     dense = backend_for(capture(model))
     signals = collect_signals(dense, _calib_ids())
     return apply_options(dense.clone(), options, signals).model
+
+
+def test_a_bfloat16_model_gives_finite_signals_that_rank_like_its_float32_self():
+    """The profile on a bf16 model: statistics in float64, grams kept as float32, the same head
+    and channel importances as the float32 model with the same (rounded) weights, up to the
+    activations' rounding."""
+    bf16 = build_model("llama").to(torch.bfloat16)
+    ids = _calib_ids()
+    s16 = collect_signals(backend_for(capture(bf16)), ids)
+    s32 = collect_signals(backend_for(capture(copy.deepcopy(bf16).float())), ids)
+    for field in ("block_influence", "ffn_contribution", "ffn_mean", "attn_mean", "kv_similarity",
+                  "o_importance", "down_importance"):
+        assert np.isfinite(np.asarray(getattr(s16, field))).all(), field
+    for a, b in zip(s16.o_gram + s16.down_gram, s32.o_gram + s32.down_gram):
+        assert a.dtype == np.float32 and np.isfinite(a).all()
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
+    assert s16.o_importance == s32.o_importance
+    for a, b in zip(s16.down_importance, s32.down_importance):  # ranks 0..95: their correlation
+        assert np.corrcoef(a, b)[0, 1] > 0.99
+    rewritten = apply_options(backend_for(capture(bf16)).clone(),
+                              [Option("ffn_prune", 0, {"channels": list(range(0, 96, 2))}, ())], s16)
+    assert torch.isfinite(_out(rewritten.model, ids).float()).all()
+
+
+def test_key_similarity_compares_the_same_subsampled_tokens_in_every_layer():
+    sums = SignalSums(2)
+    keys = torch.randn(2, 16, 1000, 8)  # more rows than KEY_ROWS: subsampled
+    sums.key(0, keys[0])
+    sums.key(1, keys[0] + 0.1 * keys[1])
+    assert sums.keys[0].shape == (KEY_ROWS, 8) and sums.keys[0].dtype == torch.float64
+    kept = torch.linspace(0, 15999, KEY_ROWS, dtype=torch.float64).long()
+    assert torch.equal(sums.keys[1], (keys[0] + 0.1 * keys[1]).flatten(0, 1)[kept].double())
+    full = torch.cosine_similarity(keys[0].flatten(0, 1), (keys[0] + 0.1 * keys[1]).flatten(0, 1), dim=-1)
+    sub = torch.cosine_similarity(sums.keys[0], sums.keys[1], dim=-1)
+    assert abs(float(sub.mean()) - float(full.mean())) < 0.01
 
 
 def test_skipping_an_identity_block_changes_nothing():
