@@ -97,3 +97,23 @@ def test_peak_memory_sees_an_allocation_freed_inside_the_block():
         del block
     assert _rss_bytes() < before + 128 * 2 ** 20                 # freed again
     assert meter.host_gib * 2 ** 30 >= before + 200 * 2 ** 20    # yet the peak saw it
+
+
+def test_a_rewritten_clone_shares_weights_yet_leaves_the_dense_model_alone():
+    from tailor.backends import backend_for
+    from tailor.passes.refit import refit_sequentially
+    from tailor.passes.registry import PASSES, apply_options
+
+    model = build_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = backend_for(capture(model))
+    variant = dense.clone()
+    shared = {id(p) for p in model.parameters()} & {id(p) for p in variant.model.parameters()}
+    assert len(shared) == len(list(model.parameters()))  # nothing copied before an edit
+    graph = dense.graph
+    half = list(range(graph.blocks[0].ffn.width // 2))
+    options = [PASSES["ffn_prune"].from_plan(graph, 0, {"channels": half}),
+               PASSES["layer_skip"].from_plan(graph, 1, {})]
+    apply_options(variant, options, None)
+    refit_sequentially(dense, variant, ids_for(seq=16), removed={1})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -72,7 +72,7 @@ class TorchBackend(Backend):
         only the weights its edits replace (an 8B model measured option by option would otherwise
         hold two copies). Safe because no edit writes into a Parameter (tailor.rewriter.torch_surgery)."""
         shared = {id(p): p for p in self.model.parameters()}
-        return TorchBackend(copy.deepcopy(self.model), self.graph, edited=self.edited)
+        return TorchBackend(copy.deepcopy(self.model, memo=shared), self.graph, edited=self.edited)
 
     def runnable(self) -> nn.Module:
         return HFModel(self.model)
