@@ -96,6 +96,8 @@ def one(args) -> dict:
             "peak_gpu_gib": max((s["peak_gpu_gib"] or 0) for s in r["stages"].values()),
             "rewrites": len(compiled.plan.rewrites), "predicted": compiled.plan.predicted,
             "kl_heldout": r.get("search", {}).get("measured_kl_heldout"),
+            "profile_seconds": r.get("calibration", {}).get("profile_seconds"),
+            "options_measured": r.get("calibration", {}).get("options_measured"),
             "attention_profile": {k: v for k, v in r.get("attention_profile", {}).items() if k != "loss"}}
 
 
@@ -138,12 +140,12 @@ def main() -> int:
             cmd += ["--smollm2", args.smollm2] if args.smollm2 else []
             cmd += ["--calib", args.calib] if args.calib else []
             cmd += ["--progress"] if args.progress else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            # progress bars and errors go straight to this process's stderr
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
             sys.stdout.write(proc.stdout)
             found = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if not found:
-                sys.stdout.write(proc.stderr[-3000:])
-                results.append({"model": model, "objective": objective, "error": proc.stderr[-500:]})
+                results.append({"model": model, "objective": objective, "error": f"exit {proc.returncode}"})
                 continue
             results.append(found[0])
             print(row(found[0]), flush=True)

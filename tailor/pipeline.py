@@ -100,7 +100,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
                              lengths=lengths, objective=objective, budget=budget, report=report)
 
-    with stages("profile"):
+    with stages("calibrate"):
         cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
         settings: dict[str, Any] = {"windows": len(cal.profile_ids) + len(cal.heldout_ids),
                                     "len": input_len(cal.profile_ids), "seed": seed,
@@ -110,10 +110,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
                                    validation_len or max(64, 3 * workload.prompt_len // 4),
                                    retrieval_template, seed, grid)
+    with stages("profile"):
         # a replayed plan's options need the signals only: nothing to measure
         prof, options = run_profile(dense, cal, passes if replayed is None else [], model_hash=cap.model_hash,
                                     settings=settings, progress=progress, use_cache=use_cache)
-    heldout = HeldOut(dense, cal)
+        heldout = HeldOut(dense, cal)  # the dense model's outputs the plans are checked against
     if replayed is None:
         with stages("search"):
             for o in options:  # measured alone where the pass measures; its own estimate otherwise

@@ -29,6 +29,7 @@ from tailor.backends.base import (
 )
 from tailor.backends.export import export_onnx
 from tailor.backends.runners import HFModel
+from tailor.core.devices import module_device
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
@@ -209,7 +210,7 @@ class TorchBackend(Backend):
 def _run(model, batch: ProfileBatch) -> torch.Tensor:
     kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(type(model)) else {}
     with torch.no_grad():
-        out = model(input_ids=batch.ids, use_cache=False, **kwargs)
+        out = model(input_ids=batch.ids.to(module_device(model)), use_cache=False, **kwargs)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
     return t.float()
 

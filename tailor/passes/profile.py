@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -269,17 +270,23 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
                                                     reference, progress))
             store(cached)
         return cached, candidates
+    seconds, t0 = {}, time.perf_counter()
     signals = collect_signals(backend, calib.profile_ids)
+    seconds["signals"], t0 = time.perf_counter() - t0, time.perf_counter()
     if "attn_pattern" in passes:
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
         signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
                                               progress=progress, retrieval_weight=calib.retrieval_weight)
+    seconds["attention"], t0 = time.perf_counter() - t0, time.perf_counter()
     candidates = candidates_for(graph, signals, passes)
     measured = [o for o in candidates if PASSES[o.pass_name].measured]
     reference = backend.outputs(calib.profile_ids) if measured else []
     option_kl = measure_options(backend, measured, signals, calib.profile_ids, reference, progress)
+    seconds["options"] = time.perf_counter() - t0
     prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
     if use_cache:
         store(prof)
-    prof.extra["cached"] = False
+    # where the profile's time went (not cached: a cache hit costs none of it)
+    prof.extra |= {"cached": False, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+                   "options_measured": len(measured)}
     return prof, candidates

@@ -96,6 +96,8 @@ def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:
     """What report.json says of the calibration and the profile's signals."""
     out: dict[str, Any] = {
         "calibration": {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
+                        "profile_seconds": prof.extra.get("seconds"),
+                        "options_measured": prof.extra.get("options_measured"),
                         "heldout_windows": len(cal.heldout_ids),
                         "heldout_retrieval_sequences": len(cal.heldout_retrieval),
                         "retrieval_weight": cal.retrieval_weight},
