@@ -85,7 +85,8 @@ def one(args) -> dict:
     t0 = time.perf_counter()
     compiled = tailor.compile(model, 0.5, objective=args.objective, prompt_len=args.prompt_len,
                               device=device, dtype=args.dtype, stages=stages, progress=args.progress,
-                              use_cache=False, calib=args.calib)
+                              use_cache=False, calib=args.calib,
+                              passes=args.passes.split(",") if args.passes else None)
     total = time.perf_counter() - t0
     r = compiled.report
     return {"model": args.model, "objective": args.objective, "device": r["model"]["device"],
@@ -119,6 +120,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--smollm2", help="HF folder of SmolLM2-135M (see --convert-gguf)")
     p.add_argument("--calib", help="calibration text (default: data-free, as tailor's default)")
+    p.add_argument("--passes", help="comma list (default: every pass, as tailor's default)")
     p.add_argument("--convert-gguf", nargs=2, metavar=("GGUF", "DIR"))
     p.add_argument("--out", help="write the results here (.json)")
     p.add_argument("--progress", action="store_true")
@@ -140,6 +142,7 @@ def main() -> int:
             cmd += ["--smollm2", args.smollm2] if args.smollm2 else []
             cmd += ["--calib", args.calib] if args.calib else []
             cmd += ["--progress"] if args.progress else []
+            cmd += ["--passes", args.passes] if args.passes else []
             # progress bars and errors go straight to this process's stderr
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
             sys.stdout.write(proc.stdout)
