@@ -121,12 +121,14 @@ class SignalSums:
         self.acc: dict[str, list] = {k: [None] * n for k in
                                      ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_gram", "d_gram", "tok")}
         self.keys: list = [None] * n
+        self.device = torch.device("cpu")  # where the traces come from: the grams are ranked there
 
     def _add(self, dst, i, val):
         self.acc[dst][i] = val if self.acc[dst][i] is None else self.acc[dst][i] + val
 
     def block(self, i: int, x: torch.Tensor, y: torch.Tensor, ffn_out: torch.Tensor, attn_out: torch.Tensor):
         """Block input and output [B, T, H] and its two branches' outputs."""
+        self.device = x.device
         x, y, f = x.double(), y.double(), ffn_out.double()
         self._add("bi", i, float((1 - torch.cosine_similarity(x, y, dim=-1)).sum()))
         self._add("tok", i, x.shape[0] * x.shape[1])
@@ -135,8 +137,12 @@ class SignalSums:
         self._add("attn_sum", i, attn_out.double().sum((0, 1)))
 
     def projection_inputs(self, i: int, o_in: torch.Tensor, down_in: torch.Tensor):
+        """Each batch's gram in float64 on the device, summed on the host in float32: every
+        layer's sum on a GPU at once (float64) took 8.6 GiB for Llama-3.2-1B's shape and would
+        take 52 GiB for 8B's; a few batches summed in float32 lose nothing a ridge fit notices."""
         for name, x in (("o_gram", o_in), ("d_gram", down_in)):
-            self.acc[name][i] = add_gram(self.acc[name][i], x.reshape(-1, x.shape[-1]))
+            batch = add_gram(None, x.reshape(-1, x.shape[-1])).float().cpu()
+            self._add(name, i, batch)
 
     def key(self, i: int, k: torch.Tensor):
         """Last batch only: enough for a ranking. Evenly spaced rows past KEY_ROWS, the same in
@@ -146,21 +152,21 @@ class SignalSums:
             k = k[torch.linspace(0, len(k) - 1, KEY_ROWS, dtype=torch.float64, device=k.device).long()]
         self.keys[i] = k.double()
 
-    def signals(self, o_weights: list[torch.Tensor], down_weights: list[torch.Tensor],
-                head_dims: list[int]) -> Signals:
-        """The weights in out_in layout: the output and down projection of every layer. Consumes
+    def signals(self, o_weights, down_weights, head_dims: list[int]) -> Signals:
+        """o_weights(i), down_weights(i): layer i's output and down projection weights in out_in
+        layout (asked for one layer at a time: an 8B model's, all in float64, take 19 GiB). Consumes
         the grams: each layer's is ranked on its device, then kept as float32 on the CPU (half
         the host memory; an 8B model's down projections alone have 32 × 14337² entries) and its
         float64 sum freed."""
         acc, n, tok = self.acc, self.n, self.acc["tok"]
 
-        def ranked(name: str, weights: list[torch.Tensor], groups: list[int]):
+        def ranked(name: str, weights, groups: list[int]):
             grams, importance = [], []
             for i in range(n):
                 gram, acc[name][i] = acc[name][i] / tok[i], None
-                importance.append(removal_importance(weights[i], gram, groups[i], COMPENSATION_RIDGE,
-                                                     device=gram.device).tolist())
-                grams.append(gram.float().cpu().numpy())
+                importance.append(removal_importance(weights(i), gram.double(), groups[i], COMPENSATION_RIDGE,
+                                                     device=self.device).tolist())
+                grams.append(gram.numpy())
             return grams, importance
 
         o_gram, o_importance = ranked("o_gram", o_weights, head_dims)
@@ -186,8 +192,8 @@ def collect_signals(backend: Backend, ids: Inputs) -> Signals:
             sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
             sums.projection_inputs(i, t.o_in, t.down_in)
             sums.key(i, t.key)
-    return sums.signals([torch.from_numpy(backend.projection_weight(b.attn.o)) for b in graph.blocks],
-                        [torch.from_numpy(backend.projection_weight(b.ffn.down)) for b in graph.blocks],
+    return sums.signals(lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].attn.o)),
+                        lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].ffn.down)),
                         [b.attn.head_dim for b in graph.blocks])
 
 
