@@ -191,13 +191,21 @@ class Backend(abc.ABC):
         """The model's outputs on calibration inputs, in batches, as float32."""
         return list(self.stream(ids, batch))
 
-    def stream(self, ids: Inputs, batch: int = 4) -> Iterator[torch.Tensor]:
+    def stream(self, ids: Inputs, batch: int = 4,
+               replay: tuple[Any, int] | None = None) -> Iterator[torch.Tensor]:
         """`outputs` one batch at a time: what a comparison with a stored reference needs (one
-        batch of a 128K vocabulary's logits alive, not all of them)."""
+        batch of a 128K vocabulary's logits alive, not all of them). `replay` = (a
+        `record_blocks` of the dense model on the same ids, layer): the blocks before that layer,
+        which an edit there leaves as they were, may return their recorded outputs instead of
+        computing (a backend that cannot replay computes them: the outputs are the same)."""
         run = self.runnable()
         for b in batches(ids, batch):
             with torch.no_grad():
                 yield run(b).float()
+
+    def record_blocks(self, ids: Inputs, batch: int = 4) -> Any:
+        """What `stream(..., replay=...)` replays, or None where this backend does not replay."""
+        return None
 
     @abc.abstractmethod
     def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:

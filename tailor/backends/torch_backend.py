@@ -120,6 +120,44 @@ class TorchBackend(Backend):
             for h in hooks:
                 h.remove()
 
+    def _blocks(self) -> list[nn.Module]:
+        """The blocks in order (of a model with some removed: those kept)."""
+        path = block_path(self.model, self.graph.blocks[0])
+        parent, _, idx = path.rpartition(".")
+        blocks = self.model.get_submodule(parent) if idx.isdigit() else None
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+    def record_blocks(self, ids: Inputs, batch: int = 4) -> list[list] | None:
+        """Per batch, every block's output (the model's own return value)."""
+        blocks = self._blocks()
+        if len(blocks) != self.graph.num_layers:
+            return None
+        record = []
+        for chunk in batches(ids, batch):
+            outputs: list = [None] * len(blocks)
+            hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+                     for i, blk in enumerate(blocks)]
+            try:
+                with torch.no_grad():
+                    self.runnable()(chunk)
+            finally:
+                for h in hooks:
+                    h.remove()
+            record.append(outputs)
+        return record
+
+    def stream(self, ids: Inputs, batch: int = 4,
+               replay: tuple[list, int] | None = None) -> Iterator[torch.Tensor]:
+        if replay is None or replay[0] is None:
+            yield from super().stream(ids, batch)
+            return
+        record, layer = replay
+        run, blocks = self.runnable(), self._blocks()
+        for outputs, chunk in zip(record, batches(ids, batch)):
+            with torch.no_grad(), _frozen_prefix(blocks, layer, outputs):
+                out = run(chunk).float()
+            yield out
+
     def projection_weight(self, p: Projection) -> np.ndarray:
         # to the CPU in the model's dtype (half the bytes of float64), then widened
         w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().cpu().double()

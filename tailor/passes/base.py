@@ -70,6 +70,7 @@ class Pass(abc.ABC):
         apply(backend, options, signals)  do it, in the backend's edit vocabulary (signals None:
                                           shapes only, on reload or for a timing variant)
         check(backend, option)            can this model take it (a plan's option, before applying)
+        first_layer(option)               the first layer whose computation it needs or changes
     """
 
     name: ClassVar[str]
@@ -91,6 +92,11 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def apply(self, backend: Backend, options: list[Option], signals) -> None:
         ...
+
+    def first_layer(self, option: Option) -> int:
+        """The earliest layer the option changes or reads from while running: the layers before
+        it behave as in the dense model (what option measurements replay)."""
+        return option.layer
 
     def check(self, backend: Backend, option: Option) -> None:
         """ValueError where this backend's model cannot take the option (beyond what the graph

@@ -32,6 +32,9 @@ def _share(layer: int, source: int) -> Option:
 class KvShare(Pass):
     name = "kv_share"
 
+    def first_layer(self, option: Option) -> int:
+        return option.choice["source"]  # its keys and values are caught as the source computes them
+
     def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
         out = []
         sim = np.asarray(signals.kv_similarity) if signals is not None else None

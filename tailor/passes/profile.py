@@ -202,10 +202,14 @@ def measure_options(backend: Backend, options: list[Option], signals: Signals, i
     """Each option (of a pass that measures: PASSES[name].measured) applied alone to a copy: its
     divergence from `reference` on `ids`."""
     is_lm = backend.graph.task == "causal-lm"
+    # an option edits its own layer only: the blocks before it replay the dense model's outputs
+    # (half the forward on average)
+    record = backend.record_blocks(ids) if options else None
     result = {}
     for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
         variant = apply_options(backend.clone(), [o], signals)
-        result[o.key] = divergence(reference, variant.stream(ids), is_lm)
+        replay = (record, PASSES[o.pass_name].first_layer(o))
+        result[o.key] = divergence(reference, variant.stream(ids, replay=replay), is_lm)
     return result
 
 

@@ -322,3 +322,28 @@ def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
     path.write_bytes(text.encode() + b"\n\xff\xfe latin-1 \xe9")
     with pytest.raises(TailorError, match=rf"not UTF-8 text \(byte {len(text.encode()) + 1}\)"):
         list(read_text_pieces(path, piece_bytes=1000))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family):
+    """measure_options replays the blocks before an option's first layer (its source, for
+    kv_share): the divergence must be exactly that of running the whole variant."""
+    from tailor.backends.base import divergence
+    from tailor.passes.profile import collect_signals
+    from tailor.passes.registry import PASSES, candidates_for
+
+    dense = backend_for(capture(build_model(family)))
+    ids = ids_for(seq=16, batch=6)  # two batches of unequal size
+    signals = collect_signals(dense, ids)
+    options = candidates_for(dense.graph, signals, [p for p in PASSES if PASSES[p].measured])
+    assert {"kv_share", "ffn_prune", "layer_skip"} <= {o.pass_name for o in options} or family == "gpt2"
+    assert len(options) >= 6
+    reference, record = dense.outputs(ids), dense.record_blocks(ids)
+    assert record is not None
+    for o in options:
+        variant = apply_options(dense.clone(), [o], signals)
+        is_lm = dense.graph.task == "causal-lm"
+        replay = (record, PASSES[o.pass_name].first_layer(o))
+        full = divergence(reference, variant.stream(ids), is_lm)
+        replayed = divergence(reference, variant.stream(ids, replay=replay), is_lm)
+        assert replayed == pytest.approx(full, rel=1e-9, abs=1e-12), o.key
