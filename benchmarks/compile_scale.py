@@ -81,7 +81,7 @@ def one(args) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = args.smollm2 if args.model == "smollm2" else random_model(args.model, device, dtype)
     stages = StageLog(lambda name, secs, mem: print(f"  {args.model} {args.objective} {name}: {secs:.1f} s "
-                                                   f"{mem}", flush=True))
+                                                   f"{mem}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     compiled = tailor.compile(model, 0.5, objective=args.objective, prompt_len=args.prompt_len,
                               device=device, dtype=args.dtype, stages=stages, progress=args.progress,
