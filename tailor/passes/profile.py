@@ -37,7 +37,7 @@ from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.least_squares import COMPENSATION_RIDGE, add_gram
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -275,7 +275,7 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
         # rather than let the search take an unmeasured option for free
         missing = [o for o in candidates if o.key not in cached.option_kl and PASSES[o.pass_name].measured]
         if missing:
-            reference = backend.outputs(calib.profile_ids)
+            reference = list(backend.stream(calib.profile_ids))
             cached.option_kl.update(measure_options(backend, missing, cached.signals, calib.profile_ids,
                                                     reference, progress))
             store(cached)
@@ -286,11 +286,12 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
     if "attn_pattern" in passes:
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
         signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
-                                              progress=progress, retrieval_weight=calib.retrieval_weight)
+                                              progress=progress, retrieval_weight=calib.retrieval_weight,
+                                              measured_per_length=settings["attn"]["measured"])
     seconds["attention"], t0 = time.perf_counter() - t0, time.perf_counter()
     candidates = candidates_for(graph, signals, passes)
     measured = [o for o in candidates if PASSES[o.pass_name].measured]
-    reference = backend.outputs(calib.profile_ids) if measured else []
+    reference = list(backend.stream(calib.profile_ids)) if measured else []
     option_kl = measure_options(backend, measured, signals, calib.profile_ids, reference, progress)
     seconds["options"] = time.perf_counter() - t0
     prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
