@@ -99,7 +99,8 @@ def one(args) -> dict:
             "kl_heldout": r.get("search", {}).get("measured_kl_heldout"),
             "profile_seconds": r.get("calibration", {}).get("profile_seconds"),
             "options_measured": r.get("calibration", {}).get("options_measured"),
-            "attention_profile": {k: v for k, v in r.get("attention_profile", {}).items() if k != "loss"}}
+            "attention_profile": {k: v for k, v in r.get("attention_profile", {}).items()
+                                  if k in ("lengths", "measured", "spearman")}}
 
 
 def row(r: dict) -> str:
