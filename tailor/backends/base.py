@@ -60,6 +60,7 @@ class ProfileBatch:
     answer_lens: list[int] | None        # retrieval: answers are the last tokens of each row
     reference: torch.Tensor | None = None
     block_outputs: list | None = None    # the dense blocks' outputs, where a backend replays them
+    proxy: np.ndarray | None = None      # [layers, kv_heads, patterns], where the runner computes one
 
     @property
     def keep(self) -> int:
@@ -75,6 +76,27 @@ class ProfileBatch:
         return float(np.mean([divergence([ref[r:r + 1, t - c - 1:t - 1]], [out[r:r + 1, t - c - 1:t - 1]],
                                          is_lm) for r, c in enumerate(self.answer_lens)]))
 
+    def proxy_rows(self, max_rows: int, block: int, device) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """The query rows the attention proxy is computed on, as blocks [start, stop) of at most
+        `block` rows, and each row's weight [B, T] on `device` (zero off the blocks), weighted as
+        `divergence` weighs positions: every row of text equally (past `max_rows` rows a
+        sequence, max_rows // block blocks spread evenly from the first row to the last), for
+        retrieval the rows predicting each row's answer, each row's answer as much as another's."""
+        n, t = self.ids.shape
+        weights = torch.zeros(n, t, dtype=torch.float32, device=device)
+        if self.answer_lens is not None:
+            for r, c in enumerate(self.answer_lens):
+                weights[r, t - c - 1:t - 1] = 1 / (n * c)
+            return [(t - max(self.answer_lens) - 1, t - 1)], weights
+        if t <= max_rows:
+            starts = range(0, t, block)
+        else:  # the last block ends at the last row: the rows the narrowest patterns change most
+            starts = np.linspace(0, t - block, max(2, max_rows // block)).round().astype(int).tolist()
+        blocks = [(s, min(s + block, t)) for s in starts]
+        for s, e in blocks:
+            weights[:, s:e] = 1
+        return blocks, weights / weights.sum()
+
 
 class PatternRunner(abc.ABC):
     """Measures what one layer's attention patterns cost (tailor.passes.attention_profile)."""
@@ -88,8 +110,9 @@ class PatternRunner(abc.ABC):
         """Whether this layer's attention can run per-head patterns at all."""
 
     @abc.abstractmethod
-    def record(self, batch: ProfileBatch) -> None:
-        """The dense model's outputs on the batch (and whatever the runner replays)."""
+    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
+        """The dense model's outputs on the batch (and whatever the runner replays); with `grid`,
+        where the runner has one, each (layer, KV head, pattern)'s proxy as batch.proxy."""
 
     @abc.abstractmethod
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tailor.backends.attention_proxy import PROXY_BLOCK, PROXY_ROWS, output_factor, pattern_errors
 from tailor.backends.base import (
     Backend,
     BlockTrace,
@@ -234,6 +235,10 @@ class TorchPatternRunner(PatternRunner):
         self.model, self.is_lm = model, graph.task == "causal-lm"
         self.blocks = [model.get_submodule(block_path(model, b)) for b in graph.blocks]
         self.attns = [dispatching_module(model.get_submodule(attention_path(model, b))) for b in graph.blocks]
+        self.o_projs = [(model.get_submodule(module_path(b.attn.o.weight.name)), b.attn.o.layout)
+                        for b in graph.blocks]
+        self.kv_heads = graph.blocks[0].attn.num_kv_heads
+        self.o_factors: dict[int, torch.Tensor] = {}  # per layer, for the proxy: made once, on its device
 
     @contextlib.contextmanager
     def active(self):
@@ -248,16 +253,20 @@ class TorchPatternRunner(PatternRunner):
     def runs_patterns(self, layer: int) -> bool:
         return self.attns[layer] is not None
 
-    def record(self, batch: ProfileBatch) -> None:
+    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
         outputs: list = [None] * len(self.blocks)
         hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
                  for i, blk in enumerate(self.blocks)]
+        proxy = _ProxyObserver(self, batch, grid) if grid is not None else contextlib.nullcontext()
         try:
-            batch.reference = _run(self.model, batch)
+            with proxy:
+                batch.reference = _run(self.model, batch)
         finally:
             for h in hooks:
                 h.remove()
         batch.block_outputs = outputs
+        if grid is not None:
+            batch.proxy = proxy.result(outputs[-1])
 
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
         self.attns[layer].tailor_spans = [None if p is None else p.to_json() for p in patterns]
@@ -270,6 +279,57 @@ class TorchPatternRunner(PatternRunner):
             return total
         finally:
             self.attns[layer].tailor_spans = None
+
+
+class _ProxyObserver:
+    """While the dense recording pass runs: each patterned layer's attention proxy on the batch
+    (tailor.backends.attention_proxy) from the query, key and value its attention sees; per row
+    over the squared norm of the stream leaving the last block, summed with the rows' weights.
+    Patterns dense at the batch's length are left at zero."""
+
+    def __init__(self, runner: TorchPatternRunner, batch: ProfileBatch, grid: list[Pattern]):
+        self.runner, self.batch, self.grid = runner, batch, grid
+        self.columns = [k for k, p in enumerate(grid) if not p.is_dense_at(batch.ids.shape[1])]
+        self.rows: tuple | None = None  # the batch's proxy rows, made on the model's device
+        self.errors: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        for i, attn in enumerate(self.runner.attns):
+            if attn is not None:
+                attn.tailor_observer = functools.partial(self._observe, i)
+        return self
+
+    def __exit__(self, *exc):
+        for attn in self.runner.attns:
+            if attn is not None:
+                del attn.tailor_observer
+
+    def _observe(self, layer: int, query, key, value, attention_mask, scaling, causal) -> None:
+        factors = self.runner.o_factors
+        if layer not in factors:
+            proj, layout = self.runner.o_projs[layer]
+            factors[layer] = output_factor(proj.weight if layout == "out_in" else proj.weight.T, key.shape[1])
+        if self.rows is None:
+            self.rows = self.batch.proxy_rows(PROXY_ROWS, PROXY_BLOCK, query.device)
+        self.errors[layer] = pattern_errors(
+            query, key, value, [self.grid[k] for k in self.columns], scaling=scaling, causal=causal,
+            attention_mask=attention_mask, o_factor=factors[layer], blocks=self.rows[0])
+
+    def result(self, last_output) -> np.ndarray:
+        """[layers, kv_heads, patterns] float64, from the last block's output; NaN for layers
+        whose attention runs no patterns."""
+        out = np.full((len(self.runner.blocks), self.runner.kv_heads, len(self.grid)), np.nan)
+        if not self.errors:
+            return out
+        blocks, weights = self.rows
+        rows = torch.cat([torch.arange(a, b, device=weights.device) for a, b in blocks])
+        stream_sq = _first(last_output).float().square().sum(-1)[:, rows]
+        per_row = weights[:, rows] / stream_sq.clamp_min(torch.finfo(torch.float32).tiny)
+        layers = list(self.errors)
+        proxy = (torch.stack([self.errors[i] for i in layers]) * per_row).sum((-2, -1))
+        out[layers] = 0.0
+        out[np.ix_(layers, range(self.runner.kv_heads), self.columns)] = proxy.double().cpu().numpy()
+        return out
 
 
 # ---- branches for the sequential refit -----------------------------------------------------------

@@ -5,7 +5,9 @@ attention modules carry their per-KV-head spans as `module.tailor_spans` (a list
 KV head: [sink, alpha, beta] or None for dense). This masked-SDPA path is the reference the
 Triton kernels must match; it traces under torch.export with a dynamic sequence length, so the
 ONNX export runs the same pattern. While tailor's generation runtime drives the model
-(tailor.rewriter.modules.decoding), attention goes to its per-head KV cache instead.
+(tailor.rewriter.modules.decoding), attention goes to its per-head KV cache instead. A module's
+`tailor_observer`, when set (the attention profile's dense recording pass), is shown the query, key
+and value first; nothing sets it in an exported or rewritten model.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     generated = _attend_generating(module, query, key, value, scaling, causal)
     if generated is not None:
         return generated, None
+    observe = getattr(module, "tailor_observer", None)
+    if observe is not None:  # set only while the attention profile records the dense model
+        observe(query, key, value, attention_mask, scaling, causal)
     spans = getattr(module, "tailor_spans", None)
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
