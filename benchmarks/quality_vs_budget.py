@@ -27,6 +27,7 @@ from tailor.backends import backend_for
 from tailor.core.targets import get_target
 from tailor.data.calibration import add_attention_data, calibration_from_text
 from tailor.data.text import load_tokenizer, read_text, token_windows
+from tailor.passes.attention_profile import MEASURED_PER_LENGTH
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import CostModel, Workload
 from tailor.passes.profile import run_profile
@@ -77,7 +78,7 @@ def main() -> None:
     add_attention_data(cal, lengths, 768, tok)
     settings = {"windows": 16, "len": 512, "seed": 0,
                 "attn": {"lengths": lengths, "grid": [g.to_json() for g in default_grid(max(lengths))],
-                         "retrieval": cal.retrieval_weight}}
+                         "retrieval": cal.retrieval_weight, "measured": MEASURED_PER_LENGTH}}
     prof, options = run_profile(dense, cal, list(PASSES), model_hash=cap.model_hash, settings=settings,
                                 progress=True)
     for o in options:

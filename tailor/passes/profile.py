@@ -36,7 +36,7 @@ from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.least_squares import COMPENSATION_RIDGE
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -261,7 +261,8 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
     if "attn_pattern" in passes:
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
         signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
-                                              progress=progress, retrieval_weight=calib.retrieval_weight)
+                                              progress=progress, retrieval_weight=calib.retrieval_weight,
+                                              measured_per_length=settings["attn"]["measured"])
     candidates = candidates_for(graph, signals, passes)
     measured = [o for o in candidates if PASSES[o.pass_name].measured]
     reference = backend.outputs(calib.profile_ids) if measured else []

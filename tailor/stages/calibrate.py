@@ -18,6 +18,7 @@ from tailor.data.calibration import (
 )
 from tailor.data.retrieval import RetrievalTemplate
 from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
+from tailor.passes.attention_profile import MEASURED_PER_LENGTH
 from tailor.passes.profile import Profile
 from tailor.rewriter.capture import OnnxSource, TorchSource
 
@@ -72,10 +73,12 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
 
 def attention_data(cal: Calibration, backend: Backend, source: TorchSource | OnnxSource, tokenizer,
                    passes: list[str], lengths: list[int], validation_len: int,
-                   retrieval_template: dict | None, seed: int, grid) -> dict[str, Any]:
+                   retrieval_template: dict | None, seed: int, grid,
+                   measured: int | None = MEASURED_PER_LENGTH) -> dict[str, Any]:
     """Windows of the profiled and validation lengths and synthetic retrieval sequences (for a
     causal LM, or where attention patterns are searched), added to `cal`; the settings that
-    change what the attention profile measures."""
+    change what the attention profile measures (`measured`: cells measured a length where the
+    backend has a proxy for the others, None for all)."""
     graph = backend.graph
     if graph.task != "causal-lm" and "attn_pattern" not in passes:
         return {}
@@ -89,7 +92,7 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     if "attn_pattern" not in passes:
         return {}
     return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid], "template": asdict(template),
-                     "retrieval": cal.retrieval_weight}}
+                     "retrieval": cal.retrieval_weight, "measured": measured}}
 
 
 def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:
