@@ -128,6 +128,8 @@ def test_profile_measures_few_and_maps_the_rest(llama):
     kw = dict(retrieval_weight=0.0, progress=False)
     full = profile_attention(llama, texts, {}, grid, measured_per_length=None, **kw)
     few = profile_attention(llama, texts, {}, grid, measured_per_length=6, **kw)
+    with pytest.raises(ValueError, match="at least 1"):
+        profile_attention(llama, texts, {}, grid, measured_per_length=0, **kw)
     assert 0 < few.measured <= 12 < full.measured
     for n in texts:
         known, measured = few.was_measured[n], few.was_measured[n] & full.was_measured[n]
