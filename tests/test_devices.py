@@ -117,3 +117,12 @@ def test_a_rewritten_clone_shares_weights_yet_leaves_the_dense_model_alone():
     apply_options(variant, options, None)
     refit_sequentially(dense, variant, ids_for(seq=16), removed={1})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_bigger_than_the_free_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    import tailor.rewriter.capture as capture_module
+
+    build_model("llama").save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(capture_module, "host_available", lambda: 1024)
+    with pytest.raises(TailorError, match="more than the .* free on host memory"):
+        load_hf_directory(tmp_path / "m")

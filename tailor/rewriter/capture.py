@@ -170,6 +170,19 @@ def weight_bytes(path: Path, dtype: torch.dtype) -> int:
     return total
 
 
+def host_available() -> int:
+    """Bytes the host can still give: MemAvailable (free pages and reclaimable page cache, where
+    the weights just read usually sit), or the free pages where /proc is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def check_fits(path: Path, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, before loading, a model whose weights alone exceed the memory the device has free
     (a compile needs more than that: activations, a copy of each rewritten layer)."""
@@ -178,8 +191,7 @@ def check_fits(path: Path, device: torch.device, dtype: torch.dtype) -> None:
         free, _ = torch.cuda.mem_get_info(device)
         where = f"{device} ({torch.cuda.get_device_name(device)})"
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        where = "host memory"
+        free, where = host_available(), "host memory"
     if need > free:
         name = str(dtype).removeprefix("torch.")
         raise TailorError(f"{path}: its weights take {need / 2**30:.1f} GiB in {name}, more than the "
