@@ -135,15 +135,8 @@ class TorchBackend(Backend):
             return None
         record = []
         for chunk in batches(ids, batch):
-            outputs: list = [None] * len(blocks)
-            hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-                     for i, blk in enumerate(blocks)]
-            try:
-                with torch.no_grad():
-                    self.runnable()(chunk)
-            finally:
-                for h in hooks:
-                    h.remove()
+            with torch.no_grad(), _recorded_outputs(blocks) as outputs:
+                self.runnable()(chunk)
             record.append(outputs)
         return record
 
@@ -261,6 +254,19 @@ def _takes_logits_to_keep(model_class) -> bool:
 
 
 @contextlib.contextmanager
+def _recorded_outputs(blocks: list):
+    """A list that the forward run inside fills with every block's output (its return value)."""
+    outputs: list = [None] * len(blocks)
+    hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+             for i, blk in enumerate(blocks)]
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _frozen_prefix(blocks: list, layer: int, outputs: list):
     """Blocks before `layer` return their recorded dense outputs instead of computing."""
     for i in range(layer):
@@ -299,16 +305,9 @@ class TorchPatternRunner(PatternRunner):
         return self.attns[layer] is not None
 
     def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
-        outputs: list = [None] * len(self.blocks)
-        hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-                 for i, blk in enumerate(self.blocks)]
         proxy = _ProxyObserver(self, batch, grid) if grid is not None else contextlib.nullcontext()
-        try:
-            with proxy:
-                batch.reference = _run(self.model, batch)
-        finally:
-            for h in hooks:
-                h.remove()
+        with _recorded_outputs(self.blocks) as outputs, proxy:
+            batch.reference = _run(self.model, batch)
         batch.block_outputs = outputs
         if grid is not None:
             batch.proxy = proxy.result(outputs[-1])

@@ -115,9 +115,9 @@ class PeakMemory:
 
     @contextlib.contextmanager
     def __call__(self):
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):  # the peak reported is over every GPU
+                torch.cuda.reset_peak_memory_stats(i)
         peak = [_rss_bytes()]
         done = threading.Event()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,10 +164,8 @@ def weight_bytes(path: Path, dtype: torch.dtype) -> int:
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * (itemsize if sl.get_dtype().startswith(("F", "BF")) else 1)
+                floating = sl.get_dtype().startswith(("F", "BF"))
+                total += math.prod(sl.get_shape()) * (itemsize if floating else 1)
     return total
 
 

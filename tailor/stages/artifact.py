@@ -14,7 +14,7 @@ import yaml
 from tailor.backends.base import Backend
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
-from tailor.core.devices import resolve_device
+from tailor.core.devices import module_device, resolve_device
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
 from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
@@ -221,8 +221,8 @@ def placement(cap: Captured) -> dict[str, str]:
     CPU, in the file's own types)."""
     if cap.source.backend != "torch":
         return {"device": "cpu", "dtype": "as stored"}
-    p = next(cap.source.module.parameters())
-    return {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
+    module = cap.source.module
+    return {"device": str(module_device(module)), "dtype": str(module.dtype).removeprefix("torch.")}
 
 
 def max_positions(graph: TransformerGraph) -> int | None:
