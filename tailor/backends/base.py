@@ -39,6 +39,22 @@ class BlockTrace(NamedTuple):
     key: torch.Tensor
 
 
+# logits a comparison with the dense model keeps, at most (elements, over every window): past it,
+# evenly spaced positions of each window stand for all of them. SmolLM2's 6144 calibration tokens
+# of a 49K vocabulary held 1.2 GB in float32, and their head and KL took more than half of each
+# option's measurement on 2 CPU cores.
+LOGIT_ELEMENTS = 2 ** 27
+
+
+def compared_positions(graph, ids: Inputs) -> torch.Tensor | None:
+    """The positions of each window a causal LM's outputs are compared at: all (None) while the
+    windows' logits fit LOGIT_ELEMENTS, else every k-th, ending at the last."""
+    if graph.task != "causal-lm" or not isinstance(ids, torch.Tensor) or graph.vocab_size is None:
+        return None
+    stride = -(-ids.numel() * graph.vocab_size // LOGIT_ELEMENTS)
+    return None if stride <= 1 else torch.arange(ids.shape[1] - 1, -1, -stride).flip(0)
+
+
 # float64 elements one step of `divergence` holds per temporary: a batch of 2048 tokens of a
 # 128K-token vocabulary (Llama 3) would otherwise take 2 GiB per temporary, several at once
 DIVERGENCE_CHUNK = 2 ** 25
@@ -73,6 +89,7 @@ class ProfileBatch:
     reference: torch.Tensor | None = None
     block_outputs: list | None = None    # the dense blocks' outputs, where a backend replays them
     proxy: np.ndarray | None = None      # [layers, kv_heads, patterns], where the runner computes one
+    positions: torch.Tensor | None = None  # text: the positions compared (compared_positions)
 
     @property
     def keep(self) -> int:
@@ -214,18 +231,19 @@ class Backend(abc.ABC):
         """The model's outputs on calibration inputs, in batches, as float32."""
         return [o.float() for o in self.stream(ids, batch)]
 
-    def stream(self, ids: Inputs, batch: int = 4,
-               replay: tuple[Any, int] | None = None) -> Iterator[torch.Tensor]:
+    def stream(self, ids: Inputs, batch: int = 4, replay: tuple[Any, int] | None = None,
+               positions: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """`outputs` one batch at a time: what a comparison with a stored reference needs (one
         batch of a 128K vocabulary's logits alive, not all of them). `replay` = (a
         `record_blocks` of the dense model on the same ids, layer): the blocks before that layer,
         which an edit there leaves as they were, may return their recorded outputs instead of
-        computing (a backend that cannot replay computes them: the outputs are the same). In
-        the model's dtype: `divergence` widens them a chunk at a time."""
+        computing (a backend that cannot replay computes them: the outputs are the same).
+        `positions`: only those sequence positions' outputs (compared_positions). In the model's
+        dtype: `divergence` widens them a chunk at a time."""
         run = self.runnable()
         for b in batches(ids, batch):
             with torch.no_grad():
-                yield run(b)
+                yield run(b) if positions is None else run(b, positions=positions)
 
     def record_blocks(self, ids: Inputs, batch: int = 4) -> Any:
         """What `stream(..., replay=...)` replays, or None where this backend does not replay."""

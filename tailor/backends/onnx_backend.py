@@ -176,13 +176,14 @@ class OnnxPatternRunner(PatternRunner):
         """No proxy: every pattern is measured (tailor.passes.attention_profile)."""
         if self._dense is None:
             self._dense = self.backend.runnable()
-        batch.reference = self._dense(batch.ids).float()
+        batch.reference = self._dense(batch.ids, positions=batch.positions).float()
 
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
         variant = self.backend.clone()
         variant.set_patterns(layer, patterns)
         run = variant.runnable()
-        return sum(b.weight * b.divergence(run(b.ids).float(), self.is_lm) for b in batches)
+        return sum(b.weight * b.divergence(run(b.ids, positions=b.positions).float(), self.is_lm)
+                   for b in batches)
 
 
 def _residual(values: onnx_surgery.BlockValues, kind: str):

@@ -5,6 +5,8 @@ Causal LMs return logits [B, T, V]; encoders and bare decoders return hidden sta
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,26 @@ class HFModel(torch.nn.Module):
     def config(self):
         return self.inner.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
         """Inputs from anywhere (calibration ids live on the host) run where the model is; the
-        output stays there."""
+        output stays there. `positions`: the sequence positions whose outputs are wanted (all
+        where None); the head computes only theirs where the model takes logits_to_keep."""
         device = module_device(self.inner)
-        out = self.inner(input_ids=input_ids.to(device), use_cache=False,
-                         attention_mask=None if attention_mask is None else attention_mask.to(device))
-        return out.logits if getattr(out, "logits", None) is not None else out[0]
+        kwargs = {}
+        if positions is not None and takes_logits_to_keep(type(self.inner)):
+            kwargs["logits_to_keep"] = positions.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        out = self.inner(input_ids=input_ids.to(device), use_cache=False, attention_mask=mask, **kwargs)
+        t = out.logits if getattr(out, "logits", None) is not None else out[0]
+        return t[:, positions.to(t.device)] if positions is not None and not kwargs else t
+
+
+@functools.cache
+def takes_logits_to_keep(model_class) -> bool:
+    """Whether a transformers model computes its head on chosen positions only (asked once per
+    class: the profile's inner loop asks)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def cpu_session(source: str | bytes, threads: int | None = None) -> ort.InferenceSession:
@@ -60,11 +75,13 @@ class NumpyModel(torch.nn.Module, abc.ABC):
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         """Output of the runtime for input_ids [B, T]."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(f"padding masks are not supported through {self.runtime} yet; "
                              "pass unpadded batches")
-        return torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
+        out = torch.from_numpy(self.run_numpy(input_ids.cpu().numpy()))
+        return out if positions is None else out[:, positions]
 
 
 class OrtModel(NumpyModel):

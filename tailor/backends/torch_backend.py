@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from tailor.backends.base import (
     branch_projection,
 )
 from tailor.backends.export import export_onnx
-from tailor.backends.runners import HFModel
+from tailor.backends.runners import HFModel, takes_logits_to_keep
 from tailor.core.devices import module_device
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
@@ -140,16 +139,16 @@ class TorchBackend(Backend):
             record.append(outputs)
         return record
 
-    def stream(self, ids: Inputs, batch: int = 4,
-               replay: tuple[list, int] | None = None) -> Iterator[torch.Tensor]:
+    def stream(self, ids: Inputs, batch: int = 4, replay: tuple[list, int] | None = None,
+               positions: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         if replay is None or replay[0] is None:
-            yield from super().stream(ids, batch)
+            yield from super().stream(ids, batch, positions=positions)
             return
         record, layer = replay
         run, blocks = self.runnable(), self._blocks()
         for outputs, chunk in zip(record, batches(ids, batch)):
             with torch.no_grad(), _frozen_prefix(blocks, layer, outputs):
-                out = run(chunk)
+                out = run(chunk, positions=positions)
             yield out
 
     def projection_weight(self, p: Projection) -> np.ndarray:
@@ -240,17 +239,17 @@ class TorchBackend(Backend):
 # ---- attention patterns, measured head by head -----------------------------------------------------
 
 def _run(model, batch: ProfileBatch) -> torch.Tensor:
-    kwargs = {"logits_to_keep": batch.keep} if batch.keep and _takes_logits_to_keep(type(model)) else {}
+    """The outputs a batch compares: text at its compared positions, retrieval rows' last `keep`
+    (the head computes no more where the model takes logits_to_keep)."""
+    device, takes = module_device(model), takes_logits_to_keep(type(model))
+    keep = batch.positions.to(device) if batch.positions is not None else batch.keep or None
+    kwargs = {"logits_to_keep": keep} if keep is not None and takes else {}
     with torch.no_grad():
-        out = model(input_ids=batch.ids.to(module_device(model)), use_cache=False, **kwargs)
+        out = model(input_ids=batch.ids.to(device), use_cache=False, **kwargs)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
+    if batch.positions is not None and not takes:
+        t = t[:, keep]
     return t.float()
-
-
-@functools.cache
-def _takes_logits_to_keep(model_class) -> bool:
-    """Asked once per class: `_run` is the profile's inner loop."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @contextlib.contextmanager

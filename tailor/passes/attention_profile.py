@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tailor.backends.base import Backend, ProfileBatch
+from tailor.backends.base import Backend, ProfileBatch, compared_positions
 from tailor.core.patterns import Pattern
 from tailor.data.retrieval import RetrievalSample
 from tailor.passes.cost import Allowance, forward_flops
@@ -44,7 +44,7 @@ LOSSLESS = 1e-3
 MEASURED_PER_LENGTH = 48
 # seconds of work (cost.MEASURE_RATE) the measured cells of all lengths may take; within it, at
 # least MIN_MEASURED_PER_LENGTH a length (the points of the map), at most MEASURED_PER_LENGTH
-ATTENTION_SECONDS = 240
+ATTENTION_SECONDS = 160
 MIN_MEASURED_PER_LENGTH = 4
 # proxies are compared in log: a floor for the exact zeros
 TINY = 1e-30
@@ -89,11 +89,12 @@ def contains(outer: Pattern, inner: Pattern, n: int) -> bool:
     return outer.sink >= inner.sink and outer.window(n) >= inner.window(n)
 
 
-def _batches(texts: torch.Tensor | None, samples: list[RetrievalSample],
+def _batches(graph: TransformerGraph, texts: torch.Tensor | None, samples: list[RetrievalSample],
              retrieval_weight: float) -> list[ProfileBatch]:
     out = []
     if texts is not None and len(texts):
-        out.append(ProfileBatch(texts, 1 - retrieval_weight if samples else 1.0, None))
+        out.append(ProfileBatch(texts, 1 - retrieval_weight if samples else 1.0, None,
+                                positions=compared_positions(graph, texts)))
     if samples:
         ids = torch.stack([s.ids for s in samples])  # make_samples: all of one length
         out.append(ProfileBatch(ids, retrieval_weight if out else 1.0, [s.answer_len for s in samples]))
@@ -160,7 +161,7 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
     out = AttentionInfluence(lengths, grid, {}, 0, proxy={}, was_measured={}, spearman={})
     with runner.active():
         for n in lengths:
-            batches = _batches(texts.get(n), retrieval.get(n, []), retrieval_weight)
+            batches = _batches(graph, texts.get(n), retrieval.get(n, []), retrieval_weight)
             for b in batches:
                 runner.record(b, grid)
             loss = np.full((graph.num_layers, kv_heads, len(grid)), np.nan)

@@ -386,10 +386,12 @@ def model_flops(g: TransformerGraph, w: Workload) -> int:
     return w.batch * forward_flops(g, w.seq_len)
 
 
-def forward_flops(g: TransformerGraph, seq_len: int, first_layer: int = 0) -> int:
-    """One sequence of `seq_len` tokens through the blocks from `first_layer` on and the head."""
+def forward_flops(g: TransformerGraph, seq_len: int, first_layer: int = 0,
+                  head_tokens: int | None = None) -> int:
+    """One sequence of `seq_len` tokens through the blocks from `first_layer` on and the head (on
+    `head_tokens` of them; all where None)."""
     w = Workload(1, seq_len)
-    head = projection_flops(g.lm_head, seq_len) if g.lm_head else 0
+    head = projection_flops(g.lm_head, seq_len if head_tokens is None else head_tokens) if g.lm_head else 0
     return sum(attention_flops(b.attn, w) + ffn_flops(b.ffn, w) for b in g.blocks[first_layer:]) + head
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tailor.backends.base import Backend, divergence
+from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.core.digests import sha256_file
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Calibration, Inputs
@@ -253,24 +253,27 @@ class OptionMeter:
         self.reference: list[torch.Tensor] | None = None
         self.record = None
         self.lengths = input_lengths(ids)
+        self.positions = compared_positions(backend.graph, ids)
 
     def work(self, option: Option) -> float:
         """FLOPs of measuring it (the replayed blocks cost none)."""
         first = PASSES[option.pass_name].first_layer(option)
-        return float(sum(forward_flops(self.backend.graph, n, first) for n in self.lengths))
+        head = None if self.positions is None else len(self.positions)
+        return float(sum(forward_flops(self.backend.graph, n, first, head) for n in self.lengths))
 
     def __call__(self, options: list[Option]) -> dict[str, float]:
         if not options:
             return {}
         if self.reference is None:
-            self.reference = list(self.backend.stream(self.ids))
+            self.reference = list(self.backend.stream(self.ids, positions=self.positions))
             self.record = self.backend.record_blocks(self.ids)
         is_lm = self.backend.graph.task == "causal-lm"
         result = {}
         for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):
             variant = apply_options(self.backend.clone(), [o], self.signals)
             replay = (self.record, PASSES[o.pass_name].first_layer(o))
-            result[o.key] = divergence(self.reference, variant.stream(self.ids, replay=replay), is_lm)
+            result[o.key] = divergence(self.reference, variant.stream(self.ids, replay=replay,
+                                                                      positions=self.positions), is_lm)
         return result
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tailor.backends.base import Backend, divergence
+from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.data.calibration import Calibration
 from tailor.passes.base import Option
 from tailor.passes.cost import Allowance, CostModel, forward_flops
@@ -19,9 +19,9 @@ from tailor.passes.search import SearchResult, search
 # seconds of work (cost.MEASURE_RATE) for whole plans measured on the held-out data (at least
 # MIN_PLAN_CHECKS, so that one correction of the estimates is measured) and for the options a
 # plan chose whose loss was only estimated
-PLAN_CHECK_SECONDS = 240
+PLAN_CHECK_SECONDS = 120
 MIN_PLAN_CHECKS = 2
-REFINE_SECONDS = 120
+REFINE_SECONDS = 60
 
 
 class HeldOut:
@@ -32,28 +32,33 @@ class HeldOut:
     def __init__(self, dense: Backend, cal: Calibration):
         self.cal, self.graph, self.is_lm = cal, dense.graph, dense.graph.task == "causal-lm"
         self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
+        self.positions = [compared_positions(dense.graph, t) for t in self.texts]
         # on the host: read a few dozen times in a search, and 14K validation tokens of a 49K
         # vocabulary's logits took 3 GiB of a GPU
-        self.reference = [[o.cpu() for o in dense.stream(t)] for t in self.texts]
+        self.reference = [[o.cpu() for o in dense.stream(t, positions=p)]
+                          for t, p in zip(self.texts, self.positions)]
         self.retrieval = [s.ids for s in cal.heldout_retrieval]
         self.ret_reference = self._answers(dense)
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
         run = backend.runnable()
         with torch.no_grad():
-            return [run(ids[None]).float()[:, s.answer_start - 1:-1]
+            return [run(ids[None], positions=torch.arange(s.answer_start - 1, len(ids) - 1)).float()
                     for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
 
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
-        lengths = [n for t in self.texts for n in input_lengths(t)] + [len(ids) for ids in self.retrieval]
-        return float(sum(forward_flops(self.graph, n) for n in lengths))
+        texts = sum(forward_flops(self.graph, n, head_tokens=None if p is None else len(p))
+                    for t, p in zip(self.texts, self.positions) for n in input_lengths(t))
+        answers = sum(forward_flops(self.graph, len(ids), head_tokens=len(ids) - s.answer_start + 1)
+                      for ids, s in zip(self.retrieval, self.cal.heldout_retrieval))
+        return float(texts + answers)
 
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
         retrieval answers' KL, weighted."""
-        kl = float(np.mean([divergence(ref, backend.stream(t), self.is_lm)
-                            for ref, t in zip(self.reference, self.texts)]))
+        kl = float(np.mean([divergence(ref, backend.stream(t, positions=p), self.is_lm)
+                            for ref, t, p in zip(self.reference, self.texts, self.positions)]))
         if not self.retrieval:
             return kl
         w = self.cal.retrieval_weight

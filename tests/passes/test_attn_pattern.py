@@ -61,10 +61,13 @@ def _reference_attention(q, k, v, patterns, causal, scale):
     return out.transpose(1, 2)
 
 
+@pytest.mark.parametrize("scores", [None, 2 * 4 * 30 * 7])  # all at once; 7 query rows at a time
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_function_honours_each_heads_pattern(causal):
+def test_attention_function_honours_each_heads_pattern(causal, scores, monkeypatch):
     from tailor.rewriter.modules.sparse_attention import sparse_attention_forward
 
+    if scores is not None:
+        monkeypatch.setattr("tailor.rewriter.modules.sparse_attention.MASKED_SCORES", scores)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
     module = torch.nn.Module()

@@ -385,3 +385,28 @@ def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family
         full = divergence(reference, variant.stream(ids), is_lm)
         replayed = divergence(reference, variant.stream(ids, replay=replay), is_lm)
         assert replayed == pytest.approx(full, rel=1e-9, abs=1e-12), o.key
+
+
+@pytest.mark.parametrize("source", ["llama", "gpt2", "llama.onnx"])
+def test_outputs_at_compared_positions_are_the_full_outputs_there(source, tiny_onnx, monkeypatch):
+    """Past LOGIT_ELEMENTS, comparisons keep every k-th position of each window (the last one
+    included): the head runs on those only (logits_to_keep) and gives what the full run gives
+    there, with and without the dense prefix replayed."""
+    from tailor.backends.base import compared_positions, divergence
+
+    family, _, onnx = source.partition(".")
+    dense = backend_for(capture(tiny_onnx[family] if onnx else build_model(family)))
+    ids = ids_for(seq=16, batch=6)
+    assert compared_positions(dense.graph, ids) is None  # 9216 logits: all kept
+    monkeypatch.setattr("tailor.backends.base.LOGIT_ELEMENTS", 96 * 16)
+    positions = compared_positions(dense.graph, ids)
+    assert positions.tolist() == [3, 9, 15]
+    full = torch.cat(list(dense.stream(ids)))
+    torch.testing.assert_close(torch.cat(list(dense.stream(ids, positions=positions))), full[:, positions],
+                               rtol=1e-5, atol=1e-5)
+    record = dense.record_blocks(ids)
+    if record is not None:
+        replayed = torch.cat(list(dense.stream(ids, replay=(record, 1), positions=positions)))
+        torch.testing.assert_close(replayed, full[:, positions], rtol=1e-5, atol=1e-5)
+    reference = [out[:, positions] for out in dense.stream(ids)]  # per batch, as divergence takes them
+    assert divergence(reference, dense.stream(ids, positions=positions), True) < 1e-9

@@ -33,6 +33,10 @@ def _base_mask(attention_mask, q_len: int, k_len: int, causal: bool, device) -> 
     return (torch.arange(k_len, device=device)[None, :] <= i)[None, None]
 
 
+# scores one masked SDPA call may hold (elements)
+MASKED_SCORES = 2 ** 26
+
+
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention-interface function: masked SDPA with each KV head's own pattern.
@@ -55,12 +59,24 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     patterns = [Pattern.from_json(s) for s in spans]
     keep = keep_mask(patterns, q_len, k_len, causal, query.device).repeat_interleave(groups, 0)[None]
     base = _base_mask(attention_mask, q_len, k_len, causal, query.device)
-    if base is not None:
-        keep = keep & base
     key = key.repeat_interleave(groups, 1)
     value = value.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0)
+    dropout = dropout if module.training else 0.0
+    # a boolean mask sends SDPA down its math path, which holds every score: a few query rows at
+    # a time (4 retrieval rows × 9 heads × 4096² scores took 2.4 GB of a 2-core CPU's memory);
+    # in one piece while traced (export, compile), where shapes are symbolic
+    if torch.compiler.is_compiling() or isinstance(q_len, torch.SymInt):
+        starts, rows = [0], q_len
+    else:
+        rows = max(1, MASKED_SCORES // (query.shape[0] * query.shape[1] * k_len))
+        starts = range(0, q_len, rows)
+    out = []
+    for s in starts:
+        mask = keep[..., s:s + rows, :]
+        mask = mask if base is None else mask & base[..., s:s + rows, :]
+        out.append(F.scaled_dot_product_attention(query[:, :, s:s + rows], key, value, attn_mask=mask,
+                                                  scale=scaling, dropout_p=dropout))
+    out = out[0] if len(out) == 1 else torch.cat(out, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
