@@ -18,11 +18,11 @@ import torch
 
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device, resolve_dtype
 from tailor.core.digests import sha256_files
-from tailor.core.errors import TailorError
+from tailor.core.errors import TailorError, first_line
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.onnx_check import check_onnx_file, first_line
+from tailor.rewriter.onnx_check import check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
 
