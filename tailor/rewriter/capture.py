@@ -102,12 +102,13 @@ def on_device(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(want_device, want_dtype)
 
 
-def load_dtype(config: dict, device: torch.device, dtype) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16/fp16 matmuls are
-    emulated or slow on most processors and the reference numbers of a CPU compile are fp32."""
+def load_dtype(stored: torch.dtype | None, device: torch.device, dtype) -> torch.dtype:
+    """`auto`: the checkpoint's dtype (`stored`) on a GPU; float32 on the CPU, where bf16/fp16
+    matmuls are emulated or slow on most processors and the reference numbers of a CPU compile
+    are fp32."""
     if str(dtype or "auto") == "auto" and device.type == "cpu":
         return torch.float32
-    return resolve_dtype(dtype, device, checkpoint_dtype(config))
+    return resolve_dtype(dtype, device, stored)
 
 
 def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cpu",
@@ -136,19 +137,26 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cp
         extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise TailorError(f"{path}: no model.safetensors{extra}")
     device = resolve_device(device)
-    dtype = load_dtype(config, device, dtype)
-    check_fits(path, device, dtype)
+    dtype = load_dtype(checkpoint_dtype(config), device, dtype)
+    check_fits(path, weight_bytes(path, dtype), device, dtype)
+    return from_pretrained(cls, path, path, use_safetensors=True, dtype=dtype, device_map=device,
+                           trust_remote_code=trust_remote_code)
+
+
+def from_pretrained(cls, source: Path, folder: Path, **kwargs) -> torch.nn.Module:
+    """`cls.from_pretrained(folder, **kwargs)` from local files, in eval mode; a failure, or weights
+    that do not fill the model, as a TailorError naming `source`."""
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     try:
-        module, info = cls.from_pretrained(path, use_safetensors=True, dtype=dtype, device_map=device,
-                                           local_files_only=True, output_loading_info=True,
-                                           trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises many types for broken folders
-        raise TailorError(f"{path}: could not load the model: {str(e).splitlines()[0]}") from None
+        module, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # transformers raises many types for broken files
+        raise TailorError(f"{source}: could not load the model: {first_line(e)}") from None
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys")}
     if bad:
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
-        raise TailorError(f"{path}: weights do not match the config ({detail})")
+        raise TailorError(f"{source}: weights do not match the config ({detail})")
     return module.eval()
 
 
@@ -182,10 +190,10 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before loading, a model whose weights alone exceed the memory the device has free
-    (a compile needs more than that: activations, a copy of each rewritten layer)."""
-    need = weight_bytes(path, dtype)
+def check_fits(path: Path, need: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before loading, a model whose weights alone (`need` bytes in `dtype`) exceed the
+    memory the device has free (a compile needs more than that: activations, a copy of each
+    rewritten layer)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where = f"{device} ({torch.cuda.get_device_name(device)})"

@@ -14,7 +14,7 @@ import yaml
 from tailor.backends.base import Backend
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
-from tailor.core.devices import module_device, resolve_device
+from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
 from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
@@ -193,7 +193,7 @@ def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "
     if tied:
         model.tie_weights()
     where = resolve_device(device)
-    return model.to(where, load_dtype(cfg, where, dtype))
+    return model.to(where, load_dtype(checkpoint_dtype(cfg), where, dtype))
 
 
 def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
