@@ -17,6 +17,7 @@ from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
+from tailor.data.text import load_tokenizer
 from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
 from tailor.passes.registry import apply_options, options_from_plan
 from tailor.quality.plots import plan_picture
@@ -84,6 +85,10 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
+        if isinstance(src, TorchSource) and src.path is not None and src.path.is_file():
+            # a GGUF holds its tokenizer in its metadata: written out as tokenizer files
+            load_tokenizer(src.path).save_pretrained(tmp)
+            return
         folder = src.path.parent if isinstance(src, OnnxSource) else src.path
         if folder is not None:
             _copy_tokenizer(folder, tmp)
