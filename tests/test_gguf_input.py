@@ -207,3 +207,10 @@ def test_bad_gguf_is_one_line_and_exit_2(make, expect, tiny_gguf, tmp_path, monk
     assert not (tmp_path / "out").exists()
     assert _fails(["inspect", str(tmp_path / "m.gguf")], capsys, expect=expect, fn=main)
 
+
+@pytest.mark.slow
+def test_inspect_real_smollm2(smollm2_gguf, capsys):
+    assert main(["inspect", str(smollm2_gguf), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layers"] == 30 and info["vocab_size"] == 49152 and info["tied_embeddings"]
+    assert {(b["heads"], b["kv_heads"], b["head_dim"]) for b in info["blocks"]} == {(9, 3, 64)}
