@@ -17,13 +17,14 @@ from tailor.cli.default_model import CALIB_MODULES, docstring_sentences
 from tailor.cli.main import main, optimize_main
 from tailor.data.text import load_tokenizer
 from tailor.rewriter import capture as capture_module
-from tailor.rewriter.capture import load_gguf
+from tailor.rewriter.capture import load_gguf, read_gguf_header
 from tests.conftest import ids_for, perturb_vectors
 from tests.test_cli_errors import _fails
 from tests.test_no_pickle import SMALL, no_unpickling  # noqa: F401 (a fixture)
 
 gguf = pytest.importorskip("gguf")
 
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -60,9 +61,9 @@ def build(family: str, vocab_size: int) -> torch.nn.Module:
     return perturb_vectors(model).eval()
 
 
-def write_gguf(model: torch.nn.Module, tok, path) -> None:
-    """The model's weights in F32 under llama.cpp's tensor names, its shape and tokenizer as the
-    metadata llama.cpp's convert script writes."""
+def write_gguf(model: torch.nn.Module, tok, path, quantized: bool = False) -> None:
+    """The model's weights under llama.cpp's tensor names (F32, or matrices in Q8_0 blocks where
+    `quantized`), its shape and tokenizer as the metadata llama.cpp's convert script writes."""
     c = model.config
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[c.model_type]
     names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
@@ -76,7 +77,7 @@ def write_gguf(model: torch.nn.Module, tok, path) -> None:
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -93,7 +94,11 @@ def write_gguf(model: torch.nn.Module, tok, path) -> None:
         if c.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             t = llama_cpp_permute(t, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         base, suffix = name.rsplit(".", 1)
-        w.add_tensor(f"{names.get_name(base)}.{suffix}", t.float().numpy().copy())
+        gguf_name, data = f"{names.get_name(base)}.{suffix}", t.float().numpy().copy()
+        if quantized and data.ndim == 2:  # norms and biases stay F32, as llama.cpp keeps them
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, Q8_0), raw_dtype=Q8_0)
+        else:
+            w.add_tensor(gguf_name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -134,6 +139,20 @@ def test_loads_as_the_model_it_was_written_from(family, tiny_gguf):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
 
 
+def test_quantized_blocks_are_dequantized(tiny_gguf, tmp_path):
+    model, _, tok = tiny_gguf["llama"]
+    path = tmp_path / "q8.gguf"
+    write_gguf(model, tok, path, quantized=True)
+    assert read_gguf_header(path).stored == torch.bfloat16  # what --dtype auto loads it in on a GPU
+    loaded = load_gguf(path).state_dict()
+    assert all(t.dtype == torch.float32 for t in loaded.values())
+    for name, want in model.state_dict().items():
+        # Q8_0: 32 weights share one fp16 scale, max |w| of the block / 127
+        err = (loaded[name] - want).abs().max()
+        assert err <= want.abs().max() / 127, (name, err)
+    assert not torch.equal(loaded["lm_head.weight"], model.lm_head.weight)  # blocks were written
+
+
 def test_inspect(tiny_gguf, capsys):
     assert main(["inspect", str(tiny_gguf["qwen2"][1]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -147,7 +166,9 @@ def test_optimize_writes_a_loadable_artifact(tiny_gguf, tmp_path, monkeypatch, n
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(SENTENCES) + "\n")
     out = tmp_path / "out"
-    assert optimize_main([str(path), "-o", str(out), *SMALL, "--calib", str(calib)]) == 0
+    # three passes keep it short: what is tested is the way in and out, not the search
+    assert optimize_main([str(path), "-o", str(out), *SMALL, "--calib", str(calib),
+                          "--passes", "layer_skip,ffn_prune,head_prune"]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["rewrites"]
     assert plan["model_hash"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()  # the file's
