@@ -85,13 +85,12 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
-        if isinstance(src, TorchSource) and src.path is not None and src.path.is_file():
-            # a GGUF holds its tokenizer in its metadata: written out as tokenizer files
-            load_tokenizer(src.path).save_pretrained(tmp)
-            return
-        folder = src.path.parent if isinstance(src, OnnxSource) else src.path
-        if folder is not None:
-            _copy_tokenizer(folder, tmp)
+        # the tokenizer: in the HF directory, beside the .onnx file, or in a GGUF's metadata
+        tokenizer = src.path.parent if isinstance(src, OnnxSource) else src.path
+        if tokenizer is not None and tokenizer.is_file():
+            load_tokenizer(tokenizer).save_pretrained(tmp)
+        elif tokenizer is not None:
+            _copy_tokenizer(tokenizer, tmp)
 
     def _build_tvm(self, tmp: Path) -> None:
         """model.so + weights from the written model.onnx, for the plan's workload shape."""
