@@ -91,6 +91,10 @@ def one(args) -> dict:
             "kl_heldout": r.get("search", {}).get("measured_kl_heldout"),
             "profile_seconds": r.get("calibration", {}).get("profile_seconds"),
             "options_measured": r.get("calibration", {}).get("options_measured"),
+            "options_estimated": r.get("calibration", {}).get("options_estimated"),
+            "option_spearman": r.get("calibration", {}).get("option_spearman"),
+            "options_measured_in_search": r.get("search", {}).get("options_measured"),
+            "plan_checks": len(r.get("search", {}).get("iterations", [])),
             "attention_profile": {k: v for k, v in r.get("attention_profile", {}).items()
                                   if k in ("lengths", "measured", "spearman")}}
 

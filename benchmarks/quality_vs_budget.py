@@ -79,10 +79,10 @@ def main() -> None:
     settings = {"windows": 16, "len": 512, "seed": 0,
                 "attn": {"lengths": lengths, "grid": [g.to_json() for g in default_grid(max(lengths))],
                          "retrieval": cal.retrieval_weight, "measured": MEASURED_PER_LENGTH}}
-    prof, options = run_profile(dense, cal, list(PASSES), model_hash=cap.model_hash, settings=settings,
-                                progress=True)
+    prof, options, _ = run_profile(dense, cal, list(PASSES), model_hash=cap.model_hash, settings=settings,
+                                   progress=True)
     for o in options:
-        o.loss = prof.option_kl.get(o.key, o.loss)
+        o.loss = prof.loss(o)
     cm = CostModel(graph, Workload(1, 1024, 0), get_target(args.target))
     price(options, cm)
     eval_ids = token_windows(tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"], 1024, 12)

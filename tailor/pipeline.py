@@ -20,7 +20,7 @@ from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel, Workload
-from tailor.passes.profile import neutral_signals, run_profile
+from tailor.passes.profile import neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.quality.metrics import evaluate_pair
@@ -109,22 +109,29 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                                     "device": report["model"]["device"].split(":")[0]}
         settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
                                    validation_len or max(64, 3 * workload.prompt_len // 4),
-                                   retrieval_template, seed, grid)
+                                   retrieval_template, seed, grid, settings["device"])
     with stages("profile"):
         # a replayed plan's options need the signals only: nothing to measure
-        prof, options = run_profile(dense, cal, passes if replayed is None else [], model_hash=cap.model_hash,
-                                    settings=settings, progress=progress, use_cache=use_cache)
+        prof, options, meter = run_profile(dense, cal, passes if replayed is None else [],
+                                           model_hash=cap.model_hash, settings=settings, progress=progress,
+                                           use_cache=use_cache)
         heldout = HeldOut(dense, cal)  # the dense model's outputs the plans are checked against
     if replayed is None:
         with stages("search"):
-            for o in options:  # measured alone where the pass measures; its own estimate otherwise
-                o.loss = prof.option_kl.get(o.key, o.loss)
+            for o in options:  # measured alone, or estimated from its proxy; the pass's own estimate
+                o.loss = prof.loss(o)
             price(options, cost_model)
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
-                                                heldout)
+                                                heldout, meter, set(prof.option_estimate), settings["device"])
+            meter.close()
+            if search.refined:
+                prof.add_measured(search.refined)
+                if use_cache:  # a compile at another budget starts from them
+                    store(prof)
         chosen = search.chosen
         report["search"] = {"predicted_kl": search.predicted_kl, "measured_kl_heldout": search.measured_kl,
-                            "iterations": search.iterations, "candidates": len(options)}
+                            "iterations": search.iterations, "candidates": len(options),
+                            "options_measured": len(search.refined), "max_plan_checks": search.max_checks}
     else:
         chosen = replayed
         with stages("rewrite"):

@@ -35,12 +35,17 @@ from tqdm import tqdm
 from tailor.backends.base import Backend, ProfileBatch
 from tailor.core.patterns import Pattern
 from tailor.data.retrieval import RetrievalSample
+from tailor.passes.cost import Allowance, forward_flops
 from tailor.rewriter.graph import TransformerGraph
 
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
 # cells measured a length where the backend computes a proxy (tailor.backends.attention_proxy)
 MEASURED_PER_LENGTH = 48
+# seconds of work (cost.MEASURE_RATE) the measured cells of all lengths may take; within it, at
+# least MIN_MEASURED_PER_LENGTH a length (the points of the map), at most MEASURED_PER_LENGTH
+ATTENTION_SECONDS = 240
+MIN_MEASURED_PER_LENGTH = 4
 # proxies are compared in log: a floor for the exact zeros
 TINY = 1e-30
 
@@ -122,19 +127,33 @@ def monotone_map(proxy: np.ndarray, loss: np.ndarray):
     return lambda p: np.interp(np.log(np.maximum(p, TINY)), x, fit)
 
 
+def cells_measured(graph: TransformerGraph, sequences: dict[int, int], device_kind: str) -> dict[int, int]:
+    """Cells to measure at each length (`sequences`: length -> sequences a cell runs on) within
+    ATTENTION_SECONDS of work, shared equally by the lengths; a cell runs the layers from its own,
+    on average the second half of the model."""
+    each = Allowance(ATTENTION_SECONDS, device_kind).total / max(1, len(sequences))
+    half = graph.num_layers // 2
+    return {n: int(np.clip(each // (k * forward_flops(graph, n, half)), MIN_MEASURED_PER_LENGTH,
+                           MEASURED_PER_LENGTH)) for n, k in sequences.items()}
+
+
 def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
                       retrieval: dict[int, list[RetrievalSample]], grid: list[Pattern], *,
                       retrieval_weight: float, progress: bool,
-                      measured_per_length: int | None = MEASURED_PER_LENGTH) -> AttentionInfluence:
+                      measured_per_length: int | dict[int, int] | None = MEASURED_PER_LENGTH
+                      ) -> AttentionInfluence:
     """texts: length -> [n, length] token windows; retrieval: length -> samples of that length.
     Loss = (1 - w)·mean text KL + w·mean answer KL (w = retrieval_weight, when there are both).
     Where the backend computes a proxy, at most `measured_per_length` cells a length are measured
-    (None: all) and the rest follow from the proxy through a monotone map fitted on those."""
-    if measured_per_length is not None and measured_per_length < 1:
+    (one number, or one per length; None: all) and the rest follow from the proxy through a
+    monotone map fitted on those."""
+    lengths = sorted(set(texts) | set(retrieval))
+    budget = measured_per_length if isinstance(measured_per_length, dict) else \
+        {n: measured_per_length for n in lengths}
+    if any(k is not None and k < 1 for k in budget.values()):
         raise ValueError(f"measured_per_length must be at least 1 (or None: all), got {measured_per_length}")
     graph, runner = backend.graph, backend.pattern_runner()
     kv_heads = graph.blocks[0].attn.num_kv_heads
-    lengths = sorted(set(texts) | set(retrieval))
     order = sorted(range(len(grid)), key=lambda k: (grid[k].sink + grid[k].alpha, grid[k].beta))
     rank = {k: i for i, k in enumerate(order)}
     runs = [runner.runs_patterns(layer) for layer in range(graph.num_layers)]
@@ -150,9 +169,9 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
             cells = [tuple(c) for c in np.argwhere(np.isnan(loss)).tolist()]
             proxy = None if any(b.proxy is None for b in batches) else \
                 _envelope(sum(b.weight * b.proxy for b in batches), grid, n)
-            if proxy is not None and measured_per_length is not None:
+            if proxy is not None and budget[n] is not None:
                 by_proxy = sorted(cells, key=lambda c: proxy[c])
-                cells = [by_proxy[r] for r in spread(len(by_proxy), measured_per_length)]
+                cells = [by_proxy[r] for r in spread(len(by_proxy), budget[n])]
             measured = np.zeros(loss.shape, dtype=bool)
             # narrowest first within a head: a (nearly) lossless pattern spares those containing it
             for layer, head, k in tqdm(sorted(cells, key=lambda c: (c[0], c[1], rank[c[2]])),

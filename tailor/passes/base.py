@@ -93,6 +93,13 @@ class Pass(abc.ABC):
     def apply(self, backend: Backend, options: list[Option], signals) -> None:
         ...
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float | None:
+        """A cheap stand-in for the option's measured KL, from the profile's signals: the local
+        error it causes, relative to the residual stream. Only its order matters (a monotone map
+        fitted on measured options turns it into KL, one pass at a time); None: no proxy, the
+        option is always measured."""
+        return None
+
     def first_layer(self, option: Option) -> int:
         """The earliest layer the option changes or reads from while running: the layers before
         it behave as in the dense model (what option measurements replay)."""

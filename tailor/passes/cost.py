@@ -383,5 +383,33 @@ def ffn_flops(f, w: Workload) -> int:
 
 
 def model_flops(g: TransformerGraph, w: Workload) -> int:
-    head = projection_flops(g.lm_head, w.batch * w.seq_len) if g.lm_head else 0
-    return sum(attention_flops(b.attn, w) + ffn_flops(b.ffn, w) for b in g.blocks) + head
+    return w.batch * forward_flops(g, w.seq_len)
+
+
+def forward_flops(g: TransformerGraph, seq_len: int, first_layer: int = 0) -> int:
+    """One sequence of `seq_len` tokens through the blocks from `first_layer` on and the head."""
+    w = Workload(1, seq_len)
+    head = projection_flops(g.lm_head, seq_len) if g.lm_head else 0
+    return sum(attention_flops(b.attn, w) + ffn_flops(b.ffn, w) for b in g.blocks[first_layer:]) + head
+
+
+# ---- how much a compile measures -----------------------------------------------------------------
+
+# FLOP/s a kind of device is taken to sustain in a compile's measuring forwards (SmolLM2-135M in
+# float32 on 2 CPU cores: 1.4e11; on an H100 in bfloat16, a few 1e14). It turns an allowance of
+# seconds into an amount of work, so that what gets measured follows from the model, the data and
+# the kind of device, never from a timing: the same inputs give the same plan.
+MEASURE_RATE = {"cpu": 1e11, "cuda": 1e14}
+
+
+class Allowance:
+    """Work (FLOPs) a stage may spend on measurements: `seconds` at the device kind's rate."""
+
+    def __init__(self, seconds: float, device_kind: str):
+        self.total = self.left = seconds * MEASURE_RATE.get(device_kind, MEASURE_RATE["cpu"])
+
+    def affords(self, flops: float) -> bool:
+        return flops <= self.left
+
+    def spend(self, flops: float) -> None:
+        self.left -= flops

@@ -45,6 +45,14 @@ class FfnPrune(Pass):
                 out.append(_keep(graph, b.index, sorted(int(c) for c in order[:n])))
         return out
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float:
+        # the kept channels are the most important: the removed ones a prefix of OBS's order,
+        # whose compensated error is the largest of theirs
+        error = np.asarray(signals.down_removal_error[option.layer])
+        removed = np.ones(len(error), dtype=bool)
+        removed[option.choice["channels"]] = False
+        return float(error[removed].max()) * signals.ffn_contribution[option.layer] ** 2
+
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         f = graph.blocks[layer].ffn
         exact_keys(choice, {"channels"})

@@ -19,6 +19,9 @@ class FfnSkip(Pass):
         # post-norm blocks normalise after the FFN's residual add: the branch is not separable there
         return [_skip(b.index) for b in graph.blocks if b.residual == "pre_norm"]
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float:
+        return signals.ffn_contribution[option.layer] ** 2  # the branch's size beside the residual
+
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         exact_keys(choice, set())
         if graph.blocks[layer].residual != "pre_norm":

@@ -82,6 +82,17 @@ class HeadPrune(Pass):
                                          {"kv_heads": [], "queries": []}))
         return out
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float:
+        # OBS's compensated error at the last removed head (removed heads need not be a prefix of
+        # its order: grouped-query choices keep whole groups, so this is a lower bound)
+        a = graph.blocks[option.layer].attn
+        q_per = a.num_heads // a.num_kv_heads
+        error = np.asarray(signals.o_removal_error[option.layer])
+        removed = np.ones(a.num_heads, dtype=bool)
+        removed[[g * q_per + q for g, qs in zip(option.choice["kv_heads"], option.choice["queries"])
+                 for q in qs]] = False
+        return float(error[removed].max()) * signals.attn_contribution[option.layer] ** 2
+
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         a = graph.blocks[layer].attn
         q_per = a.num_heads // a.num_kv_heads

@@ -51,6 +51,11 @@ class KvShare(Pass):
                 out.append(_share(j, i))
         return out
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float:
+        # keys unlike the source's, weighted by how much the layer's attention writes
+        sim = signals.kv_similarity[option.layer][option.choice["source"]]
+        return (1.0 - sim) * signals.attn_contribution[option.layer] ** 2
+
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         exact_keys(choice, {"source"})
         i = choice["source"]

@@ -18,6 +18,9 @@ class LayerSkip(Pass):
     def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
         return [_skip(b.index) for b in graph.blocks]
 
+    def proxy(self, graph: TransformerGraph, option: Option, signals) -> float:
+        return signals.block_influence[option.layer]  # ShortGPT's block influence: 1 - cos(in, out)
+
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         exact_keys(choice, set())
         return _skip(layer)

@@ -6,8 +6,11 @@ Signals (forward hooks on the modules the TransformerGraph points to):
 - the attention branch's mean output (for dropping attention);
 - per output-projection input channel: mean and variance, and the weight-column norms (FLAP);
 - per layer pair: cosine similarity of their keys (KVSharer-style ranking).
-Then every candidate option of every pass is applied alone to a copy of the model and its real
-KL to the dense model is measured on the calibration tokens: the search's loss estimates.
+Then each candidate option is applied alone to a copy of the model and its real KL to the dense
+model is measured on the calibration tokens: the search's loss estimates. Where measuring every
+option would take more than OPTION_SECONDS of work (cost.Allowance), each pass measures options
+spread over the order of a cheap proxy (Pass.proxy) and a monotone map fitted on them estimates
+the others; the search then measures the estimated options its plans choose (OptionMeter).
 
 Results are cached on disk, keyed by (model hash, data hash, settings), with a checksum, so a
 second compile at another budget costs no calibration.
@@ -30,14 +33,21 @@ from tailor.backends.base import Backend, divergence
 from tailor.core.digests import sha256_file
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Calibration, Inputs
-from tailor.passes.attention_profile import AttentionInfluence, profile_attention
+from tailor.passes.attention_profile import (
+    AttentionInfluence,
+    monotone_map,
+    profile_attention,
+    rank_correlation,
+    spread,
+)
 from tailor.passes.base import Option
+from tailor.passes.cost import Allowance, forward_flops
 from tailor.passes.obs import removal_importance
 from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.least_squares import COMPENSATION_RIDGE, add_gram
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 
 @dataclass
@@ -52,6 +62,12 @@ class Signals:
     # matters more. What head and FFN pruning rank by.
     o_importance: list[list[float]]
     down_importance: list[list[float]]
+    # per query head / FFN channel: that OBS's compensated error once it and every one ranked
+    # below it are removed, relative to the projection's output energy (the options' proxy)
+    o_removal_error: list[list[float]]
+    down_removal_error: list[list[float]]
+    # the attention branch's output norm over the block input's, averaged over tokens
+    attn_contribution: list[float]
     # E[x̃ x̃ᵀ] of the inputs of the output and down projections, x̃ = [x; 1]: what least-squares
     # compensation of pruned channels needs. Kept out of JSON (cached in safetensors).
     o_gram: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -65,11 +81,22 @@ class Signals:
 @dataclass
 class Profile:
     signals: Signals
-    option_kl: dict[str, float]
+    option_kl: dict[str, float]    # measured
     data: str                      # where the calibration tokens came from
     tokens: int
     key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    option_estimate: dict[str, float] = field(default_factory=dict)  # from the proxy, not measured
+
+    def loss(self, option: Option) -> float:
+        """The option's KL: measured, else estimated, else the pass's own estimate."""
+        return self.option_kl.get(option.key, self.option_estimate.get(option.key, option.loss))
+
+    def add_measured(self, option_kl: dict[str, float]) -> None:
+        """Options measured since (by the search): measured from now on, in the cache too."""
+        self.option_kl |= option_kl
+        for key in option_kl:
+            self.option_estimate.pop(key, None)
 
     def to_json(self) -> dict:
         d = asdict(replace(self, signals=replace(self.signals, o_gram=[], down_gram=[], attention=None)))
@@ -90,16 +117,18 @@ class Profile:
         att = d["signals"].pop("attention", None)
         grams["attention"] = AttentionInfluence.from_json(att) if att is not None else None
         return cls(Signals(**d["signals"], **grams), {k: float(v) for k, v in d["option_kl"].items()},
-                   d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}))
+                   d["data"], int(d["tokens"]), d.get("key", ""), d.get("extra", {}),
+                   {k: float(v) for k, v in d.get("option_estimate", {}).items()})
 
 
 def neutral_signals(graph: TransformerGraph) -> Signals:
     """Flat statistics: enough to enumerate every pass's candidates and price them before any
     calibration (costs depend on shapes only)."""
     n, h = graph.num_layers, graph.hidden_size
+    heads = [[0.0] * b.attn.num_heads for b in graph.blocks]
+    channels = [[0.0] * b.ffn.width for b in graph.blocks]
     return Signals([0.0] * n, [0.0] * n, [[0.0] * h] * n, [[0.0] * h] * n, [[0.0] * n] * n,
-                   [[0.0] * b.attn.num_heads for b in graph.blocks],
-                   [[0.0] * b.ffn.width for b in graph.blocks])
+                   heads, channels, heads, channels, [0.0] * n)
 
 
 # ---- calibration data ----------------------------------------------------------------------------
@@ -118,8 +147,8 @@ class SignalSums:
 
     def __init__(self, n: int):
         self.n = n
-        self.acc: dict[str, list] = {k: [None] * n for k in
-                                     ("bi", "ffn_norm", "ffn_sum", "attn_sum", "o_gram", "d_gram", "tok")}
+        names = ("bi", "ffn_norm", "attn_norm", "ffn_sum", "attn_sum", "o_gram", "d_gram", "tok")
+        self.acc: dict[str, list] = {k: [None] * n for k in names}
         self.keys: list = [None] * n
         self.device = torch.device("cpu")  # where the traces come from: the grams are ranked there
 
@@ -129,12 +158,14 @@ class SignalSums:
     def block(self, i: int, x: torch.Tensor, y: torch.Tensor, ffn_out: torch.Tensor, attn_out: torch.Tensor):
         """Block input and output [B, T, H] and its two branches' outputs."""
         self.device = x.device
-        x, y, f = x.double(), y.double(), ffn_out.double()
+        x, y, f, a = x.double(), y.double(), ffn_out.double(), attn_out.double()
         self._add("bi", i, float((1 - torch.cosine_similarity(x, y, dim=-1)).sum()))
         self._add("tok", i, x.shape[0] * x.shape[1])
-        self._add("ffn_norm", i, float((f.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-9)).sum()))
+        norm = x.norm(dim=-1).clamp_min(1e-9)
+        self._add("ffn_norm", i, float((f.norm(dim=-1) / norm).sum()))
+        self._add("attn_norm", i, float((a.norm(dim=-1) / norm).sum()))
         self._add("ffn_sum", i, f.sum((0, 1)))
-        self._add("attn_sum", i, attn_out.double().sum((0, 1)))
+        self._add("attn_sum", i, a.sum((0, 1)))
 
     def projection_inputs(self, i: int, o_in: torch.Tensor, down_in: torch.Tensor):
         """Each batch's gram in float64 on the device, summed on the host in float32: every
@@ -161,16 +192,18 @@ class SignalSums:
         acc, n, tok = self.acc, self.n, self.acc["tok"]
 
         def ranked(name: str, weights, groups: list[int]):
-            grams, importance = [], []
+            grams, importance, error = [], [], []
             for i in range(n):
                 gram, acc[name][i] = acc[name][i] / tok[i], None
-                importance.append(removal_importance(weights(i), gram.double(), groups[i], COMPENSATION_RIDGE,
-                                                     device=self.device).tolist())
+                imp, err = removal_importance(weights(i), gram.double(), groups[i], COMPENSATION_RIDGE,
+                                              device=self.device)
+                importance.append(imp.tolist())
+                error.append(err.tolist())
                 grams.append(gram.numpy())
-            return grams, importance
+            return grams, importance, error
 
-        o_gram, o_importance = ranked("o_gram", o_weights, head_dims)
-        down_gram, down_importance = ranked("d_gram", down_weights, [1] * n)
+        o_gram, o_importance, o_error = ranked("o_gram", o_weights, head_dims)
+        down_gram, down_importance, down_error = ranked("d_gram", down_weights, [1] * n)
         ks = self.keys
         sim = [[float(torch.cosine_similarity(ks[i], ks[j], dim=-1).mean()) if ks[i].shape == ks[j].shape
                 else 0.0 for j in range(n)] for i in range(n)]
@@ -180,6 +213,8 @@ class SignalSums:
             ffn_mean=[(acc["ffn_sum"][i] / tok[i]).tolist() for i in range(n)],
             attn_mean=[(acc["attn_sum"][i] / tok[i]).tolist() for i in range(n)],
             kv_similarity=sim, o_importance=o_importance, down_importance=down_importance,
+            o_removal_error=o_error, down_removal_error=down_error,
+            attn_contribution=[acc["attn_norm"][i] / tok[i] for i in range(n)],
             o_gram=o_gram, down_gram=down_gram)
 
 
@@ -197,20 +232,93 @@ def collect_signals(backend: Backend, ids: Inputs) -> Signals:
                         [b.attn.head_dim for b in graph.blocks])
 
 
-def measure_options(backend: Backend, options: list[Option], signals: Signals, ids: Inputs,
-                    reference: list[torch.Tensor], progress: bool) -> dict[str, float]:
-    """Each option (of a pass that measures: PASSES[name].measured) applied alone to a copy: its
-    divergence from `reference` on `ids`."""
-    is_lm = backend.graph.task == "causal-lm"
-    # an option edits its own layer only: the blocks before it replay the dense model's outputs
-    # (half the forward on average)
-    record = backend.record_blocks(ids) if options else None
-    result = {}
-    for o in tqdm(options, desc="measuring options", disable=not progress, unit="opt"):
-        variant = apply_options(backend.clone(), [o], signals)
-        replay = (record, PASSES[o.pass_name].first_layer(o))
-        result[o.key] = divergence(reference, variant.stream(ids, replay=replay), is_lm)
-    return result
+# seconds of work (cost.MEASURE_RATE) the options measured one by one may take; beyond, proxies
+OPTION_SECONDS = 240
+# options a pass measures at least where proxies estimate the rest: the points of its map
+MIN_MEASURED_PER_PASS = 6
+
+
+def input_lengths(ids: Inputs) -> list[int]:
+    return [len(r) for r in ids.rows] if hasattr(ids, "rows") else [ids.shape[1]] * ids.shape[0]
+
+
+class OptionMeter:
+    """Options applied alone to a copy of the model: their divergence from the dense model on
+    `ids`. The dense outputs and the record of its blocks (an option edits its own layer only: the
+    blocks before it replay the dense model's outputs, half the forward on average) are made on
+    first use and kept until `close`."""
+
+    def __init__(self, backend: Backend, signals: Signals, ids: Inputs, progress: bool):
+        self.backend, self.signals, self.ids, self.progress = backend, signals, ids, progress
+        self.reference: list[torch.Tensor] | None = None
+        self.record = None
+        self.lengths = input_lengths(ids)
+
+    def work(self, option: Option) -> float:
+        """FLOPs of measuring it (the replayed blocks cost none)."""
+        first = PASSES[option.pass_name].first_layer(option)
+        return float(sum(forward_flops(self.backend.graph, n, first) for n in self.lengths))
+
+    def __call__(self, options: list[Option]) -> dict[str, float]:
+        if not options:
+            return {}
+        if self.reference is None:
+            self.reference = list(self.backend.stream(self.ids))
+            self.record = self.backend.record_blocks(self.ids)
+        is_lm = self.backend.graph.task == "causal-lm"
+        result = {}
+        for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):
+            variant = apply_options(self.backend.clone(), [o], self.signals)
+            replay = (self.record, PASSES[o.pass_name].first_layer(o))
+            result[o.key] = divergence(self.reference, variant.stream(self.ids, replay=replay), is_lm)
+        return result
+
+    def close(self) -> None:
+        self.reference = self.record = None
+
+
+Ranked = dict[str, list[tuple[Option, float]]]  # per pass, (option, proxy) in proxy order
+
+
+def measured_subset(graph: TransformerGraph, options: list[Option], signals: Signals, meter: OptionMeter,
+                    allowance: Allowance) -> tuple[list[Option], Ranked]:
+    """The options to measure now within `allowance`: all where they fit; else those without a
+    proxy and, per pass, options evenly spread over the proxy's order (as many as fit, at least
+    MIN_MEASURED_PER_PASS). Also the proxied options by pass, (option, proxy) in proxy order."""
+    if sum(meter.work(o) for o in options) <= allowance.left:
+        return options, {}
+    by_pass: Ranked = {}
+    always = []
+    for o in options:
+        p = PASSES[o.pass_name].proxy(graph, o, signals)
+        if p is None:
+            always.append(o)
+        else:
+            by_pass.setdefault(o.pass_name, []).append((o, p))
+    if not by_pass:
+        return options, {}
+    for ranked in by_pass.values():
+        ranked.sort(key=lambda op: op[1])
+    proxied = [o for ranked in by_pass.values() for o, _ in ranked]
+    each = (allowance.left - sum(meter.work(o) for o in always)) / \
+        (np.mean([meter.work(o) for o in proxied]) * len(by_pass))
+    k = max(MIN_MEASURED_PER_PASS, int(each))
+    chosen = always + [ranked[r][0] for ranked in by_pass.values() for r in spread(len(ranked), k)]
+    return chosen, by_pass
+
+
+def estimate_rest(by_pass: Ranked, measured: dict[str, float]
+                  ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Each unmeasured proxied option's KL through its pass's monotone map (proxy -> measured KL),
+    and per pass Spearman's correlation of proxy and KL over its measured options."""
+    estimate, spearman = {}, {}
+    for name, ranked in by_pass.items():
+        done = [(p, measured[o.key]) for o, p in ranked if o.key in measured]
+        proxy, kl = np.array([p for p, _ in done]), np.array([v for _, v in done])
+        spearman[name] = rank_correlation(proxy, kl)
+        fit = monotone_map(proxy, kl)
+        estimate |= {o.key: float(fit(np.array([p]))[0]) for o, p in ranked if o.key not in measured}
+    return estimate, spearman
 
 
 # ---- cache -----------------------------------------------------------------------------------------
@@ -260,9 +368,17 @@ def store(profile: Profile) -> None:
     os.replace(tmp, path)
 
 
+def _per_length(attn: dict) -> dict[int, int | None]:
+    measured = attn["measured"]
+    if isinstance(measured, list):
+        return dict(zip(attn["lengths"], measured))
+    return {n: measured for n in attn["lengths"]}
+
+
 def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, model_hash: str, settings: dict,
-                progress: bool = True, use_cache: bool = True) -> tuple[Profile, list[Option]]:
-    """Signals, the candidate options of `passes`, and each option's measured KL."""
+                progress: bool = True, use_cache: bool = True) -> tuple[Profile, list[Option], OptionMeter]:
+    """Signals, the candidate options of `passes`, each option's KL (measured, or estimated from
+    its proxy) and the meter that measures more of them."""
     graph = backend.graph
     # everything that changes a measured number is part of the key
     key = profile_key(model_hash, calib.digest,
@@ -273,13 +389,13 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
         candidates = candidates_for(graph, cached.signals, passes)
         # candidates a newer tailor offers that this entry has not measured: measure them now
         # rather than let the search take an unmeasured option for free
-        missing = [o for o in candidates if o.key not in cached.option_kl and PASSES[o.pass_name].measured]
+        meter = OptionMeter(backend, cached.signals, calib.profile_ids, progress)
+        missing = [o for o in candidates if PASSES[o.pass_name].measured and
+                   o.key not in cached.option_kl and o.key not in cached.option_estimate]
         if missing:
-            reference = list(backend.stream(calib.profile_ids))
-            cached.option_kl.update(measure_options(backend, missing, cached.signals, calib.profile_ids,
-                                                    reference, progress))
+            cached.option_kl.update(meter(missing))
             store(cached)
-        return cached, candidates
+        return cached, candidates, meter
     seconds, t0 = {}, time.perf_counter()
     signals = collect_signals(backend, calib.profile_ids)
     seconds["signals"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -287,17 +403,22 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
         grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
         signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
                                               progress=progress, retrieval_weight=calib.retrieval_weight,
-                                              measured_per_length=settings["attn"]["measured"])
+                                              measured_per_length=_per_length(settings["attn"]))
     seconds["attention"], t0 = time.perf_counter() - t0, time.perf_counter()
     candidates = candidates_for(graph, signals, passes)
-    measured = [o for o in candidates if PASSES[o.pass_name].measured]
-    reference = list(backend.stream(calib.profile_ids)) if measured else []
-    option_kl = measure_options(backend, measured, signals, calib.profile_ids, reference, progress)
+    meter = OptionMeter(backend, signals, calib.profile_ids, progress)
+    measurable = [o for o in candidates if PASSES[o.pass_name].measured]
+    chosen, by_pass = measured_subset(graph, measurable, signals, meter,
+                                      Allowance(OPTION_SECONDS, settings.get("device", "cpu")))
+    option_kl = meter(chosen)
+    estimate, spearman = estimate_rest(by_pass, option_kl)
     seconds["options"] = time.perf_counter() - t0
-    prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key)
+    prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key,
+                   option_estimate=estimate)
+    prof.extra["option_spearman"] = spearman
     if use_cache:
         store(prof)
     # where the profile's time went (not cached: a cache hit costs none of it)
     prof.extra |= {"cached": False, "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                   "options_measured": len(measured)}
-    return prof, candidates
+                   "options_measured": len(chosen)}
+    return prof, candidates, meter

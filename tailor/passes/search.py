@@ -120,10 +120,19 @@ class SearchResult:
     predicted_kl: float
     measured_kl: float | None
     iterations: list[dict] = field(default_factory=list)
+    refined: dict[str, float] = field(default_factory=dict)  # options refine measured: their KL
+    max_checks: int | None = None
 
 
 def search(options: list[Option], cost_model: CostModel, budget: float, objective: str,
-           measure: Callable[[list[Option]], float] | None, *, max_iter: int = 8) -> SearchResult:
+           measure: Callable[[list[Option]], float] | None, *, max_iter: int = 8,
+           refine: Callable[[list[Option]], dict[str, float]] | None = None,
+           max_checks: int | None = None) -> SearchResult:
+    """The plan within `budget` of least loss: solved on the options' losses, then measured whole
+    (`measure`) and re-solved where the plan costs more than its parts' sum, at most `max_iter`
+    times, plus the best plan of each pass alone; at most `max_checks` plans measured in all.
+    `refine(chosen)` measures chosen options whose loss was only estimated (their measured KL by
+    key): a plan is re-solved until those it chooses are measured, before it is measured whole."""
     dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
     if budget >= 1.0:
         return SearchResult([], 0.0, 0.0 if measure else None)
@@ -136,9 +145,20 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     best: SearchResult | None = None
     history = []
     tried: set[tuple[str, ...]] = set()
+    checks = max_checks if max_checks is not None else max_iter + len(PASSES)
+    index = {o.key: i for i, o in enumerate(options)}
+    refined: dict[str, float] = {}
     for it in range(max_iter):
         chosen = solve(options, losses, objective, limit, dense)
-        if chosen is None:
+        while chosen is not None and refine is not None:
+            fresh = refine(chosen)
+            if not fresh:
+                break
+            refined |= fresh
+            for key, kl in fresh.items():
+                options[index[key]].loss = losses[index[key]] = kl
+            chosen = solve(options, losses, objective, limit, dense)
+        if chosen is None or len(tried) >= checks:
             break
         keys = tuple(sorted(o.key for o in chosen))
         predicted = float(sum(losses[options.index(o)] for o in chosen))
@@ -177,7 +197,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
                 continue
             chosen = solve(sub, initial[idx], objective, limit, dense)
             keys = tuple(sorted(o.key for o in chosen or []))
-            if not chosen or keys in tried:
+            if not chosen or keys in tried or len(tried) >= checks:
                 continue
             tried.add(keys)
             measured = measure(chosen)
@@ -188,7 +208,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
                 best = SearchResult(copy.copy(chosen), sum(o.loss for o in chosen), measured)
     if best is None:
         raise RuntimeError(f"the solver found no plan for budget {budget} although one is reachable")
-    best.iterations = history
+    best.iterations, best.refined, best.max_checks = history, refined, checks
     reached = cost_model.ratio(structure_of(cost_model.graph, best.chosen), objective)
     if reached > budget + 1e-6:  # the solver's answer must hold under the cost model itself
         raise RuntimeError(f"search returned a plan at {reached:.4f} for budget {budget}")

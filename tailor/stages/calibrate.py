@@ -18,7 +18,7 @@ from tailor.data.calibration import (
 )
 from tailor.data.retrieval import RetrievalTemplate
 from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
-from tailor.passes.attention_profile import MEASURED_PER_LENGTH
+from tailor.passes.attention_profile import cells_measured
 from tailor.passes.profile import Profile
 from tailor.rewriter.capture import OnnxSource, TorchSource
 
@@ -74,12 +74,12 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
 
 def attention_data(cal: Calibration, backend: Backend, source: TorchSource | OnnxSource, tokenizer,
                    passes: list[str], lengths: list[int], validation_len: int,
-                   retrieval_template: dict | None, seed: int, grid,
-                   measured: int | None = MEASURED_PER_LENGTH) -> dict[str, Any]:
+                   retrieval_template: dict | None, seed: int, grid, device_kind: str = "cpu",
+                   measure_all: bool = False) -> dict[str, Any]:
     """Windows of the profiled and validation lengths and synthetic retrieval sequences (for a
     causal LM, or where attention patterns are searched), added to `cal`; the settings that
-    change what the attention profile measures (`measured`: cells measured a length where the
-    backend has a proxy for the others, None for all)."""
+    change what the attention profile measures: how many cells a length where the backend has a
+    proxy for the others (attention_profile.cells_measured on `device_kind`; `measure_all`: every one)."""
     graph = backend.graph
     if graph.task != "causal-lm" and "attn_pattern" not in passes:
         return {}
@@ -92,6 +92,8 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
                        template=template, seed=seed)
     if "attn_pattern" not in passes:
         return {}
+    sequences = {n: len(cal.attn_texts.get(n, [])) + len(cal.retrieval.get(n, [])) for n in lengths}
+    measured = None if measure_all else list(cells_measured(graph, sequences, device_kind).values())
     return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid], "template": asdict(template),
                      "retrieval": cal.retrieval_weight, "measured": measured}}
 
@@ -102,6 +104,9 @@ def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:
         "calibration": {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
                         "profile_seconds": prof.extra.get("seconds"),
                         "options_measured": prof.extra.get("options_measured"),
+                        "options_estimated": len(prof.option_estimate),
+                        # per pass, proxy vs measured KL over the options measured in the profile
+                        "option_spearman": prof.extra.get("option_spearman"),
                         "heldout_windows": len(cal.heldout_ids),
                         "heldout_retrieval_sequences": len(cal.heldout_retrieval),
                         "retrieval_weight": cal.retrieval_weight},

@@ -10,10 +10,18 @@ import torch
 from tailor.backends.base import Backend, divergence
 from tailor.data.calibration import Calibration
 from tailor.passes.base import Option
-from tailor.passes.cost import CostModel
+from tailor.passes.cost import Allowance, CostModel, forward_flops
+from tailor.passes.profile import OptionMeter, input_lengths
 from tailor.passes.refit import refit_sequentially
 from tailor.passes.registry import apply_options
 from tailor.passes.search import SearchResult, search
+
+# seconds of work (cost.MEASURE_RATE) for whole plans measured on the held-out data (at least
+# MIN_PLAN_CHECKS, so that one correction of the estimates is measured) and for the options a
+# plan chose whose loss was only estimated
+PLAN_CHECK_SECONDS = 240
+MIN_PLAN_CHECKS = 2
+REFINE_SECONDS = 120
 
 
 class HeldOut:
@@ -22,7 +30,7 @@ class HeldOut:
     and, weighted, the KL at the answers of held-out retrieval sequences of that length."""
 
     def __init__(self, dense: Backend, cal: Calibration):
-        self.cal, self.is_lm = cal, dense.graph.task == "causal-lm"
+        self.cal, self.graph, self.is_lm = cal, dense.graph, dense.graph.task == "causal-lm"
         self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
         # on the host: read a few dozen times in a search, and 14K validation tokens of a 49K
         # vocabulary's logits took 3 GiB of a GPU
@@ -36,6 +44,11 @@ class HeldOut:
             return [run(ids[None]).float()[:, s.answer_start - 1:-1]
                     for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
 
+    def work(self) -> float:
+        """FLOPs of measuring one plan (its forwards of the dense model's size)."""
+        lengths = [n for t in self.texts for n in input_lengths(t)] + [len(ids) for ids in self.retrieval]
+        return float(sum(forward_flops(self.graph, n) for n in lengths))
+
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
         retrieval answers' KL, weighted."""
@@ -48,10 +61,26 @@ class HeldOut:
 
 
 def searched_plan(dense: Backend, options: list[Option], signals, cost_model: CostModel, budget: float,
-                  objective: str, heldout: HeldOut) -> tuple[SearchResult, Backend, float]:
+                  objective: str, heldout: HeldOut, meter: OptionMeter | None = None,
+                  estimated: set[str] = frozenset(), device_kind: str = "cpu"
+                  ) -> tuple[SearchResult, Backend, float]:
     """The search's plan, its rewritten model and that model's held-out divergence (the best
-    measured model is kept rather than rebuilt)."""
+    measured model is kept rather than rebuilt). Options whose key is in `estimated` are
+    measured by `meter` once a plan chooses them, within REFINE_SECONDS of work (SearchResult.
+    refined); whole plans within PLAN_CHECK_SECONDS."""
     best: dict[str, Any] = {}
+    estimated = set(estimated)
+    refine_allowance = Allowance(REFINE_SECONDS, device_kind)
+    checks = max(MIN_PLAN_CHECKS, int(Allowance(PLAN_CHECK_SECONDS, device_kind).total / heldout.work()))
+
+    def refine(chosen):
+        todo = []
+        for o in chosen:
+            if o.key in estimated and refine_allowance.affords(meter.work(o)):
+                refine_allowance.spend(meter.work(o))
+                todo.append(o)
+        estimated.difference_update(o.key for o in todo)
+        return meter(todo)
 
     def measure(chosen):
         variant = apply_options(dense.clone(), chosen, signals)
@@ -60,7 +89,8 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
             best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
         return kl
 
-    result = search(options, cost_model, budget, objective, measure)
+    result = search(options, cost_model, budget, objective, measure, max_checks=checks,
+                    refine=refine if meter is not None and estimated else None)
     if best.get("keys") == sorted(o.key for o in result.chosen):
         return result, best["model"], best["kl"]
     variant = apply_options(dense.clone(), result.chosen, signals)

@@ -194,3 +194,56 @@ def test_refine_corrects_an_option_estimated_free(llama_graph):
     assert cm.ratio(structure_of(llama_graph, result.chosen), "latency") <= 0.7 + 1e-9
     assert [o.key for o in search(opts, cm, 0.7, "latency", measure).chosen] == \
         [o.key for o in result.chosen]                  # deterministic
+
+
+def test_search_measures_the_estimated_options_its_plans_choose(llama_graph):
+    """Options estimated from a proxy (their measurement left out for time) are measured once a
+    plan chooses them, and the plan is solved again on the measured loss before it is measured
+    whole: an option the proxy thought cheap but which hurts is left out."""
+    from tailor.passes.profile import neutral_signals
+    from tailor.passes.registry import candidates_for
+
+    cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph), ["layer_skip", "ffn_prune"])
+    price(opts, cm)
+    dense = cm.total(Structure.dense(llama_graph)).latency
+    true = {o.key: (4.0 if o.pass_name == "layer_skip" else 3.0) * -o.cost["latency"] / dense for o in opts}
+    for o in opts:
+        o.loss = true[o.key]
+    cheap = [o for o in opts if o.pass_name == "layer_skip"]
+    for o in cheap:  # the proxy's estimate: a tenth of the truth
+        o.loss = true[o.key] / 10
+    asked = []
+
+    def refine(chosen):
+        fresh = {o.key: true[o.key] for o in chosen if o in cheap and o.key not in asked}
+        asked.extend(fresh)
+        return fresh
+
+    plans = []
+    result = search(opts, cm, 0.7, "latency", lambda c: plans.append(c) or sum(true[o.key] for o in c),
+                    refine=refine)
+    assert asked and len(asked) == len(set(asked))           # each estimated option measured once
+    assert all(o.loss == true[o.key] for o in result.chosen)  # every chosen loss is measured
+    assert result.measured_kl == pytest.approx(sum(true[o.key] for o in result.chosen))
+    assert result.predicted_kl == pytest.approx(result.measured_kl)
+    assert cm.ratio(structure_of(llama_graph, result.chosen), "latency") <= 0.7 + 1e-9
+
+
+def test_max_checks_bounds_the_plans_measured(llama_graph):
+    from tailor.passes.profile import neutral_signals
+    from tailor.passes.registry import candidates_for
+
+    cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph),
+                          ["layer_skip", "ffn_prune", "head_prune"])
+    price(opts, cm)
+    for o in opts:
+        o.loss = 0.01
+    measured = []
+    # every plan measures 10× its estimate: without a bound the search re-solves up to 8 times and
+    # then measures each pass's own plan
+    result = search(opts, cm, 0.6, "latency", lambda c: measured.append(c) or 0.1 * len(c), max_checks=2)
+    assert len(measured) == 2 and result.measured_kl is not None
+    assert len(search(opts, cm, 0.6, "latency", lambda c: measured.append(c) or 0.1 * len(c))
+               .iterations) > 2

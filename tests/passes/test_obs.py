@@ -29,7 +29,7 @@ def test_first_removal_is_the_cheapest_single_removal():
     # without a ridge the OBS cost of one removal is exactly the refit error it leaves
     for seed in range(4):
         w, gram, xa = _data(seed)
-        imp = removal_importance(w, gram)
+        imp = removal_importance(w, gram)[0]
         errors = [_refit_error(w, xa, [c for c in range(8) if c != r]) for r in range(8)]
         assert int(np.argmin(imp)) == int(np.argmin(errors))
 
@@ -41,7 +41,7 @@ def test_duplicated_channel_goes_first():
     xa = np.concatenate([xa[:, :1], xa[:, :1], xa[:, 2:]], 1)
     gram = xa.T @ xa / len(xa)
     w[:, :2] *= 10
-    imp = removal_importance(w, gram, ridge=1e-6)
+    imp = removal_importance(w, gram, ridge=1e-6)[0]
     assert int(np.argmin(imp)) in (0, 1)
     assert len(set(imp.tolist())) == len(imp)  # a full ranking
 
@@ -50,7 +50,7 @@ def test_groups_rank_close_to_exhaustive_choice():
     # keep 2 of 4 groups of 2 channels: the greedy choice is within 10% of the best pair
     for seed in range(4):
         w, gram, xa = _data(10 + seed)
-        imp = removal_importance(w, gram, group=2)
+        imp = removal_importance(w, gram, group=2)[0]
         greedy = sorted(np.argsort(-imp, kind="stable")[:2].tolist())
         cols = lambda groups: [c for g in groups for c in (2 * g, 2 * g + 1)]  # noqa: E731
         errors = {pair: _refit_error(w, xa, cols(pair)) for pair in itertools.combinations(range(4), 2)}
@@ -99,7 +99,7 @@ def test_the_ranking_is_the_numpy_reference_s_on_the_cases_above():
     cases.append((w, xa.T @ xa / len(xa), 1, 1e-6))
     cases += [(w, gram, 2, 0.0) for w, gram, _ in (_data(10 + s) for s in range(4))]
     for w, gram, group, ridge in cases:
-        np.testing.assert_array_equal(removal_importance(w, gram, group, ridge),
+        np.testing.assert_array_equal(removal_importance(w, gram, group, ridge)[0],
                                       _numpy_removal_importance(w, gram, group, ridge))
 
 
@@ -114,10 +114,10 @@ def test_the_ranking_is_the_numpy_reference_s_on_wide_random_layers(n, group, ri
     xa = np.concatenate([x + rng.normal(size=n), np.ones((tokens, 1))], 1).astype(np.float32)
     gram = xa.T.astype(np.float64) @ xa / tokens
     w = rng.normal(size=(48, n)).astype(np.float32)
-    np.testing.assert_array_equal(removal_importance(w, gram, group, ridge),
+    np.testing.assert_array_equal(removal_importance(w, gram, group, ridge)[0],
                                   _numpy_removal_importance(w, gram, group, ridge))
     np.testing.assert_array_equal(
-        removal_importance(torch.from_numpy(w), torch.from_numpy(gram).float(), group, ridge),
+        removal_importance(torch.from_numpy(w), torch.from_numpy(gram).float(), group, ridge)[0],
         _numpy_removal_importance(w, gram.astype(np.float32), group, ridge))
 
 
@@ -126,5 +126,5 @@ def test_a_singular_gram_without_ridge_still_gives_a_full_ranking():
     # among such channels rests on rounding, in the numpy reference as here)
     w, _, xa = _data(5, n=10)
     xa = np.concatenate([xa[:, :1], xa[:, :1], xa[:, 2:]], 1)
-    imp = removal_importance(w, xa.T @ xa / len(xa))
+    imp = removal_importance(w, xa.T @ xa / len(xa))[0]
     assert sorted(imp.tolist()) == list(range(10))

@@ -10,7 +10,14 @@ import torch
 import tailor
 from tailor.backends import backend_for
 from tailor.passes.base import Option
-from tailor.passes.profile import KEY_ROWS, SignalSums, collect_signals, load_cached, store
+from tailor.passes.profile import (
+    KEY_ROWS,
+    MIN_MEASURED_PER_PASS,
+    SignalSums,
+    collect_signals,
+    load_cached,
+    store,
+)
 from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
 from tests.conftest import REFLLAMA, build_model, ids_for
@@ -171,6 +178,37 @@ def test_compile_smoke_budget_met_and_reload_exact(tmp_path, monkeypatch):
     c3 = tailor.compile(model, budget=0.8, **kwargs)
     assert not c3.report["calibration"]["cached"]
     assert [r["label"] for r in c3.plan.rewrites] == [r["label"] for r in c2.plan.rewrites]
+
+
+def test_options_beyond_the_allowance_are_estimated_and_measured_once_chosen(tmp_path, monkeypatch):
+    """With no time for measuring options one by one, each pass measures a few spread over its
+    proxy's order and a monotone map estimates the rest; whatever the plan chooses is measured
+    before it is kept (and remembered in the profile cache)."""
+    from tailor.passes.registry import PASSES
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("tailor.passes.profile.OPTION_SECONDS", 0)
+    model = build_model("llama")
+    c = tailor.compile(model, budget=0.6, prompt_len=256, calib_windows=4, calib_len=32, target="h100",
+                       refit=False, passes=["layer_skip", "ffn_prune", "head_prune"])
+    cal = c.report["calibration"]
+    assert cal["options_estimated"] > 0 and cal["options_measured"] >= 3 * MIN_MEASURED_PER_PASS - 6
+    assert c.plan.rewrites and c.plan.predicted["latency"] <= 0.6 + 1e-9
+    (entry,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    prof = load_cached(entry.stem)
+    chosen = {Option(r["pass"], r["layer"], r["choice"], ()).key for r in c.plan.rewrites}
+    assert chosen <= set(prof.option_kl)               # measured, in the profile or by the search
+    graph = backend_for(capture(model)).graph
+    for name in ("ffn_prune", "head_prune"):
+        options = [o for o in PASSES[name].candidates(graph, prof.signals)]
+        measured = [prof.option_kl[o.key] for o in options if o.key in prof.option_kl]
+        estimated = [(PASSES[name].proxy(graph, o, prof.signals), prof.option_estimate[o.key])
+                     for o in options if o.key in prof.option_estimate]
+        assert estimated, name
+        # the map passes through measured points: estimates lie within them, ordered as the proxy
+        assert all(min(measured) - 1e-12 <= kl <= max(measured) + 1e-12 for _, kl in estimated)
+        kls = [kl for _, kl in sorted(estimated)]
+        assert all(a <= b + 1e-12 for a, b in zip(kls, kls[1:]))
 
 
 def test_passes_selection_and_unreachable(tmp_path, monkeypatch):
