@@ -54,20 +54,12 @@ def random_model(shape: str, device: str, dtype):
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
-    """An HF folder (bf16 safetensors + tokenizer) from a GGUF file, dequantized by transformers."""
-    import torch
-    import transformers as tf
+    """An HF folder (bf16 safetensors + tokenizer) from a GGUF file, read as tailor reads one."""
+    from tailor.data.text import load_tokenizer
+    from tailor.rewriter.capture import load_gguf
 
-    kwargs = {"gguf_file": gguf.name}
-    if hasattr(tf, "GgufConfig"):  # newer transformers keep GGUF blocks packed unless asked
-        kwargs["quantization_config"] = tf.GgufConfig(gguf_file=gguf.name, dequantize=True)
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.bfloat16, **kwargs)
-    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    load_gguf(gguf, device="cpu", dtype="bfloat16").save_pretrained(out)
+    load_tokenizer(gguf).save_pretrained(out)
 
 
 def one(args) -> dict:
@@ -123,7 +115,7 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-len", type=int, default=4096)
-    p.add_argument("--smollm2", help="HF folder of SmolLM2-135M (see --convert-gguf)")
+    p.add_argument("--smollm2", help="SmolLM2-135M: its .gguf, or an HF folder made by --convert-gguf")
     p.add_argument("--calib", help="calibration text (default: data-free, as tailor's default)")
     p.add_argument("--passes", help="comma list (default: every pass, as tailor's default)")
     p.add_argument("--convert-gguf", nargs=2, metavar=("GGUF", "DIR"))

@@ -26,7 +26,7 @@ from tailor.passes.search import check_reachable, price, structure_of
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
 from tailor.stages.artifact import Compiled, describe, load, max_positions, placement, resolve_formats
-from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_dir
+from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_path
 from tailor.stages.cost import (
     MIN_PATTERN_HEADROOM,
     clean_ups,
@@ -150,7 +150,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     if eval_text is not None and chosen:
         with stages("evaluate"):
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),
-                                              tokenizer_dir(cap.source, tokenizer), graph.task,
+                                              tokenizer_path(cap.source, tokenizer), graph.task,
                                               max_len=max_positions(graph))
     return _compiled(dense, variant, result, report, cap, formats, stages)
 

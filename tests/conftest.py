@@ -23,6 +23,18 @@ REFLLAMA = SHARED / "models" / "refllama-16m"
 needs_shared = pytest.mark.skipif(not REFLLAMA.is_dir(),
                                   reason=f"../shared/models/refllama-16m not found at {REFLLAMA}")
 
+
+@pytest.fixture
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF, where scripts/fetch_smollm2.py puts it."""
+    from scripts.fetch_smollm2 import gguf_path
+
+    path = gguf_path()
+    if not path.is_file():
+        pytest.skip(f"{path} not found: python scripts/fetch_smollm2.py puts it there")
+    return path
+
+
 _COMMON = dict(vocab_size=96, num_hidden_layers=3)
 
 

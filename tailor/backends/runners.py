@@ -16,7 +16,7 @@ import torch
 
 from tailor.core.devices import module_device
 from tailor.core.errors import TailorError
-from tailor.rewriter.capture import load_hf_directory, load_onnx
+from tailor.rewriter.capture import load_gguf, load_hf_directory, load_onnx
 from tailor.rewriter.onnx_check import input_specs, onnx_feeds
 
 
@@ -133,13 +133,15 @@ def as_runnable(model) -> torch.nn.Module:
 
 
 def open_model(path: str | Path) -> torch.nn.Module:
-    """A runnable model from an HF directory or an .onnx file, without capturing it."""
+    """A runnable model from an HF directory, a .gguf or an .onnx file, without capturing it."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         return HFModel(load_hf_directory(path))
+    if path.is_file() and path.suffix == ".gguf":
+        return HFModel(load_gguf(path))
     if path.is_dir() and (path / "model.onnx").is_file():
         path = path / "model.onnx"
     if path.is_file():
         load_onnx(path)  # the same checks as capture: readable, external data inside the folder
         return OrtModel(path)
-    raise TailorError(f"{path}: no such model (an HF directory or an .onnx file)")
+    raise TailorError(f"{path}: no such model (an HF directory, a .gguf or an .onnx file)")

@@ -39,8 +39,8 @@ class ValidationFailed(Exception):
 # ---- argument parsing ------------------------------------------------------------------------
 
 def _optimize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="an .onnx file or an HF model directory "
-                   "(default: the embedded all-MiniLM-L6-v2, exported to ONNX)")
+    p.add_argument("model", nargs="?", help="an .onnx file, a .gguf file (dequantized to --dtype) or "
+                   "an HF model directory (default: the embedded all-MiniLM-L6-v2, exported to ONNX)")
     p.add_argument("--budget", type=str, help="cost of the result as a fraction of the original, "
                    "in (0, 1] (default 1.0)")
     p.add_argument("-o", "--output", help="artifact directory (default: <model name>-tailored)")
@@ -63,7 +63,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-len", type=int, help="length plans are validated at, with held-out "
                    "text and retrieval sequences (default 3/4 prompt-len)")
     p.add_argument("--calib", help="calibration text file (default: data-free, sampled from the model)")
-    p.add_argument("--tokenizer", help="tokenizer directory for --calib/--eval (default: the model's)")
+    p.add_argument("--tokenizer", help="tokenizer directory (or .gguf file) for --calib/--eval "
+                   "(default: the model's)")
     p.add_argument("--calib-windows", type=int, help="calibration windows (default: 8192 tokens' "
                    "worth, at least 16; an encoder's lines: windows × their median length tokens of "
                    "lines, default 16384 tokens)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _optimize_args(sub.add_parser("optimize", help="compile a model to a budget and write an artifact"))
     p = sub.add_parser("inspect", help="print the recognised structure of a model")
-    p.add_argument("model")
+    p.add_argument("model", help="an .onnx file, a .gguf file or an HF model directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length for FLOP counts")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "lines, then a query): exact match per length")
     p.add_argument("--lengths", default="512,1024,1500", help="context lengths of the probe")
     p.add_argument("--samples", type=int, default=32, help="probe sequences per length")
-    p.add_argument("--reference", help="the original model (HF directory or .onnx)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the artifact's own)")
+    p.add_argument("--reference", help="the original model (HF directory, .gguf or .onnx)")
+    p.add_argument("--tokenizer", help="tokenizer directory or .gguf file (default: the artifact's own)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--json", action="store_true")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("bench", help="latency of an artifact beside its reference, in one run")
     p.add_argument("artifact")
-    p.add_argument("--reference", required=True, help="the original model (HF directory or .onnx)")
+    p.add_argument("--reference", required=True, help="the original model (HF directory, .gguf or .onnx)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tailor.core.errors import TailorError
+from tailor.core.errors import TailorError, first_line
 
 
 def read_text(path: Path) -> str:
@@ -81,14 +81,26 @@ def token_windows(token_ids: list[int] | np.ndarray, seq_len: int, windows: int)
     return torch.as_tensor(token_ids[: n * seq_len]).view(n, seq_len)
 
 
-def has_tokenizer(folder: Path) -> bool:
-    return (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "tokenizer_config.json").is_file()
+def has_tokenizer(path: Path) -> bool:
+    """A folder with tokenizer files, or a GGUF file (its metadata holds the tokenizer)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return path.is_file()
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(path: Path):
+    """The tokenizer in a folder, or the one (with its chat template) a GGUF file carries."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
-    if not has_tokenizer(folder):
-        raise TailorError(f"{folder}: no tokenizer files; pass --tokenizer DIR")
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    path = Path(path)
+    if not has_tokenizer(path):
+        raise TailorError(f"{path}: no tokenizer files; pass --tokenizer DIR")
+    if path.suffix != ".gguf":
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:  # the absolute path: transformers looks a relative gguf_file up in the working directory first
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path.resolve()),
+                                             local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for files it cannot read
+        raise TailorError(f"{path}: no tokenizer could be built from the GGUF ({first_line(e)}); "
+                          f"pass --tokenizer DIR") from None

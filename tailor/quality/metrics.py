@@ -65,7 +65,7 @@ def encoder_lines(pieces, tokenizer, count: int, limit: int | None) -> list[torc
     return rows
 
 
-def evaluate_pair(reference, candidate, text: Path, tokenizer_dir: Path | None, task: str, *,
+def evaluate_pair(reference, candidate, text: Path, tokenizer_path: Path | None, task: str, *,
                   seq_len: int = 1024, windows: int = 12, max_len: int | None = None,
                   lines: int = 256, batch: int = 16) -> dict:
     """Quality of `candidate` (model(input_ids) -> tensor) on a text, against `reference` if given:
@@ -75,9 +75,9 @@ def evaluate_pair(reference, candidate, text: Path, tokenizer_dir: Path | None, 
     calibrated: each of the first `lines` non-empty lines one input with its special tokens, cut
     to max_len (or the tokenizer's model_max_length where smaller), lines of equal length
     batched `batch` at a time; its metric is the embedding cosine averaged over the lines."""
-    if tokenizer_dir is None:
+    if tokenizer_path is None:
         raise TailorError("evaluating on a text needs a tokenizer: pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
     if task == "encoder":
         return _evaluate_lines(reference, candidate, text, tokenizer, lines, line_limit(tokenizer, max_len),
                                batch)

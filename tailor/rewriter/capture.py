@@ -1,6 +1,7 @@
-"""Capture: a model (HF module, HF directory, or .onnx file) -> TransformerGraph + its source.
+"""Capture: a model (HF module, HF directory, .gguf or .onnx file) -> TransformerGraph + its source.
 
-Loading never unpickles: HF weights only from safetensors, configs from JSON, ONNX as ONNX.
+Loading never unpickles: HF weights only from safetensors, configs from JSON, GGUF through
+transformers' GGUF reader (raw tensors and typed metadata), ONNX as ONNX.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import torch
 
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device, resolve_dtype
 from tailor.core.digests import sha256_files
-from tailor.core.errors import TailorError
+from tailor.core.errors import TailorError, first_line
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.onnx_check import check_onnx_file, first_line
+from tailor.rewriter.onnx_check import check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
 
@@ -35,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class TorchSource:
     module: torch.nn.Module            # a transformers PreTrainedModel, in eval mode
-    path: Path | None = None           # the HF directory it came from, if any
+    path: Path | None = None           # the HF directory or .gguf file it came from, if any
 
     backend = "torch"
 
@@ -64,14 +65,15 @@ class Captured:
 
 def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.device = "auto",
             dtype: str | torch.dtype = "auto", seq_len: int = 16) -> Captured:
-    """Recognise any supported model. `model` is an nn.Module, an HF directory or an .onnx path.
+    """Recognise any supported model. `model` is an nn.Module, an HF directory, a .gguf or an
+    .onnx path.
     A torch model is captured where it will be compiled: `device` and `dtype` (tailor.core.devices;
     for a module, auto is where it already is and its own dtype)."""
     if isinstance(model, torch.nn.Module):
         return capture_torch(on_device(model, device, dtype), seq_len=seq_len)
     if not isinstance(model, (str, Path)):
         raise TailorError(f"cannot compile a {type(model).__name__}: pass a transformers model, "
-                          f"an HF model directory or an .onnx file")
+                          f"an HF model directory, a .gguf or an .onnx file")
     path = Path(model)
     if not path.exists():
         raise TailorError(f"{path}: no such file or directory")
@@ -82,6 +84,8 @@ def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.
         if (path / "model.onnx").is_file():
             return capture_onnx(path / "model.onnx")
         raise TailorError(f"{path}: a directory without config.json (HF model) or model.onnx")
+    if path.suffix == ".gguf":
+        return capture_torch(load_gguf(path, device=device, dtype=dtype), seq_len=seq_len, path=path)
     return capture_onnx(path)
 
 
@@ -102,12 +106,13 @@ def on_device(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(want_device, want_dtype)
 
 
-def load_dtype(config: dict, device: torch.device, dtype) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on a GPU; float32 on the CPU, where bf16/fp16 matmuls are
-    emulated or slow on most processors and the reference numbers of a CPU compile are fp32."""
+def load_dtype(stored: torch.dtype | None, device: torch.device, dtype) -> torch.dtype:
+    """`auto`: the checkpoint's dtype (`stored`) on a GPU; float32 on the CPU, where bf16/fp16
+    matmuls are emulated or slow on most processors and the reference numbers of a CPU compile
+    are fp32."""
     if str(dtype or "auto") == "auto" and device.type == "cpu":
         return torch.float32
-    return resolve_dtype(dtype, device, checkpoint_dtype(config))
+    return resolve_dtype(dtype, device, stored)
 
 
 def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cpu",
@@ -136,19 +141,26 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cp
         extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise TailorError(f"{path}: no model.safetensors{extra}")
     device = resolve_device(device)
-    dtype = load_dtype(config, device, dtype)
-    check_fits(path, device, dtype)
+    dtype = load_dtype(checkpoint_dtype(config), device, dtype)
+    check_fits(path, weight_bytes(path, dtype), device, dtype)
+    return from_pretrained(cls, path, path, use_safetensors=True, dtype=dtype, device_map=device,
+                           trust_remote_code=trust_remote_code)
+
+
+def from_pretrained(cls, source: Path, folder: Path, **kwargs) -> torch.nn.Module:
+    """`cls.from_pretrained(folder, **kwargs)` from local files, in eval mode; a failure, or weights
+    that do not fill the model, as a TailorError naming `source`."""
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     try:
-        module, info = cls.from_pretrained(path, use_safetensors=True, dtype=dtype, device_map=device,
-                                           local_files_only=True, output_loading_info=True,
-                                           trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises many types for broken folders
-        raise TailorError(f"{path}: could not load the model: {str(e).splitlines()[0]}") from None
+        module, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # transformers raises many types for broken files
+        raise TailorError(f"{source}: could not load the model: {first_line(e)}") from None
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys")}
     if bad:
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in bad.items())
-        raise TailorError(f"{path}: weights do not match the config ({detail})")
+        raise TailorError(f"{source}: weights do not match the config ({detail})")
     return module.eval()
 
 
@@ -182,10 +194,10 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before loading, a model whose weights alone exceed the memory the device has free
-    (a compile needs more than that: activations, a copy of each rewritten layer)."""
-    need = weight_bytes(path, dtype)
+def check_fits(path: Path, need: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before loading, a model whose weights alone (`need` bytes in `dtype`) exceed the
+    memory the device has free (a compile needs more than that: activations, a copy of each
+    rewritten layer)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where = f"{device} ({torch.cuda.get_device_name(device)})"
@@ -221,11 +233,16 @@ def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | No
         if old_cache is not None:
             config.use_cache = old_cache
     graph = recognize(FxDataflow(program))
-    # a directory is named by its files, whatever dtype and device it was loaded in: a plan made
-    # on a GPU in bf16 replays on the CPU in fp32
-    digest = "sha256:" + sha256_files(sorted(path.glob("*.safetensors"))) if path is not None \
-        else hash_state_dict(module)
+    digest = source_digest(path) if path is not None else hash_state_dict(module)
     return Captured(graph, TorchSource(module, path), digest)
+
+
+def source_digest(path: Path) -> str:
+    """A model loaded from files is named by them, whatever dtype and device it was loaded in: a
+    plan made on a GPU in bf16 replays on the CPU in fp32. A GGUF by the file; an HF directory by
+    its safetensors."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return "sha256:" + sha256_files(files)
 
 
 def hash_state_dict(module: torch.nn.Module) -> str:
@@ -235,6 +252,94 @@ def hash_state_dict(module: torch.nn.Module) -> str:
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
                  if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+# ---- GGUF --------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class GgufHeader:
+    architecture: str        # general.architecture, llama.cpp's name (llama, qwen2, ...)
+    parameters: int          # elements of every tensor: the dequantized model's parameter count
+    stored: torch.dtype      # what `--dtype auto` loads it in on a GPU
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """The header and tensor table of a GGUF file (no tensor is read), or a TailorError: a file
+    that is not GGUF, or one cut short."""
+    try:
+        from gguf import GGMLQuantizationType, GGUFReader
+    except ImportError:
+        raise TailorError(f"{path}: reading GGUF files needs the gguf package: "
+                          f"pip install 'gguf>=0.10'") from None
+    with open(path, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise TailorError(f"{path}: not a GGUF file (it does not start with the bytes GGUF)")
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # the reader fails on offsets past the end with numpy's errors
+        raise TailorError(f"{path}: unreadable GGUF file, truncated or corrupt ({first_line(e)})") from None
+    kinds = {t.tensor_type for t in reader.tensors}
+    floats = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+              GGMLQuantizationType.BF16: torch.bfloat16}
+    if kinds <= set(floats):
+        # a file's F32 tensors are its norms beside half-precision weights: the half type is the model's
+        stored = next((floats[k] for k in (GGMLQuantizationType.BF16, GGMLQuantizationType.F16)
+                       if k in kinds), torch.float32)
+    else:  # quantized blocks: bf16, what GPU checkpoints come in (fp16 activations can overflow)
+        stored = torch.bfloat16
+    return GgufHeader(architecture, sum(int(t.n_elements) for t in reader.tensors), stored)
+
+
+def gguf_architectures() -> list[str]:
+    """The GGUF architectures this transformers reads (llama.cpp's names)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    # the mapping the list is made from has sections that are no architecture
+    names = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+    try:  # newer transformers read some architectures through a second, faster path
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+        names |= set(GGUF_CONFIG_ARCHS)
+    except ImportError:
+        pass
+    return sorted(names)
+
+
+def load_gguf(path: Path, *, device="cpu", dtype="auto") -> torch.nn.Module:
+    """A plain transformers model from a GGUF file: weights dequantized by transformers straight
+    into `dtype` on `device` (auto: float32 on the CPU, else the file's float type, bfloat16 for
+    quantized blocks), with nothing of the quantizer left, so it saves like any HF model."""
+    import transformers
+
+    path = Path(path)
+    header = read_gguf_header(path)
+    device = resolve_device(device)
+    dtype = load_dtype(header.stored, device, dtype)
+    check_fits(path, header.parameters * torch.empty((), dtype=dtype).element_size(), device, dtype)
+    # the absolute path: transformers looks a relative gguf_file up in the working directory first
+    options = {"gguf_file": str(path.resolve())}
+    if hasattr(transformers, "GgufConfig"):  # transformers 5 keeps GGUF blocks packed unless asked
+        options["quantization_config"] = transformers.GgufConfig(gguf_file=options["gguf_file"],
+                                                                 dequantize=True)
+    try:
+        module = from_pretrained(transformers.AutoModelForCausalLM, path, path.parent, dtype=dtype,
+                                 device_map=device, **options)
+    except TailorError:
+        spelled = {a.replace("_", "").replace("-", "") for a in gguf_architectures()}
+        if header.architecture.replace("_", "").replace("-", "") not in spelled:
+            raise TailorError(f"{path}: a GGUF of architecture {header.architecture!r}, which transformers "
+                              f"{transformers.__version__} cannot load; it loads "
+                              f"{', '.join(gguf_architectures())}") from None
+        raise
+    # the weights are plain tensors now: without this the model refuses save_pretrained
+    if hasattr(module.config, "quantization_config"):
+        del module.config.quantization_config
+    module.hf_quantizer = None
+    return module
 
 
 # ---- ONNX ----------------------------------------------------------------------------------

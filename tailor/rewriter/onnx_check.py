@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tailor.core.errors import TailorError
+from tailor.core.errors import TailorError, first_line
 
 ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
               "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
@@ -47,11 +47,6 @@ def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) 
                               f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
         feeds[name] = np.ascontiguousarray(arr).astype(dtype)
     return feeds
-
-
-def first_line(e: BaseException | str) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(e).__name__
 
 
 RUN_FAILED = 3  # the child's exit code when the checker passed but onnxruntime could not run it

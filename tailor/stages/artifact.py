@@ -14,9 +14,10 @@ import yaml
 from tailor.backends.base import Backend
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
-from tailor.core.devices import module_device, resolve_device
+from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
+from tailor.data.text import load_tokenizer
 from tailor.passes.cost import Workload, attention_flops, ffn_flops, model_flops
 from tailor.passes.registry import apply_options, options_from_plan
 from tailor.quality.plots import plan_picture
@@ -84,9 +85,12 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
-        folder = src.path.parent if isinstance(src, OnnxSource) else src.path
-        if folder is not None:
-            _copy_tokenizer(folder, tmp)
+        # the tokenizer: in the HF directory, beside the .onnx file, or in a GGUF's metadata
+        tokenizer = src.path.parent if isinstance(src, OnnxSource) else src.path
+        if tokenizer is not None and tokenizer.is_file():
+            load_tokenizer(tokenizer).save_pretrained(tmp)
+        elif tokenizer is not None:
+            _copy_tokenizer(tokenizer, tmp)
 
     def _build_tvm(self, tmp: Path) -> None:
         """model.so + weights from the written model.onnx, for the plan's workload shape."""
@@ -193,7 +197,7 @@ def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "
     if tied:
         model.tie_weights()
     where = resolve_device(device)
-    return model.to(where, load_dtype(cfg, where, dtype))
+    return model.to(where, load_dtype(checkpoint_dtype(cfg), where, dtype))
 
 
 def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:

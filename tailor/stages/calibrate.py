@@ -29,8 +29,9 @@ CALIB_TOKENS = 8192  # default calibration size, in tokens
 ENCODER_CALIB_TOKENS = 16384
 
 
-def tokenizer_dir(source: TorchSource | OnnxSource, tokenizer) -> Path | None:
-    """The tokenizer: given, or beside the model (its HF directory, or the .onnx file's folder)."""
+def tokenizer_path(source: TorchSource | OnnxSource, tokenizer) -> Path | None:
+    """The tokenizer: given, or the model's (its HF directory, its .gguf file, or the .onnx file's
+    folder)."""
     if tokenizer:
         return Path(tokenizer)
     return source.path.parent if isinstance(source, OnnxSource) else source.path
@@ -55,13 +56,13 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
     its lines whole (windows × their median length tokens of them, by default ENCODER_CALIB_TOKENS)."""
     graph = backend.graph
     if calib is not None and Path(calib).suffix != ".json":
-        tok_dir = tokenizer_dir(source, tokenizer)
-        if tok_dir is None:
+        tok_path = tokenizer_path(source, tokenizer)
+        if tok_path is None:
             raise TailorError("--calib needs a tokenizer: pass --tokenizer DIR (the model came in as a "
                               "module)")
         encoder = graph.task == "encoder"
         tokens = ENCODER_CALIB_TOKENS if encoder else CALIB_TOKENS
-        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_dir), length,
+        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_path), length,
                                      lambda n: calibration_windows(windows, n, tokens), str(calib),
                                      per_line=encoder)
     length = length or DEFAULT_CALIB_LEN
@@ -83,7 +84,7 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     if graph.task != "causal-lm" and "attn_pattern" not in passes:
         return {}
     template = RetrievalTemplate.parse(retrieval_template or {})
-    tok = tokenizer_dir(source, tokenizer)
+    tok = tokenizer_path(source, tokenizer)
     # retrieval sequences need the model's tokenizer: given, or beside the model
     usable = tok is not None and (tokenizer is not None or has_tokenizer(tok))
     add_attention_data(cal, lengths, validation_len,

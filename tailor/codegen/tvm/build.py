@@ -21,8 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from tailor.codegen.tvm.module import MANIFEST, SO, WEIGHTS, TvmModel
-from tailor.core.errors import TailorError
-from tailor.rewriter.onnx_check import first_line
+from tailor.core.errors import TailorError, first_line
 
 # TVM must reproduce onnxruntime to this, relative to the output's largest magnitude (fp32 sums
 # in another order across a dozen layers: ~3e-6 measured on MiniLM and refllama-16m)
