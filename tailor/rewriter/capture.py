@@ -30,7 +30,8 @@ from tailor.rewriter.recognize import recognize
 # files worth carrying into an artifact so the result stays HF-loadable; never pickles
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
-                   "generation_config.json", "added_tokens.json")
+                   "generation_config.json", "added_tokens.json",
+                   "chat_template.jinja")  # where transformers 5 saves a chat template
 
 
 @dataclass
