@@ -56,6 +56,17 @@ def test_corrupt_onnx(content, tmp_path, capsys, tiny_onnx):
     assert bad.read_bytes() == content
 
 
+def test_name_that_is_not_utf8_text(tmp_path, capsys, tiny_onnx):
+    """protobuf hands a string that is not UTF-8 back as bytes; the checker and onnxruntime let it
+    pass, writing the model back failed (found by tests/test_fuzz.py)."""
+    data = tiny_onnx["llama"].read_bytes()
+    name = onnx.load(str(tiny_onnx["llama"])).graph.node[0].name.encode()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(data.replace(name, b"\x80" + name[1:], 1))
+    _fails([str(bad), "-o", str(tmp_path / "out")], capsys, expect="NodeProto.name b")
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_a_transformer(tmp_path, capsys):
     path = _mlp_onnx(tmp_path / "mlp.onnx")
     err = _fails([str(path), "-o", str(tmp_path / "out")], capsys, expect="no attention found")

@@ -388,6 +388,9 @@ def _load_checked(path: Path) -> tuple[ir.Model, str | None, list[str]]:
         raise TailorError(f"{path}: not a valid ONNX model ({type(e).__name__})") from None
     if not proto.graph.node:
         raise TailorError(f"{path}: the ONNX graph has no nodes (corrupt or not a model)")
+    bad = _not_text(proto)
+    if bad is not None:
+        raise TailorError(f"{path}: {bad} is not UTF-8 text (a corrupt ONNX file)")
     data_files = check_external_data(proto, path.parent)
     # types, shapes (strict inference unless data is external: inference cannot read it),
     # well-formed tensors, and a run in onnxruntime; in a child, where a crash cannot take us down
@@ -401,10 +404,31 @@ def _load_checked(path: Path) -> tuple[ir.Model, str | None, list[str]]:
             pass
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
-        return ir.serde.deserialize_model(proto), run_problem, data_files
+        model = ir.serde.deserialize_model(proto)
     except Exception as e:
         raise TailorError(f"{path}: could not read the ONNX model ({type(e).__name__}: "
                           f"{first_line(e)})") from None
+    return model, run_problem, data_files
+
+
+def _not_text(message) -> str | None:
+    """The first string field of a protobuf message (recursively) that is not UTF-8 text:
+    protobuf hands such a field back as bytes, which the onnx checker and onnxruntime let pass
+    and writing the model back fails on. Where it is, or None."""
+    for fd, value in message.ListFields():
+        # is_repeated: protobuf ≥ 5 (label is gone from its upb descriptors)
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else \
+            fd.label == fd.LABEL_REPEATED
+        items = value if repeated else [value]
+        if fd.type == fd.TYPE_MESSAGE:
+            found = next((f for f in map(_not_text, items) if f is not None), None)
+            if found is not None:
+                return found
+        elif fd.type == fd.TYPE_STRING:
+            bad = next((v for v in items if isinstance(v, bytes)), None)
+            if bad is not None:
+                return f"{message.DESCRIPTOR.name}.{fd.name} {bad[:40]!r}"
+    return None
 
 
 def capture_onnx(path: Path) -> Captured:
