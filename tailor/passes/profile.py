@@ -233,7 +233,8 @@ def collect_signals(backend: Backend, ids: Inputs) -> Signals:
 
 
 # seconds of work (cost.MEASURE_RATE) the options measured one by one may take; beyond, proxies
-OPTION_SECONDS = 240
+# (every option of refllama-16m: 0.59 of it; of MiniLM on 16K tokens of lines: 0.74–0.77)
+OPTION_SECONDS = 300
 # options a pass measures at least where proxies estimate the rest: the points of its map
 MIN_MEASURED_PER_PASS = 6
 
