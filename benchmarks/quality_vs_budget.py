@@ -29,6 +29,7 @@ from tailor.data.calibration import add_attention_data, calibration_from_text
 from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.passes.attention_profile import MEASURED_PER_LENGTH
 from tailor.passes.attn_pattern import default_grid
+from tailor.passes.baselines import greedy, shortgpt, uniform_heads
 from tailor.passes.cost import CostModel, Workload
 from tailor.passes.profile import run_profile
 from tailor.passes.registry import PASSES, apply_options
@@ -40,27 +41,6 @@ from tailor.stages.search import HeldOut
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()
 MODEL = SHARED / "models" / "refllama-16m"
-
-
-def greedy(options, key, cm, budget):
-    chosen = []
-    for o in sorted(options, key=key):
-        if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget:
-            break
-        chosen.append(o)
-    return chosen if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget + 1e-9 else None
-
-
-def flap_uniform(options, cm, budget):
-    heads = [o for o in options if o.pass_name == "head_prune"]
-    shapes = sorted({(len(o.choice["kv_heads"]), len(o.choice["queries"][0]) if o.choice["queries"] else 0)
-                     for o in heads}, key=lambda s: -s[0] * max(s[1], 1))
-    for g, m in shapes:
-        chosen = [o for o in heads if len(o.choice["kv_heads"]) == g and
-                  (len(o.choice["queries"][0]) if o.choice["queries"] else 0) == m]
-        if cm.ratio(structure_of(cm.graph, chosen), "latency") <= budget + 1e-9:
-            return chosen
-    return None
 
 
 def main() -> None:
@@ -108,14 +88,13 @@ def main() -> None:
 
     dense_ppl = lm_metrics(dense_logits, eval_ids, None)["perplexity"]
     rows.append(f"| 1.0 | dense | 1.000 | {dense_ppl:.3f} | 1.000 | 0 | 1.000 | — |")
-    skips = [o for o in options if o.pass_name == "layer_skip"]
     ffns = [o for o in options if o.pass_name == "ffn_skip"]
-    bi, contrib = prof.signals.block_influence, prof.signals.ffn_contribution
+    contrib = prof.signals.ffn_contribution
     for b in budgets:
         row(b, "**tailor**", search(options, cm, b, "latency", measure).chosen)
-        row(b, "ShortGPT (layer skip by block influence)", greedy(skips, lambda o: bi[o.layer], cm, b))
-        row(b, "FLAP uniform head pruning", flap_uniform(options, cm, b))
-        row(b, "FFN skip by contribution", greedy(ffns, lambda o: contrib[o.layer], cm, b))
+        row(b, "ShortGPT (layer skip by block influence)", shortgpt(cm, prof.signals, b, "latency"))
+        row(b, "FLAP uniform head pruning", uniform_heads(cm, prof.signals, b, "latency"))
+        row(b, "FFN skip by contribution", greedy(ffns, lambda o: contrib[o.layer], cm, b, "latency"))
     print(f"# quality vs budget, refllama-16m, target {args.target}, {date.today()}, "
           f"{platform.machine()} CPU, torch {torch.__version__}, {time.time() - t0:.0f} s "
           f"(profile cached: {prof.extra['cached']})")

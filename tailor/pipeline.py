@@ -8,7 +8,7 @@ instead of the search.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,12 @@ from tailor.backends import backend_for
 from tailor.backends.base import Backend
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
+from tailor.data.calibration import Calibration
 from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel, Workload
-from tailor.passes.profile import neutral_signals, run_profile, store
+from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.quality.metrics import evaluate_pair
@@ -37,7 +38,7 @@ from tailor.stages.cost import (
 from tailor.stages.log import StageLog
 from tailor.stages.search import HeldOut, refitted, searched_plan
 
-__all__ = ["compile", "load", "Compiled", "StageLog"]
+__all__ = ["compile", "prepare", "load", "Compiled", "Prepared", "StageLog"]
 
 
 def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int = 1024,
@@ -92,37 +93,18 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             {o: 1.0 for o in OBJECTIVES}
         return _compiled(dense, dense, result, report, cap, formats, stages)
 
-    passes_given = passes is not None
-    passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
-    lengths = sorted(attn_lengths or {max(64, workload.prompt_len // 2), workload.prompt_len})
-    grid = default_grid(max(lengths))
-    if replayed is None:
-        passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
-                             lengths=lengths, objective=objective, budget=budget, report=report)
-
-    with stages("calibrate"):
-        cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
-        settings: dict[str, Any] = {"windows": len(cal.profile_ids) + len(cal.heldout_ids),
-                                    "len": input_len(cal.profile_ids), "seed": seed,
-                                    # numbers differ by precision and kind of device, not by GPU index
-                                    "dtype": report["model"]["dtype"],
-                                    "device": report["model"]["device"].split(":")[0]}
-        settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
-                                   validation_len or max(64, 3 * workload.prompt_len // 4),
-                                   retrieval_template, seed, grid, settings["device"])
-    with stages("profile"):
-        # a replayed plan's options need the signals only: nothing to measure
-        prof, options, meter = run_profile(dense, cal, passes if replayed is None else [],
-                                           model_hash=cap.model_hash, settings=settings, progress=progress,
-                                           use_cache=use_cache)
-        heldout = HeldOut(dense, cal)  # the dense model's outputs the plans are checked against
+    prepared = _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
+                         workload=workload, passes=passes, replayed=replayed, calib=calib,
+                         tokenizer=tokenizer, calib_windows=calib_windows, calib_len=calib_len, seed=seed,
+                         attn_lengths=attn_lengths, validation_len=validation_len,
+                         retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
+    prof, options, meter = prepared.profile, prepared.options, prepared.meter
+    heldout, cal = prepared.heldout, prepared.calibration
     if replayed is None:
         with stages("search"):
-            for o in options:  # measured alone, or estimated from its proxy; the pass's own estimate
-                o.loss = prof.loss(o)
-            price(options, cost_model)
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
-                                                heldout, meter, set(prof.option_estimate), settings["device"])
+                                                heldout, meter, set(prof.option_estimate),
+                                                prepared.settings["device"])
             meter.close()
             if search.refined:
                 prof.add_measured(search.refined)
@@ -153,6 +135,84 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                                               tokenizer_path(cap.source, tokenizer), graph.task,
                                               max_len=max_positions(graph))
     return _compiled(dense, variant, result, report, cap, formats, stages)
+
+
+@dataclass
+class Prepared:
+    """A model as compile() has it when it starts planning: captured, priced, calibrated and
+    profiled, each candidate option with its estimated loss and its cost."""
+    captured: Captured
+    dense: Backend
+    cost_model: CostModel
+    calibration: Calibration
+    profile: Profile
+    options: list[Option]
+    meter: OptionMeter
+    heldout: HeldOut
+    settings: dict[str, Any]
+    report: dict[str, Any]
+
+
+def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len: int = 1024,
+            gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
+            calib: str | Path | None = None, tokenizer: str | Path | None = None,
+            calib_windows: int | None = None, calib_len: int | None = None, seed: int = 0,
+            trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto",
+            attn_lengths: list[int] | None = None, validation_len: int | None = None,
+            retrieval_template: dict | None = None, use_cache: bool = True, progress: bool = False,
+            stages: StageLog | None = None) -> Prepared:
+    """What compile() does before it plans, with the same arguments (and the same profile cache):
+    for tools that build plans of their own on the same model, data and prices (the baselines
+    of benchmarks/real_llm.py)."""
+    stages = stages or StageLog()
+    budget, workload = check_budget(budget), Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
+    _check_request(objective, passes)
+    with stages("capture"):
+        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        dense = backend_for(cap)
+    cost_model = cost_model_for(cap, dense, workload, target, fit=budget < 1.0, use_cache=use_cache)
+    report = {"model": describe(cap.graph, workload) | placement(cap), "cost_model": cost_model.to_json()}
+    return _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
+                     workload=workload, passes=passes, replayed=None, calib=calib,
+                     tokenizer=tokenizer, calib_windows=calib_windows, calib_len=calib_len, seed=seed,
+                     attn_lengths=attn_lengths, validation_len=validation_len,
+                     retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
+
+
+def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict, stages: StageLog, *,
+              budget: float, objective: str, workload: Workload, passes: list[str] | None,
+              replayed: list[Option] | None, calib, tokenizer, calib_windows, calib_len, seed: int,
+              attn_lengths, validation_len, retrieval_template, use_cache: bool, progress: bool) -> Prepared:
+    """Calibrate and profile the passes worth searching (a replayed plan's: signals only), and
+    price their options."""
+    passes_given = passes is not None
+    passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
+    lengths = sorted(attn_lengths or {max(64, workload.prompt_len // 2), workload.prompt_len})
+    grid = default_grid(max(lengths))
+    if replayed is None:
+        passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
+                             lengths=lengths, objective=objective, budget=budget, report=report)
+
+    with stages("calibrate"):
+        cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
+        settings: dict[str, Any] = {"windows": len(cal.profile_ids) + len(cal.heldout_ids),
+                                    "len": input_len(cal.profile_ids), "seed": seed,
+                                    # numbers differ by precision and kind of device, not by GPU index
+                                    "dtype": report["model"]["dtype"],
+                                    "device": report["model"]["device"].split(":")[0]}
+        settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
+                                   validation_len or max(64, 3 * workload.prompt_len // 4),
+                                   retrieval_template, seed, grid, settings["device"])
+    with stages("profile"):
+        # a replayed plan's options need the signals only: nothing to measure
+        prof, options, meter = run_profile(dense, cal, passes if replayed is None else [],
+                                           model_hash=cap.model_hash, settings=settings, progress=progress,
+                                           use_cache=use_cache)
+        heldout = HeldOut(dense, cal)  # the dense model's outputs the plans are checked against
+    for o in options:  # measured alone, or estimated from its proxy; the pass's own estimate
+        o.loss = prof.loss(o)
+    price(options, cost_model)
+    return Prepared(cap, dense, cost_model, cal, prof, options, meter, heldout, settings, report)
 
 
 def _check_request(objective: str, passes: list[str] | None) -> None:

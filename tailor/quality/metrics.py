@@ -3,8 +3,10 @@ cosine of hidden states for encoders. And side-by-side latency."""
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -83,14 +85,38 @@ def evaluate_pair(reference, candidate, text: Path, tokenizer_path: Path | None,
                                batch)
     if max_len is not None:
         seq_len = min(seq_len, max_len)
-    stream = tokenize_pieces(read_text_pieces(text), tokenizer, limit=seq_len * windows)
-    ids = token_windows(stream, seq_len, windows)
+    ids = text_windows(text, tokenizer, seq_len, windows)
+    result = {"text": str(text), "windows": int(ids.shape[0]), "seq_len": seq_len}
+    if task == "causal-lm":
+        references = None if reference is None else (reference(row[None]) for row in ids)
+        return result | windowed_lm_metrics(candidate, ids, references)
     with torch.no_grad():
         out = torch.cat([candidate(row[None]) for row in ids])
         ref = torch.cat([reference(row[None]) for row in ids]) if reference is not None else None
-    result = {"text": str(text), "windows": int(ids.shape[0]), "seq_len": seq_len}
-    result.update(lm_metrics(out, ids, ref) if task == "causal-lm" else encoder_metrics(out, ref))
-    return result
+    return result | encoder_metrics(out, ref)
+
+
+def text_windows(text: Path, tokenizer, seq_len: int, windows: int) -> torch.Tensor:
+    """The first `windows` windows [n, seq_len] of a text's tokens as one stream."""
+    stream = tokenize_pieces(read_text_pieces(text), tokenizer, limit=seq_len * windows)
+    return token_windows(stream, seq_len, windows)
+
+
+def windowed_lm_metrics(candidate, ids: torch.Tensor, references: Iterable[torch.Tensor] | None) -> dict:
+    """lm_metrics of `candidate` (model(input_ids) -> logits) over the windows ids [n, T], one
+    window at a time (memory: one window's logits, not all), against the reference's logits of
+    each window where given. Windows of equal length: the mean of their means is the mean."""
+    logs = {"perplexity": [], "reference_perplexity": []}  # averaged in log: per-token NLL
+    means: dict[str, list[float]] = {"kl_to_reference": [], "top1_agreement": []}
+    refs = iter(references) if references is not None else None
+    with torch.no_grad():
+        for row in ids:
+            ref = next(refs).cpu() if refs is not None else None
+            m = lm_metrics(candidate(row[None]).cpu(), row[None], ref)
+            for k, v in m.items():
+                (logs[k] if k in logs else means[k]).append(math.log(v) if k in logs else v)
+    out = {k: math.exp(statistics.fmean(v)) for k, v in logs.items() if v}
+    return out | {k: statistics.fmean(v) for k, v in means.items() if v}
 
 
 def _evaluate_lines(reference, candidate, text: Path, tokenizer, count: int, limit: int | None,
