@@ -253,14 +253,15 @@ class OptionMeter:
         self.backend, self.signals, self.ids, self.progress = backend, signals, ids, progress
         self.reference: list[torch.Tensor] | None = None
         self.record = None
-        self.lengths = input_lengths(ids)
         self.positions = compared_positions(backend.graph, ids)
+        head = None if self.positions is None else len(self.positions)
+        lengths = input_lengths(ids)  # an encoder's thousands of lines: priced once per first layer
+        self.work_from = [float(sum(forward_flops(backend.graph, n, first, head) for n in lengths))
+                          for first in range(backend.graph.num_layers)]
 
     def work(self, option: Option) -> float:
         """FLOPs of measuring it (the replayed blocks cost none)."""
-        first = PASSES[option.pass_name].first_layer(option)
-        head = None if self.positions is None else len(self.positions)
-        return float(sum(forward_flops(self.backend.graph, n, first, head) for n in self.lengths))
+        return self.work_from[PASSES[option.pass_name].first_layer(option)]
 
     def __call__(self, options: list[Option]) -> dict[str, float]:
         if not options:

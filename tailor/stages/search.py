@@ -81,8 +81,9 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
     def refine(chosen):
         todo = []
         for o in chosen:
-            if o.key in estimated and refine_allowance.affords(meter.work(o)):
-                refine_allowance.spend(meter.work(o))
+            work = meter.work(o) if o.key in estimated else None
+            if work is not None and refine_allowance.affords(work):
+                refine_allowance.spend(work)
                 todo.append(o)
         estimated.difference_update(o.key for o in todo)
         return meter(todo)
