@@ -95,6 +95,7 @@ def one(args) -> dict:
             "option_spearman": r.get("calibration", {}).get("option_spearman"),
             "options_measured_in_search": r.get("search", {}).get("options_measured"),
             "plan_checks": len(r.get("search", {}).get("iterations", [])),
+            "plan": compiled.plan.to_json(),
             "attention_profile": {k: v for k, v in r.get("attention_profile", {}).items()
                                   if k in ("lengths", "measured", "spearman")}}
 
@@ -149,6 +150,8 @@ def main() -> int:
                 continue
             results.append(found[0])
             print(row(found[0]), flush=True)
+            if args.out:  # after every run: a later one may be cut off by a time limit
+                Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\n{date.today()}, prompt {args.prompt_len}, budget 0.5, default options\n")
     print("| model | device | dtype | objective | compile | stage seconds | peak GPU | peak host | "
           "predicted ratio | held-out KL |")

@@ -49,12 +49,31 @@ def price(options: list[Option], cost_model: CostModel) -> None:
 
 
 def _claims_matrix(options: list[Option]):
-    claims = sorted({c for o in options for c in o.claims})
-    rows = np.zeros((len(claims), len(options)))
+    row = {c: i for i, c in enumerate(sorted({c for o in options for c in o.claims}))}
+    rows = np.zeros((len(row), len(options)))
     for j, o in enumerate(options):
         for c in o.claims:
-            rows[claims.index(c), j] = 1.0
+            rows[row[c], j] = 1.0
     return rows
+
+
+def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray) -> list[int]:
+    """Indices of the options no other option of the same claims beats: one that saves at least
+    as much (cost ≤) at a loss no greater wins. Removing the rest keeps every optimum's value
+    (swap a dominated option for its better: same claims, budget still met, loss not higher),
+    and HiGHS's own presolve found the same columns in 7 s for a 1B model's 9.6K options, a
+    quadratic search this does in milliseconds by sorting each claim group."""
+    groups: dict[tuple, list[int]] = {}
+    for j, o in enumerate(options):
+        groups.setdefault(tuple(sorted(o.claims)), []).append(j)
+    kept = []
+    for members in groups.values():
+        lowest = np.inf
+        for j in sorted(members, key=lambda j: (cost[j], losses[j], j)):  # most saving first
+            if losses[j] < lowest:
+                kept.append(j)
+                lowest = losses[j]
+    return sorted(kept)
 
 
 def solve(options: list[Option], losses: np.ndarray, objective: str, limit: float,
@@ -65,6 +84,8 @@ def solve(options: list[Option], losses: np.ndarray, objective: str, limit: floa
     if not options:
         return []
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
+    kept = undominated(options, cost, losses)
+    options, cost, losses = [options[j] for j in kept], cost[kept], np.asarray(losses)[kept]
     # a tiny preference for cheaper plans among equal losses keeps the choice stable
     c = losses + 1e-12 * cost / (np.abs(cost).max() or 1.0)
     cons = [LinearConstraint(cost[None, :], -np.inf, limit)]
@@ -82,6 +103,8 @@ def smallest_ratio(options: list[Option], objective: str, dense_cost: float) -> 
     if not options:
         return 1.0
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
+    kept = undominated(options, cost, np.zeros(len(options)))  # the most saving of each group
+    options, cost = [options[j] for j in kept], cost[kept]
     cons = [LinearConstraint(_claims_matrix(options), -np.inf, 1.0)]
     res = _milp(cost, cons)
     return 1.0 + float(res.fun)

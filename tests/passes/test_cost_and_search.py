@@ -140,6 +140,32 @@ def test_solve_respects_exclusive_claims():
     assert sorted(o.label for o in chosen) == ["ffn0", "head1"]
 
 
+def test_solve_drops_dominated_options_without_changing_the_optimum():
+    """Options beaten within their claim group (saving no more at no lower loss) are left out
+    before HiGHS runs; the optimum is an exhaustive search's over every option."""
+    import itertools
+
+    from tailor.passes.search import undominated
+
+    rng = np.random.default_rng(3)
+    claims = [("attn:0",), ("ffn:0",), ("attn:0", "ffn:0"), ("attn:1",), ("ffn:1",)]
+    opts = [_opt(j, claims[j % len(claims)], -float(rng.uniform(0.02, 0.3)), float(rng.uniform(0, 1)))
+            for j in range(14)]
+    losses = np.array([o.loss for o in opts])
+    cost = np.array([o.cost["latency"] for o in opts])
+    kept = undominated(opts, cost, losses)
+    assert 0 < len(kept) < len(opts)
+    for j in set(range(len(opts))) - set(kept):  # each dropped one has a better in its group
+        assert any(set(opts[k].claims) == set(opts[j].claims) and cost[k] <= cost[j]
+                   and losses[k] <= losses[j] for k in kept)
+    best = min((sum(losses[list(c)]) for n in range(len(opts) + 1)
+                for c in itertools.combinations(range(len(opts)), n)
+                if cost[list(c)].sum() <= -0.4 and len({x for j in c for x in opts[j].claims})
+                == sum(len(opts[j].claims) for j in c)), default=None)
+    chosen = solve(opts, losses, "latency", -0.4, 1.0)
+    assert sum(o.loss for o in chosen) == pytest.approx(best)
+
+
 def test_search_budget_met_unreachable_and_deterministic(llama_graph):
     from tailor.passes.profile import neutral_signals
     from tailor.passes.registry import candidates_for
