@@ -1,22 +1,25 @@
-"""End to end on a GPU: a Llama-3.2-1B-shaped model (16 layers, 32 heads, 8 KV heads, hidden 2048,
-head_dim 64; random weights, seed 0) compiled at --budget 0.5 (objective latency, prompt 16K,
-target h100), then run with tailor's runtime beside the dense model.
+"""End to end on a GPU, from the plan tailor's own search makes there: a model is compiled on
+CUDA in bf16 (tailor.compile, every pass, --budget 0.5, objective latency, prompt 16K, target h100,
+data-free calibration, measured profile), then the rewritten model it returns is run with tailor's
+runtime beside the dense one.
 
-Two steps, because profiling a 1.2B model at long lengths needs more than this repo's CPU CI:
-1. plan (CPU, once): `python benchmarks/end_to_end_gpu.py --make-plan benchmarks/results/llama1b_plan.json`
-   runs tailor's cost model and search at budget 0.5 over every pass on the captured model, with
-   neutral loss estimates (see make_plan: random weights have no quality to profile);
-2. measure (GPU): `python benchmarks/end_to_end_gpu.py --plan benchmarks/results/llama1b_plan.json --out DIR`
-   builds the same model in bf16 on CUDA, replays the plan (as tailor.load does), and measures
-   - prefill of 16K tokens: dense model (transformers, SDPA) vs the rewritten model through tailor's
-     runtime (block-sparse Triton prefill), both eager and both through torch.compile (the dense
-     one layer by layer, see regionally_compiled); target ≤ 0.6× dense;
-   - decode tokens/s at a 32K context, batch 1 and 8: dense (transformers' DynamicCache + SDPA, and
-     tailor's runtime with an all-dense cache) vs the rewritten model (per-head ring cache, split-K
-     decode), eager, with the decode step replayed as a CUDA graph, and compiled (torch.compile
-     fuses the step's elementwise kernels) then replayed; target ≥ 1.8× dense;
-   - KV-cache bytes, rewritten vs dense; target ≤ 0.55×;
-   - the cost model's predicted latency ratio beside the measured prefill ratio.
+    python benchmarks/end_to_end_gpu.py --model llama1b --out DIR
+    python benchmarks/end_to_end_gpu.py --model smollm2 --smollm2 HF_DIR --out DIR
+
+Models: `llama1b`, Llama-3.2-1B's shape (16 layers, 32 heads, 8 KV heads, hidden 2048, head_dim 64;
+random weights, seed 0: its times are real, its KL means nothing); `smollm2`, SmolLM2-135M-Instruct
+(real weights; an HF folder made by `benchmarks/compile_scale.py --convert-gguf`). Measured:
+- the compile: seconds, its plan (saved as plan.json in --out), predicted ratios, held-out KL;
+- prefill of 16K tokens: dense model (transformers, SDPA) vs the rewritten model through tailor's
+  runtime (block-sparse Triton prefill), both eager and both through torch.compile (the dense
+  one layer by layer, see regionally_compiled); target ≤ 0.6× dense;
+- decode tokens/s at a 32K context, batch 1 and 8: dense (transformers' DynamicCache + SDPA, and
+  tailor's runtime with an all-dense cache) vs the rewritten model (per-head ring cache, split-K
+  decode), eager, with the decode step replayed as a CUDA graph, and compiled (torch.compile
+  fuses the step's elementwise kernels) then replayed; target ≥ 1.8× dense;
+- KV-cache bytes, rewritten vs dense; target ≤ 0.55×;
+- the cost model's predicted latency ratio beside the measured prefill ratio (target: within 20%).
+`--plan plan.json` replays a saved plan instead of searching (the rewrites without the refit).
 """
 from __future__ import annotations
 
@@ -43,53 +46,41 @@ def build(dtype=torch.float32, device="cpu"):
     return model
 
 
-def make_plan(path: Path) -> None:
-    """tailor's cost model and search at budget 0.5 over every pass, with a neutral loss prior
-    instead of measured losses: the weights are random, so there is no quality to measure, and
-    profiling a 1.2B model on this CPU priced itself out (attn_pattern: 81 s per KV head for 256;
-    head_prune and ffn_prune: 667 options measured one by one; option measurements ran out of
-    24 GiB).
-    The plan is therefore the search's answer on cost alone: what it costs is what is measured."""
-    from tailor.core.targets import get_target
-    from tailor.passes.attention_profile import AttentionInfluence
-    from tailor.passes.attn_pattern import default_grid
-    from tailor.passes.cost import CostModel, Structure, Workload
-    from tailor.passes.profile import neutral_signals
-    from tailor.passes.registry import PASSES, candidates_for
-    from tailor.passes.search import price, search, structure_of
-    from tailor.rewriter.capture import capture
-
-    started = time.time()
-    graph = capture(build()).graph
-    cost_model = CostModel(graph, Workload(batch=1, prompt_len=PROMPT, gen_len=0), get_target("h100"))
-    signals = neutral_signals(graph)
-    signals.attention = AttentionInfluence.unmeasured(graph, [PROMPT // 2, PROMPT], default_grid(PROMPT))
-    options = candidates_for(graph, signals, list(PASSES))
-    price(options, cost_model)
-    dense = cost_model.total(Structure.dense(graph)).get("latency")
-    for o in options:
-        # no quality to measure: a neutral prior where harm grows with the square of the share of
-        # the model's latency an option removes, so the search prefers many small cuts (patterns,
-        # heads) to a few large ones (whole layers), as measured losses usually make it do
-        o.loss = (max(0.0, -o.cost["latency"]) / dense) ** 2
-    result = search(options, cost_model, 0.5, "latency", None)
-    predicted = cost_model.ratios(structure_of(graph, result.chosen))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"plan": {"rewrites": [o.to_json() for o in result.chosen]},
-                                "labels": [o.label for o in result.chosen], "predicted": predicted,
-                                "seconds": round(time.time() - started, 1)}, indent=1))
-    print(predicted, [o.label for o in result.chosen])
+def dense_model(name: str, smollm2: Path | None, dtype=torch.bfloat16, device="cuda"):
+    if name == "llama1b":
+        return build(dtype, device)
+    return tf.AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype, device_map=device).eval()
 
 
-def rewritten(plan: dict, dtype, device):
+def compiled(dense, out: Path) -> tuple[torch.nn.Module, dict]:
+    """tailor's searched plan for `dense` where it sits (default options, no profile cache): the
+    rewritten module, and what the compile reported."""
+    import tailor
+
+    started = time.perf_counter()
+    result = tailor.compile(dense, 0.5, objective="latency", prompt_len=PROMPT, target="h100",
+                            use_cache=False, progress=True)
+    seconds = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(result.plan.to_json(), indent=1))
+    report = result.report
+    return result.rewritten.model, {
+        "seconds": round(seconds, 1), "rewrites": len(result.plan.rewrites),
+        "labels": [r["label"] for r in result.plan.rewrites], "predicted": result.plan.predicted,
+        "kl_heldout": report.get("search", {}).get("measured_kl_heldout"),
+        "stages": report.get("stages")}
+
+
+def rewritten(dense, plan: dict):
+    """The plan's rewrites applied to a copy of `dense` that shares its weights (no refit)."""
     from tailor.backends.torch_backend import TorchBackend
     from tailor.passes.registry import apply_options, options_from_plan
     from tailor.rewriter.capture import capture
 
-    model = build(dtype, "cpu")
-    graph = capture(model).graph
-    apply_options(TorchBackend(model, graph), options_from_plan(graph, plan["rewrites"]), None)
-    return model.to(device)
+    graph = capture(dense).graph
+    variant = TorchBackend(dense, graph).clone()
+    apply_options(variant, options_from_plan(graph, plan["rewrites"]), None)
+    return variant.model
 
 
 def timed(fn, repeats: int) -> float:
@@ -139,19 +130,16 @@ def tailor_decode_rate(model, prompts: list[list[int]], variant: str) -> tuple[f
     return rate, kv
 
 
-def profile_decode(plan_file: Path, out: Path, batch: int = 1) -> None:
+def profile_decode(dense, ours, out: Path, batch: int = 1) -> None:
     """Where a decode step's time goes at a 32K context: torch.profiler over eager steps and over
     CUDA-graph replays, dense (tailor's runtime, all-dense cache) and rewritten; one table each."""
     from torch.profiler import ProfilerActivity, profile
 
     from tailor.runtime.generate import Generator
 
-    saved = json.loads(plan_file.read_text())
     gen = torch.Generator().manual_seed(1)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("tailor", "dense"):
-        model = rewritten(saved["plan"], torch.bfloat16, "cuda") if name == "tailor" else \
-            build(torch.bfloat16, "cuda")
+    for name, model in (("tailor", ours), ("dense", dense)):
         context = torch.randint(0, model.config.vocab_size, (CONTEXT,), generator=gen).tolist()
         with torch.no_grad():
             for graph in (False, True):
@@ -171,8 +159,6 @@ def profile_decode(plan_file: Path, out: Path, batch: int = 1) -> None:
                 (out / f"profile_decode_{name}_{'graph' if graph else 'eager'}_b{batch}.txt").write_text(text)
                 print(text[:6000], flush=True)
                 torch.cuda.empty_cache()
-        del model
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -190,16 +176,12 @@ def regionally_compiled(model, on: bool):
             layer._compiled_call_impl = None
 
 
-def measure(plan_file: Path, out: Path, variants: list[str], batches: list[int]) -> None:
+def measure(dense, ours, rows: dict, out: Path, variants: list[str], batches: list[int]) -> None:
     from tailor.runtime.generate import Generator
 
-    saved = json.loads(plan_file.read_text())
-    dense = build(torch.bfloat16, "cuda")
-    ours = rewritten(saved["plan"], torch.bfloat16, "cuda")
     vocab = dense.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (PROMPT,), generator=gen).tolist()
-    rows: dict = {"predicted": saved["predicted"], "rewrites": len(saved["plan"]["rewrites"])}
 
     with torch.no_grad():
         ids = torch.tensor([prompt], device="cuda")
@@ -234,6 +216,8 @@ def measure(plan_file: Path, out: Path, variants: list[str], batches: list[int])
             row["decode_speedup_vs_hf"] = best / row["hf_dense_tok_s"]
             rows[f"decode_32k_b{batch}"] = row
             print(json.dumps(row), flush=True)
+    rows["prefill_ratio_vs_predicted"] = (rows["prefill_16k"]["ratio_eager"]
+                                          / rows["compile"]["predicted"]["latency"])
     rows["meta"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "date": date.today().isoformat()}
     out.mkdir(parents=True, exist_ok=True)
@@ -243,8 +227,9 @@ def measure(plan_file: Path, out: Path, variants: list[str], batches: list[int])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--make-plan", type=Path)
-    ap.add_argument("--plan", type=Path)
+    ap.add_argument("--model", choices=("llama1b", "smollm2"), default="llama1b")
+    ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M HF folder (compile_scale.py --convert-gguf)")
+    ap.add_argument("--plan", type=Path, help="replay this plan.json instead of searching")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--variants", default="eager,graph,compiled",
                     help=f"decode runs of tailor's runtime to time, from {','.join(VARIANTS)}")
@@ -252,12 +237,21 @@ def main() -> None:
     ap.add_argument("--profile-decode", action="store_true",
                     help="only profile decode steps (tables in --out)")
     args = ap.parse_args()
-    if args.make_plan:
-        make_plan(args.make_plan)
-    elif args.profile_decode:
-        profile_decode(args.plan, args.out)
+    dense = dense_model(args.model, args.smollm2)
+    if args.plan:
+        saved = json.loads(args.plan.read_text())
+        saved = saved.get("plan", saved) | {"predicted": saved["predicted"]}  # also the 2026-11-22 layout
+        ours, rows = rewritten(dense, saved), {"compile": {"predicted": saved["predicted"], "replayed": True}}
     else:
-        measure(args.plan, args.out, args.variants.split(","), [int(b) for b in args.batches.split(",")])
+        ours, info = compiled(dense, args.out)
+        rows = {"compile": info}
+        print(json.dumps(info), flush=True)
+    rows["model"] = args.model
+    if args.profile_decode:
+        profile_decode(dense, ours, args.out)
+    else:
+        measure(dense, ours, rows, args.out, args.variants.split(","),
+                [int(b) for b in args.batches.split(",")])
 
 
 if __name__ == "__main__":
