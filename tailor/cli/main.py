@@ -334,7 +334,7 @@ def _sweep(cfg: dict, model: str, out: Path) -> int:
         points.append({"budget": b, "method": "tailor", "kl_heldout": search.get("measured_kl_heldout"),
                        "perplexity": quality.get("perplexity"), "kl_eval": quality.get("kl_to_reference")})
         for it in search.get("iterations", []):
-            if isinstance(it["iteration"], str):  # "<pass> only": a single-technique plan
+            if isinstance(it["iteration"], str):  # "<pass> only" or a published method's plan
                 points.append({"budget": b, "method": it["iteration"], "kl_heldout": it["measured_kl"]})
     (out / "sweep.json").write_text(json.dumps(points, indent=2) + "\n")
     pareto_plot(points, out / "pareto.png", "kl_heldout")

@@ -10,11 +10,12 @@ import torch
 from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.data.calibration import Calibration
 from tailor.passes.base import Option
+from tailor.passes.baselines import duo_attention, streaming_llm
 from tailor.passes.cost import Allowance, CostModel, forward_flops
 from tailor.passes.profile import OptionMeter, input_lengths
 from tailor.passes.refit import refit_sequentially
 from tailor.passes.registry import apply_options
-from tailor.passes.search import SearchResult, search
+from tailor.passes.search import SearchResult, price, search
 
 # seconds of work (cost.MEASURE_RATE) for whole plans measured on the held-out data (at least
 # MIN_PLAN_CHECKS, so that one correction of the estimates is measured) and for the options a
@@ -65,6 +66,25 @@ class HeldOut:
         return (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
 
 
+def published_rivals(options: list[Option], cost_model: CostModel, signals, budget: float,
+                     objective: str) -> dict[str, list[Option]]:
+    """Whole plans of published attention methods, built from the same profile, that the search
+    measures beside its own (where attention patterns are among the options): DuoAttention-style
+    (whole KV heads dense, the rest streaming on one wide window) and StreamingLLM. Each option
+    carries the estimate and price of the same rewrite among `options`, else its own price."""
+    if cost_model.graph.task != "causal-lm" or not any(o.pass_name == "attn_pattern" for o in options):
+        return {}
+    known = {o.key: o for o in options}
+    plans = {"DuoAttention-style": duo_attention(cost_model, signals, budget, objective),
+             "StreamingLLM": streaming_llm(cost_model, budget, objective)}
+    rivals = {}
+    for name, plan in plans.items():
+        if plan:
+            price(plan, cost_model)
+            rivals[name] = [known.get(o.key, o) for o in plan]
+    return rivals
+
+
 def searched_plan(dense: Backend, options: list[Option], signals, cost_model: CostModel, budget: float,
                   objective: str, heldout: HeldOut, meter: OptionMeter | None = None,
                   estimated: set[str] = frozenset(), device_kind: str = "cpu"
@@ -96,7 +116,8 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
         return kl
 
     result = search(options, cost_model, budget, objective, measure, max_checks=checks,
-                    refine=refine if meter is not None and estimated else None)
+                    refine=refine if meter is not None and estimated else None,
+                    rivals=published_rivals(options, cost_model, signals, budget, objective))
     if best.get("keys") == sorted(o.key for o in result.chosen):
         return result, best["model"], best["kl"]
     variant = apply_options(dense.clone(), result.chosen, signals)

@@ -166,6 +166,27 @@ def test_solve_drops_dominated_options_without_changing_the_optimum():
     assert sum(o.loss for o in chosen) == pytest.approx(best)
 
 
+def test_a_rival_plan_measured_better_wins(llama_graph):
+    """A named whole plan within budget is measured beside the solver's and taken where the
+    measurement says it is closer to dense; one measured worse is not."""
+    from tailor.passes.profile import neutral_signals
+    from tailor.passes.registry import candidates_for
+
+    cm = CostModel(llama_graph, Workload(1, 512, 0), get_target("h100"))
+    opts = candidates_for(llama_graph, neutral_signals(llama_graph), ["layer_skip", "ffn_prune"])
+    price(opts, cm)
+    for o in opts:  # estimated: skipping layer 0 hurts most
+        o.loss = 1.0 if o.pass_name == "layer_skip" and o.layer == 0 else 0.01
+    skip_first = [o for o in opts if o.pass_name == "layer_skip" and o.layer == 0]
+    solver = search(opts, cm, 0.8, "latency", measure=None).chosen
+    assert [o.key for o in solver] != [o.key for o in skip_first]
+    for rival_kl, wins in ((0.001, True), (10.0, False)):
+        measure = lambda chosen: rival_kl if chosen == skip_first else sum(o.loss for o in chosen)  # noqa: E731
+        result = search(opts, cm, 0.8, "latency", measure, rivals={"skip first": skip_first})
+        assert (result.chosen == skip_first) is wins
+        assert [h["iteration"] for h in result.iterations].count("skip first") == 1
+
+
 def test_search_budget_met_unreachable_and_deterministic(llama_graph):
     from tailor.passes.profile import neutral_signals
     from tailor.passes.registry import candidates_for
