@@ -87,3 +87,29 @@ def test_failed_validation_keeps_old_artifact(tmp_path):
         write_artifact(out, lambda t: (t / "a.txt").write_text("new"), force=True, check=check)
     assert (out / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_summary_names_the_winning_plan_and_warns_on_a_large_kl(tmp_path):
+    """The summary says which measured plan won and warns where its held-out KL is large."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tailor.cli import main as cli
+    from tailor.core.plan import Plan
+
+    iterations = [{"iteration": 0, "options": ["a"], "predicted_kl": 0.1, "measured_kl": 0.3},
+                  {"iteration": "DuoAttention-style", "options": ["b"], "predicted_kl": None,
+                   "measured_kl": 0.2}]
+    for kl, warned in ((0.2, True), (0.01, False)):
+        report = {"search": {"measured_kl_heldout": kl, "iterations": iterations}}
+        compiled = SimpleNamespace(plan=Plan("sha256:x", 0.5, "latency", {}, predicted={"latency": 0.5}),
+                                   report=report)
+        saved, cli.console = cli.console, Console(record=True, width=200)
+        try:
+            cli.print_summary(compiled, tmp_path)
+            text = cli.console.export_text()
+        finally:
+            cli.console = saved
+        assert "2 (closest: DuoAttention-style plan)" in text
+        assert ("warning: KL 0.200" in text) is warned

@@ -352,6 +352,12 @@ def _rewrite_json(folder: Path, name: str, data: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+# held-out KL (nats per token) above which the summary warns: SmolLM2-135M's searched plans at
+# 0.69 (latency 0.5 at 16K) and 0.95 (latency 0.5 at 4K) are unusable, while at kv_memory 0.5 a
+# plan at KL 0.0055 on code-eval kept perplexity within 0.4% (docs/BENCHMARKS.md)
+HIGH_KL = 0.1
+
+
 def print_summary(compiled, out: Path) -> None:
     t = Table(title=f"tailor result → {out}", show_lines=False)
     t.add_column("what")
@@ -381,6 +387,11 @@ def print_summary(compiled, out: Path) -> None:
                   f"{after:.4f}: {'kept' if refit['kept'] else 'not kept'})")
     elif search and search.get("measured_kl_heldout") is not None:
         t.add_row("KL to original (held-out calib)", f"{search['measured_kl_heldout']:.4f}")
+    measured = [it for it in (search or {}).get("iterations", []) if it.get("measured_kl") is not None]
+    if measured:
+        best = min(measured, key=lambda it: it["measured_kl"])
+        source = best["iteration"] if isinstance(best["iteration"], str) else "the solver's"
+        t.add_row("plans measured whole", f"{len(measured)} (closest: {source} plan)")
     quality = compiled.report.get("quality")
     if quality:
         for k in ("perplexity", "reference_perplexity", "kl_to_reference", "top1_agreement",
@@ -390,6 +401,11 @@ def print_summary(compiled, out: Path) -> None:
     for c in compiled.report.get("validation", []):
         t.add_row(c["name"], ("✓ " if c["ok"] else "✗ ") + c["detail"])
     console.print(t)
+    kl = (refit or search or {}).get("measured_kl_heldout")
+    if kl is not None and kl > HIGH_KL:
+        console.print(f"[yellow]warning: KL {kl:.3f} to the original on held-out calibration data: at "
+                      f"this budget the model's predictions change a lot; a higher --budget or fewer "
+                      f"passes may be the better trade[/yellow]")
     console.print(f"artifact {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
