@@ -25,9 +25,9 @@ from tests.conftest import build_model, ids_for
 OFFLOADED = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
              "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
 # head and FFN pruning in every layer, then the sequential refit: slices, compensation and refitted
-# weights in the offloaded layers
-SETTINGS = dict(passes=["head_prune", "ffn_prune"], prompt_len=32, calib_windows=4, calib_len=16,
-                use_cache=False)
+# weights in the offloaded layers; attention patterns profiled on the dispatched model itself
+SETTINGS = dict(passes=["head_prune", "ffn_prune", "attn_pattern"], prompt_len=32, calib_windows=4,
+                calib_len=16, use_cache=False)
 BUDGET = 0.6
 
 
@@ -37,8 +37,15 @@ def whole_and_dispatched(tmp_path_factory):
     model = dispatch_model(build_model("llama"), OFFLOADED,
                            offload_dir=str(tmp_path_factory.mktemp("offload")))
     before = {k: v.clone() for k, v in stored_state(model).items()}
+    hooked = hooked_forwards(model)
     dispatched = tailor.compile(model, BUDGET, **SETTINGS)
+    assert hooked_forwards(model) == hooked  # accelerate's hooks all still in place
     return whole, dispatched, model, before
+
+
+def hooked_forwards(model) -> dict[str, object]:
+    """Each hooked module's forward (accelerate's wrapper, set on the module itself)."""
+    return {name: m.__dict__.get("forward") for name, m in model.named_modules() if hasattr(m, "_hf_hook")}
 
 
 def test_a_dispatched_model_gets_the_plan_it_gets_whole(whole_and_dispatched):
@@ -81,6 +88,8 @@ def test_a_dispatched_result_saves_and_reloads(whole_and_dispatched, tmp_path):
     ids = ids_for()
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(ids), whole.model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TailorError, match="dispatched by accelerate"):
+        dispatched.generate([[1, 2, 3]], max_new_tokens=2)
     with pytest.raises(TailorError, match="safetensors only"):
         tailor.compile(dispatch_model(build_model("llama"), OFFLOADED, offload_dir=str(tmp_path / "off")),
                        1.0, formats=("onnx",))

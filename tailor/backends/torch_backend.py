@@ -28,7 +28,7 @@ from tailor.backends.base import (
     branch_projection,
 )
 from tailor.backends.export import export_onnx
-from tailor.backends.runners import HFModel, takes_logits_to_keep
+from tailor.backends.runners import HFModel, kept_positions, takes_logits_to_keep
 from tailor.core.devices import module_device
 from tailor.core.dispatch import execution_device, shared_hook_state, tensor
 from tailor.core.errors import TailorError
@@ -252,13 +252,13 @@ def _run(model, batch: ProfileBatch) -> torch.Tensor:
     """The outputs a batch compares: text at its compared positions, retrieval rows' last `keep`
     (the head computes no more where the model takes logits_to_keep)."""
     device, takes = module_device(model), takes_logits_to_keep(type(model))
-    keep = batch.positions.to(device) if batch.positions is not None else batch.keep or None
+    keep = kept_positions(model, batch.positions) if batch.positions is not None else batch.keep or None
     kwargs = {"logits_to_keep": keep} if keep is not None and takes else {}
     with torch.no_grad():
         out = model(input_ids=batch.ids.to(device), use_cache=False, **kwargs)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
     if batch.positions is not None and not takes:
-        t = t[:, keep]
+        t = t[:, batch.positions.to(t.device)]
     return t.float()
 
 

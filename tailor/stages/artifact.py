@@ -57,6 +57,9 @@ class Compiled:
 
         if not isinstance(self.model, HFModel):
             raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+        if is_dispatched(self.model.inner):
+            raise TailorError("generate() runs a model on one device; this one is dispatched by accelerate "
+                              "over several (its forward works as usual)")
         return generate(self.model, prompts, max_new_tokens, **sampling)
 
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
