@@ -16,7 +16,7 @@ from accelerate import dispatch_model
 
 import tailor
 from tailor.cli.main import optimize_main
-from tailor.core.dispatch import device_map_summary, offload_hook, resolve_max_memory, stored_state
+from tailor.core.dispatch import device_map_summary, dispatch, offload_hook, resolve_max_memory, stored_state
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import load_hf_directory
 from tests.conftest import build_model, ids_for
@@ -122,6 +122,14 @@ def test_cli_max_memory_errors_are_one_line_and_write_nothing(value, says, tiny_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err, err
     assert not out.exists()
+
+
+def test_dispatch_places_through_accelerate_and_never_on_disk():
+    """What benchmarks/compile_scale.py and tailor.load do with a model built in host memory."""
+    model = dispatch(build_model("llama"), {"cpu": 2**30})
+    assert model.hf_device_map == {"": "cpu"} and not hasattr(model, "_hf_hook")  # one device: no hooks
+    with pytest.raises(TailorError, match=r"does not fit in the memory given .*lm_head .*would go to disk"):
+        dispatch(build_model("llama"), {"cpu": 150_000})
 
 
 def test_max_memory_forms():
