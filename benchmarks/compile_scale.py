@@ -11,6 +11,14 @@ Models:
     python benchmarks/compile_scale.py --models smollm2,llama1b --device cuda --dtype bfloat16 \
         --smollm2 DIR --out results.json
 
+Bigger than one GPU (`--max-memory`, accelerate's max_memory): the random-weight shapes are built in
+host memory and dispatched by accelerate (infer_auto_device_map, dispatch_model), their layers
+filling the GPUs named in order and the rest offloaded to host memory; an HF folder is loaded so
+by tailor itself. The 8B shape split over two GPUs, or over one GPU and host memory:
+
+    python benchmarks/compile_scale.py --models llama8b --max-memory 0=20GiB,cpu=100GiB --out split.json
+    python benchmarks/compile_scale.py --models llama8b --max-memory 0=10GiB,1=10GiB,cpu=100GiB
+
 Each (model, objective) runs in its own process, so that peak host memory is that compile's.
 Prints one markdown row per run: stage seconds and each stage's peak host RSS / GPU memory.
 """
@@ -36,20 +44,25 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, device: str, dtype):
-    """The shape with random weights, built where it is compiled, in `dtype` (one copy)."""
+def random_model(shape: str, device: str, dtype, max_memory: str | None = None):
+    """The shape with random weights, built where it is compiled, in `dtype` (one copy); with
+    `max_memory`, built in host memory and dispatched by accelerate over the devices it names."""
     import torch
     import transformers as tf
+
+    from tailor.core.dispatch import dispatch, resolve_max_memory
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(**SHAPES[shape])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("cpu" if max_memory else device):
             model = tf.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    if max_memory:
+        model = dispatch(model, resolve_max_memory(max_memory))
     return model.eval()
 
 
@@ -71,17 +84,22 @@ def one(args) -> dict:
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = args.smollm2 if args.model == "smollm2" else random_model(args.model, device, dtype)
+    model = args.smollm2 if args.model == "smollm2" else \
+        random_model(args.model, device, dtype, args.max_memory)
+    # a dispatched module is compiled as it is placed; a folder is placed by tailor
+    placed = {"device": "auto", "max_memory": args.max_memory if isinstance(model, str) else None} \
+        if args.max_memory else {"device": device}
     stages = StageLog(lambda name, secs, mem: print(f"  {args.model} {args.objective} {name}: {secs:.1f} s "
                                                    f"{mem}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     compiled = tailor.compile(model, 0.5, objective=args.objective, prompt_len=args.prompt_len,
-                              device=device, dtype=args.dtype, stages=stages, progress=args.progress,
+                              **placed, dtype=args.dtype, stages=stages, progress=args.progress,
                               use_cache=False, calib=args.calib,
                               passes=args.passes.split(",") if args.passes else None)
     total = time.perf_counter() - t0
     r = compiled.report
     return {"model": args.model, "objective": args.objective, "device": r["model"]["device"],
+            "device_map": r["model"].get("device_map"), "max_memory": args.max_memory,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
             "dtype": r["model"]["dtype"], "params": r["model"]["params"], "prompt_len": args.prompt_len,
             "seconds": round(total, 1), "stages": r["stages"],
@@ -102,7 +120,8 @@ def one(args) -> dict:
 
 def row(r: dict) -> str:
     stages = ", ".join(f"{k} {v['seconds']:.0f}" for k, v in r["stages"].items())
-    weights = "real" if r["model"] == "smollm2" else "random"
+    weights = ("real" if r["model"] == "smollm2" else "random") + \
+        (f", split {r['max_memory']}" if r.get("max_memory") else "")
     kl = r["kl_heldout"] if r["kl_heldout"] is None else round(r["kl_heldout"], 4)
     return (f"| {r['model']} ({weights}) | {r['gpu']} | {r['dtype']} | {r['objective']} | "
             f"{r['seconds']:.0f} s | {stages} | {r['peak_gpu_gib']:.1f} GiB | {r['peak_host_gib']:.1f} GiB | "
@@ -119,6 +138,8 @@ def main() -> int:
     p.add_argument("--smollm2", help="SmolLM2-135M: its .gguf, or an HF folder made by --convert-gguf")
     p.add_argument("--calib", help="calibration text (default: data-free, as tailor's default)")
     p.add_argument("--passes", help="comma list (default: every pass, as tailor's default)")
+    p.add_argument("--max-memory", help="split over devices through accelerate, as tailor's --max-memory: "
+                   "0=20GiB,cpu=100GiB (one GPU and host memory) or 0=10GiB,1=10GiB,cpu=100GiB")
     p.add_argument("--convert-gguf", nargs=2, metavar=("GGUF", "DIR"))
     p.add_argument("--out", help="write the results here (.json)")
     p.add_argument("--progress", action="store_true")
@@ -141,6 +162,7 @@ def main() -> int:
             cmd += ["--calib", args.calib] if args.calib else []
             cmd += ["--progress"] if args.progress else []
             cmd += ["--passes", args.passes] if args.passes else []
+            cmd += ["--max-memory", args.max_memory] if args.max_memory else []
             # progress bars and errors go straight to this process's stderr
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
             sys.stdout.write(proc.stdout)

@@ -14,6 +14,7 @@ from typing import Any
 
 from tailor.backends import backend_for
 from tailor.backends.base import Backend
+from tailor.core.dispatch import resolve_max_memory
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
 from tailor.data.calibration import Calibration
@@ -47,6 +48,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             calib_windows: int | None = None, calib_len: int | None = None,
             eval_text: str | Path | None = None, seed: int = 0, formats: tuple[str, ...] | None = None,
             trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto",
+            max_memory: dict | str | None = None,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             refit: bool = True, use_cache: bool = True, progress: bool = False,
@@ -65,7 +67,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     the rewrites' compensation is fitted on this model's activations. A torch model is compiled
     on `device` (auto | cpu | cuda | cuda:N; auto: a GPU when there is one, for a module where it
     is) in `dtype` (auto | float32 | bfloat16 | float16; auto: the checkpoint's on a GPU, float32
-    on the CPU, a module's own), and the result stays there."""
+    on the CPU, a module's own), and the result stays there. A model bigger than one GPU is
+    spread by accelerate: files are loaded with device_map="auto" over the devices `max_memory`
+    names ({0: "70GiB", 1: "70GiB", "cpu": "100GiB"}, or "0=70GiB,1=70GiB,cpu=100GiB"), or over
+    every GPU and host memory where they do not fit the GPU; a module dispatched by accelerate
+    already is compiled as it is placed, and the result stays dispatched the same way."""
     stages = stages or StageLog()
     given = _saved_plan(plan) if plan is not None else None
     if given is not None:
@@ -76,7 +82,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         _check_request(objective, passes)
 
     with stages("capture"):
-        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                      max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
     graph, formats = cap.graph, resolve_formats(formats, cap)
     replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
@@ -158,6 +165,7 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
             calib_windows: int | None = None, calib_len: int | None = None, seed: int = 0,
             trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto",
+            max_memory: dict | str | None = None,
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, use_cache: bool = True, progress: bool = False,
             stages: StageLog | None = None) -> Prepared:
@@ -168,7 +176,8 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
     budget, workload = check_budget(budget), Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
     _check_request(objective, passes)
     with stages("capture"):
-        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                      max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
     cost_model = cost_model_for(cap, dense, workload, target, fit=budget < 1.0, use_cache=use_cache)
     report = {"model": describe(cap.graph, workload) | placement(cap), "cost_model": cost_model.to_json()}

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from tailor.core.devices import module_device
+from tailor.core.dispatch import is_dispatched
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import load_gguf, load_hf_directory, load_onnx
 from tailor.rewriter.onnx_check import input_specs, onnx_feeds
@@ -40,11 +41,19 @@ class HFModel(torch.nn.Module):
         device = module_device(self.inner)
         kwargs = {}
         if positions is not None and takes_logits_to_keep(type(self.inner)):
-            kwargs["logits_to_keep"] = positions.to(device)
+            kwargs["logits_to_keep"] = kept_positions(self.inner, positions)
         mask = None if attention_mask is None else attention_mask.to(device)
         out = self.inner(input_ids=input_ids.to(device), use_cache=False, attention_mask=mask, **kwargs)
         t = out.logits if getattr(out, "logits", None) is not None else out[0]
         return t[:, positions.to(t.device)] if positions is not None and not kwargs else t
+
+
+def kept_positions(model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor | list[int]:
+    """`positions` as the model's logits_to_keep: a tensor where its inputs go; for a model
+    dispatched by accelerate, a list of ints. Its first hook moves every tensor argument to the
+    first device, while the head indexes the last layer's output where that ran, and a tensor on
+    one GPU cannot index one on another (a list indexes anywhere)."""
+    return positions.tolist() if is_dispatched(model) else positions.to(module_device(model))
 
 
 @functools.cache

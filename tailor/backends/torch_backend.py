@@ -28,8 +28,9 @@ from tailor.backends.base import (
     branch_projection,
 )
 from tailor.backends.export import export_onnx
-from tailor.backends.runners import HFModel, takes_logits_to_keep
+from tailor.backends.runners import HFModel, kept_positions, takes_logits_to_keep
 from tailor.core.devices import module_device
+from tailor.core.dispatch import execution_device, shared_hook_state, tensor
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
@@ -44,7 +45,7 @@ from tailor.rewriter.torch_surgery import (
     module_path,
     reconstruct_inputs,
     remove_layers,
-    replace_parameter,
+    replace_weights,
     replace_with_constant,
     set_module,
     slice_linear,
@@ -71,8 +72,9 @@ class TorchBackend(Backend):
     def clone(self) -> "TorchBackend":
         """A copy whose modules are new but whose Parameters are this model's own: a variant costs
         only the weights its edits replace (an 8B model measured option by option would otherwise
-        hold two copies). Safe because no edit writes into a Parameter (tailor.rewriter.torch_surgery)."""
-        shared = {id(p): p for p in self.model.parameters()}
+        hold two copies). Safe because no edit writes into a Parameter (tailor.rewriter.torch_surgery).
+        A dispatched model's copy keeps accelerate's hooks, and shares the weights they hold."""
+        shared = {id(p): p for p in self.model.parameters()} | shared_hook_state(self.model)
         return TorchBackend(copy.deepcopy(self.model, memo=shared), self.graph, edited=self.edited)
 
     def runnable(self) -> nn.Module:
@@ -109,13 +111,21 @@ class TorchBackend(Backend):
                 sub(module_path(b.attn.k.weight.name)).register_forward_hook(save_output("k", i)),
                 block.register_forward_hook(save_output("out", i)),
             ]
-        run = self.runnable()
+        run, main = self.runnable(), module_device(model)
+
+        def trace(i: int) -> BlockTrace:
+            # a block's input arrives from where the block before ran (a model split by accelerate
+            # moves it inside the block's forward, after the hooks here saw it): each layer's
+            # values where the layer runs; keys, compared across layers, on one device
+            here = seen["out"][i].device
+            return BlockTrace(*(seen[k][i].to(here) for k in ("in", "out", "ffn", "attn", "o", "down")),
+                              seen["k"][i].to(main))
+
         try:
             for chunk in batches(ids, batch):
                 with torch.no_grad():
                     run(chunk)
-                yield [BlockTrace(*(seen[k][i] for k in ("in", "out", "ffn", "attn", "o", "down", "k")))
-                       for i in range(graph.num_layers)]
+                yield [trace(i) for i in range(graph.num_layers)]
         finally:
             for h in hooks:
                 h.remove()
@@ -153,7 +163,7 @@ class TorchBackend(Backend):
 
     def projection_weight(self, p: Projection) -> np.ndarray:
         # to the CPU in the model's dtype (half the bytes of float64), then widened
-        w = self.model.get_submodule(module_path(p.weight.name)).weight.detach().cpu().double()
+        w = tensor(self.model.get_submodule(module_path(p.weight.name)), "weight", "cpu").double()
         return (w if p.layout == "out_in" else w.T).numpy()
 
     # ---- edits ----
@@ -242,13 +252,13 @@ def _run(model, batch: ProfileBatch) -> torch.Tensor:
     """The outputs a batch compares: text at its compared positions, retrieval rows' last `keep`
     (the head computes no more where the model takes logits_to_keep)."""
     device, takes = module_device(model), takes_logits_to_keep(type(model))
-    keep = batch.positions.to(device) if batch.positions is not None else batch.keep or None
+    keep = kept_positions(model, batch.positions) if batch.positions is not None else batch.keep or None
     kwargs = {"logits_to_keep": keep} if keep is not None and takes else {}
     with torch.no_grad():
         out = model(input_ids=batch.ids.to(device), use_cache=False, **kwargs)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
     if batch.positions is not None and not takes:
-        t = t[:, keep]
+        t = t[:, batch.positions.to(t.device)]
     return t.float()
 
 
@@ -267,14 +277,19 @@ def _recorded_outputs(blocks: list):
 
 @contextlib.contextmanager
 def _frozen_prefix(blocks: list, layer: int, outputs: list):
-    """Blocks before `layer` return their recorded dense outputs instead of computing."""
+    """Blocks before `layer` return their recorded dense outputs instead of computing. A forward
+    set on the block itself (accelerate's hooks in a dispatched model) is put back after."""
+    own = [blocks[i].__dict__.get("forward") for i in range(layer)]
     for i in range(layer):
         blocks[i].forward = lambda *a, _out=outputs[i], **k: _out
     try:
         yield
     finally:
-        for i in range(layer):
-            del blocks[i].forward
+        for i, forward in enumerate(own):
+            if forward is None:
+                del blocks[i].forward
+            else:
+                blocks[i].forward = forward
 
 
 class TorchPatternRunner(PatternRunner):
@@ -351,7 +366,8 @@ class _ProxyObserver:
         factors = self.runner.o_factors
         if layer not in factors:
             proj, layout = self.runner.o_projs[layer]
-            factors[layer] = output_factor(proj.weight if layout == "out_in" else proj.weight.T, key.shape[1])
+            weight = tensor(proj, "weight")  # an offloaded one is not in place until its own forward
+            factors[layer] = output_factor(weight if layout == "out_in" else weight.T, key.shape[1])
         if self.rows is None:
             self.rows = self.batch.proxy_rows(PROXY_ROWS, PROXY_BLOCK, query.device)
         self.errors[layer] = pattern_errors(
@@ -366,10 +382,11 @@ class _ProxyObserver:
             return out
         blocks, weights = self.rows
         rows = torch.cat([torch.arange(a, b, device=weights.device) for a, b in blocks])
-        stream_sq = _first(last_output).float().square().sum(-1)[:, rows]
+        # the layers of a split model ran on several devices: summed on the first one's
+        stream_sq = _first(last_output).to(weights.device).float().square().sum(-1)[:, rows]
         per_row = weights[:, rows] / stream_sq.clamp_min(torch.finfo(torch.float32).tiny)
         layers = list(self.errors)
-        proxy = (torch.stack([self.errors[i] for i in layers]) * per_row).sum((-2, -1))
+        proxy = (torch.stack([self.errors[i].to(weights.device) for i in layers]) * per_row).sum((-2, -1))
         out[layers] = 0.0
         out[np.ix_(layers, range(self.runner.kv_heads), self.columns)] = proxy.double().cpu().numpy()
         return out
@@ -464,6 +481,8 @@ class TorchBranches(Branches):
         block = self._block(model, layer)
         if block is None:
             return state[which]
+        # the stream where the block runs (the branch statistics combine it with the block's values)
+        state[which] = state[which].to(execution_device(block))
         args, kwargs = _with_hidden(*state["calls"][which][layer], state[which])
         handles = [register(mod) for mod, register in hooks]
         try:
@@ -527,10 +546,7 @@ class TorchBranches(Branches):
 
     def weights(self, layer: int, kind: str):
         lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        return tensor(lin, "weight"), None if lin.bias is None else tensor(lin, "bias")
 
     def write(self, layer: int, kind: str, w: torch.Tensor, b: torch.Tensor | None) -> None:
-        lin = self._module(self.rewritten, layer, self._names(layer, kind)[1])
-        replace_parameter(lin, "weight", w)
-        if b is not None:
-            replace_parameter(lin, "bias", b)
+        replace_weights(self.rewritten, self._path(layer, self._names(layer, kind)[1]), w, b)

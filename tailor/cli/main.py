@@ -29,6 +29,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
     "validation_len": None, "retrieval_template": None, "plan": None, "device": "auto", "dtype": "auto",
+    "max_memory": None,
 }
 
 
@@ -56,6 +57,10 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "there is one), cpu, cuda or cuda:N (ONNX models run on onnxruntime's CPU)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="precision of a torch model: auto (the checkpoint's on a GPU, float32 on the CPU)")
+    p.add_argument("--max-memory", help="memory the weights may take on each device, as "
+                   "0=70GiB,1=70GiB,cpu=100GiB: the model is loaded through accelerate (device_map auto), "
+                   "its layers filling the GPUs in order and the rest offloaded to host memory (default: "
+                   "so only where the weights do not fit the GPU)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
                    "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern)")
     p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
@@ -214,9 +219,12 @@ def cmd_optimize(args) -> int:
     cfg = resolve_config(args)
     cfg["budget"] = check_budget(cfg["budget"])
     from tailor.core.devices import resolve_device, resolve_dtype
+    from tailor.core.dispatch import resolve_max_memory
 
-    # before anything is read or written: a device this machine lacks, a dtype it cannot run
+    # before anything is read or written: a device this machine lacks, a dtype it cannot run,
+    # memory sizes that are none
     resolve_dtype("float32" if cfg["dtype"] == "auto" else cfg["dtype"], resolve_device(cfg["device"]))
+    resolve_max_memory(cfg["max_memory"])
     model = cfg["model"]
     if model is None:
         from tailor.cli.default_model import default_calibration, minilm_onnx
@@ -270,7 +278,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               trust_remote_code=bool(cfg["trust_remote_code"]), progress=True,
                               attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
                               retrieval_template=cfg["retrieval_template"], plan=cfg["plan"],
-                              device=cfg["device"], dtype=cfg["dtype"], stages=stages)
+                              device=cfg["device"], dtype=cfg["dtype"], max_memory=cfg["max_memory"],
+                              stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:
@@ -287,7 +296,9 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
         # the artifact must reproduce the compiled model (the input itself at budget 1.0); how far
         # a rewritten model is from the original is quality, measured in the search and --eval
         placed = compiled.report["model"]
-        reloaded = tailor.load(tmp, device=placed["device"], dtype=placed["dtype"]) \
+        # a model spread over devices is reloaded spread again, as it was loaded
+        device = "auto" if "device_map" in placed else placed["device"]
+        reloaded = tailor.load(tmp, device=device, dtype=placed["dtype"], max_memory=cfg["max_memory"]) \
             if placed["dtype"] in DTYPES else tailor.load(tmp)
         with torch.no_grad():
             got = reloaded.model(torch.from_numpy(ids)).float().cpu().numpy()

@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from tailor.core.dispatch import input_device, is_dispatched
 from tailor.core.errors import TailorError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +83,11 @@ def check_runs(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module's first weight sits (the CPU for a module without weights)."""
+    """Where a module's inputs go: where its first weight sits (the CPU for a module without
+    weights); for a model that accelerate dispatched over several devices, where its input
+    embedding runs."""
+    if is_dispatched(module):
+        return input_device(module)
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

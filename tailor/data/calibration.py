@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tailor.core.devices import module_device
 from tailor.core.errors import TailorError
 
 DEFAULT_CALIB_LEN = 512  # tokens per calibration window, unless the inputs say otherwise
@@ -183,8 +184,9 @@ def calibration_data_free(model, vocab: int, window: int, windows: int, seed: in
     sampled = hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False
     # transformers' sampling draws from torch's global generators: seeded inside a fork of their
     # state (the CPU's and the model's GPU's), so the caller's random stream is as it was
-    device = getattr(model, "device", None)
-    cuda = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
+    # a dispatched model's inputs go where its embedding runs; an ONNX model samples nothing
+    device = module_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    cuda = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         if sampled:

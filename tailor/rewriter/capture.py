@@ -19,6 +19,13 @@ import torch
 
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device, resolve_dtype
 from tailor.core.digests import sha256_files
+from tailor.core.dispatch import (
+    check_supported,
+    device_map_summary,
+    format_memory,
+    is_dispatched,
+    stored_state,
+)
 from tailor.core.errors import TailorError, first_line
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
@@ -65,12 +72,19 @@ class Captured:
 
 
 def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.device = "auto",
-            dtype: str | torch.dtype = "auto", seq_len: int = 16) -> Captured:
+            dtype: str | torch.dtype = "auto", max_memory: dict[int | str, int] | None = None,
+            seq_len: int = 16) -> Captured:
     """Recognise any supported model. `model` is an nn.Module, an HF directory, a .gguf or an
     .onnx path.
     A torch model is captured where it will be compiled: `device` and `dtype` (tailor.core.devices;
-    for a module, auto is where it already is and its own dtype)."""
+    for a module, auto is where it already is and its own dtype). Files are loaded through
+    accelerate over the devices `max_memory` names ({GPU index or "cpu": bytes}), or over every
+    GPU and host memory where a GPU asked as auto or cuda cannot hold the weights alone; a module
+    already dispatched by accelerate is compiled as it is placed."""
     if isinstance(model, torch.nn.Module):
+        if max_memory is not None:
+            raise TailorError("--max-memory places a model as it is loaded from files; dispatch a module "
+                              "with accelerate (infer_auto_device_map, dispatch_model) before compiling it")
         return capture_torch(on_device(model, device, dtype), seq_len=seq_len)
     if not isinstance(model, (str, Path)):
         raise TailorError(f"cannot compile a {type(model).__name__}: pass a transformers model, "
@@ -80,13 +94,15 @@ def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.
         raise TailorError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / "config.json").is_file():
-            module = load_hf_directory(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+            module = load_hf_directory(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                                       max_memory=max_memory)
             return capture_torch(module, seq_len=seq_len, path=path)
         if (path / "model.onnx").is_file():
             return capture_onnx(path / "model.onnx")
         raise TailorError(f"{path}: a directory without config.json (HF model) or model.onnx")
     if path.suffix == ".gguf":
-        return capture_torch(load_gguf(path, device=device, dtype=dtype), seq_len=seq_len, path=path)
+        return capture_torch(load_gguf(path, device=device, dtype=dtype, max_memory=max_memory),
+                             seq_len=seq_len, path=path)
     return capture_onnx(path)
 
 
@@ -94,7 +110,8 @@ def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.
 
 def on_device(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     """The module itself where it already is on `device` in `dtype` (auto: its own), else a copy
-    moved there: the user's module is never changed."""
+    moved there: the user's module is never changed. A module dispatched by accelerate over
+    several devices stays as it is placed."""
     import copy
 
     here = module_device(module)
@@ -104,6 +121,9 @@ def on_device(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     want_dtype = resolve_dtype(dtype, want_device, stored)
     if want_device == here and want_dtype == stored:
         return module
+    if is_dispatched(module):
+        raise TailorError(f"the model is dispatched by accelerate ({device_map_summary(module)}); it is "
+                          f"compiled as it is placed: leave --device and --dtype at auto")
     return copy.deepcopy(module).to(want_device, want_dtype)
 
 
@@ -117,9 +137,9 @@ def load_dtype(stored: torch.dtype | None, device: torch.device, dtype) -> torch
 
 
 def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cpu",
-                      dtype="auto") -> torch.nn.Module:
+                      dtype="auto", max_memory: dict[int | str, int] | None = None) -> torch.nn.Module:
     """The model, its weights read from safetensors straight onto `device` in `dtype` (one copy;
-    no fp32 upcast of a bf16 checkpoint unless asked)."""
+    no fp32 upcast of a bf16 checkpoint unless asked), or spread by accelerate (`load_placement`)."""
     import transformers
 
     try:
@@ -141,11 +161,11 @@ def load_hf_directory(path: Path, *, trust_remote_code: bool = False, device="cp
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
         extra = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise TailorError(f"{path}: no model.safetensors{extra}")
-    device = resolve_device(device)
-    dtype = load_dtype(checkpoint_dtype(config), device, dtype)
-    check_fits(path, weight_bytes(path, dtype), device, dtype)
-    return from_pretrained(cls, path, path, use_safetensors=True, dtype=dtype, device_map=device,
-                           trust_remote_code=trust_remote_code)
+    where = resolve_device(device)
+    dtype = load_dtype(checkpoint_dtype(config), where, dtype)
+    placed = load_placement(path, weight_bytes(path, dtype), device, dtype, max_memory)
+    return from_pretrained(cls, path, path, use_safetensors=True, dtype=dtype,
+                           trust_remote_code=trust_remote_code, **placed)
 
 
 def from_pretrained(cls, source: Path, folder: Path, **kwargs) -> torch.nn.Module:
@@ -195,20 +215,48 @@ def host_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(path: Path, need: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before loading, a model whose weights alone (`need` bytes in `dtype`) exceed the
-    memory the device has free (a compile needs more than that: activations, a copy of each
-    rewritten layer)."""
+def free_memory(device: int | str | torch.device) -> tuple[int, str]:
+    """Bytes free on a GPU (an index or a cuda device) or in host memory ("cpu"), and its name."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        where = f"{device} ({torch.cuda.get_device_name(device)})"
-    else:
-        free, where = host_available(), "host memory"
-    if need > free:
-        name = str(dtype).removeprefix("torch.")
+        return torch.cuda.mem_get_info(device)[0], f"{device} ({torch.cuda.get_device_name(device)})"
+    return host_available(), "host memory"
+
+
+def load_placement(path: Path, need: int, device, dtype: torch.dtype,
+                   max_memory: dict[int | str, int] | None) -> dict[str, Any]:
+    """from_pretrained's placement arguments for weights of `need` bytes in `dtype`: the device
+    itself where they fit there; through accelerate (device_map="auto") over the devices
+    `max_memory` names, or over every GPU and host memory where a GPU asked as auto or cuda cannot
+    hold them alone. Refused, before anything is loaded, where they fit nowhere (a compile needs
+    more than the weights: activations, a copy of each rewritten layer)."""
+    where = resolve_device(device)
+    asked = str(device or "auto")
+    name = str(dtype).removeprefix("torch.")
+    if max_memory is not None:
+        gpus = sorted(k for k in max_memory if k != "cpu")
+        if asked not in ("auto", "cuda", "cpu") or (asked == "cpu" and gpus):
+            raise TailorError(f"--max-memory places the model on the devices it names; leave --device at "
+                              f"auto (it is {asked})")
+        usable = {k: min(v, free_memory(k)[0]) for k, v in max_memory.items()}
+        if need > sum(usable.values()):
+            raise TailorError(f"{path}: its weights take {need / 2**30:.1f} GiB in {name}, more than the "
+                              f"{sum(usable.values()) / 2**30:.1f} GiB that --max-memory gives where free "
+                              f"({format_memory(usable)}); give more, or choose a smaller --dtype")
+        return {"device_map": "auto", "max_memory": max_memory}
+    free, there = free_memory(where)
+    if need <= free:
+        return {"device_map": where}
+    if where.type == "cuda" and asked in ("auto", "cuda"):
+        usable = {i: free_memory(i)[0] for i in range(torch.cuda.device_count())} | {"cpu": host_available()}
+        if need <= sum(usable.values()):
+            return {"device_map": "auto"}
         raise TailorError(f"{path}: its weights take {need / 2**30:.1f} GiB in {name}, more than the "
-                          f"{free / 2**30:.1f} GiB free on {where}; choose a smaller --dtype or another "
-                          f"--device")
+                          f"{sum(usable.values()) / 2**30:.1f} GiB free on every GPU and in host memory "
+                          f"together ({format_memory(usable)}); choose a smaller --dtype")
+    raise TailorError(f"{path}: its weights take {need / 2**30:.1f} GiB in {name}, more than the "
+                      f"{free / 2**30:.1f} GiB free on {there}; choose a smaller --dtype or another "
+                      f"--device")
 
 
 def example_input_ids(vocab_size: int, seq_len: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -221,12 +269,19 @@ def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | No
     if config is None or not hasattr(config, "vocab_size"):
         raise TailorError(f"{type(module).__name__} is not a transformers model (no config.vocab_size)")
     module.eval()
-    ids = example_input_ids(int(config.vocab_size), seq_len).to(module_device(module))
+    ids = example_input_ids(int(config.vocab_size), seq_len)
     old_cache = getattr(config, "use_cache", None)
     config.use_cache = False  # a DynamicCache in the outputs does not export
     try:
+        if is_dispatched(module):
+            check_supported(module)
+            traced, ids = structure_twin(module), ids.to("meta")
+        else:
+            traced, ids = module, ids.to(module_device(module))
         with torch.no_grad():
-            program = torch.export.export(module, (ids,), strict=False)
+            program = torch.export.export(traced, (ids,), strict=False)
+    except TailorError:
+        raise
     except Exception as e:
         raise TailorError(f"torch.export could not capture {type(module).__name__}: "
                           f"{str(e).splitlines()[0]}") from None
@@ -238,6 +293,25 @@ def capture_torch(module: torch.nn.Module, *, seq_len: int = 16, path: Path | No
     return Captured(graph, TorchSource(module, path), digest)
 
 
+def structure_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's architecture with its weights on the meta device, for torch.export to trace in
+    place of a model dispatched by accelerate: export cannot run accelerate's hooks (they move
+    weights by data pointer, which export's fake tensors lack), and recognition needs the
+    structure only, so not one weight is read or moved. Built from the config; refused where its
+    weights' names and shapes are not the module's (a model changed after it was built)."""
+    import copy
+
+    with torch.device("meta"):
+        twin = type(module)(copy.deepcopy(module.config)).to(module.dtype).eval()
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    twin_shapes = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    if shapes != twin_shapes:
+        differ = sorted(set(shapes.items()) ^ set(twin_shapes.items()))[:2]
+        raise TailorError(f"the dispatched {type(module).__name__} differs from what its config builds "
+                          f"({differ}); tailor captures a dispatched model from its config")
+    return twin
+
+
 def source_digest(path: Path) -> str:
     """A model loaded from files is named by them, whatever dtype and device it was loaded in: a
     plan made on a GPU in bf16 replays on the CPU in fp32. A GGUF by the file; an HF directory by
@@ -247,16 +321,16 @@ def source_digest(path: Path) -> str:
 
 
 def hash_state_dict(module: torch.nn.Module) -> str:
-    """One sha256 over each tensor's name and the sha256 of its bytes. The tensors are hashed on
-    several threads (hashlib lets go of the GIL on large buffers): one thread took 27 s of an 8B
-    model's 43 s capture on an H100 host."""
+    """One sha256 over each tensor's name and the sha256 of its bytes (offloaded ones read from
+    where accelerate keeps them). The tensors are hashed on several threads (hashlib lets go of
+    the GIL on large buffers): one thread took 27 s of an 8B model's 43 s capture on an H100 host."""
     from concurrent.futures import ThreadPoolExecutor
 
     def digest(t: torch.Tensor) -> bytes:
         data = t.detach().contiguous().cpu().view(torch.uint8).numpy() if t.numel() else b""
         return hashlib.sha256(data).digest()
 
-    items = sorted(module.state_dict().items())
+    items = sorted(stored_state(module).items())
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(digest, (t for _, t in items)))
     h = hashlib.sha256()
@@ -321,17 +395,19 @@ def gguf_architectures() -> list[str]:
     return sorted(names)
 
 
-def load_gguf(path: Path, *, device="cpu", dtype="auto") -> torch.nn.Module:
+def load_gguf(path: Path, *, device="cpu", dtype="auto",
+              max_memory: dict[int | str, int] | None = None) -> torch.nn.Module:
     """A plain transformers model from a GGUF file: weights dequantized by transformers straight
     into `dtype` on `device` (auto: float32 on the CPU, else the file's float type, bfloat16 for
-    quantized blocks), with nothing of the quantizer left, so it saves like any HF model."""
+    quantized blocks), or spread by accelerate (`load_placement`), with nothing of the quantizer
+    left, so it saves like any HF model."""
     import transformers
 
     path = Path(path)
     header = read_gguf_header(path)
-    device = resolve_device(device)
-    dtype = load_dtype(header.stored, device, dtype)
-    check_fits(path, header.parameters * torch.empty((), dtype=dtype).element_size(), device, dtype)
+    dtype = load_dtype(header.stored, resolve_device(device), dtype)
+    need = header.parameters * torch.empty((), dtype=dtype).element_size()
+    placed = load_placement(path, need, device, dtype, max_memory)
     # the absolute path: transformers looks a relative gguf_file up in the working directory first
     options = {"gguf_file": str(path.resolve())}
     if hasattr(transformers, "GgufConfig"):  # transformers 5 keeps GGUF blocks packed unless asked
@@ -339,7 +415,7 @@ def load_gguf(path: Path, *, device="cpu", dtype="auto") -> torch.nn.Module:
                                                                  dequantize=True)
     try:
         module = from_pretrained(transformers.AutoModelForCausalLM, path, path.parent, dtype=dtype,
-                                 device_map=device, **options)
+                                 **placed, **options)
     except TailorError:
         spelled = {a.replace("_", "").replace("-", "") for a in gguf_architectures()}
         if header.architecture.replace("_", "").replace("-", "") not in spelled:

@@ -152,6 +152,10 @@ class Dataflow(ABC):
         """For a split/slice producing `value` along the last axis: (start, stop, input width)."""
         ...
 
+    # False where the weights are meta placeholders (a dispatched model's structure, traced from
+    # its config): param_array then has nothing to read
+    holds_values = True
+
     @abstractmethod
     def param_array(self, ref: ParamRef) -> np.ndarray:
         ...

@@ -47,6 +47,7 @@ class FxDataflow(Dataflow):
         self._params: dict[str, str] = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self._consts: dict[str, str] = dict(sig.inputs_to_lifted_tensor_constants)
         self._state = program.state_dict
+        self.holds_values = not any(t.is_meta for t in self._state.values())
         self._constants = program.constants
         self._users: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         for n in self.graph.nodes:

@@ -169,9 +169,11 @@ class _Recognizer:
                                 final.norm if final is not None else None, lm_head, tied, g)
 
     def _tied(self, head: Projection, token) -> bool:
+        """Tied: one weight, or two equal ones (an export may hold a tied weight twice). Without
+        values (a structure traced from the config) only one weight counts."""
         if head.weight.name == token.name:
             return True
-        if head.weight.numel != token.numel:
+        if head.weight.numel != token.numel or not self.g.holds_values:
             return False
         w = self.g.param_array(head.weight)
         w = w if head.layout == "out_in" else w.T

@@ -4,19 +4,21 @@ Modules are found from the weight names recognition recorded (state-dict keys), 
 architecture-specific attribute names: a projection's module owns its weight; a block's module
 is the deepest module owning all of the block's weights; likewise the attention and the FFN.
 
-Edits never write into an existing Parameter: they put new Parameters or new modules in place.
-A clone being rewritten may share its unchanged Parameters with the dense model, which an
-in-place write would change too. New tensors go to the device and dtype of the weights they
-replace.
+Edits never write into an existing Parameter: they put new modules in place. A clone being
+rewritten may share its unchanged Parameters with the dense model, which an in-place write would
+change too. New tensors take the dtype of the weights they replace, and the new module runs where
+the old one ran: in a model accelerate dispatched over devices, on the old module's device, its
+weights offloaded again where the old ones were (tailor.core.dispatch.place_like). Weights are
+read through tailor.core.dispatch.tensor, which finds an offloaded weight where accelerate keeps it.
 """
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
 from torch import nn
 
+from tailor.core.dispatch import execution_device, place_like, tensor
 from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection
 from tailor.rewriter.least_squares import compensate
@@ -53,21 +55,15 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def replace_parameter(module: nn.Module, name: str, value) -> None:
-    """module.<name> becomes a new Parameter holding `value`, in the old one's device and dtype."""
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(torch.as_tensor(value).to(old.device, old.dtype),
-                                       requires_grad=old.requires_grad))
-
-
 def replace_with_constant(model: nn.Module, path: str, hidden: int, returns_tuple: bool,
                           mean=None) -> None:
-    # placed like the module it replaces (its first parameter; a model may span devices)
-    like = next(itertools.chain(model.get_submodule(path).parameters(), model.parameters()))
-    branch = ConstantBranch(hidden, returns_tuple, like.dtype).to(like.device)
+    old = model.get_submodule(path)
+    dtype = next(old.parameters(), next(model.parameters())).dtype
+    branch = ConstantBranch(hidden, returns_tuple, dtype)
     if mean is not None:
-        branch.mean_output.copy_(torch.as_tensor(mean, dtype=like.dtype, device=like.device))
-    set_module(model, path, branch)
+        branch.mean_output.copy_(torch.as_tensor(mean, dtype=dtype))
+    # a few numbers: kept where the branch ran, never offloaded
+    set_module(model, path, branch.to(execution_device(old)))
 
 
 # ---- linear layers -----------------------------------------------------------------------------
@@ -90,11 +86,23 @@ def _linear(model: nn.Module, p: Projection) -> nn.Linear:
     return mod
 
 
+def _weights(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's weight and bias, where it runs."""
+    return tensor(lin, "weight"), None if lin.bias is None else tensor(lin, "bias")
+
+
+def _put_linear(model: nn.Module, path: str, old: nn.Module, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> nn.Linear:
+    new = place_like(_new_linear(weight, bias), old)
+    set_module(model, path, new)
+    return new
+
+
 def slice_linear(model: nn.Module, p: Projection, *, rows: torch.Tensor | None = None,
                  cols: torch.Tensor | None = None) -> nn.Linear:
     """Keep output rows `rows` and input columns `cols` of a projection, in place of the module."""
     old = _linear(model, p)
-    w, b = old.weight.detach(), None if old.bias is None else old.bias.detach()
+    w, b = _weights(old)
     if rows is not None:
         rows = torch.as_tensor(rows, device=w.device)
         w, b = w[rows], (b[rows] if b is not None else None)
@@ -102,16 +110,25 @@ def slice_linear(model: nn.Module, p: Projection, *, rows: torch.Tensor | None =
         w = w[:, torch.as_tensor(cols, device=w.device)]
     # what was not sliced (the bias, for columns) is shared with the old module, as a clone
     # shares unchanged weights
-    new = _new_linear(w, b)
-    set_module(model, module_path(p.weight.name), new)
-    return new
+    return _put_linear(model, module_path(p.weight.name), old, w, b)
 
 
 def add_bias(model: nn.Module, p: Projection, delta: torch.Tensor) -> None:
-    """bias += delta (as a new Parameter), creating the bias if the projection had none."""
+    """bias += delta (a new module), creating the bias if the projection had none."""
     lin = _linear(model, p)
-    bias = lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.detach()
-    lin.bias = nn.Parameter(bias + torch.as_tensor(delta).to(bias.device, bias.dtype))
+    w, b = _weights(lin)
+    bias = w.new_zeros(lin.out_features) if b is None else b
+    delta = torch.as_tensor(delta).to(bias.device, bias.dtype)
+    _put_linear(model, module_path(p.weight.name), lin, w, bias + delta)
+
+
+def replace_weights(model: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The nn.Linear at `path` with new weights (its bias kept where `bias` is None), as a new
+    module in the old one's dtype."""
+    old = model.get_submodule(path)
+    w, b = _weights(old)
+    new_bias = b if bias is None else torch.as_tensor(bias).to(w.device, w.dtype)
+    _put_linear(model, path, old, torch.as_tensor(weight).to(w.device, w.dtype), new_bias)
 
 
 # ---- layers --------------------------------------------------------------------------------------
@@ -147,6 +164,6 @@ def reconstruct_inputs(model: nn.Module, p: Projection, kept: torch.Tensor, gram
     """Keep input channels `kept` of an nn.Linear, compensated (least_squares.compensate, on the
     weight's device), in place of the module."""
     lin = _linear(model, p)
-    w, b = compensate(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), gram, kept)
-    dtype = lin.weight.dtype
-    set_module(model, module_path(p.weight.name), _new_linear(w.to(dtype), b.to(dtype)))
+    weight, bias = _weights(lin)
+    w, b = compensate(weight, bias, gram, kept)
+    _put_linear(model, module_path(p.weight.name), lin, w.to(weight.dtype), b.to(weight.dtype))

@@ -15,6 +15,7 @@ from tailor.backends.base import Backend
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
+from tailor.core.dispatch import device_map_summary, dispatch, is_dispatched, resolve_max_memory
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
 from tailor.data.text import load_tokenizer
@@ -30,6 +31,7 @@ from tailor.rewriter.capture import (
     example_input_ids,
     load_dtype,
     load_hf_directory,
+    load_placement,
 )
 from tailor.rewriter.graph import TransformerGraph
 from tailor.runtime.artifact import verify_artifact, write_artifact
@@ -55,6 +57,9 @@ class Compiled:
 
         if not isinstance(self.model, HFModel):
             raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+        if is_dispatched(self.model.inner):
+            raise TailorError("generate() runs a model on one device; this one is dispatched by accelerate "
+                              "over several (its forward works as usual)")
         return generate(self.model, prompts, max_new_tokens, **sampling)
 
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
@@ -128,16 +133,21 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise TailorError(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if set(formats) - {"safetensors"} and is_dispatched(cap.source.module):
+        raise TailorError("the model is dispatched by accelerate over several devices: it is saved as "
+                          "safetensors only (the ONNX export traces the model whole on one device)")
     if "tvm" in formats and "onnx" not in formats:
         formats = formats + ("onnx",)
     return formats
 
 
 def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
-         dtype: str = "auto") -> Compiled:
+         dtype: str = "auto", max_memory: dict | str | None = None) -> Compiled:
     """Load an artifact written by Compiled.save(); verifies every file's sha256 first.
     runtime "tvm" runs its TVM build (format tvm); otherwise its model runs in PyTorch
-    (safetensors, on `device` in `dtype`: tailor.core.devices) or onnxruntime (model.onnx)."""
+    (safetensors, on `device` in `dtype`: tailor.core.devices, or spread by accelerate over the
+    devices `max_memory` names, as tailor.compile) or onnxruntime (model.onnx)."""
+    max_memory = resolve_max_memory(max_memory)
     folder = Path(folder)
     if not folder.is_dir():
         raise TailorError(f"{folder}: no such artifact directory")
@@ -156,9 +166,9 @@ def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
 
         model: torch.nn.Module = TvmModel(folder)
     elif BASE_CONFIG in files and plan.rewrites:
-        model = HFModel(load_rewritten(folder, plan, device, dtype))
+        model = HFModel(load_rewritten(folder, plan, device, dtype, max_memory))
     elif "model.safetensors" in files or "model.safetensors.index.json" in files:
-        model = HFModel(load_hf_directory(folder, device=device, dtype=dtype))
+        model = HFModel(load_hf_directory(folder, device=device, dtype=dtype, max_memory=max_memory))
     elif "model.onnx" in files:
         model = OrtModel(folder / "model.onnx")
     else:
@@ -166,10 +176,11 @@ def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
     return Compiled(model, plan, report)
 
 
-def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "auto") -> torch.nn.Module:
+def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "auto",
+                   max_memory: dict[int | str, int] | None = None) -> torch.nn.Module:
     """Rebuild a rewritten model: the original architecture from base_config.json, the plan's
     structural edits (shapes only), then the weights from safetensors (strictly), on `device`
-    in `dtype`."""
+    in `dtype`, or spread by accelerate over the devices `max_memory` names."""
     import transformers
     from safetensors.torch import load_file
 
@@ -197,7 +208,15 @@ def load_rewritten(folder: Path, plan: Plan, device: str = "cpu", dtype: str = "
     if tied:
         model.tie_weights()
     where = resolve_device(device)
-    return model.to(where, load_dtype(checkpoint_dtype(cfg), where, dtype))
+    model = model.to(load_dtype(checkpoint_dtype(cfg), where, dtype))
+    if max_memory is None and where.type == "cpu":
+        return model  # built there
+    # placed as tailor.compile loads a model: on the device, or spread by accelerate
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    placed = load_placement(folder, need, device, model.dtype, max_memory)
+    if placed["device_map"] == "auto":
+        return dispatch(model, placed.get("max_memory"))
+    return model.to(placed["device_map"])
 
 
 def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
@@ -220,13 +239,15 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
     }
 
 
-def placement(cap: Captured) -> dict[str, str]:
+def placement(cap: Captured) -> dict[str, Any]:
     """Where the model was compiled and in which precision (an ONNX model: onnxruntime on the
-    CPU, in the file's own types)."""
+    CPU, in the file's own types). A model dispatched by accelerate: where its inputs go, and
+    where its modules went (`device_map`: {where: modules})."""
     if cap.source.backend != "torch":
         return {"device": "cpu", "dtype": "as stored"}
     module = cap.source.module
-    return {"device": str(module_device(module)), "dtype": str(module.dtype).removeprefix("torch.")}
+    placed = {"device": str(module_device(module)), "dtype": str(module.dtype).removeprefix("torch.")}
+    return placed | ({"device_map": device_map_summary(module)} if is_dispatched(module) else {})
 
 
 def max_positions(graph: TransformerGraph) -> int | None:

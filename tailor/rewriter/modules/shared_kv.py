@@ -45,7 +45,8 @@ class SharedKVAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k, v = (x.view(b, t, -1, self.head_dim).transpose(1, 2) for x in self._kv)
+        # the source layer may run on another GPU (a model split by accelerate)
+        k, v = (x.to(q.device).view(b, t, -1, self.head_dim).transpose(1, 2) for x in self._kv)
         if self.rope and position_embeddings is not None:
             cos, sin = (c.unsqueeze(1) for c in position_embeddings)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
