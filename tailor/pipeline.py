@@ -21,7 +21,7 @@ from tailor.data.calibration import Calibration
 from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.base import Option
-from tailor.passes.cost import CostModel, Workload
+from tailor.passes.cost import CostModel
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
@@ -38,12 +38,13 @@ from tailor.stages.cost import (
 )
 from tailor.stages.log import StageLog
 from tailor.stages.search import HeldOut, refitted, searched_plan
+from tailor.stages.shapes import Shapes, input_shape, shapes_for
 
 __all__ = ["compile", "prepare", "load", "Compiled", "Prepared", "StageLog"]
 
 
-def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int = 1024,
-            gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
+def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prompt_len: int | None = None,
+            gen_len: int = 0, batch: int | None = None, target: str = "h100", passes: list[str] | None = None,
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
             calib_windows: int | None = None, calib_len: int | None = None,
             eval_text: str | Path | None = None, seed: int = 0, formats: tuple[str, ...] | None = None,
@@ -55,7 +56,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             stages: StageLog | None = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
-    of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`.
+    of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`
+    (defaults: 1 and 1024, or the batch and length an ONNX graph fixes: tailor.stages.shapes).
     Calibration: `calib_windows` windows of `calib_len` tokens (defaults: 8192 tokens in windows
     of 512; an encoder given text and no `calib_len` calibrates on its lines whole, 16384 tokens
     of them). Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and
@@ -76,9 +78,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     given = _saved_plan(plan) if plan is not None else None
     if given is not None:
         budget, objective, target = given.budget, given.objective, given.target
-        workload = Workload(**given.workload)  # keys and values checked by Plan.from_json
+        # keys and values checked by Plan.from_json
+        batch, prompt_len = given.workload.get("batch"), given.workload.get("prompt_len")
+        gen_len = given.workload.get("gen_len", 0)
     else:
-        budget, workload = check_budget(budget), Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
+        budget = check_budget(budget)
         _check_request(objective, passes)
 
     with stages("capture"):
@@ -86,6 +90,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                       max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
     graph, formats = cap.graph, resolve_formats(formats, cap)
+    shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
+                        attn_lengths=attn_lengths, validation_len=validation_len)
+    workload = shapes.workload
     replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
                                 use_cache=use_cache)
@@ -101,9 +108,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         return _compiled(dense, dense, result, report, cap, formats, stages)
 
     prepared = _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
-                         workload=workload, passes=passes, replayed=replayed, calib=calib,
-                         tokenizer=tokenizer, calib_windows=calib_windows, calib_len=calib_len, seed=seed,
-                         attn_lengths=attn_lengths, validation_len=validation_len,
+                         shapes=shapes, passes=passes, replayed=replayed, calib=calib,
+                         tokenizer=tokenizer, calib_windows=calib_windows, seed=seed,
                          retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
     prof, options, meter = prepared.profile, prepared.options, prepared.meter
     heldout, cal = prepared.heldout, prepared.calibration
@@ -138,9 +144,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         report["measured_latency"] = measured_latency(cap, dense, variant, workload)
     if eval_text is not None and chosen:
         with stages("evaluate"):
+            lengths = [n for n in (max_positions(graph), input_shape(cap).length) if n is not None]
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),
                                               tokenizer_path(cap.source, tokenizer), graph.task,
-                                              max_len=max_positions(graph))
+                                              max_len=min(lengths, default=None))
     return _compiled(dense, variant, result, report, cap, formats, stages)
 
 
@@ -160,8 +167,8 @@ class Prepared:
     report: dict[str, Any]
 
 
-def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len: int = 1024,
-            gen_len: int = 0, batch: int = 1, target: str = "h100", passes: list[str] | None = None,
+def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len: int | None = None,
+            gen_len: int = 0, batch: int | None = None, target: str = "h100", passes: list[str] | None = None,
             calib: str | Path | None = None, tokenizer: str | Path | None = None,
             calib_windows: int | None = None, calib_len: int | None = None, seed: int = 0,
             trust_remote_code: bool = False, device: str = "auto", dtype: str = "auto",
@@ -173,44 +180,45 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
     for tools that build plans of their own on the same model, data and prices (the baselines
     of benchmarks/real_llm.py)."""
     stages = stages or StageLog()
-    budget, workload = check_budget(budget), Workload(batch=batch, prompt_len=prompt_len, gen_len=gen_len)
+    budget = check_budget(budget)
     _check_request(objective, passes)
     with stages("capture"):
         cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
                       max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
-    cost_model = cost_model_for(cap, dense, workload, target, fit=budget < 1.0, use_cache=use_cache)
-    report = {"model": describe(cap.graph, workload) | placement(cap), "cost_model": cost_model.to_json()}
+    shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
+                        attn_lengths=attn_lengths, validation_len=validation_len)
+    cost_model = cost_model_for(cap, dense, shapes.workload, target, fit=budget < 1.0, use_cache=use_cache)
+    report = {"model": describe(cap.graph, shapes.workload) | placement(cap),
+              "cost_model": cost_model.to_json()}
     return _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
-                     workload=workload, passes=passes, replayed=None, calib=calib,
-                     tokenizer=tokenizer, calib_windows=calib_windows, calib_len=calib_len, seed=seed,
-                     attn_lengths=attn_lengths, validation_len=validation_len,
+                     shapes=shapes, passes=passes, replayed=None, calib=calib,
+                     tokenizer=tokenizer, calib_windows=calib_windows, seed=seed,
                      retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
 
 
 def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict, stages: StageLog, *,
-              budget: float, objective: str, workload: Workload, passes: list[str] | None,
-              replayed: list[Option] | None, calib, tokenizer, calib_windows, calib_len, seed: int,
-              attn_lengths, validation_len, retrieval_template, use_cache: bool, progress: bool) -> Prepared:
+              budget: float, objective: str, shapes: Shapes, passes: list[str] | None,
+              replayed: list[Option] | None, calib, tokenizer, calib_windows, seed: int,
+              retrieval_template, use_cache: bool, progress: bool) -> Prepared:
     """Calibrate and profile the passes worth searching (a replayed plan's: signals only), and
     price their options."""
     passes_given = passes is not None
     passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
-    lengths = sorted(attn_lengths or {max(64, workload.prompt_len // 2), workload.prompt_len})
+    lengths = shapes.attn_lengths
     grid = default_grid(max(lengths))
     if replayed is None:
         passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
                              lengths=lengths, objective=objective, budget=budget, report=report)
 
     with stages("calibrate"):
-        cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, calib_len, seed)
+        cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, shapes.calib_len, seed)
         settings: dict[str, Any] = {"windows": len(cal.profile_ids) + len(cal.heldout_ids),
                                     "len": input_len(cal.profile_ids), "seed": seed,
                                     # numbers differ by precision and kind of device, not by GPU index
                                     "dtype": report["model"]["dtype"],
                                     "device": report["model"]["device"].split(":")[0]}
-        settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths,
-                                   validation_len or max(64, 3 * workload.prompt_len // 4),
+        settings |= attention_data(cal, dense, cap.source, tokenizer, passes, lengths, shapes.validation_len,
                                    retrieval_template, seed, grid, settings["device"])
     with stages("profile"):
         # a replayed plan's options need the signals only: nothing to measure

@@ -26,11 +26,14 @@ def save_onnx(model: ir.Model, path: Path) -> None:
         ir.save(model, path)
 
 
-def export_onnx(module: torch.nn.Module, path: Path, *, encoder: bool, seq_len: int = 16) -> None:
-    """Export a transformers model with dynamic batch and sequence axes."""
+def export_onnx(module: torch.nn.Module, path: Path, *, encoder: bool, seq_len: int = 16, batch: int = 2,
+                static_axes: tuple[int, ...] = ()) -> None:
+    """Export a transformers model with dynamic batch and sequence axes, except `static_axes`
+    (0: batch, 1: sequence), fixed at the example's `batch` and `seq_len`, as an export without
+    dynamic axes writes them."""
     wrapped = HFModel(module)
-    ids = example_input_ids(int(module.config.vocab_size), seq_len, batch=2)
-    dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+    ids = example_input_ids(int(module.config.vocab_size), seq_len, batch=batch)
+    dyn = {axis: torch.export.Dim.DYNAMIC for axis in (0, 1) if axis not in static_axes}
     if encoder:
         args, names = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
         shapes = {"input_ids": dyn, "attention_mask": dyn}

@@ -30,7 +30,7 @@ from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
 from tailor.rewriter import onnx_surgery
-from tailor.rewriter.capture import OnnxSource
+from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 
@@ -52,7 +52,7 @@ class OnnxBackend(Backend):
         return OnnxBackend(onnx_surgery.clone(self.model), self.graph, self.source, edited=self.edited)
 
     def runnable(self) -> OrtModel:
-        return OrtModel(self.model)
+        return OrtModel(self.model, causal=is_causal(self.graph))
 
     def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
         probe = onnx_surgery.clone(self.model)

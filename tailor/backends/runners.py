@@ -18,7 +18,7 @@ from tailor.core.devices import module_device
 from tailor.core.dispatch import is_dispatched
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import load_gguf, load_hf_directory, load_onnx
-from tailor.rewriter.onnx_check import input_specs, onnx_feeds
+from tailor.rewriter.onnx_check import InputShape, input_specs
 
 
 class HFModel(torch.nn.Module):
@@ -95,11 +95,13 @@ class NumpyModel(torch.nn.Module, abc.ABC):
 
 class OrtModel(NumpyModel):
     """An ONNX model run by onnxruntime, behind the same nn.Module call: from a file, or from an
-    onnx_ir model in memory (a rewrite being measured)."""
+    onnx_ir model in memory (a rewrite being measured). A graph exported with a fixed batch runs
+    larger batches that many rows at a time; one of a fixed length runs shorter inputs padded
+    where that is exact (`causal`, or an attention_mask input: InputShape)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, model: Path | ir.Model, threads: int | None = None):
+    def __init__(self, model: Path | ir.Model, threads: int | None = None, *, causal: bool = False):
         super().__init__()
         if isinstance(model, ir.Model):
             self.path = None
@@ -113,22 +115,38 @@ class OrtModel(NumpyModel):
             raise TailorError(f"onnxruntime cannot run {self.path or 'the rewritten model'}: "
                               f"{str(e).splitlines()[0]}") from None
         self.input_specs = input_specs(self.session)
+        self.input_shape = InputShape.of(self.input_specs, causal)
 
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output by name (profiling adds intermediate values as outputs)."""
+        """Every graph output by name (profiling adds intermediate values as outputs, whose
+        layouts vary: inputs must have the graph's fixed length, if any, as calibration's do)."""
+        if self.input_shape.length not in (None, input_ids.shape[1]):
+            raise TailorError(f"intermediate values of {self.path or 'the model'} are read on unpadded "
+                              f"inputs of {self.input_shape.length} tokens; got {input_ids.shape[1]}")
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self._run(names, input_ids)))
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run(None, input_ids)[0]
+        out, length = self._run(None, input_ids)[0], input_ids.shape[1]
+        return out if self.input_shape.length in (None, length) else out[:, :length]  # padded
 
     def _run(self, names: list[str] | None, input_ids: np.ndarray) -> list[np.ndarray]:
+        """The outputs on all rows, a fixed batch's rows at a time (the last chunk padded);
+        concatenated on the first axis, where every output keeps its rows, whole ([B, ...]) or
+        flattened with the positions ([B·T, ...])."""
+        rows = self.input_shape.batch or max(1, len(input_ids))
+        parts = [self._run_rows(names, input_ids[i:i + rows], rows)
+                 for i in range(0, max(1, len(input_ids)), rows)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(p) for p in zip(*parts)]
+
+    def _run_rows(self, names: list[str] | None, input_ids: np.ndarray, rows: int) -> list[np.ndarray]:
+        feeds = self.input_shape.padded_feeds(self.input_specs, input_ids)
         try:
-            return self.session.run(names, onnx_feeds(self.input_specs, input_ids))
+            out = self.session.run(names, feeds)
         except Exception as e:  # onnxruntime raises its own exception types
             raise TailorError(f"onnxruntime failed on {self.path or 'the rewritten model'} with an input of "
                               f"shape {list(input_ids.shape)}: {str(e).splitlines()[0]}") from None
-
+        return out if len(input_ids) == rows else [o[:len(o) * len(input_ids) // rows] for o in out]
 
 
 def as_runnable(model) -> torch.nn.Module:

@@ -24,8 +24,8 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 # keys a --config file may set, with their defaults; CLI flags given explicitly win
 OPTIMIZE_DEFAULTS: dict[str, Any] = {
-    "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": 1024,
-    "gen_len": 0, "batch": 1, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
+    "model": None, "budget": 1.0, "output": None, "objective": "latency", "prompt_len": None,
+    "gen_len": 0, "batch": None, "target": "h100", "passes": None, "calib": None, "tokenizer": None,
     "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
     "validation_len": None, "retrieval_template": None, "plan": None, "device": "auto", "dtype": "auto",
@@ -48,9 +48,11 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=list(OBJECTIVES),
                    help="what the budget limits (default latency)")
     p.add_argument("--prompt-len", "--seq-len", dest="prompt_len", type=int,
-                   help="workload prompt length the cost is measured for (default 1024)")
+                   help="workload prompt length the cost is measured for (default 1024, or the "
+                   "length an ONNX graph is exported with)")
     p.add_argument("--gen-len", type=int, help="workload generated tokens (default 0)")
-    p.add_argument("--batch", type=int, help="workload batch size (default 1)")
+    p.add_argument("--batch", type=int, help="workload batch size (default 1, or the batch an ONNX "
+                   "graph is exported with)")
     p.add_argument("--target", help="hardware the cost model prices for: cpu, a100, h100 (default) "
                    "or h200 (vendor peaks), or a table measured here by `tailor calibrate-target` (.json)")
     p.add_argument("--device", help="where a torch model is compiled and stays: auto (a CUDA GPU when "

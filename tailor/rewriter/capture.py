@@ -30,7 +30,7 @@ from tailor.core.errors import TailorError, first_line
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.onnx_check import check_onnx_file
+from tailor.rewriter.onnx_check import InputShape, check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
 
@@ -60,6 +60,7 @@ class OnnxSource:
     input_names: list[str] = field(default_factory=list)
     data_files: list[str] = field(default_factory=list)  # external data, relative to path's folder
     cleaned: dict[str, int] = field(default_factory=dict)  # lossless clean-ups: sites per rule
+    input_shape: InputShape = InputShape()  # the batch and length the graph fixes, if any
 
     backend = "onnx"
 
@@ -527,4 +528,17 @@ def capture_onnx(path: Path) -> Captured:
     graph = recognize(OnnxDataflow(model))
     names = [v.name for v in model.graph.inputs]
     digest = sha256_files([path] + [path.parent / loc for loc in data_files])
-    return Captured(graph, OnnxSource(model, path, names, data_files, cleaned), "sha256:" + digest)
+    source = OnnxSource(model, path, names, data_files, cleaned, input_shape(model, graph))
+    return Captured(graph, source, "sha256:" + digest)
+
+
+def input_shape(model: ir.Model, graph: TransformerGraph) -> InputShape:
+    """The dims the graph's inputs fix, read from their declared shapes (numbers are fixed)."""
+    specs = [(v.name, None if v.shape is None else [d if isinstance(d, int) else None for d in v.shape], None)
+             for v in model.graph.inputs]
+    return InputShape.of(specs, causal=is_causal(graph))
+
+
+def is_causal(graph: TransformerGraph) -> bool:
+    """Whether no position attends to a later one, in every block."""
+    return all(b.attn.causal for b in graph.blocks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,64 @@ def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) 
                               f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
         feeds[name] = np.ascontiguousarray(arr).astype(dtype)
     return feeds
+
+
+# the inputs onnx_feeds fills from token ids, each [B, T] (substrings of the names HF exporters write)
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type", "position_ids")
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """The batch and length a graph's token inputs fix (None: any), as exported without dynamic
+    axes; and whether positions appended at the end leave the real ones' outputs unchanged
+    (`paddable`: a causal model, where no position attends to a later one, or one with an
+    attention_mask input, which masks the padding out)."""
+    batch: int | None = None
+    length: int | None = None
+    paddable: bool = False
+
+    @classmethod
+    def of(cls, specs: list[tuple[str, Any, Any]], causal: bool = False) -> "InputShape":
+        """From (name, shape, dtype) of a graph's inputs: a dimension is fixed where it is a
+        number in any token input's shape (a name or None is free)."""
+        token = [shape for name, shape, _ in specs if any(t in name for t in TOKEN_INPUTS) and shape]
+        def fixed(axis: int) -> int | None:
+            return next((d for s in token if len(s) > axis and isinstance(d := s[axis], int)), None)
+        masked = any("attention_mask" in name for name, _, _ in specs)
+        return cls(fixed(0), fixed(1), causal or masked)
+
+    def takes(self, length: int) -> bool:
+        """Whether inputs of `length` tokens can run: any length, the fixed one, or a shorter one
+        padded where that is exact."""
+        return self.length is None or length == self.length or (length < self.length and self.paddable)
+
+    def example(self, batch: int = 1, length: int = 8) -> tuple[int, int]:
+        """(batch, length) of a sample input: the fixed dims where there are, else the given ones."""
+        return self.batch or batch, self.length or length
+
+    def padded_feeds(self, specs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Feeds for input_ids [b, t] with b ≤ the fixed batch, and t the fixed length or, where
+        the graph is paddable, less: rows added are copies of the first one, positions added go
+        at the end (masked out where there is a mask). The real ones' outputs are [:b, :t]."""
+        b, t = input_ids.shape
+        b0, t0 = self.batch or b, self.length or t
+        if b > b0 or not self.takes(t):
+            raise TailorError(f"the model takes inputs of {self.describe()}; got {b} × {t}")
+        ids = np.zeros((b0, t0), dtype=input_ids.dtype)
+        ids[:b, :t] = input_ids
+        ids[b:, :t] = input_ids[:1]
+        feeds = onnx_feeds(specs, ids)
+        for name in feeds:
+            if "attention_mask" in name:
+                feeds[name][:, t:] = 0
+        return feeds
+
+    def describe(self) -> str:
+        """"1 × 128 tokens" with "any" for a free dimension, and how shorter inputs run."""
+        dims = f"{self.batch or 'any'} × {self.length or 'any'} tokens"
+        if self.length is None:
+            return dims
+        return dims + (" (fewer padded)" if self.paddable else " exactly")
 
 
 RUN_FAILED = 3  # the child's exit code when the checker passed but onnxruntime could not run it
@@ -90,7 +149,9 @@ def _check(path: str, full_check: bool) -> tuple[int, str] | None:
     opts.log_severity_level = 4
     try:
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        outputs = session.run(None, onnx_feeds(input_specs(session), np.zeros((1, 8), np.int64)))
+        specs = input_specs(session)
+        sample = np.zeros(InputShape.of(specs).example(), np.int64)  # the graph's fixed dims, if any
+        outputs = session.run(None, onnx_feeds(specs, sample))
         bad = [o.name for o, v in zip(session.get_outputs(), outputs)
                if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
         if bad:

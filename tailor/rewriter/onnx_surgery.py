@@ -297,15 +297,30 @@ def rewrite_shapes(model: ir.Model, nodes: list[ir.Node], edit) -> None:
 def set_head_counts(model: ir.Model, block: Block, heads: int, kv_heads: int) -> None:
     """Head counts in the attention's shapes: exporters write GQA's key/value expansion as Expand
     to [B, kv, groups, T, D] then Reshape to [B, heads, T, D] with literal counts ([B, T, -1, D]
-    needs nothing)."""
+    needs nothing). An export of fixed batch (and length) writes the counts wherever they are:
+    [B, T, heads or kv, D], keys transposed [B, heads, D, T], heads merged [B, T, heads·D], and
+    batch and heads folded together for batched products, [B·heads, T, D]."""
     a = block.attn
     old = {"heads": a.num_heads, "kv": a.num_kv_heads, "groups": a.num_heads // a.num_kv_heads}
     new = {"heads": heads, "kv": kv_heads, "groups": heads // max(kv_heads, 1)}
 
+    def recount(value, unit: int = 1) -> int | None:
+        """`value` as the new count of query heads, or else of KV heads, times `unit`."""
+        return next((new[role] * unit for role in ("heads", "kv") if value == old[role] * unit), None)
+
     def edit(node, values):
-        roles = {1: "kv", 2: "groups"} if node.op_type == "Expand" and len(values) == 5 else \
-            {1: "heads"} if len(values) == 4 and values[-1] == a.head_dim else {}
-        return {pos: new[role] for pos, role in roles.items() if values[pos] == old[role]}
+        if node.op_type == "Expand" and len(values) == 5:
+            return {pos: new[role] for pos, role in ((1, "kv"), (2, "groups")) if values[pos] == old[role]}
+        if len(values) == 4 and a.head_dim in values[2:]:
+            per_head = 3 if values[3] == a.head_dim else 2  # where D is: the count is beside it
+            counts = {pos: recount(values[pos]) for pos in (1, 2) if pos != per_head}
+        elif len(values) == 3 and a.head_dim in values[1:] and values[0] and values[0] % old["heads"] == 0:
+            counts = {0: values[0] // old["heads"] * new["heads"]}
+        elif len(values) == 3:
+            counts = {2: recount(values[2], a.head_dim)}
+        else:
+            counts = {}
+        return {pos: n for pos, n in counts.items() if n is not None}
 
     rewrite_shapes(model, region(model, [a.q, a.k, a.v], a.o), edit)
 

@@ -34,6 +34,7 @@ from tailor.rewriter.capture import (
     load_placement,
 )
 from tailor.rewriter.graph import TransformerGraph
+from tailor.rewriter.onnx_check import InputShape
 from tailor.runtime.artifact import verify_artifact, write_artifact
 
 FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
@@ -170,7 +171,9 @@ def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
     elif "model.safetensors" in files or "model.safetensors.index.json" in files:
         model = HFModel(load_hf_directory(folder, device=device, dtype=dtype, max_memory=max_memory))
     elif "model.onnx" in files:
-        model = OrtModel(folder / "model.onnx")
+        # a graph of fixed length runs shorter inputs padded where that is exact: causal, as compiled
+        blocks = report.get("model", {}).get("blocks") or [{"causal": False}]
+        model = OrtModel(folder / "model.onnx", causal=all(b.get("causal") for b in blocks))
     else:
         raise TailorError(f"{folder}: the artifact holds no model (model.safetensors or model.onnx)")
     return Compiled(model, plan, report)
@@ -257,7 +260,10 @@ def max_positions(graph: TransformerGraph) -> int | None:
 
 
 def reference_outputs(model: torch.nn.Module, vocab: int, seq_len: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Sample token ids and the model's outputs on them, for validation."""
-    ids = example_input_ids(vocab, seq_len, batch=1, seed=1)
+    """Sample token ids and the model's outputs on them, for validation: of the batch and length
+    an ONNX graph fixes, where it does (what the artifact's model takes unpadded)."""
+    fixed = model.input_shape if isinstance(model, OrtModel) else InputShape()
+    batch, seq_len = fixed.example(1, seq_len)
+    ids = example_input_ids(vocab, seq_len, batch=batch, seed=1)
     with torch.no_grad():
         return ids.numpy(), model(ids).float().cpu().numpy()

@@ -16,7 +16,7 @@ import numpy as np
 
 from tailor.backends.runners import NumpyModel
 from tailor.core.errors import TailorError
-from tailor.rewriter.onnx_check import onnx_feeds
+from tailor.rewriter.onnx_check import InputShape
 
 # the files of a build, beside the artifact's model.onnx
 SO, WEIGHTS, MANIFEST = "model.so", "model.tvm.safetensors", "tvm.json"
@@ -34,7 +34,7 @@ class TvmModel(NumpyModel):
         folder = Path(folder)
         try:
             info = json.loads((folder / MANIFEST).read_text())
-            self.shape = tuple(int(n) for n in info["shape"])
+            batch, length = (int(n) for n in info["shape"])
             self.specs = [(name, None, np.dtype(dtype)) for name, dtype in info["inputs"]]
             causal, names = bool(info["causal"]), list(info["params"])
             self.vocab_size = int(info["vocab_size"])
@@ -48,26 +48,17 @@ class TvmModel(NumpyModel):
             raise TailorError(f"{folder}/{WEIGHTS} does not hold the weights {MANIFEST} lists")
         self.params = [tvm.runtime.tensor(weights[n]) for n in names]
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / SO)), tvm.cpu())
-        # appending positions cannot change the real ones' outputs: causal, or masked out
-        self.paddable = causal or any("attention_mask" in name for name, _, _ in self.specs)
+        self.input_shape = InputShape(batch, length, InputShape.of(self.specs, causal).paddable)
         self._tensor = tvm.runtime.tensor
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
-        (b, t), (b0, t0) = input_ids.shape, self.shape
-        if b > b0 or t > t0 or (t < t0 and not self.paddable):
-            raise TailorError(f"this TVM build runs inputs of {b0} × {t0} tokens"
-                             + ("" if self.paddable else " exactly")
-                             + f"; got {b} × {t}")
+        b, t = input_ids.shape
+        if b > self.input_shape.batch or not self.input_shape.takes(t):
+            raise TailorError(f"this TVM build runs inputs of {self.input_shape.describe()}; got {b} × {t}")
         if input_ids.size and not (0 <= input_ids.min() and input_ids.max() < self.vocab_size):
             # TVM's gather does not check indices: out of range would read outside the table
             raise TailorError(f"token ids must lie in [0, {self.vocab_size})")
-        ids = np.zeros((b0, t0), dtype=input_ids.dtype)
-        ids[:b, :t] = input_ids
-        ids[b:, :t] = input_ids[:1]
-        feeds = onnx_feeds(self.specs, ids)
-        for name in feeds:
-            if "attention_mask" in name:
-                feeds[name][:, t:] = 0
+        feeds = self.input_shape.padded_feeds(self.specs, input_ids)
         out = self.vm["main"](*[self._tensor(feeds[n]) for n, _, _ in self.specs], *self.params)
         out = out if hasattr(out, "numpy") else out[0]
         return out.numpy()[:b, :t]

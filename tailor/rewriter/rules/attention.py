@@ -114,7 +114,9 @@ class DecomposedAttentionRule:
 
 def is_causal_mask(g: Dataflow, mask) -> bool:
     """Does this mask hide the future? Built from position comparisons (i <= j) or tril, or a
-    constant lower-triangular matrix. Padding masks compare against constants, so they don't count."""
+    constant lower-triangular matrix, or from one (an export of fixed length folds the comparison
+    into a constant, then combines it with others). Padding masks compare against constants, so
+    they don't count."""
     if mask is None:
         return False
     const = g.constant(mask)
@@ -123,6 +125,9 @@ def is_causal_mask(g: Dataflow, mask) -> bool:
     stack, seen = [mask], set()
     while stack and len(seen) < 400:
         v = stack.pop()
+        folded = g.constant(v)
+        if folded is not None and _lower_triangular(folded):
+            return True
         node = g.producer(v)
         if node is None or id(node) in seen:
             continue
