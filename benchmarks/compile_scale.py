@@ -167,11 +167,11 @@ def main() -> int:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
             sys.stdout.write(proc.stdout)
             found = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if not found:
+            if found:
+                results.append(found[0])
+                print(row(found[0]), flush=True)
+            else:
                 results.append({"model": model, "objective": objective, "error": f"exit {proc.returncode}"})
-                continue
-            results.append(found[0])
-            print(row(found[0]), flush=True)
             if args.out:  # after every run: a later one may be cut off by a time limit
                 Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\n{date.today()}, prompt {args.prompt_len}, budget 0.5, default options\n")
@@ -180,8 +180,6 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(row(r) if "error" not in r else f"| {r['model']} | failed: {r['error'][-200:]!r} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -210,26 +210,31 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         weights = losses[idx] + predicted / len(idx)
         shares = weights / weights.sum() if weights.sum() > 0 else np.full(len(idx), 1.0 / len(idx))
         losses[idx] += (measured - predicted) * shares
-    # Plans whose structure the additive estimates undervalue are measured whole, before the
-    # single-pass plans can use up the checks: on SmolLM2 at kv_memory 0.5 a DuoAttention-style
-    # plan (whole KV heads dense, the rest streaming) was at KL 0.0020 on code-eval where the
-    # solver's many short windows were at 0.0055.
-    for name, chosen in (rivals or {}).items() if measure is not None else ():
-        keys = tuple(sorted(o.key for o in chosen))
+
+    def compete(name: str, chosen: list[Option] | None, predicted: float | None) -> None:
+        """Measure a whole plan beside the solver's, within the checks; the closer one is best."""
+        nonlocal best
+        keys = tuple(sorted(o.key for o in chosen or []))
         if not chosen or keys in tried or len(tried) >= checks:
-            continue
+            return
         tried.add(keys)
         measured = measure(chosen)
-        # a rewrite outside the option set (StreamingLLM's 4-token sink) has no estimate
-        predicted = float(sum(losses[index[o.key]] for o in chosen)) \
-            if all(o.key in index for o in chosen) else None
         history.append({"iteration": name, "options": [o.label for o in chosen],
                         "predicted_kl": predicted, "measured_kl": measured})
         if best is None or best.measured_kl is None or measured < best.measured_kl:
             best = SearchResult(list(chosen), predicted, measured)
-    # Interactions grow with compression and can defeat the additive estimates; the plans each
-    # pass reaches on its own are cheap to measure, so they compete too.
+
     if measure is not None:
+        # Plans whose structure the additive estimates undervalue are measured whole, before the
+        # single-pass plans can use up the checks: on SmolLM2 at kv_memory 0.5 a DuoAttention-style
+        # plan (whole KV heads dense, the rest streaming) was at KL 0.0020 on code-eval where the
+        # solver's many short windows were at 0.0055.
+        for name, chosen in (rivals or {}).items():
+            # a rewrite outside the option set (StreamingLLM's 4-token sink) has no estimate
+            known = all(o.key in index for o in chosen)
+            compete(name, chosen, float(sum(losses[index[o.key]] for o in chosen)) if known else None)
+        # Interactions grow with compression and can defeat the additive estimates; the plans each
+        # pass reaches on its own are cheap to measure, so they compete too.
         initial = np.array([max(o.loss, 0.0) for o in options])
         for name in sorted({o.pass_name for o in options}):
             idx = [i for i, o in enumerate(options) if o.pass_name == name]
@@ -237,16 +242,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
             if smallest_ratio(sub, objective, dense) * base > budget + 1e-9:
                 continue
             chosen = solve(sub, initial[idx], objective, limit, dense)
-            keys = tuple(sorted(o.key for o in chosen or []))
-            if not chosen or keys in tried or len(tried) >= checks:
-                continue
-            tried.add(keys)
-            measured = measure(chosen)
-            history.append({"iteration": f"{name} only", "options": [o.label for o in chosen],
-                            "predicted_kl": float(sum(o.loss for o in chosen)),
-                            "measured_kl": measured})
-            if best is None or best.measured_kl is None or measured < best.measured_kl:
-                best = SearchResult(copy.copy(chosen), sum(o.loss for o in chosen), measured)
+            compete(f"{name} only", chosen, float(sum(o.loss for o in chosen or [])))
     if best is None:
         raise RuntimeError(f"the solver found no plan for budget {budget} although one is reachable")
     best.iterations, best.refined, best.max_checks = history, refined, checks
