@@ -44,9 +44,11 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, device: str, dtype, max_memory: str | None = None):
+def random_model(shape: str, device: str, dtype, max_memory: str | None = None, init_on_cpu: bool = False):
     """The shape with random weights, built where it is compiled, in `dtype` (one copy); with
-    `max_memory`, built in host memory and dispatched by accelerate over the devices it names."""
+    `max_memory`, built in host memory and dispatched by accelerate over the devices it names.
+    `init_on_cpu` builds them in host memory and then moves them: the CPU's random stream, not the
+    GPU's, so a whole run holds the same weights as a split one (whose plans are compared)."""
     import torch
     import transformers as tf
 
@@ -57,12 +59,14 @@ def random_model(shape: str, device: str, dtype, max_memory: str | None = None):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("cpu" if max_memory else device):
+        with torch.device("cpu" if max_memory or init_on_cpu else device):
             model = tf.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
     if max_memory:
         model = dispatch(model, resolve_max_memory(max_memory))
+    elif init_on_cpu:
+        model = model.to(device)
     return model.eval()
 
 
@@ -85,7 +89,7 @@ def one(args) -> dict:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = args.smollm2 if args.model == "smollm2" else \
-        random_model(args.model, device, dtype, args.max_memory)
+        random_model(args.model, device, dtype, args.max_memory, args.init_on_cpu)
     # a dispatched module is compiled as it is placed; a folder is placed by tailor
     placed = {"device": "auto", "max_memory": args.max_memory if isinstance(model, str) else None} \
         if args.max_memory else {"device": device}
@@ -140,6 +144,8 @@ def main() -> int:
     p.add_argument("--passes", help="comma list (default: every pass, as tailor's default)")
     p.add_argument("--max-memory", help="split over devices through accelerate, as tailor's --max-memory: "
                    "0=20GiB,cpu=100GiB (one GPU and host memory) or 0=10GiB,1=10GiB,cpu=100GiB")
+    p.add_argument("--init-on-cpu", action="store_true",
+                   help="random weights drawn on the CPU, then moved: the same weights as a --max-memory run")
     p.add_argument("--convert-gguf", nargs=2, metavar=("GGUF", "DIR"))
     p.add_argument("--out", help="write the results here (.json)")
     p.add_argument("--progress", action="store_true")
@@ -163,6 +169,7 @@ def main() -> int:
             cmd += ["--progress"] if args.progress else []
             cmd += ["--passes", args.passes] if args.passes else []
             cmd += ["--max-memory", args.max_memory] if args.max_memory else []
+            cmd += ["--init-on-cpu"] if args.init_on_cpu else []
             # progress bars and errors go straight to this process's stderr
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
             sys.stdout.write(proc.stdout)
