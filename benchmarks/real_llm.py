@@ -162,6 +162,18 @@ def baseline_options(name: str, prepared, budget: float, objective: str, sleb_wi
     return baselines.kv_sharer(cm, signals, budget, objective)
 
 
+def search_summary(report: dict) -> dict:
+    """What the search measured whole on its held-out check (its own plans, the published rivals,
+    the single-pass plans) and what that check holds: why tailor's plan was chosen over the rows."""
+    search, cal = report.get("search", {}), report.get("calibration", {})
+    return {"heldout_windows": cal.get("heldout_windows"),
+            "heldout_retrieval_sequences": cal.get("heldout_retrieval_sequences"),
+            "retrieval_weight": cal.get("retrieval_weight"),
+            "plans": [{"plan": it["iteration"], "rewrites": len(it["options"]),
+                       "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"]}
+                      for it in search.get("iterations", [])]}
+
+
 def rewrites(chosen: list[dict]) -> str:
     """How many rewrites of each pass (plan.json's rewrites)."""
     counts = Counter(r["pass"] for r in chosen)
@@ -202,7 +214,8 @@ def run_config(args, objective: str, budget: float, probes: Probes, results: Res
     compiled = tailor.compile(args.model, budget, **settings)
     results.add({"config": config, "method": "tailor", "cost": compiled.plan.predicted[objective],
                  "seconds": time.perf_counter() - t0, "rewrites": rewrites(compiled.plan.rewrites),
-                 "options": compiled.plan.rewrites, **probes.measure(compiled.model, f"{config} tailor")})
+                 "options": compiled.plan.rewrites, "search": search_summary(compiled.report),
+                 **probes.measure(compiled.model, f"{config} tailor")})
     del compiled
     for name in args.baselines:
         t0 = time.perf_counter()
