@@ -33,6 +33,7 @@ from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import InputShape, check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.recognize import recognize
+from tailor.rewriter.unfuse import unfuse, unsupported_ops
 
 # files worth carrying into an artifact so the result stays HF-loadable; never pickles
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -521,6 +522,12 @@ def _not_text(message) -> str | None:
 
 def capture_onnx(path: Path) -> Captured:
     model, run_problem, data_files = _load_checked(path)
+    unfused = unfuse(model)  # onnxruntime's fused ops, read as the standard ops they stand for
+    unsupported = unsupported_ops(model)
+    if unsupported:
+        what = "the float model, before quantization" if "quantized" in unsupported else \
+            "the model as exported, before onnxruntime's fusions"
+        raise TailorError(f"{path}: tailor cannot rewrite through {unsupported} yet; give it {what}")
     if run_problem:
         recognize(OnnxDataflow(model))  # a graph that is no transformer: said first
         raise TailorError(run_problem)
@@ -528,7 +535,7 @@ def capture_onnx(path: Path) -> Captured:
     graph = recognize(OnnxDataflow(model))
     names = [v.name for v in model.graph.inputs]
     digest = sha256_files([path] + [path.parent / loc for loc in data_files])
-    source = OnnxSource(model, path, names, data_files, cleaned, input_shape(model, graph))
+    source = OnnxSource(model, path, names, data_files, unfused | cleaned, input_shape(model, graph))
     return Captured(graph, source, "sha256:" + digest)
 
 
