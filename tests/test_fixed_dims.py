@@ -131,3 +131,24 @@ def test_a_workload_the_graph_cannot_take_is_one_line(fixed, tmp_path, capsys, m
     _fails([str(fixed["llama"]), "--budget", "0.5", "--target", "cpu", "-o", str(tmp_path / "out"), *flags],
            capsys, expect=expect)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_learned_positions_bound_every_length(tiny_onnx):
+    """A model with a table of 128 learned positions (the tiny BERT) gets defaults within it and
+    a longer length asked for is one clear error, before any work."""
+    from tailor.backends import backend_for
+    from tailor.stages.calibrate import calibration
+    from tailor.stages.shapes import shapes_for
+
+    cap = capture_onnx(tiny_onnx["bert"])
+    assert cap.graph.max_positions == 128
+    shapes = shapes_for(cap, batch=None, prompt_len=None, gen_len=0, calib_len=None, attn_lengths=None,
+                        validation_len=None)
+    assert shapes.workload.prompt_len == 128 and max(shapes.attn_lengths) <= 128
+    data_free = calibration(backend_for(cap), cap.source, None, None, None, shapes.calib_len, 0)
+    assert data_free.profile_ids.shape[1] == 128
+    for flag in ("prompt_len", "calib_len"):
+        kwargs = dict(batch=None, prompt_len=None, gen_len=0, calib_len=None, attn_lengths=None,
+                      validation_len=None) | {flag: 256}
+        with pytest.raises(TailorError, match=f"at most 128 tokens; --{flag.replace('_', '-')} 256 is not"):
+            shapes_for(cap, **kwargs)

@@ -138,6 +138,14 @@ class TransformerGraph:
         return len(self.blocks)
 
     @property
+    def max_positions(self) -> int | None:
+        """The most tokens an input can have: the rows of a learned position table (an upper
+        bound: RoBERTa's first two rows are never a position), None where positions are
+        computed (RoPE) or absent."""
+        position = self.embedding.position
+        return position.shape[0] if self.positional == "learned" and position is not None else None
+
+    @property
     def params(self) -> int:
         head = self.lm_head.params if self.lm_head and not self.tied_embeddings else 0
         return self.embedding.params + sum(b.params for b in self.blocks) + head + \

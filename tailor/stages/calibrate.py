@@ -52,9 +52,11 @@ def calibration_windows(windows: int | None, length: int, tokens: int = CALIB_TO
 
 def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, tokenizer, windows: int | None,
                 length: int | None, seed: int) -> Calibration:
-    """Calibration windows; `length` None: DEFAULT_CALIB_LEN tokens, or for an encoder given text,
-    its lines whole (windows × their median length tokens of them, by default ENCODER_CALIB_TOKENS)."""
+    """Calibration windows; `length` None: DEFAULT_CALIB_LEN tokens (fewer where the model learns
+    fewer positions), or for an encoder given text, its lines whole (windows × their median length
+    tokens of them, by default ENCODER_CALIB_TOKENS)."""
     graph = backend.graph
+    default_len = min(DEFAULT_CALIB_LEN, graph.max_positions or DEFAULT_CALIB_LEN)
     if calib is not None and Path(calib).suffix != ".json":
         tok_path = tokenizer_path(source, tokenizer)
         if tok_path is None:
@@ -62,10 +64,11 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
                               "module)")
         encoder = graph.task == "encoder"
         tokens = ENCODER_CALIB_TOKENS if encoder else CALIB_TOKENS
-        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_path), length,
+        return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_path),
+                                     length or (None if encoder else default_len),
                                      lambda n: calibration_windows(windows, n, tokens), str(calib),
                                      per_line=encoder)
-    length = length or DEFAULT_CALIB_LEN
+    length = length or default_len
     windows = calibration_windows(windows, length)
     if calib is None:
         return calibration_data_free(backend.model, graph.vocab_size, length, windows, seed)

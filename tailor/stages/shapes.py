@@ -43,6 +43,14 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
         if n is not None and fixed.length not in (None, n):
             raise TailorError(f"{_name(cap)} takes input_ids of fixed length {fixed.length}; {flag} {n} "
                               f"is not possible")
+    limit = cap.graph.max_positions
+    asked = (("--prompt-len", [prompt_len]), ("--calib-len", [calib_len]),
+             ("--attn-lengths", attn_lengths or []), ("--validation-len", [validation_len]))
+    for flag, lengths in asked:
+        over = [n for n in lengths if n is not None and limit is not None and n > limit]
+        if over:
+            raise TailorError(f"{_name(cap)} learns positions for at most {limit} tokens; {flag} {over[0]} "
+                              f"is not possible")
     for flag, lengths in (("--attn-lengths", attn_lengths or []), ("--validation-len", [validation_len])):
         bad = [n for n in lengths if n is not None and not fixed.takes(n)]
         if bad:
@@ -50,7 +58,7 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
                                                  "a causal model or one with an attention_mask input)")
             raise TailorError(f"{_name(cap)} takes input_ids of fixed length {fixed.length}{shorter}; "
                               f"{flag} {bad[0]} is not possible")
-    prompt = prompt_len or fixed.length or DEFAULT_PROMPT_LEN
+    prompt = prompt_len or fixed.length or min(DEFAULT_PROMPT_LEN, limit or DEFAULT_PROMPT_LEN)
     workload = Workload(batch=batch or fixed.batch or 1, prompt_len=prompt, gen_len=gen_len)
 
     def taken(n: int) -> int:
