@@ -100,12 +100,12 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
                       max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
-    graph, formats = cap.graph, resolve_formats(formats, cap)
-    torch_model = cap.source.backend == "torch"
-    hf_arch = architecture(cap.source.module) if torch_model and ("hf" in formats or hf_compatible) else None
-    if hf_compatible and hf_arch is None:
+    if hf_compatible and cap.source.backend != "torch":
         raise TailorError("hf_compatible (--hf-compatible) searches what a standard transformers checkpoint "
                           "can say: it needs a transformers model, not an ONNX file")
+    graph, formats = cap.graph, resolve_formats(formats, cap)
+    hf_arch = architecture(cap.source.module) if "hf" in formats or hf_compatible else None
+    written_arch = hf_arch if "hf" in formats else None  # a standard checkpoint is written for it
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
                         attn_lengths=attn_lengths, validation_len=validation_len)
     workload = shapes.workload
@@ -121,7 +121,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     if (budget >= 1.0 and replayed is None) or replayed == []:
         result.predicted = cost_model.ratios(structure_of(graph, [])) if replayed is not None else \
             {o: 1.0 for o in OBJECTIVES}
-        return _compiled(dense, dense, result, report, cap, formats, stages, _standard(graph, [], hf_arch))
+        return _compiled(dense, dense, result, report, cap, formats, stages,
+                         _standard(graph, [], written_arch))
 
     prepared = _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
                          shapes=shapes, passes=passes, replayed=replayed, calib=calib,
@@ -161,7 +162,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             variant = apply_options(dense.clone(), chosen, prof.signals)
             kl = heldout.divergence(variant)
         report["search"] = {"measured_kl_heldout": kl}
-    standard = _standard(graph, chosen, hf_arch)  # refused here, before refit and evaluation
+    standard = _standard(graph, chosen, written_arch)  # refused here, before refit and evaluation
     if chosen and refit:
         with stages("refit"):
             variant, report["refit"] = refitted(dense, variant, kl, chosen, cal, heldout, progress)

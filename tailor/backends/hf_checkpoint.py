@@ -20,6 +20,8 @@ from tailor.core.errors import TailorError
 
 # where a standard checkpoint sits inside an artifact
 HF_DIR = "hf"
+# the FFN width architecture() builds its probe with
+PROBE_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,25 @@ def _with_biases(config, on: bool):
 
 
 def architecture(module: nn.Module) -> StandardArchitecture:
-    """Probe the model's architecture: does a config with attention_bias / mlp_bias set put a bias
-    on the output and down projections, and does it name the FFN width and head counts."""
-    config = module.config
+    """Probe the model's architecture with a one-layer config of another shape (one query head per
+    KV head, an FFN 8 wide, attention_bias and mlp_bias set where it has them): do its weights take
+    that shape, and do the output and down projections get a bias."""
+    config = copy.deepcopy(module.config)
     name = type(module).__name__
-    widths = all(isinstance(getattr(config, a, None), int)
-                 for a in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
     try:
-        probe = _layer_weights(_meta_model(_with_biases(config, True)))
-    except Exception:  # an architecture AutoModelForCausalLM cannot build has no standard form here
+        kv = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe_config = _with_biases(config, True)
+        probe_config.num_hidden_layers, probe_config.num_attention_heads = 1, kv
+        probe_config.head_dim, probe_config.intermediate_size = head_dim, PROBE_WIDTH
+        if isinstance(getattr(probe_config, "layer_types", None), list):
+            probe_config.layer_types = probe_config.layer_types[:1]
+        probe = _layer_weights(_meta_model(probe_config))
+    except Exception:  # a config without these names, or an architecture AutoModelForCausalLM lacks
         return StandardArchitecture(name, False, False, False)
-    out, down = _projection(probe, "o_proj"), _projection(probe, "down_proj")
+    q, out, down = (_projection(probe, p) for p in ("q_proj", "o_proj", "down_proj"))
+    widths = q is not None and down is not None and probe[f"{q}.weight"][0] == kv * head_dim \
+        and probe[f"{down}.weight"][1] == PROBE_WIDTH
     return StandardArchitecture(name, out is not None and f"{out}.bias" in probe,
                                 down is not None and f"{down}.bias" in probe, widths)
 
