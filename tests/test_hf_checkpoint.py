@@ -20,6 +20,7 @@ from tailor.passes.search import REMOVED, Uniform, solve
 from tailor.passes.standard import unsayable
 from tests.conftest import ids_for
 from tests.test_cli_errors import _fails
+from tests.test_plan_replay import _plan_with
 
 SMALL = ["--calib-windows", "4", "--calib-len", "32", "--prompt-len", "64"]
 RESTRICTED = {"layer_skip", "ffn_prune", "head_prune"}
@@ -61,17 +62,9 @@ def restricted(tiny_hf_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("restricted") / "art"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TAILOR_CACHE", str(out.parent / "cache"))
-        assert optimize_main([str(tiny_hf_dirs["llama"]), "--budget", "0.6", "-o", str(out), "--hf-compatible",
-                         *SMALL]) == 0
+        assert optimize_main([str(tiny_hf_dirs["llama"]), "--budget", "0.6", "-o", str(out),
+                              "--hf-compatible", *SMALL]) == 0
     return out
-
-
-def _plan_with(artifact, tmp_path, rewrites) -> str:
-    plan = json.loads((artifact / "plan.json").read_text())
-    plan["rewrites"] = rewrites
-    path = tmp_path / "edited.json"
-    path.write_text(json.dumps(plan))
-    return str(path)
 
 
 def _ffn(layer: int, keep: int) -> dict:
