@@ -142,8 +142,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
                                                 heldout, meter, estimated, prepared.settings["device"], same)
             meter.close()
-            if search.refined:
-                prof.add_measured(search.refined)
+            refined = (free.refined if hf_compatible else {}) | search.refined
+            if refined:
+                prof.add_measured(refined)
                 if use_cache:  # a compile at another budget starts from them
                     store(prof)
         chosen = search.chosen
