@@ -14,6 +14,7 @@ from typing import Any
 
 from tailor.backends import backend_for
 from tailor.backends.base import Backend
+from tailor.backends.hf_checkpoint import HF_DIR, StandardArchitecture, StandardShape, architecture
 from tailor.core.dispatch import resolve_max_memory
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
@@ -25,6 +26,7 @@ from tailor.passes.cost import CostModel
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
+from tailor.passes.standard import sayable, standard_shape, uniform
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
 from tailor.stages.artifact import Compiled, describe, load, max_positions, placement, resolve_formats
@@ -53,7 +55,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             refit: bool = True, use_cache: bool = True, progress: bool = False,
-            stages: StageLog | None = None) -> Compiled:
+            hf_compatible: bool = False, stages: StageLog | None = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`
@@ -73,7 +75,11 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     spread by accelerate: files are loaded with device_map="auto" over the devices `max_memory`
     names ({0: "70GiB", 1: "70GiB", "cpu": "100GiB"}, or "0=70GiB,1=70GiB,cpu=100GiB"), or over
     every GPU and host memory where they do not fit the GPU; a module dispatched by accelerate
-    already is compiled as it is placed, and the result stays dispatched the same way."""
+    already is compiled as it is placed, and the result stays dispatched the same way.
+    Format "hf" also writes a standard transformers checkpoint (tailor.backends.hf_checkpoint),
+    refused where the plan has rewrites a standard config cannot say; `hf_compatible` searches
+    only plans it can say (and adds "hf" to the default formats), measuring the unrestricted
+    plan too: report["hf_compatible"] compares the two."""
     stages = stages or StageLog()
     given = _saved_plan(plan) if plan is not None else None
     if given is not None:
@@ -84,12 +90,22 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     else:
         budget = check_budget(budget)
         _check_request(objective, passes)
+    if hf_compatible and given is not None:
+        raise TailorError("hf_compatible (--hf-compatible) restricts the search, and a replayed plan is not "
+                          "searched; format hf writes it as a standard checkpoint where that can be said")
+    if hf_compatible and formats is None:
+        formats = ("safetensors", "hf")
 
     with stages("capture"):
         cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
                       max_memory=resolve_max_memory(max_memory))
         dense = backend_for(cap)
+    if hf_compatible and cap.source.backend != "torch":
+        raise TailorError("hf_compatible (--hf-compatible) searches what a standard transformers checkpoint "
+                          "can say: it needs a transformers model, not an ONNX file")
     graph, formats = cap.graph, resolve_formats(formats, cap)
+    hf_arch = architecture(cap.source.module) if "hf" in formats or hf_compatible else None
+    written_arch = hf_arch if "hf" in formats else None  # a standard checkpoint is written for it
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
                         attn_lengths=attn_lengths, validation_len=validation_len)
     workload = shapes.workload
@@ -105,34 +121,49 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     if (budget >= 1.0 and replayed is None) or replayed == []:
         result.predicted = cost_model.ratios(structure_of(graph, [])) if replayed is not None else \
             {o: 1.0 for o in OBJECTIVES}
-        return _compiled(dense, dense, result, report, cap, formats, stages)
+        return _compiled(dense, dense, result, report, cap, formats, stages,
+                         _standard(graph, [], written_arch))
 
     prepared = _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
                          shapes=shapes, passes=passes, replayed=replayed, calib=calib,
                          tokenizer=tokenizer, calib_windows=calib_windows, seed=seed,
-                         retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
+                         retrieval_template=retrieval_template, use_cache=use_cache, progress=progress,
+                         restricted=hf_arch if hf_compatible else None)
     prof, options, meter = prepared.profile, prepared.options, prepared.meter
     heldout, cal = prepared.heldout, prepared.calibration
     if replayed is None:
         with stages("search"):
+            estimated, same = set(prof.option_estimate), ()
+            if hf_compatible:  # what the restriction costs: the unrestricted plan, measured alike
+                free, _, free_kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
+                                                 heldout, meter, estimated, prepared.settings["device"])
+                estimated -= set(free.refined)
+                options, same = sayable(options, hf_arch), uniform(graph)
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
-                                                heldout, meter, set(prof.option_estimate),
-                                                prepared.settings["device"])
+                                                heldout, meter, estimated, prepared.settings["device"], same)
             meter.close()
-            if search.refined:
-                prof.add_measured(search.refined)
+            refined = (free.refined if hf_compatible else {}) | search.refined
+            if refined:
+                prof.add_measured(refined)
                 if use_cache:  # a compile at another budget starts from them
                     store(prof)
         chosen = search.chosen
         report["search"] = {"predicted_kl": search.predicted_kl, "measured_kl_heldout": search.measured_kl,
                             "iterations": search.iterations, "candidates": len(options),
                             "options_measured": len(search.refined), "max_plan_checks": search.max_checks}
+        if hf_compatible:
+            report["hf_compatible"] = {
+                "measured_kl_heldout": kl, "unrestricted_measured_kl_heldout": free_kl,
+                "unrestricted_plan": [o.label for o in free.chosen],
+                "measured": "both plans searched at this budget and measured on the same held-out "
+                            "calibration data, before the sequential refit"}
     else:
         chosen = replayed
         with stages("rewrite"):
             variant = apply_options(dense.clone(), chosen, prof.signals)
             kl = heldout.divergence(variant)
         report["search"] = {"measured_kl_heldout": kl}
+    standard = _standard(graph, chosen, written_arch)  # refused here, before refit and evaluation
     if chosen and refit:
         with stages("refit"):
             variant, report["refit"] = refitted(dense, variant, kl, chosen, cal, heldout, progress)
@@ -148,7 +179,12 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),
                                               tokenizer_path(cap.source, tokenizer), graph.task,
                                               max_len=min(lengths, default=None))
-    return _compiled(dense, variant, result, report, cap, formats, stages)
+    return _compiled(dense, variant, result, report, cap, formats, stages, standard)
+
+
+def _standard(graph, chosen: list[Option], arch: StandardArchitecture | None) -> StandardShape | None:
+    """The plan's standard checkpoint shape where format hf is asked for (None otherwise)."""
+    return standard_shape(graph, chosen, arch) if arch is not None else None
 
 
 @dataclass
@@ -200,16 +236,19 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
 def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict, stages: StageLog, *,
               budget: float, objective: str, shapes: Shapes, passes: list[str] | None,
               replayed: list[Option] | None, calib, tokenizer, calib_windows, seed: int,
-              retrieval_template, use_cache: bool, progress: bool) -> Prepared:
+              retrieval_template, use_cache: bool, progress: bool,
+              restricted: StandardArchitecture | None = None) -> Prepared:
     """Calibrate and profile the passes worth searching (a replayed plan's: signals only), and
-    price their options."""
+    price their options. `restricted`: the budget must be reachable by what a standard config of
+    that architecture can say."""
     passes_given = passes is not None
     passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
     lengths = shapes.attn_lengths
     grid = default_grid(max(lengths))
     if replayed is None:
         passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
-                             lengths=lengths, objective=objective, budget=budget, report=report)
+                             lengths=lengths, objective=objective, budget=budget, report=report,
+                             restricted=restricted)
 
     with stages("calibrate"):
         cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, shapes.calib_len, seed)
@@ -254,7 +293,8 @@ def _replayed_options(given: Plan, plan: str | Path | Plan, cap: Captured, dense
 
 
 def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: CostModel, grid, lengths,
-                objective: str, budget: float, report: dict) -> list[str]:
+                objective: str, budget: float, report: dict,
+                restricted: StandardArchitecture | None = None) -> list[str]:
     """The passes worth searching, and a check before any calibration that the budget can be
     reached at all (costs depend on shapes only)."""
     graph = dense.graph
@@ -269,12 +309,22 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
                 f"at this workload (< {MIN_PATTERN_HEADROOM:.0%}); ask for it with passes")
     structural = candidates_for(graph, neutral, passes)
     price(structural, cost_model)
+    if restricted is not None:
+        check_reachable(sayable(structural, restricted), cost_model, budget, objective, uniform(graph))
     check_reachable(structural, cost_model, budget, objective)
     return passes
 
 
 def _compiled(dense: Backend, rewritten: Backend, plan: Plan, report: dict, cap: Captured,
-              formats: tuple[str, ...], stages: StageLog) -> Compiled:
+              formats: tuple[str, ...], stages: StageLog, standard: StandardShape | None = None) -> Compiled:
     report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
     report["stages"] = stages.to_json()
-    return Compiled(rewritten.runnable(), plan, report, cap.graph, cap.source, formats, rewritten=rewritten)
+    if standard is not None:
+        report["hf_checkpoint"] = {"folder": HF_DIR, "architecture": type(cap.source.module).__name__,
+                                   "layers": len(standard.kept_layers),
+                                   "kept_layers": list(standard.kept_layers),
+                                   "intermediate_size": standard.ffn_width,
+                                   "num_attention_heads": standard.heads,
+                                   "num_key_value_heads": standard.kv_heads}
+    return Compiled(rewritten.runnable(), plan, report, cap.graph, cap.source, formats, rewritten=rewritten,
+                    standard=standard)

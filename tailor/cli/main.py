@@ -29,7 +29,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
     "validation_len": None, "retrieval_template": None, "plan": None, "device": "auto", "dtype": "auto",
-    "max_memory": None,
+    "max_memory": None, "hf_compatible": False,
 }
 
 
@@ -83,9 +83,15 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "instead of searching; its budget, objective and workload apply")
     p.add_argument("--sweep", help="comma list of budgets: one artifact each under OUT, plus "
                    "OUT/pareto.png (quality vs budget beside single-technique plans)")
-    p.add_argument("--format", help="comma list of safetensors,onnx,tvm (torch inputs; default "
+    p.add_argument("--format", help="comma list of safetensors,onnx,tvm,hf (torch inputs; default "
                    "safetensors); ONNX inputs always give ONNX, and a TVM CPU build with tvm "
-                   "(for batch × prompt-len inputs)")
+                   "(for batch × prompt-len inputs); hf: a standard transformers checkpoint in OUT/hf "
+                   "(AutoModelForCausalLM.from_pretrained, vLLM, SGLang, TGI), refused for plans a "
+                   "standard config cannot say")
+    p.add_argument("--hf-compatible", action="store_true", default=None,
+                   help="search only plans a standard transformers config can say (whole layers "
+                   "removed, one FFN width, one head count) and write them with --format hf (added "
+                   "by default); the unrestricted plan is measured too, and the report compares them")
     p.add_argument("--config", help="TOML or YAML file of these options (an artifact's run.yaml "
                    "replays its run)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
@@ -259,8 +265,10 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     import torch
 
     import tailor
+    from tailor.backends.hf_checkpoint import HF_DIR
     from tailor.core.devices import DTYPES, tolerance
     from tailor.quality.validate import Check, as_json, check_onnx, compare_outputs
+    from tailor.rewriter.capture import load_hf_directory
     from tailor.stages.artifact import reference_outputs
     from tailor.stages.log import StageLog
 
@@ -281,7 +289,7 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
                               retrieval_template=cfg["retrieval_template"], plan=cfg["plan"],
                               device=cfg["device"], dtype=cfg["dtype"], max_memory=cfg["max_memory"],
-                              stages=stages)
+                              hf_compatible=bool(cfg["hf_compatible"]), stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:
@@ -306,7 +314,15 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
             got = reloaded.model(torch.from_numpy(ids)).float().cpu().numpy()
         if (tmp / "model.onnx").is_file():
             checks.append(check_onnx(tmp / "model.onnx"))
-        checks.extend(compare_outputs(expected, got, tolerance(DTYPES.get(placed["dtype"], torch.float32))))
+        atol = tolerance(DTYPES.get(placed["dtype"], torch.float32))
+        checks.extend(compare_outputs(expected, got, atol))
+        if (tmp / HF_DIR).is_dir():  # the standard checkpoint, as transformers alone loads it
+            standard = load_hf_directory(tmp / HF_DIR, device=device, dtype=placed["dtype"],
+                                         max_memory=cfg["max_memory"])
+            with torch.no_grad():
+                got = standard(torch.from_numpy(ids).to(standard.device)).logits.float().cpu().numpy()
+            checks.extend(Check(f"hf_{c.name}", c.ok, f"{HF_DIR}/ (AutoModelForCausalLM): {c.detail}")
+                          for c in compare_outputs(expected, got, atol))
         if (tmp / "tvm.json").is_file():  # the build checked itself against onnxruntime
             t = json.loads((tmp / "tvm.json").read_text())
             checks.append(Check("tvm", True, f"TVM build ({t['target']}, {t['shape'][0]} × {t['shape'][1]} "
@@ -400,6 +416,11 @@ def print_summary(compiled, out: Path) -> None:
                   f"{after:.4f}: {'kept' if refit['kept'] else 'not kept'})")
     elif search and search.get("measured_kl_heldout") is not None:
         t.add_row("KL to original (held-out calib)", f"{search['measured_kl_heldout']:.4f}")
+    restricted = compiled.report.get("hf_compatible")
+    if restricted:
+        free, kl = restricted["unrestricted_measured_kl_heldout"], restricted["measured_kl_heldout"]
+        t.add_row("--hf-compatible cost (held-out KL, before refit)",
+                  f"{kl:.4f} vs {free:.4f} unrestricted" + (f" (×{kl / free:.2f})" if free > 0 else ""))
     measured = [it for it in (search or {}).get("iterations", []) if it.get("measured_kl") is not None]
     if measured:
         best = min(measured, key=lambda it: it["measured_kl"])

@@ -11,6 +11,14 @@ out over the chosen options (half by estimate, half equally, so that an option e
 be found out too) and solves again; the plan each pass reaches alone is measured as well, and
 the best measured plan wins. Deterministic: HiGHS on the
 same inputs returns the same solution and ties break on option order.
+
+Some plans must also keep a value the same on every layer (a standard transformers config says
+one FFN width: tailor.passes.standard). Such a `Uniform` is a joint constraint, added to the
+same MILP with one binary z_v per value v the options can give (none chosen: every layer keeps
+its own, dense, value):
+               Σ_v z_v ≤ 1
+               Σ_{o on layer i giving v} x_o ≤ z_v                      for every layer i, value v
+               Σ_{o on layer i giving v or removing i} x_o ≥ z_v        for every layer i, value v
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import copy
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -27,6 +35,18 @@ from tailor.core.errors import TailorError
 from tailor.passes.base import Option
 from tailor.passes.cost import OBJECTIVES, CostModel, Structure
 from tailor.passes.registry import PASSES
+
+# what a Uniform's value function returns for an option that removes its layer (exempt from it)
+REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """A per-layer value that every layer not removed must share: `value(option)` is the value the
+    option gives its layer, REMOVED, or None where the option leaves the value alone."""
+    name: str
+    value: Callable[[Option], Hashable | None]
+    layers: int
 
 
 def structure_of(graph, options: list[Option]) -> Structure:
@@ -57,15 +77,52 @@ def _claims_matrix(options: list[Option]):
     return rows
 
 
-def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray) -> list[int]:
-    """Indices of the options no other option of the same claims beats: one that saves at least
-    as much (cost ≤) at a loss no greater wins. Removing the rest keeps every optimum's value
-    (swap a dominated option for its better: same claims, budget still met, loss not higher),
+def _uniform_rows(options: list[Option], uniform: tuple[Uniform, ...]) -> tuple[int, list[LinearConstraint]]:
+    """The z variables (after the options' x) and the rows that make each Uniform hold (the
+    module's docstring); every row spans x and z."""
+    n, blocks = len(options), []
+    for u in uniform:
+        given = [u.value(o) for o in options]
+        values = sorted({v for v in given if v is not None and v != REMOVED}, key=repr)
+        blocks.append((given, values))
+    z = sum(len(values) for _, values in blocks)
+    rows, lower, upper = [], [], []
+    offset = n
+    for (given, values), u in zip(blocks, uniform):
+        one = np.zeros(n + z)
+        one[offset:offset + len(values)] = 1.0
+        rows.append(one), lower.append(-np.inf), upper.append(1.0)
+        for k, v in enumerate(values):
+            for layer in range(u.layers):
+                at = [j for j, o in enumerate(options) if o.layer == layer]
+                chosen, allowed = np.zeros(n + z), np.zeros(n + z)
+                chosen[[j for j in at if given[j] == v]] = 1.0
+                allowed[[j for j in at if given[j] == v or given[j] == REMOVED]] = 1.0
+                chosen[offset + k] = allowed[offset + k] = -1.0
+                rows += [chosen, allowed]
+                lower += [-np.inf, 0.0]
+                upper += [0.0, np.inf]
+        offset += len(values)
+    if not rows:
+        return 0, []
+    return z, [LinearConstraint(np.array(rows), lower, upper)]
+
+
+def _padded(constraint_rows: np.ndarray, z: int) -> np.ndarray:
+    return np.hstack([constraint_rows, np.zeros((len(constraint_rows), z))]) if z else constraint_rows
+
+
+def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray,
+                uniform: tuple[Uniform, ...] = ()) -> list[int]:
+    """Indices of the options no other option of the same claims (and the same values of every
+    Uniform) beats: one that saves at least as much (cost ≤) at a loss no greater wins. Removing
+    the rest keeps every optimum's value (swap a dominated option for its better: same claims,
+    budget still met, loss not higher),
     and HiGHS's own presolve found the same columns in 7 s for a 1B model's 9.6K options, a
     quadratic search this does in milliseconds by sorting each claim group."""
     groups: dict[tuple, list[int]] = {}
     for j, o in enumerate(options):
-        groups.setdefault(tuple(sorted(o.claims)), []).append(j)
+        groups.setdefault((tuple(sorted(o.claims)), tuple(repr(u.value(o)) for u in uniform)), []).append(j)
     kept = []
     for members in groups.values():
         lowest = np.inf
@@ -77,36 +134,39 @@ def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray) -> 
 
 
 def solve(options: list[Option], losses: np.ndarray, objective: str, limit: float,
-          dense_cost: float) -> list[Option]:
+          dense_cost: float, uniform: tuple[Uniform, ...] = ()) -> list[Option]:
     """The options minimising total loss with total cost change ≤ limit (a negative fraction of
-    the dense cost). Costs enter as fractions of the dense cost: in seconds they would be far
-    below the solver's feasibility tolerance."""
+    the dense cost), each Uniform holding. Costs enter as fractions of the dense cost: in seconds
+    they would be far below the solver's feasibility tolerance."""
     if not options:
         return []
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
-    kept = undominated(options, cost, losses)
+    kept = undominated(options, cost, losses, uniform)
     options, cost, losses = [options[j] for j in kept], cost[kept], np.asarray(losses)[kept]
+    z, same = _uniform_rows(options, uniform)
     # a tiny preference for cheaper plans among equal losses keeps the choice stable
-    c = losses + 1e-12 * cost / (np.abs(cost).max() or 1.0)
-    cons = [LinearConstraint(cost[None, :], -np.inf, limit)]
+    c = np.concatenate([losses + 1e-12 * cost / (np.abs(cost).max() or 1.0), np.zeros(z)])
+    cons = [LinearConstraint(_padded(cost[None, :], z), -np.inf, limit)] + same
     claims = _claims_matrix(options)
     if len(claims):
-        cons.append(LinearConstraint(claims, -np.inf, 1.0))
+        cons.append(LinearConstraint(_padded(claims, z), -np.inf, 1.0))
     res = _milp(c, cons)
     if res.x is None:
         return None
     return [o for o, x in zip(options, res.x) if x > 0.5]
 
 
-def smallest_ratio(options: list[Option], objective: str, dense_cost: float) -> float:
-    """The lowest cost ratio any combination of the options reaches."""
+def smallest_ratio(options: list[Option], objective: str, dense_cost: float,
+                   uniform: tuple[Uniform, ...] = ()) -> float:
+    """The lowest cost ratio any combination of the options reaches (each Uniform holding)."""
     if not options:
         return 1.0
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
-    kept = undominated(options, cost, np.zeros(len(options)))  # the most saving of each group
+    kept = undominated(options, cost, np.zeros(len(options)), uniform)  # the most saving of each group
     options, cost = [options[j] for j in kept], cost[kept]
-    cons = [LinearConstraint(_claims_matrix(options), -np.inf, 1.0)]
-    res = _milp(cost, cons)
+    z, same = _uniform_rows(options, uniform)
+    cons = [LinearConstraint(_padded(_claims_matrix(options), z), -np.inf, 1.0)] + same
+    res = _milp(np.concatenate([cost, np.zeros(z)]), cons)
     return 1.0 + float(res.fun)
 
 
@@ -125,16 +185,18 @@ def _milp(c: np.ndarray, constraints: list):
         os.close(saved)
 
 
-def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str) -> None:
+def check_reachable(options: list[Option], cost_model: CostModel, budget: float, objective: str,
+                    uniform: tuple[Uniform, ...] = ()) -> None:
     """Refuse a budget no combination of options reaches, naming the smallest one that is."""
     structure = Structure.dense(cost_model.graph)
     dense = cost_model.total(structure).get(objective)
     # options' savings are fractions of the dense model, the budget one of the input (baseline)
-    floor = smallest_ratio(options, objective, dense) * cost_model.ratio(structure, objective)
+    floor = smallest_ratio(options, objective, dense, uniform) * cost_model.ratio(structure, objective)
     if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
         names = ", ".join(sorted({o.pass_name for o in options})) or "none"
+        same = f" (with {', '.join(u.name for u in uniform)} the same on every layer)" if uniform else ""
         raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
-                          f"{names} the smallest reachable budget is {floor:.3f}")
+                          f"{names}{same} the smallest reachable budget is {floor:.3f}")
 
 
 @dataclass
@@ -150,17 +212,19 @@ class SearchResult:
 def search(options: list[Option], cost_model: CostModel, budget: float, objective: str,
            measure: Callable[[list[Option]], float] | None, *, max_iter: int = 8,
            refine: Callable[[list[Option]], dict[str, float]] | None = None,
-           max_checks: int | None = None, rivals: dict[str, list[Option]] | None = None) -> SearchResult:
+           max_checks: int | None = None, rivals: dict[str, list[Option]] | None = None,
+           uniform: tuple[Uniform, ...] = ()) -> SearchResult:
     """The plan within `budget` of least loss: solved on the options' losses, then measured whole
     (`measure`) and re-solved where the plan costs more than its parts' sum, at most `max_iter`
     times, then `rivals` (named whole plans within budget, e.g. published methods built from the
     same profile) and the best plan of each pass alone; at most `max_checks` plans measured in all.
     `refine(chosen)` measures chosen options whose loss was only estimated (their measured KL by
-    key): a plan is re-solved until those it chooses are measured, before it is measured whole."""
+    key): a plan is re-solved until those it chooses are measured, before it is measured whole.
+    Every plan it solves for keeps each `uniform` value the same on all layers."""
     dense = cost_model.total(Structure.dense(cost_model.graph)).get(objective)
     if budget >= 1.0:
         return SearchResult([], 0.0, 0.0 if measure else None)
-    check_reachable(options, cost_model, budget, objective)
+    check_reachable(options, cost_model, budget, objective, uniform)
     # options' costs are fractions of the dense model they rewrite, the budget one of the input's
     # (which lossless clean-ups may have made the dense model beat: CostModel.baseline)
     base = cost_model.ratio(Structure.dense(cost_model.graph), objective)
@@ -173,7 +237,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     index = {o.key: i for i, o in enumerate(options)}
     refined: dict[str, float] = {}
     for it in range(max_iter):
-        chosen = solve(options, losses, objective, limit, dense)
+        chosen = solve(options, losses, objective, limit, dense, uniform)
         while chosen is not None and refine is not None:
             fresh = refine(chosen)
             if not fresh:
@@ -181,7 +245,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
             refined |= fresh
             for key, kl in fresh.items():
                 options[index[key]].loss = losses[index[key]] = kl
-            chosen = solve(options, losses, objective, limit, dense)
+            chosen = solve(options, losses, objective, limit, dense, uniform)
         if chosen is None or len(tried) >= checks:
             break
         keys = tuple(sorted(o.key for o in chosen))
@@ -239,9 +303,9 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         for name in sorted({o.pass_name for o in options}):
             idx = [i for i, o in enumerate(options) if o.pass_name == name]
             sub = [options[i] for i in idx]
-            if smallest_ratio(sub, objective, dense) * base > budget + 1e-9:
+            if smallest_ratio(sub, objective, dense, uniform) * base > budget + 1e-9:
                 continue
-            chosen = solve(sub, initial[idx], objective, limit, dense)
+            chosen = solve(sub, initial[idx], objective, limit, dense, uniform)
             compete(f"{name} only", chosen, float(sum(o.loss for o in chosen or [])))
     if best is None:
         raise RuntimeError(f"the solver found no plan for budget {budget} although one is reachable")

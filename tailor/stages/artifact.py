@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from tailor.backends.base import Backend
+from tailor.backends.hf_checkpoint import HF_DIR, StandardShape, save_standard
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
@@ -37,7 +38,9 @@ from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import InputShape
 from tailor.runtime.artifact import verify_artifact, write_artifact
 
-FORMATS = ("safetensors", "onnx", "tvm")   # tvm: a CPU build of model.onnx, so it implies onnx
+# tvm: a CPU build of model.onnx, so it implies onnx; hf: a standard transformers checkpoint in
+# the artifact's hf/ folder (tailor.backends.hf_checkpoint)
+FORMATS = ("safetensors", "onnx", "tvm", "hf")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Compiled:
     formats: tuple[str, ...] = ()
     run_config: dict[str, Any] | None = None
     rewritten: Backend | None = field(default=None, repr=False)   # the rewritten model in its backend
+    standard: StandardShape | None = None   # the plan as a standard config says it (format hf)
 
     def generate(self, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
         """Continue token-id prompts with the per-head KV cache (tailor.runtime.generate): Triton
@@ -91,12 +95,17 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
+        folders = [tmp]
+        if "hf" in self.formats:
+            save_standard(self.rewritten.model, src.module, self.standard, tmp / HF_DIR)
+            folders.append(tmp / HF_DIR)
         # the tokenizer: in the HF directory, beside the .onnx file, or in a GGUF's metadata
         tokenizer = src.path.parent if isinstance(src, OnnxSource) else src.path
-        if tokenizer is not None and tokenizer.is_file():
-            load_tokenizer(tokenizer).save_pretrained(tmp)
-        elif tokenizer is not None:
-            _copy_tokenizer(tokenizer, tmp)
+        for folder in folders:
+            if tokenizer is not None and tokenizer.is_file():
+                load_tokenizer(tokenizer).save_pretrained(folder)
+            elif tokenizer is not None:
+                _copy_tokenizer(tokenizer, folder)
 
     def _build_tvm(self, tmp: Path) -> None:
         """model.so + weights from the written model.onnx, for the plan's workload shape."""
@@ -134,6 +143,9 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise TailorError(f"unknown format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if "hf" in formats and cap.graph.task != "causal-lm":
+        raise TailorError(f"format hf writes causal LMs (AutoModelForCausalLM); this model is a "
+                          f"{cap.graph.task}")
     if set(formats) - {"safetensors"} and is_dispatched(cap.source.module):
         raise TailorError("the model is dispatched by accelerate over several devices: it is saved as "
                           "safetensors only (the ONNX export traces the model whole on one device)")
@@ -170,6 +182,8 @@ def load(folder: str | Path, runtime: str | None = None, *, device: str = "cpu",
         model = HFModel(load_rewritten(folder, plan, device, dtype, max_memory))
     elif "model.safetensors" in files or "model.safetensors.index.json" in files:
         model = HFModel(load_hf_directory(folder, device=device, dtype=dtype, max_memory=max_memory))
+    elif f"{HF_DIR}/config.json" in files:  # format hf alone
+        model = HFModel(load_hf_directory(folder / HF_DIR, device=device, dtype=dtype, max_memory=max_memory))
     elif "model.onnx" in files:
         # a graph of fixed length runs shorter inputs padded where that is exact: causal, as compiled
         blocks = report.get("model", {}).get("blocks") or [{"causal": False}]

@@ -15,7 +15,7 @@ from tailor.passes.cost import Allowance, CostModel, forward_flops
 from tailor.passes.profile import OptionMeter, input_lengths
 from tailor.passes.refit import refit_sequentially
 from tailor.passes.registry import apply_options
-from tailor.passes.search import SearchResult, price, search
+from tailor.passes.search import SearchResult, Uniform, price, search
 
 # seconds of work (cost.MEASURE_RATE) for whole plans measured on the held-out data (at least
 # MIN_PLAN_CHECKS, so that one correction of the estimates is measured) and for the options a
@@ -87,12 +87,13 @@ def published_rivals(options: list[Option], cost_model: CostModel, signals, budg
 
 def searched_plan(dense: Backend, options: list[Option], signals, cost_model: CostModel, budget: float,
                   objective: str, heldout: HeldOut, meter: OptionMeter | None = None,
-                  estimated: set[str] = frozenset(), device_kind: str = "cpu"
-                  ) -> tuple[SearchResult, Backend, float]:
+                  estimated: set[str] = frozenset(), device_kind: str = "cpu",
+                  uniform: tuple[Uniform, ...] = ()) -> tuple[SearchResult, Backend, float]:
     """The search's plan, its rewritten model and that model's held-out divergence (the best
     measured model is kept rather than rebuilt). Options whose key is in `estimated` are
     measured by `meter` once a plan chooses them, within REFINE_SECONDS of work (SearchResult.
-    refined); whole plans within PLAN_CHECK_SECONDS."""
+    refined); whole plans within PLAN_CHECK_SECONDS. Every plan keeps each `uniform` value the
+    same on all layers (tailor.passes.search.Uniform)."""
     best: dict[str, Any] = {}
     estimated = set(estimated)
     refine_allowance = Allowance(REFINE_SECONDS, device_kind)
@@ -117,7 +118,8 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
 
     result = search(options, cost_model, budget, objective, measure, max_checks=checks,
                     refine=refine if meter is not None and estimated else None,
-                    rivals=published_rivals(options, cost_model, signals, budget, objective))
+                    rivals=published_rivals(options, cost_model, signals, budget, objective),
+                    uniform=uniform)
     if best.get("keys") == sorted(o.key for o in result.chosen):
         return result, best["model"], best["kl"]
     variant = apply_options(dense.clone(), result.chosen, signals)

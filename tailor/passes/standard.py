@@ -1,0 +1,115 @@
+"""Which plans a standard transformers config can say (`--format hf`, `--hf-compatible`).
+
+A config says how many layers there are, one FFN width, one count of query and KV heads, and
+for some architectures a bias on every attention output or FFN down projection (what head and
+FFN pruning's least-squares refit adds: tailor.backends.hf_checkpoint probes which). So:
+  - layer_skip: always (the layers are renumbered);
+  - ffn_prune, head_prune: where the architecture can say the bias, at one width / one head
+    layout on every kept layer: joint constraints (search.Uniform), not a property of one option;
+  - ffn_skip (the FFN becomes a constant while attention stays), head_prune of every head (the
+    attention becomes a constant), kv_share and attn_pattern (sink + window: a standard sliding
+    window has no sink) cannot be said.
+"""
+from __future__ import annotations
+
+from tailor.backends.hf_checkpoint import StandardArchitecture, StandardShape
+from tailor.core.errors import TailorError
+from tailor.passes.base import Option
+from tailor.passes.search import REMOVED, Uniform
+from tailor.rewriter.graph import TransformerGraph
+
+
+def ffn_width(option: Option):
+    if option.pass_name == "layer_skip":
+        return REMOVED
+    return len(option.choice["channels"]) if option.pass_name == "ffn_prune" else None
+
+
+def head_layout(option: Option):
+    """(KV heads, query heads per KV head) the option leaves."""
+    if option.pass_name == "layer_skip":
+        return REMOVED
+    if option.pass_name == "head_prune":
+        return len(option.choice["kv_heads"]), len(option.choice["queries"][0])
+    return None
+
+
+def uniform(graph: TransformerGraph) -> tuple[Uniform, ...]:
+    return (Uniform("FFN width", ffn_width, graph.num_layers),
+            Uniform("head count", head_layout, graph.num_layers))
+
+
+def unsayable(option: Option, arch: StandardArchitecture) -> str | None:
+    """Why a standard config of this architecture cannot say the option (None: it can, given
+    the Uniform constraints hold)."""
+    name = arch.name
+    if option.pass_name == "layer_skip":
+        return None
+    if option.pass_name == "ffn_prune":
+        if not arch.widths:
+            return f"FFN pruning (a {name} config names no intermediate_size)"
+        return None if arch.down_bias else \
+            f"FFN pruning (its refit biases the down projection; a {name} config cannot say that bias)"
+    if option.pass_name == "head_prune":
+        if not option.choice["kv_heads"]:
+            return "attention dropped while the FFN stays"
+        if not arch.widths:
+            return f"head pruning (a {name} config names no head counts)"
+        return None if arch.out_bias else \
+            f"head pruning (its refit biases the output projection; a {name} config cannot say that bias)"
+    return {"ffn_skip": "FFN skipped while attention stays",
+            "kv_share": "KV cache shared across layers",
+            "attn_pattern": "sink + window attention patterns (a standard sliding window has no sink)",
+            }.get(option.pass_name, option.pass_name)
+
+
+def sayable(options: list[Option], arch: StandardArchitecture) -> list[Option]:
+    """The options a standard config can say, each alone (the search adds `uniform`)."""
+    return [o for o in options if unsayable(o, arch) is None]
+
+
+def _layers(layers) -> str:
+    layers = sorted(layers)
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+
+
+def standard_shape(graph: TransformerGraph, options: list[Option],
+                   arch: StandardArchitecture) -> StandardShape:
+    """The plan as a standard config says it; a TailorError naming every rewrite it cannot say."""
+    reasons: dict[str, list[int]] = {}
+    for o in options:
+        why = unsayable(o, arch)
+        if why is not None:
+            reasons.setdefault(why, []).append(o.layer)
+    problems = [f"{why} on {_layers(layers)}" for why, layers in reasons.items()]
+    kept = [b.index for b in graph.blocks
+            if not any(o.layer == b.index and o.pass_name == "layer_skip" for o in options)]
+    by_layer = {i: [o for o in options if o.layer == i] for i in kept}
+    a = graph.blocks[0].attn
+    dense = {"FFN width": lambda i: graph.blocks[i].ffn.width,
+             "head count": lambda i: (graph.blocks[i].attn.num_kv_heads,
+                                      graph.blocks[i].attn.num_heads // graph.blocks[i].attn.num_kv_heads)}
+    values = {}
+    for u in uniform(graph):
+        per_layer = {}
+        for i in kept:
+            given = [u.value(o) for o in by_layer[i] if u.value(o) is not None]
+            per_layer[i] = given[0] if given else dense[u.name](i)
+        seen: dict = {}
+        for i, v in per_layer.items():
+            seen.setdefault(v, []).append(i)
+        if len(seen) > 1:
+            problems.append(f"{u.name}s differ across layers (" +
+                            "; ".join(f"{_value(v)} on {_layers(ls)}" for v, ls in seen.items()) + ")")
+        values[u.name] = next(iter(seen))
+    if problems:
+        raise TailorError("a standard transformers config cannot say this plan: " + "; ".join(problems) +
+                          " (search only what it can say with --hf-compatible)")
+    kv, per_group = values["head count"]
+    return StandardShape(tuple(kept), values["FFN width"], kv, kv * per_group, a.head_dim,
+                         out_bias=any(o.pass_name == "head_prune" for o in options),
+                         down_bias=any(o.pass_name == "ffn_prune" for o in options))
+
+
+def _value(v) -> str:
+    return f"{v[0]} KV × {v[1]} q heads" if isinstance(v, tuple) else str(v)
