@@ -138,8 +138,11 @@ def calibration_feeds(model: Model, base: Path, count: int = 10) -> list[dict[st
 def quality(model: Model, models: dict[str, OrtModel], base: Path) -> dict[str, float]:
     """Each model's quality against the one keyed "input"."""
     if model.encoder:
-        held_out = docstring_sentences(EVAL_MODULES)[:300]
-        emb = minilm_quality(models | {"original": models["input"]}, load_tokenizer(base.parent), held_out)
+        tok = load_tokenizer(base.parent)
+        # cut to the workload's length: a static-shape input takes no longer sentence
+        held_out = [tok.decode(tok(s)["input_ids"][1:model.prompt_len - 1])
+                    for s in docstring_sentences(EVAL_MODULES)[:300]]
+        emb = minilm_quality(models | {"original": models["input"]}, tok, held_out)
         return {k: emb[k] for k in models}
     tok = load_tokenizer(base.parent)
     eval_ids = tok(read_text(SHARED / "data" / "code-eval.txt"))["input_ids"]
