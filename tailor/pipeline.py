@@ -29,7 +29,7 @@ from tailor.passes.search import check_reachable, price, structure_of
 from tailor.passes.standard import sayable, standard_shape, uniform
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
-from tailor.stages.artifact import Compiled, describe, load, max_positions, placement, resolve_formats
+from tailor.stages.artifact import Compiled, describe, load, placement, resolve_formats
 from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_path
 from tailor.stages.cost import (
     MIN_PATTERN_HEADROOM,
@@ -175,7 +175,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         report["measured_latency"] = measured_latency(cap, dense, variant, workload)
     if eval_text is not None and chosen:
         with stages("evaluate"):
-            lengths = [n for n in (max_positions(graph), input_shape(cap).length) if n is not None]
+            lengths = [n for n in (graph.max_positions, input_shape(cap).length) if n is not None]
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),
                                               tokenizer_path(cap.source, tokenizer), graph.task,
                                               max_len=min(lengths, default=None))

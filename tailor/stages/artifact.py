@@ -242,7 +242,7 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
         "backend": graph.backend, "task": graph.task, "layers": graph.num_layers,
         "hidden_size": graph.hidden_size, "vocab_size": graph.vocab_size,
         "positional": graph.positional, "tied_embeddings": graph.tied_embeddings,
-        "max_positions": max_positions(graph), "params": graph.params,
+        "max_positions": graph.max_positions, "params": graph.params,
         "workload": {"batch": workload.batch, "prompt_len": workload.prompt_len, "gen_len": workload.gen_len},
         "flops": model_flops(graph, workload),
         "blocks": [{
@@ -265,12 +265,6 @@ def placement(cap: Captured) -> dict[str, Any]:
     module = cap.source.module
     placed = {"device": str(module_device(module)), "dtype": str(module.dtype).removeprefix("torch.")}
     return placed | ({"device_map": device_map_summary(module)} if is_dispatched(module) else {})
-
-
-def max_positions(graph: TransformerGraph) -> int | None:
-    """The most positions the model takes: the rows of a learned position table (None for
-    rotary and other schemes, which extrapolate)."""
-    return graph.embedding.position.shape[0] if graph.embedding.position is not None else None
 
 
 def reference_outputs(model: torch.nn.Module, vocab: int, seq_len: int = 16) -> tuple[np.ndarray, np.ndarray]:
