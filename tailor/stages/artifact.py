@@ -101,9 +101,11 @@ class Compiled:
             folders.append(tmp / HF_DIR)
         # the tokenizer: in the HF directory, beside the .onnx file, or in a GGUF's metadata
         tokenizer = src.path.parent if isinstance(src, OnnxSource) else src.path
+        # a file (GGUF) holds it in its metadata: read once, written to each folder
+        from_file = load_tokenizer(tokenizer) if tokenizer is not None and tokenizer.is_file() else None
         for folder in folders:
-            if tokenizer is not None and tokenizer.is_file():
-                load_tokenizer(tokenizer).save_pretrained(folder)
+            if from_file is not None:
+                from_file.save_pretrained(folder)
             elif tokenizer is not None:
                 _copy_tokenizer(tokenizer, folder)
 

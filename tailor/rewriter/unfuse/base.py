@@ -1,13 +1,15 @@
 """What an unfusing rule is: one onnxruntime contrib op, written back as standard ONNX ops."""
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import onnx_ir as ir
 
 MICROSOFT = "com.microsoft"
 
 
-class UnfuseRule:
+class UnfuseRule(abc.ABC):
     """`check` says why a node cannot be written back (None: it can); `rewrite` records the
     standard ops on `tape` and returns the values that replace the node's outputs, in order
     (None for an output nothing reads)."""
@@ -17,8 +19,9 @@ class UnfuseRule:
     def check(self, node: ir.Node) -> str | None:
         return None
 
+    @abc.abstractmethod
     def rewrite(self, tape: ir.tape.Tape, node: ir.Node) -> list[ir.Value | None]:
-        raise NotImplementedError
+        """The replacing values, recorded on `tape`."""
 
 
 def used(value: ir.Value | None) -> bool:
