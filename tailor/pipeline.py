@@ -171,6 +171,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     result.rewrites = [o.to_json() for o in chosen]
     result.predicted = cost_model.ratios(structure_of(graph, chosen))
     report |= profile_report(prof, cal)
+    attn = prepared.settings.get("attn", {})
+    report["calibration"] |= {"retrieval_template": attn.get("template"),
+                              "dense_answered": attn.get("dense_answered"),
+                              "heldout_retrieval_answered": len(heldout.retrieval)}
     if cost_model.measured_ratios:  # priced for this machine: check it here, against the input as given
         report["measured_latency"] = measured_latency(cap, dense, variant, workload)
     if eval_text is not None and chosen:

@@ -227,6 +227,12 @@ def calibration_from_ids(path: Path, vocab: int, window: int, windows: int) -> C
     return _calibration_from_stream(flat, window, windows, str(path), "calibration ids")
 
 
+def text_of_length(cal: Calibration, length: int) -> torch.Tensor:
+    """The calibration tokens, repeated where they are fewer than `length`."""
+    stream = cal.stream
+    return stream.repeat(-(-length // len(stream))) if len(stream) < length else stream
+
+
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
                        template=None, windows_tokens: int = 2048, samples: int = 4,
                        retrieval_weight: float = 0.25, seed: int = 0) -> None:
@@ -235,10 +241,7 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     from tailor.data.retrieval import RetrievalTemplate, make_samples
 
     template = template or RetrievalTemplate()
-    stream = cal.stream
-    longest = max(*lengths, validation_len)
-    if len(stream) < longest:  # short calibration data: repeated to the longest length
-        stream = stream.repeat(-(-longest // len(stream)))
+    stream = text_of_length(cal, max(*lengths, validation_len))
     def count(n: int) -> int:
         return max(1, min(windows_tokens // n, len(stream) // n))
 
@@ -247,7 +250,7 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     # validation windows sit between the profiled ones
     cal.heldout_long_ids = spread_windows(stream, validation_len, count(validation_len), between=True)
     if tokenizer is not None:
-        cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template) for n in lengths}
+        cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
         cal.heldout_retrieval = make_samples(tokenizer, validation_len, samples, seed + 7919 + validation_len,
-                                             template)
+                                             template, stream)
         cal.retrieval_weight = retrieval_weight

@@ -1,12 +1,17 @@
-"""Synthetic long-range retrieval: many `key = value` lines, then a query for one key
-(LongEval "lines"-like). It reveals the heads that read far back, for calibration, and measures
-whether a rewritten model still can, as a probe.
+"""Synthetic long-range retrieval: a `key = value` line somewhere in a long context, then a query
+for that key. It reveals the heads that read far back, for calibration, and measures whether a
+rewritten model still can, as a probe.
 
-The default template is code-shaped (refllama-16m learned exactly this):
+The default template is code-shaped, in LongEval's "lines" form: the whole context is such lines
+(refllama-16m learned exactly this):
     kamo_ruta = 48213
     zibe_lovo = 907
     ...
     assert zibe_lovo == 907
+A pretrained model that never saw the form may not solve it at all (SmolLM2-135M-Instruct: 0 of 8
+at 1K tokens), and then the KL at its answers measures noise. The "text" context puts the one
+queried line into a window of the calibration text instead (a needle in a haystack), which such
+models do answer; `choose_template` keeps the first of TEMPLATES that the dense model answers.
 The queried line sits anywhere in the context. Exact match is teacher-forced: the model's argmax
 at every answer position must be the answer's token; this equals greedy decoding's exact match
 (greedy produces token k+1 from the same prefix as teacher forcing whenever tokens 1..k matched).
@@ -20,6 +25,7 @@ import torch
 
 from tailor.core.errors import TailorError
 
+CONTEXTS = ("lines", "text")
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -30,10 +36,15 @@ class RetrievalTemplate:
     query: str = "assert {key} =="
     answer: str = " {value}"
     max_value: int = 99999
+    # "lines": the context is more lines of the template; "text": the queried line alone, inside
+    # a window of the calibration text
+    context: str = "lines"
 
     @classmethod
     def parse(cls, spec: dict) -> "RetrievalTemplate":
-        t = cls(**{k: spec[k] for k in ("line", "query", "answer", "max_value") if k in spec})
+        t = cls(**{k: spec[k] for k in ("line", "query", "answer", "max_value", "context") if k in spec})
+        if t.context not in CONTEXTS:
+            raise TailorError(f"retrieval template: context {t.context!r} is one of {', '.join(CONTEXTS)}")
         for field, names in (("line", ("key", "value")), ("query", ("key",)), ("answer", ("value",))):
             text = getattr(t, field)
             if any("{" + n + "}" not in text for n in names):
@@ -54,14 +65,27 @@ class RetrievalSample:
     answer_len: int
 
 
+# the forms choose_template tries, in order: refllama-16m's own, then one line in the calibration
+# text, code-shaped and in prose
+TEMPLATES = (
+    RetrievalTemplate(),
+    RetrievalTemplate(line="\n{key} = {value}\n", query="\nassert {key} ==", context="text"),
+    RetrievalTemplate(line="\nThe code word for {key} is {value}. Remember it.\n",
+                      query="\nWhat is the code word for {key}? The code word for {key} is", context="text"),
+)
+
+
 def make_samples(tokenizer, length: int, count: int, seed: int,
-                 template: RetrievalTemplate = RetrievalTemplate()) -> list[RetrievalSample]:
+                 template: RetrievalTemplate = RetrievalTemplate(), text=None) -> list[RetrievalSample]:
     """`count` sequences of exactly `length` tokens (so they batch), the queried line anywhere.
-    Lines are added until the context is full, then cut at the front to fit; the queried line is
-    one that is kept whole."""
+    "lines": lines are added until the context is full, then cut at the front to fit; the queried
+    line is one that is kept whole. "text": the line is put at a random depth of a window of
+    `text` (token ids, at least `length` of them)."""
     rng = random.Random(seed)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    if template.context == "text":
+        return [_in_text(encode, bos, length, rng, template, text) for _ in range(count)]
     samples = []
     for _ in range(count):
         keys: dict[str, int] = {}
@@ -86,6 +110,57 @@ def make_samples(tokenizer, length: int, count: int, seed: int,
         prompt = bos + body[len(body) - room:] + query
         samples.append(RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer)))
     return samples
+
+
+def _in_text(encode, bos: list[int], length: int, rng: random.Random, template: RetrievalTemplate,
+             text) -> RetrievalSample:
+    if text is None or len(text) < length:
+        raise TailorError(f"retrieval probe: the {template.context!r} context needs {length} tokens of text")
+    key, value = _name(rng), rng.randint(0, template.max_value)
+    line = encode(template.line.format(key=key, value=value))
+    query = encode(template.query.format(key=key))
+    answer = encode(template.answer.format(value=value))
+    room = length - len(bos) - len(line) - len(query) - len(answer)
+    if room <= 0:
+        raise TailorError(f"retrieval probe: length {length} is too short for the template")
+    start = rng.randrange(len(text) - room + 1)
+    body = [int(t) for t in text[start:start + room]]
+    at = rng.randrange(room + 1)
+    prompt = bos + body[:at] + line + body[at:] + query
+    return RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer))
+
+
+def answered(run, samples: list[RetrievalSample]) -> float:
+    """Share of `samples` whose answer run(ids [1, T], positions=P) -> logits [1, |P|, V] gets
+    exactly right (teacher-forced), the head run at the answer positions only."""
+    hits = 0
+    with torch.no_grad():
+        for s in samples:
+            positions = torch.arange(s.answer_start - 1, s.answer_start - 1 + s.answer_len)
+            predicted = run(s.ids[None], positions=positions)[0].argmax(-1).cpu()
+            hits += bool((predicted == s.ids[s.answer_start:s.answer_start + s.answer_len]).all())
+    return hits / max(1, len(samples))
+
+
+def choose_template(run, tokenizer, length: int, text, seed: int, samples: int = 4,
+                    enough: float = 0.75) -> tuple[RetrievalTemplate | None, dict[str, float]]:
+    """The first of TEMPLATES whose `samples` sequences of `length` tokens the dense model `run`
+    answers (share ≥ `enough`), else the one it answers most; None where it answers none (then
+    retrieval calibrates nothing). Also each form's share, by its context and line."""
+    shares: dict[str, float] = {}
+    best, best_share = None, 0.0
+    for i, template in enumerate(TEMPLATES):
+        try:
+            drawn = make_samples(tokenizer, length, samples, seed + i, template, text)
+        except TailorError:  # too short for this form
+            continue
+        share = answered(run, drawn)
+        shares[f"{template.context}: {template.line.strip()}"] = share
+        if share > best_share:
+            best, best_share = template, share
+        if share >= enough:
+            break
+    return best, shares
 
 
 def exact_match(logits: torch.Tensor, sample: RetrievalSample) -> bool:

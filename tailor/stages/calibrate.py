@@ -15,8 +15,9 @@ from tailor.data.calibration import (
     calibration_data_free,
     calibration_from_ids,
     calibration_from_text,
+    text_of_length,
 )
-from tailor.data.retrieval import RetrievalTemplate
+from tailor.data.retrieval import RetrievalTemplate, choose_template
 from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
 from tailor.passes.attention_profile import cells_measured
 from tailor.passes.profile import Profile
@@ -86,19 +87,25 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     graph = backend.graph
     if graph.task != "causal-lm" and "attn_pattern" not in passes:
         return {}
-    template = RetrievalTemplate.parse(retrieval_template or {})
     tok = tokenizer_path(source, tokenizer)
     # retrieval sequences need the model's tokenizer: given, or beside the model
     usable = tok is not None and (tokenizer is not None or has_tokenizer(tok))
-    add_attention_data(cal, lengths, validation_len,
-                       load_tokenizer(tok) if usable and graph.task == "causal-lm" else None,
+    tok = load_tokenizer(tok) if usable and graph.task == "causal-lm" else None
+    template, answered = None, None
+    if retrieval_template is not None:
+        template = RetrievalTemplate.parse(retrieval_template)
+    elif tok is not None:
+        template, answered = choose_template(backend.runnable(), tok, min(lengths),
+                                              text_of_length(cal, min(lengths)), seed)
+    add_attention_data(cal, lengths, validation_len, tok if template is not None else None,
                        template=template, seed=seed)
     if "attn_pattern" not in passes:
         return {}
     sequences = {n: len(cal.attn_texts.get(n, [])) + len(cal.retrieval.get(n, [])) for n in lengths}
     measured = None if measure_all else list(cells_measured(graph, sequences, device_kind).values())
-    return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid], "template": asdict(template),
-                     "retrieval": cal.retrieval_weight, "measured": measured}}
+    return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid],
+                     "template": asdict(template) if template is not None else None,
+                     "dense_answered": answered, "retrieval": cal.retrieval_weight, "measured": measured}}
 
 
 def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:

@@ -38,21 +38,27 @@ class HeldOut:
         # vocabulary's logits took 3 GiB of a GPU
         self.reference = [[o.cpu() for o in dense.stream(t, positions=p)]
                           for t, p in zip(self.texts, self.positions)]
-        self.retrieval = [s.ids for s in cal.heldout_retrieval]
-        self.ret_reference = self._answers(dense)
+        # only the sequences the dense model answers: where it fails, a plan's distance from its
+        # answer is noise, not retrieval lost
+        self.retrieval = cal.heldout_retrieval
+        answers = self._answers(dense)
+        kept = [i for i, (a, s) in enumerate(zip(answers, self.retrieval))
+                if bool((a[0].argmax(-1).cpu() == s.ids[s.answer_start:]).all())]
+        self.retrieval = [self.retrieval[i] for i in kept]
+        self.ret_reference = [answers[i] for i in kept]
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
         run = backend.runnable()
         with torch.no_grad():
-            return [run(ids[None], positions=torch.arange(s.answer_start - 1, len(ids) - 1)).float()
-                    for ids, s in zip(self.retrieval, self.cal.heldout_retrieval)]
+            return [run(s.ids[None], positions=torch.arange(s.answer_start - 1, len(s.ids) - 1)).float()
+                    for s in self.retrieval]
 
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
         texts = sum(forward_flops(self.graph, n, head_tokens=None if p is None else len(p))
                     for t, p in zip(self.texts, self.positions) for n in input_lengths(t))
-        answers = sum(forward_flops(self.graph, len(ids), head_tokens=len(ids) - s.answer_start + 1)
-                      for ids, s in zip(self.retrieval, self.cal.heldout_retrieval))
+        answers = sum(forward_flops(self.graph, len(s.ids), head_tokens=len(s.ids) - s.answer_start + 1)
+                      for s in self.retrieval)
         return float(texts + answers)
 
     def divergence(self, backend: Backend) -> float:
