@@ -24,6 +24,7 @@ from tailor.passes.profile import Profile
 from tailor.rewriter.capture import OnnxSource, TorchSource
 
 CALIB_TOKENS = 8192  # default calibration size, in tokens
+CHOOSE_LEN = 1024  # longest sequences the retrieval form is chosen on
 # an encoder's lines are short and its layers cheap: more of them (MiniLM at 0.75, nominal cpu
 # target, benchmarks/encoder_calibration.py: embedding cosine 0.9513 on 8192 tokens of lines,
 # 0.9562 on 16384)
@@ -95,8 +96,11 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     if retrieval_template is not None:
         template = RetrievalTemplate.parse(retrieval_template)
     elif tok is not None:
-        template, answered = choose_template(backend.runnable(), tok, min(lengths),
-                                              text_of_length(cal, min(lengths)), seed)
+        # chosen at a short length (a few forwards): sequences of the profiled lengths that the
+        # dense model does not answer are dropped from the held-out check (stages.search.HeldOut)
+        length = min(CHOOSE_LEN, *lengths)
+        text = text_of_length(cal, length)
+        template, answered = choose_template(backend.runnable(), tok, length, text, seed)
     add_attention_data(cal, lengths, validation_len, tok if template is not None else None,
                        template=template, seed=seed)
     if "attn_pattern" not in passes:
