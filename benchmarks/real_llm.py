@@ -169,6 +169,8 @@ def search_summary(report: dict) -> dict:
     return {"heldout_windows": cal.get("heldout_windows"),
             "heldout_retrieval_sequences": cal.get("heldout_retrieval_sequences"),
             "retrieval_weight": cal.get("retrieval_weight"),
+            "retrieval_template": cal.get("retrieval_template"), "dense_answered": cal.get("dense_answered"),
+            "heldout_retrieval_answered": cal.get("heldout_retrieval_answered"),
             "plans": [{"plan": it["iteration"], "rewrites": len(it["options"]),
                        "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"]}
                       for it in search.get("iterations", [])]}
