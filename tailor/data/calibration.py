@@ -251,6 +251,9 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     cal.heldout_long_ids = spread_windows(stream, validation_len, count(validation_len), between=True)
     if tokenizer is not None:
         cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
-        cal.heldout_retrieval = make_samples(tokenizer, validation_len, samples, seed + 7919 + validation_len,
-                                             template, stream)
+        # held out: at the validation length and at the longest profiled one (the workload's), so
+        # that a plan which reads far enough at the one but not at the other is seen
+        cal.heldout_retrieval = [
+            s for n in sorted({validation_len, max(lengths)})
+            for s in make_samples(tokenizer, n, samples, seed + 7919 + n, template, stream)]
         cal.retrieval_weight = retrieval_weight
