@@ -23,7 +23,7 @@ from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.rewriter.modules.decoding import ACTIVE
 from tailor.rewriter.modules.shared_kv import SharedKVAttention
-from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, register
+from tailor.rewriter.modules.sparse_attention import RUNTIME_IMPLEMENTATION, dispatching_module, register
 from tailor.runtime.kv_cache import HeadLayout, LayerCache
 
 
@@ -151,7 +151,7 @@ class Generator:
 
     def _run(self, **inputs) -> torch.Tensor:
         saved = self.model.config._attn_implementation
-        self.model.config._attn_implementation = IMPLEMENTATION
+        self.model.config._attn_implementation = RUNTIME_IMPLEMENTATION
         token = ACTIVE.set(self.state)
         try:
             return self._forward(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
