@@ -55,7 +55,8 @@ class DecodeState:
             if key in self.writers:
                 cache.write_prompt(self.row, k[0], v[0])
             sinks, windows = self.prefill_spans(key, k.shape[2], q.device)
-            out = ops.sparse_prefill(q, k, v, sinks, windows, causal, scale)
+            # called outside torch.compile's graphs (_attend_generating): no custom-op dispatch
+            out = ops.sparse_prefill_direct(q, k, v, sinks, windows, causal, scale)
             return out.transpose(1, 2)
         if key in self.writers:
             cache.write_token(k[:, :, 0], v[:, :, 0], self.lengths)
