@@ -50,6 +50,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    prefill = getattr(module, "tailor_prefill", None)
+    if prefill is not None:  # tailor's runtime prefills a prompt (traced by torch.compile)
+        return prefill(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                       causal), None
     generated = _attend_generating(module, query, key, value, scaling, causal)
     if generated is not None:
         return generated, None
