@@ -195,8 +195,9 @@ def profile_prefill(dense, ours, out: Path, variants: list[str]) -> None:
                 torch.cuda.synchronize()
                 syncs: dict[str, str] = {}
 
-                def note(message, *args, **kwargs):
-                    syncs.setdefault(str(message)[:80], "".join(traceback.format_stack(limit=12)[:-1]))
+                def note(message, *args, **kwargs):  # one entry per place that syncs
+                    stack = traceback.format_stack(limit=12)[:-2]
+                    syncs.setdefault(stack[-1].strip().splitlines()[0], "".join(stack))
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     with warnings.catch_warnings():
@@ -213,8 +214,8 @@ def profile_prefill(dense, ours, out: Path, variants: list[str]) -> None:
             kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
             text = (f"{name} {variant} prefill {PROMPT}: {ms:.2f} ms/call, "
                     f"host issues it in {issued:.2f} ms, "
-                    f"CUDA kernels {kernels:.2f} ms; syncs: {', '.join(syncs) or 'none seen'}\n"
-                    + "".join(f"--- sync: {k}\n{v}" for k, v in list(syncs.items())[-2:])
+                    f"CUDA kernels {kernels:.2f} ms; {len(syncs)} places that sync the device\n"
+                    + "".join(f"--- sync:\n{v}" for v in list(syncs.values())[:4])
                     + events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80)
                     + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=80))
             (out / f"profile_prefill_{name}_{variant}.txt").write_text(text)
