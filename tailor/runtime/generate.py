@@ -12,6 +12,7 @@ Pruned heads and skipped layers need nothing here: the model no longer has them.
 """
 from __future__ import annotations
 
+import array
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from tailor.core.patterns import Pattern
 from tailor.rewriter.modules.decoding import ACTIVE
 from tailor.rewriter.modules.shared_kv import SharedKVAttention
 from tailor.rewriter.modules.sparse_attention import RUNTIME_IMPLEMENTATION, dispatching_module, register
-from tailor.runtime.kv_cache import HeadLayout, LayerCache, prompt_indices, write_prompt, write_prompt_direct
+from tailor.runtime.kv_cache import HeadLayout, LayerCache, prompt_indices, write_prompt_rows
 
 
 @dataclass(eq=False)
@@ -34,7 +35,8 @@ class PrefillStep:
     length, as device tensors made before the model runs. While Generator.prefill runs the model,
     each attention module that transformers' interface dispatches holds its step as
     `module.tailor_prefill` (sparse_attention_forward calls it): under torch.compile the prefill's
-    attention is then traced into the model's graph (custom ops), and the whole forward compiles as
+    attention is then traced into the model's graph (the cache writes as they are, the kernel as a
+    custom op), and the whole forward compiles as
     one graph, where a call out to the runtime's state (what decoding does) splits it at every layer
     (measured: SmolLM2-135M's 16K prefill issued ~30 ms of host work for 12 ms of kernels)."""
     cache: LayerCache | None
@@ -48,11 +50,11 @@ class PrefillStep:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  causal: bool = True) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] (rotary applied) -> [1, T, Hq, D]."""
-        traced = torch.compiler.is_compiling()  # eager: no custom-op dispatch (~40 µs a call)
         if self.cache is not None:
-            write = write_prompt if traced else write_prompt_direct
-            write(self.cache.k, self.cache.v, k[0], v[0], self.slots, self.rows, self.row, self.every)
-        attend = ops.sparse_prefill if traced else ops.sparse_prefill_direct
+            c = self.cache
+            write_prompt_rows(c.k, c.v, k[0], v[0], self.slots, self.rows, self.row, self.every)
+        # eagerly without the custom op's dispatch (~40 µs a call)
+        attend = ops.sparse_prefill if torch.compiler.is_compiling() else ops.sparse_prefill_direct
         return attend(q, k, v, self.sinks, self.windows, causal, scale).transpose(1, 2)
 
 
@@ -202,14 +204,15 @@ class Generator:
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Each prompt into its row of the cache; logits [B, V] of each prompt's last token."""
-        if len(prompts) != self.lengths.shape[0] or max(len(p) for p in prompts) >= self.max_len:
+        if (len(prompts) != self.lengths.shape[0] or max(len(p) for p in prompts) >= self.max_len
+                or min(len(p) for p in prompts) == 0):
             raise TailorError(f"prefill: {len(prompts)} prompts for a batch of {self.lengths.shape[0]} "
-                              f"rows, each shorter than {self.max_len} tokens")
+                              f"rows, each non-empty and shorter than {self.max_len} tokens")
         out = []
         self.state.phase = "prefill"
         for b, prompt in enumerate(prompts):
             self.state.row = b
-            ids = torch.tensor([prompt], device=self.device)
+            ids = self._ids(prompt)
             positions = torch.arange(len(prompt), device=self.device)[None]
             for m in self._dispatched:
                 m.tailor_prefill = self.state.prefill_step(id(m), len(prompt), self.device)
@@ -218,10 +221,19 @@ class Generator:
             finally:
                 for m in self._dispatched:
                     del m.tailor_prefill
-            self.lengths[b] = len(prompt)
+            self.lengths[b:b + 1].fill_(len(prompt))  # `lengths[b] = n` waits for the GPU to finish
         self._longest = max(len(p) for p in prompts)
         self.state.phase = "decode"
         return torch.stack(out)
+
+    def _ids(self, prompt: list[int]) -> torch.Tensor:
+        """[1, N] token ids on the device, copied from pinned host memory without waiting: a plain
+        torch.tensor(prompt, device=...) waits for all queued GPU work (and builds the tensor from
+        the list several times slower than from an array)."""
+        host = torch.frombuffer(array.array("q", prompt), dtype=torch.long)
+        if self.device.type != "cuda":
+            return host.clone().to(self.device)[None]
+        return host.pin_memory().to(self.device, non_blocking=True)[None]
 
     def _decode(self) -> torch.Tensor:
         return self._run(input_ids=self._tokens, position_ids=(self.lengths - 1).long()[:, None])
