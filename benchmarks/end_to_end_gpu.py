@@ -161,6 +161,72 @@ def profile_decode(dense, ours, out: Path, batch: int = 1) -> None:
                 torch.cuda.empty_cache()
 
 
+def profile_prefill(dense, ours, out: Path, variants: list[str]) -> None:
+    """Where a 16K prefill's time goes: torch.profiler over one dense prefill (transformers, SDPA)
+    and one through tailor's runtime, eager and (if in variants) compiled; per run the ms per
+    call, the host's time to issue it (it returns before the GPU is done unless something syncs),
+    the CUDA kernels' total, and the top ops by CUDA and by host time. The first device sync
+    inside the call is reported with its stack."""
+    import traceback
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tailor.runtime.generate import Generator
+
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, dense.config.vocab_size, (PROMPT,), generator=gen).tolist()
+    ids = torch.tensor([prompt], device="cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in ("eager", "compiled"):
+        if variant not in variants:
+            continue
+        compiled = variant == "compiled"
+        runner = Generator(ours, 1, PROMPT + 8, compiled=compiled)
+        calls = {"dense": lambda: dense(input_ids=ids, use_cache=False, logits_to_keep=1),
+                 "tailor": lambda: runner.prefill([prompt])}
+        for name, fn in calls.items():
+            with torch.no_grad(), regionally_compiled(dense, compiled and name == "dense"):
+                ms = timed(fn, 5) * 1e3
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                issued = (time.perf_counter() - start) * 1e3
+                torch.cuda.synchronize()
+                syncs: dict[str, str] = {}
+
+                def note(message, *args, **kwargs):  # one entry per place that syncs
+                    stack = traceback.format_stack(limit=12)[:-2]
+                    syncs.setdefault(stack[-1].strip().splitlines()[0], "".join(stack))
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("always")
+                        warnings.showwarning = note
+                        fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+            text = (f"{name} {variant} prefill {PROMPT}: {ms:.2f} ms/call, "
+                    f"host issues it in {issued:.2f} ms, "
+                    f"CUDA kernels {kernels:.2f} ms; {len(syncs)} places that sync the device\n"
+                    + "".join(f"--- sync:\n{v}" for v in list(syncs.values())[:4])
+                    + events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80)
+                    + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=80))
+            (out / f"profile_prefill_{name}_{variant}.txt").write_text(text)
+            print(text[:2500], flush=True)
+            torch.cuda.empty_cache()
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            print("dynamo counters:", {k: dict(v) for k, v in counters.items() if v}, flush=True)
+
+
 @contextlib.contextmanager
 def regionally_compiled(model, on: bool):
     """The dense baseline with each decoder layer through torch.compile. Not the whole model: on
@@ -233,9 +299,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--variants", default="eager,graph,compiled",
                     help=f"decode runs of tailor's runtime to time, from {','.join(VARIANTS)}")
-    ap.add_argument("--batches", default="1,8", help="decode batch sizes")
+    ap.add_argument("--batches", default="1,8", help="decode batch sizes ('' for none: prefill only)")
     ap.add_argument("--profile-decode", action="store_true",
                     help="only profile decode steps (tables in --out)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="only profile one 16K prefill, dense and tailor's, eager and compiled if "
+                         "in --variants (tables in --out)")
     args = ap.parse_args()
     dense = dense_model(args.model, args.smollm2)
     if args.plan:
@@ -249,9 +318,11 @@ def main() -> None:
     rows["model"] = args.model
     if args.profile_decode:
         profile_decode(dense, ours, args.out)
+    elif args.profile_prefill:
+        profile_prefill(dense, ours, args.out, args.variants.split(","))
     else:
         measure(dense, ours, rows, args.out, args.variants.split(","),
-                [int(b) for b in args.batches.split(",")])
+                [int(b) for b in args.batches.split(",") if b])
 
 
 if __name__ == "__main__":

@@ -90,6 +90,44 @@ def slots_of(t: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tenso
     return t["offsets"].long() + torch.where(p < s, p, s + torch.remainder(p - s, r))
 
 
+@functools.lru_cache(maxsize=64)
+def prompt_indices(layout: HeadLayout, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Where a prompt of n tokens goes in a layer's cache: (slots [S], rows [S], every) with rows
+    indexing the prompt's K/V as [N * kv_heads, D] (row p * kv_heads + h), each head's kept
+    positions (its sink and the last `ring` positions) at their slots; every: the prompt fills
+    every slot of the layer. Made on the host once per (layout, n) and kept on the device: the
+    layers of a model mostly share one layout, and the prefill then waits on no host copy."""
+    slots, rows = [], []
+    for h, (s, r) in enumerate(zip(layout.sinks, layout.rings)):
+        kept = torch.cat([torch.arange(min(s, n)), torch.arange(min(max(s, n - r), n), n)])
+        slots.append(layout.offsets[h] + torch.where(kept < s, kept, s + torch.remainder(kept - s, r)))
+        rows.append(kept * layout.kv_heads + h)
+    dst, src = torch.cat(slots), torch.cat(rows)
+    every = dst.numel() == layout.slots
+    if every:  # each slot once, in slot order: the gather writes the whole cache row
+        order = torch.argsort(dst)
+        dst, src = dst[order], src[order]
+        every = bool(torch.equal(dst, torch.arange(layout.slots)))
+    return dst.to(device), src.to(device), every
+
+
+def write_prompt_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      slots: torch.Tensor, rows: torch.Tensor, row: int, every: bool) -> None:
+    """k/v [kv_heads, N, D] of a prompt into row `row` of a layer's caches [B, slots, D], at the
+    slots and from the rows of prompt_indices. Plain torch ops, so torch.compile traces them into
+    its graph (in-place writes into graph inputs); eagerly the gather lands straight in the cache."""
+    d = k.shape[-1]
+    traced = torch.compiler.is_compiling()
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        flat = x.transpose(0, 1).reshape(-1, d)       # [N * kv_heads, D]: a view of [N, H, D] memory
+        if every and not traced:
+            torch.index_select(flat, 0, rows, out=cache[row])
+        elif every:
+            cache[row] = flat.index_select(0, rows)
+        else:
+            cache[row].index_copy_(0, slots, flat.index_select(0, rows))
+
+
 class LayerCache:
     """One layer's per-head cache for a batch: k/v [B, slots, D]; a KV-sharing layer reuses the
     LayerCache of the layer it reads (no memory of its own)."""
@@ -105,22 +143,11 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
 
     def write_prompt(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k/v [kv_heads, N, D] of one sequence's prompt: each head's kept positions go in, as
-        at most three slice copies per head (the sink, the ring up to its wrap, the rest); no
-        index tensors, so nothing waits on the host."""
-        n = k.shape[1]
-        lay = self.layout
-        for h, (off, s, r) in enumerate(zip(lay.offsets, lay.sinks, lay.rings)):
-            ns = min(s, n)
-            copies = [(off, 0, ns)]
-            first = max(s, n - r)            # oldest position the ring keeps
-            start = (first - s) % r if n > s else 0
-            head = min(n - first, r - start) if n > s else 0
-            copies += [(off + s + start, first, head), (off + s, first + head, max(0, n - first - head))]
-            for slot, pos, count in copies:
-                if count > 0:
-                    self.k[b, slot:slot + count] = k[h, pos:pos + count]
-                    self.v[b, slot:slot + count] = v[h, pos:pos + count]
+        """k/v [kv_heads, N, D] of one sequence's prompt: each head's kept positions go in, as one
+        gather per tensor (index_select of the kept rows into the cache; index_copy_ where the
+        prompt leaves slots unwritten) over slot/row indices made once per (layout, N)."""
+        slots, rows, every = prompt_indices(self.layout, k.shape[1], str(k.device))
+        write_prompt_rows(self.k, self.v, k, v, slots, rows, b, every)
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """k/v [B, kv_heads, D] of the token at position lengths - 1 of each sequence."""

@@ -63,3 +63,18 @@ def test_unsupported_shapes_are_refused():
     k = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="unsupported shapes"):
         sparse_prefill(q, k, k, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+
+
+def test_windows_past_dense_are_dense():
+    """A window wider than DENSE_WINDOW (up to int32's largest) is a dense head: the kernel bounds
+    it itself (nothing overflows int32 in its key-span arithmetic), with no clamp launched."""
+    torch.manual_seed(2)
+    q = torch.randn(1, 2, 40, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
+    sinks = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    wide = torch.tensor([2 ** 31 - 1, 2 ** 31 - 1], dtype=torch.int32, device=DEVICE)
+    dense = torch.tensor([D, D], dtype=torch.int32, device=DEVICE)
+    for causal in (True, False):
+        out = sparse_prefill(q, k, v, sinks, wide, causal)
+        ref = prefill_reference(q, k, v, sinks, dense, causal)
+        assert torch.allclose(out, ref, atol=2e-5, rtol=1e-4), (out - ref).abs().max()

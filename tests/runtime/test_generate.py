@@ -10,7 +10,7 @@ from tailor.backends import backend_for
 from tailor.passes.base import Option
 from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
-from tailor.runtime.generate import generate, kv_cache_bytes
+from tailor.runtime.generate import Generator, generate, kv_cache_bytes
 from tests.conftest import perturb_vectors
 
 PLAN = [Option("attn_pattern", 0, {"spans": [[2, 3, 0.0], None]}, ()),
@@ -57,6 +57,20 @@ def test_compiled_generation_equals_eager():
     assert compiled == eager
     for key in state.writers:
         torch.testing.assert_close(compiled_state.caches[key].k, state.caches[key].k, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_prefill_is_one_graph():
+    """Under torch.compile the prefill's attention is traced (PrefillStep's custom ops), so the
+    whole forward is one graph with no break, and a second row or a new Generator reuses it."""
+    from torch._dynamo.utils import counters
+
+    model = _model(PLAN[:3] + PLAN[4:])
+    torch._dynamo.reset()
+    counters.clear()
+    Generator(model, 2, 16, compiled=True).prefill([[5, 17, 3, 88, 41], [12, 4, 90, 7, 56]])
+    graphs = counters["stats"]["unique_graphs"]
+    Generator(model, 2, 16, compiled=True).prefill([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs <= 2
 
 
 def test_kv_cache_shrinks_with_the_plan():

@@ -57,7 +57,7 @@ def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, windows_ptr,
                            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                            q_heads, groups, n_queries, n_keys, qk_scale,
                            CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr):
     # the longest rows (last query blocks under causality) start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -65,7 +65,7 @@ def _sparse_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, sinks_ptr, windows_ptr,
     hq = pid_bh % q_heads
     hkv = hq // groups
     sink = tl.load(sinks_ptr + hkv)
-    window = tl.load(windows_ptr + hkv)
+    window = tl.minimum(tl.load(windows_ptr + hkv), DENSE)  # wider is dense: no int32 overflow below
 
     offset = n_keys - n_queries  # queries are the last n_queries positions
     m0 = pid_m * BLOCK_M
@@ -151,7 +151,6 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     out = torch.empty_like(q)
     block_m, block_n, warps, stages = blocks or _blocks(d, q.device)
     scale = d ** -0.5 if scale is None else scale
-    windows = windows.clamp(max=DENSE_WINDOW)
     grid = (triton.cdiv(m, block_m), b * hq)
     _sparse_prefill_kernel[grid](
         q, k, v, out, sinks, windows,
@@ -159,5 +158,5 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, m, n, scale * LOG2E,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+        DENSE=DENSE_WINDOW, num_warps=warps, num_stages=stages)
     return out

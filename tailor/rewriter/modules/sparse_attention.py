@@ -5,7 +5,9 @@ attention modules carry their per-KV-head spans as `module.tailor_spans` (a list
 KV head: [sink, alpha, beta] or None for dense). This masked-SDPA path is the reference the
 Triton kernels must match; it traces under torch.export with a dynamic sequence length, so the
 ONNX export runs the same pattern. While tailor's generation runtime drives the model
-(tailor.rewriter.modules.decoding), attention goes to its per-head KV cache instead. A module's
+(tailor.rewriter.modules.decoding), attention goes to its per-head KV cache instead, under the
+implementation "tailor_runtime": the same function with no mask function, so transformers builds
+no attention mask for it (the runtime masks by its own lengths and patterns). A module's
 `tailor_observer`, when set (the attention profile's dense recording pass), is shown the query, key
 and value first; nothing sets it in an exported or rewritten model.
 """
@@ -19,6 +21,10 @@ from tailor.core.patterns import Pattern, keep_mask
 from tailor.rewriter.modules.decoding import active_state
 
 IMPLEMENTATION = "tailor_sparse"
+# while tailor's runtime drives the model: no mask function registered, so transformers skips its
+# mask (under torch.compile it would otherwise build a [Q, K] causal mask, 16K x 16K at a 16K
+# prefill, that the runtime's kernels never read) and its packed-sequence check (a device sync)
+RUNTIME_IMPLEMENTATION = "tailor_runtime"
 
 
 def _base_mask(attention_mask, q_len: int, k_len: int, causal: bool, device) -> torch.Tensor | None:
@@ -44,6 +50,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    prefill = getattr(module, "tailor_prefill", None)
+    if prefill is not None:  # tailor's runtime prefills a prompt (traced by torch.compile)
+        return prefill(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                       causal), None
     generated = _attend_generating(module, query, key, value, scaling, causal)
     if generated is not None:
         return generated, None
@@ -117,6 +127,7 @@ def register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    AttentionInterface.register(RUNTIME_IMPLEMENTATION, sparse_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 
 
