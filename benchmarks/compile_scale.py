@@ -112,6 +112,7 @@ def one(args) -> dict:
             "rewrites": len(compiled.plan.rewrites), "predicted": compiled.plan.predicted,
             "kl_heldout": r.get("search", {}).get("measured_kl_heldout"),
             "profile_seconds": r.get("calibration", {}).get("profile_seconds"),
+            "profile_peak_host_gib": r.get("calibration", {}).get("profile_peak_host_gib"),
             "options_measured": r.get("calibration", {}).get("options_measured"),
             "options_estimated": r.get("calibration", {}).get("options_estimated"),
             "option_spearman": r.get("calibration", {}).get("option_spearman"),

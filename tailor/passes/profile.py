@@ -17,6 +17,7 @@ second compile at another budget costs no calibration.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from tailor.backends.base import Backend, compared_positions, divergence
+from tailor.core.devices import PeakMemory
 from tailor.core.digests import sha256_file
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Calibration, Inputs
@@ -401,23 +403,24 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
             cached.option_kl.update(meter(missing))
             store(cached)
         return cached, candidates, meter
-    seconds, t0 = {}, time.perf_counter()
-    signals = collect_signals(backend, calib.profile_ids)
-    seconds["signals"], t0 = time.perf_counter() - t0, time.perf_counter()
-    if "attn_pattern" in passes:
-        grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
-        signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
-                                              progress=progress, retrieval_weight=calib.retrieval_weight,
-                                              measured_per_length=_per_length(settings["attn"]))
-    seconds["attention"], t0 = time.perf_counter() - t0, time.perf_counter()
-    candidates = candidates_for(graph, signals, passes)
-    meter = OptionMeter(backend, signals, calib.profile_ids, progress)
-    measurable = [o for o in candidates if PASSES[o.pass_name].measured]
-    chosen, by_pass = measured_subset(graph, measurable, signals, meter,
-                                      Allowance(OPTION_SECONDS, settings.get("device", "cpu")))
-    option_kl = meter(chosen)
-    estimate, spearman = estimate_rest(by_pass, option_kl)
-    seconds["options"] = time.perf_counter() - t0
+    seconds: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    with _phase("signals", seconds, peaks):
+        signals = collect_signals(backend, calib.profile_ids)
+    with _phase("attention", seconds, peaks):
+        if "attn_pattern" in passes:
+            grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
+            signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
+                                                  progress=progress, retrieval_weight=calib.retrieval_weight,
+                                                  measured_per_length=_per_length(settings["attn"]))
+    with _phase("options", seconds, peaks):
+        candidates = candidates_for(graph, signals, passes)
+        meter = OptionMeter(backend, signals, calib.profile_ids, progress)
+        measurable = [o for o in candidates if PASSES[o.pass_name].measured]
+        chosen, by_pass = measured_subset(graph, measurable, signals, meter,
+                                          Allowance(OPTION_SECONDS, settings.get("device", "cpu")))
+        option_kl = meter(chosen)
+        estimate, spearman = estimate_rest(by_pass, option_kl)
     prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key,
                    option_estimate=estimate)
     prof.extra["option_spearman"] = spearman
@@ -425,5 +428,14 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
         store(prof)
     # where the profile's time went (not cached: a cache hit costs none of it)
     prof.extra |= {"cached": False, "seconds": {k: round(v, 2) for k, v in seconds.items()},
-                   "options_measured": len(chosen)}
+                   "peak_host_gib": peaks, "options_measured": len(chosen)}
     return prof, candidates, meter
+
+
+@contextlib.contextmanager
+def _phase(name: str, seconds: dict[str, float], peaks: dict[str, float]):
+    """Seconds and peak host RSS of one part of the profile (the report's split of its stage)."""
+    t0 = time.perf_counter()
+    with PeakMemory()() as meter:
+        yield
+    seconds[name], peaks[name] = time.perf_counter() - t0, meter.host_gib

@@ -117,6 +117,7 @@ def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:
     out: dict[str, Any] = {
         "calibration": {"data": prof.data, "tokens": prof.tokens, "cached": prof.extra["cached"],
                         "profile_seconds": prof.extra.get("seconds"),
+                        "profile_peak_host_gib": prof.extra.get("peak_host_gib"),
                         "options_measured": prof.extra.get("options_measured"),
                         "options_estimated": len(prof.option_estimate),
                         # per pass, proxy vs measured KL over the options measured in the profile
