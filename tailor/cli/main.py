@@ -426,6 +426,14 @@ def print_summary(compiled, out: Path) -> None:
         best = min(measured, key=lambda it: it["measured_kl"])
         source = best["iteration"] if isinstance(best["iteration"], str) else "the solver's"
         t.add_row("plans measured whole", f"{len(measured)} (closest: {source} plan)")
+    cal = compiled.report.get("calibration", {})
+    answered = cal.get("dense_answered")
+    if answered:
+        form = cal.get("retrieval_template")
+        t.add_row("retrieval calibrated on",
+                  "nothing: the model answered none of the forms" if form is None else
+                  f"{form['context']}: {form['line'].strip()} (answered {max(answered.values()):.0%} at "
+                  f"≤ 1K tokens; held-out sequences answered: {cal.get('heldout_retrieval_answered')})")
     quality = compiled.report.get("quality")
     if quality:
         for k in ("perplexity", "reference_perplexity", "kl_to_reference", "top1_agreement",
@@ -440,6 +448,10 @@ def print_summary(compiled, out: Path) -> None:
         console.print(f"[yellow]warning: KL {kl:.3f} to the original on held-out calibration data: at "
                       f"this budget the model's predictions change a lot; a higher --budget or fewer "
                       f"passes may be the better trade[/yellow]")
+    if answered and cal.get("retrieval_template") is None:
+        console.print("[yellow]warning: the model answered none of the synthetic retrieval forms, so no "
+                      "plan was checked for reading far back in the context: check the artifact on long "
+                      "inputs of your own task[/yellow]")
     console.print(f"artifact {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 

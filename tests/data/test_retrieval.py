@@ -68,3 +68,21 @@ def test_the_form_the_dense_model_answers_is_chosen():
     # one that answers nothing calibrates no retrieval
     assert choose_template(Oracle([], answers=False), tok, 512, text, seed=0)[0] is None
     assert answered(prose_only, samples[0]) == 0.0 and answered(prose_only, samples[2]) == 1.0
+
+
+def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from tailor.cli.main import print_summary
+
+    plan = SimpleNamespace(rewrites=[], predicted={"kv_memory": 1.0}, objective="kv_memory")
+    shares = {"lines: {key} = {value}": 0.0, "text: The code word for {key} is {value}. Remember it.": 1.0}
+    chosen = {"line": TEMPLATES[2].line, "context": "text"}
+    for form, warned in ((chosen, False), (None, True)):
+        report = {"calibration": {"dense_answered": shares, "retrieval_template": form,
+                                  "heldout_retrieval_answered": 3 if form else 0}}
+        print_summary(SimpleNamespace(plan=plan, report=report), tmp_path)
+        out = capsys.readouterr().out
+        assert "retrieval calibrated on" in out
+        assert ("The code word for" in out) == (form is not None)
+        assert ("answered none of the synthetic retrieval forms" in out) == warned
