@@ -64,8 +64,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     of 512; an encoder given text and no `calib_len` calibrates on its lines whole, 16384 tokens
     of them). Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and
     prompt_len) and plans validated at `validation_len` (default 3/4 prompt_len), with synthetic
-    retrieval sequences written from `retrieval_template` (default: code-shaped `name = value`
-    lines). `refit` False leaves out the sequential refit after the search (tailor.passes.refit).
+    retrieval sequences written from `retrieval_template` (default: of tailor.data.retrieval.
+    TEMPLATES, the form the model answers most). `refit` False leaves out the sequential refit
+    after the search (tailor.passes.refit).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
     budget, objective, workload and target replace those given; calibration still runs, since
     the rewrites' compensation is fitted on this model's activations. A torch model is compiled

@@ -188,7 +188,8 @@ def resolve_config(args) -> dict[str, Any]:
     if cfg["attn_lengths"] is not None:
         cfg["attn_lengths"] = _positive_ints(cfg["attn_lengths"], "--attn-lengths")
     if cfg["retrieval_template"] is not None and not isinstance(cfg["retrieval_template"], dict):
-        raise TailorError("retrieval_template (config file) is a mapping: line, query, answer, max_value")
+        raise TailorError("retrieval_template (config file) is a mapping: line, query, answer, max_value, "
+                          "context")
     return cfg
 
 
