@@ -138,16 +138,10 @@ class PatternRunner(abc.ABC):
     def runs_patterns(self, layer: int) -> bool:
         """Whether this layer's attention can run per-head patterns at all."""
 
-    # whether record() gives batch.proxy (then profile_attention measures only some cells)
-    has_proxy = False
-
     @abc.abstractmethod
-    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None,
-               measured: set[int] | None = None) -> None:
+    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
         """The dense model's outputs on the batch (and whatever the runner replays); with `grid`,
-        where the runner has one, each (layer, KV head, pattern)'s proxy as batch.proxy.
-        `measured`: the only layers loss() will be asked for on the batch (None: any), so that a
-        runner need keep only what their measurements replay."""
+        where the runner has one, each (layer, KV head, pattern)'s proxy as batch.proxy."""
 
     @abc.abstractmethod
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:

@@ -172,9 +172,8 @@ class OnnxPatternRunner(PatternRunner):
     def runs_patterns(self, layer: int) -> bool:
         return self.backend.runs_patterns(layer)
 
-    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None,
-               measured: set[int] | None = None) -> None:
-        """No proxy: every pattern is measured (tailor.passes.attention_profile); nothing replayed."""
+    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
+        """No proxy: every pattern is measured (tailor.passes.attention_profile)."""
         if self._dense is None:
             self._dense = self.backend.runnable()
         batch.reference = self._dense(batch.ids, positions=batch.positions).float()

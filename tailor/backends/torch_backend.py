@@ -263,12 +263,11 @@ def _run(model, batch: ProfileBatch) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _recorded_outputs(blocks: list, keep: set[int] | None = None):
-    """A list that the forward run inside fills with every block's output (its return value), or
-    only those of the blocks in `keep` (None elsewhere)."""
+def _recorded_outputs(blocks: list):
+    """A list that the forward run inside fills with every block's output (its return value)."""
     outputs: list = [None] * len(blocks)
     hooks = [blk.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-             for i, blk in enumerate(blocks) if keep is None or i in keep]
+             for i, blk in enumerate(blocks)]
     try:
         yield outputs
     finally:
@@ -278,13 +277,11 @@ def _recorded_outputs(blocks: list, keep: set[int] | None = None):
 
 @contextlib.contextmanager
 def _frozen_prefix(blocks: list, layer: int, outputs: list):
-    """Blocks before `layer` return the recorded dense output of block `layer` - 1 instead of
-    computing: the one output the blocks that run read (each block reads the one before it), so
-    a record may keep only that. A forward set on the block itself (accelerate's hooks in a
-    dispatched model) is put back after."""
+    """Blocks before `layer` return their recorded dense outputs instead of computing. A forward
+    set on the block itself (accelerate's hooks in a dispatched model) is put back after."""
     own = [blocks[i].__dict__.get("forward") for i in range(layer)]
     for i in range(layer):
-        blocks[i].forward = lambda *a, _out=outputs[layer - 1], **k: _out
+        blocks[i].forward = lambda *a, _out=outputs[i], **k: _out
     try:
         yield
     finally:
@@ -321,20 +318,13 @@ class TorchPatternRunner(PatternRunner):
     def runs_patterns(self, layer: int) -> bool:
         return self.attns[layer] is not None
 
-    has_proxy = True
-
-    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None,
-               measured: set[int] | None = None) -> None:
-        last = len(self.blocks) - 1  # the proxy is relative to the stream leaving the last block
-        keep = None if measured is None else {layer - 1 for layer in measured if layer > 0} | {last}
+    def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
         proxy = _ProxyObserver(self, batch, grid) if grid is not None else contextlib.nullcontext()
-        with _recorded_outputs(self.blocks, keep) as outputs, proxy:
+        with _recorded_outputs(self.blocks) as outputs, proxy:
             batch.reference = _run(self.model, batch)
+        batch.block_outputs = outputs
         if grid is not None:
             batch.proxy = proxy.result(outputs[-1])
-        if measured is not None and last + 1 not in measured:
-            outputs[-1] = None
-        batch.block_outputs = outputs
 
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
         self.attns[layer].tailor_spans = [None if p is None else p.to_json() for p in patterns]

@@ -165,12 +165,8 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
     with runner.active():
         for n in lengths:
             batches = _batches(graph, texts.get(n), retrieval.get(n, []), retrieval_weight)
-            # where the proxy leaves a few cells to measure (a CPU's allowance: 4 a length), the
-            # dense pass is run again for the layers they are in, rather than every block's output
-            # kept from the first (SmolLM2 at 4096 tokens: 30 layers × 5 sequences, 1.4 GB)
-            narrow = runner.has_proxy and budget[n] is not None and budget[n] < graph.num_layers // 2
             for b in batches:
-                runner.record(b, grid, measured=set() if narrow else None)
+                runner.record(b, grid)
             loss = np.full((graph.num_layers, kv_heads, len(grid)), np.nan)
             loss[:, :, [k for k, p in enumerate(grid) if p.is_dense_at(n)]] = 0.0
             loss[[not r for r in runs]] = np.inf  # no candidates here: masks would be ignored
@@ -180,9 +176,6 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
             if proxy is not None and budget[n] is not None:
                 by_proxy = sorted(cells, key=lambda c: proxy[c])
                 cells = [by_proxy[r] for r in spread(len(by_proxy), budget[n])]
-            if narrow:
-                for b in batches:
-                    runner.record(b, measured={c[0] for c in cells})
             measured = np.zeros(loss.shape, dtype=bool)
             # narrowest first within a head: a (nearly) lossless pattern spares those containing it
             for layer, head, k in tqdm(sorted(cells, key=lambda c: (c[0], c[1], rank[c[2]])),

@@ -160,36 +160,3 @@ def test_profile_runs_in_bfloat16():
     assert 0 < got.measured <= 3
     assert np.isfinite(got.proxy[N]).all() and np.isfinite(got.loss[N]).all()
     assert got.proxy[N].dtype == np.float64 and (got.proxy[N] > 0).all()
-
-
-def test_few_cells_replay_only_the_layers_they_need(monkeypatch):
-    """Where the cells to measure cannot reach half the layers, the dense pass is run again keeping
-    only the outputs their measurements replay: the same losses as keeping every block's output."""
-    import transformers as tf
-
-    from tailor.backends.torch_backend import TorchPatternRunner
-    from tests.conftest import family_config, perturb_vectors
-
-    torch.manual_seed(0)
-    config = family_config("llama")
-    config.num_hidden_layers, config.use_cache = 8, False
-    backend = backend_for(capture(perturb_vectors(tf.AutoModelForCausalLM.from_config(config)).eval()))
-    texts = {N: ids_for(batch=2, seq=N, seed=6)}
-    kw = dict(retrieval_weight=0.0, progress=False, measured_per_length=3)  # 3 < 8 // 2: narrow
-    kept = []
-    record = TorchPatternRunner.record
-
-    def spy(self, batch, grid=None, measured=None):
-        record(self, batch, grid, measured)
-        kept.append(sum(o is not None for o in batch.block_outputs))
-
-    monkeypatch.setattr(TorchPatternRunner, "record", spy)
-    narrow = profile_attention(backend, texts, {}, default_grid(N), **kw)
-    assert kept[0] == 0 and 0 < kept[1] <= 3  # the proxy's pass keeps none; then one per layer measured
-    kept.clear()
-    monkeypatch.setattr(TorchPatternRunner, "has_proxy", False)  # every block's output, one pass
-    wide = profile_attention(backend, texts, {}, default_grid(N), **kw)
-    assert kept == [8]
-    assert narrow.measured == wide.measured == 3
-    np.testing.assert_array_equal(narrow.was_measured[N], wide.was_measured[N])
-    np.testing.assert_array_equal(narrow.loss[N], wide.loss[N])
