@@ -123,8 +123,8 @@ class TorchBackend(Backend):
 
         try:
             for chunk in batches(ids, batch):
-                with torch.no_grad():
-                    run(chunk)
+                with torch.no_grad():  # the head on one position: nothing here reads the logits
+                    run(chunk, positions=torch.tensor([chunk.shape[1] - 1]))
                 yield [trace(i) for i in range(graph.num_layers)]
         finally:
             for h in hooks:
