@@ -147,8 +147,8 @@ def choose_template(run, tokenizer, length: int, text, seed: int,
     """Of TEMPLATES, the one whose `samples` sequences of `length` tokens the dense model `run`
     answers most (the earlier on a tie); None where it answers none (then retrieval calibrates
     nothing). Also each form's share, by its context and line. The most answered, not the first
-    answered well enough: SmolLM2-135M answered the code line 3 of 4 times at 1K but only 1 of 8
-    held-out sequences at 6K and 8K, the prose line 8 of 8 at 4K."""
+    answered well enough: SmolLM2-135M answered the code line 3 of 4 times at 1K, yet 1 of the 8
+    held-out sequences of 6K and 8K tokens; the prose line 4 of 4 at 1K, and 2 of those 8."""
     shares: dict[str, float] = {}
     best, best_share = None, 0.0
     for i, template in enumerate(TEMPLATES):
