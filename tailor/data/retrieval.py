@@ -64,6 +64,17 @@ class RetrievalSample:
     answer_start: int          # first answer token's position
     answer_len: int
 
+    @property
+    def answer_positions(self) -> torch.Tensor:
+        """The positions whose next-token logits predict the answer."""
+        return torch.arange(self.answer_start - 1, self.answer_start - 1 + self.answer_len)
+
+    def answered_by(self, answer_logits: torch.Tensor) -> bool:
+        """answer_logits [answer_len, V], at answer_positions: does their argmax give every answer
+        token (teacher-forced exact match)?"""
+        predicted = answer_logits.argmax(-1).cpu()
+        return bool((predicted == self.ids[self.answer_start:self.answer_start + self.answer_len]).all())
+
 
 # the forms choose_template tries, in order: refllama-16m's own, then one line in the calibration
 # text, code-shaped and in prose
@@ -124,7 +135,7 @@ def _in_text(encode, bos: list[int], length: int, rng: random.Random, template: 
     if room <= 0:
         raise TailorError(f"retrieval probe: length {length} is too short for the template")
     start = rng.randrange(len(text) - room + 1)
-    body = [int(t) for t in text[start:start + room]]
+    body = torch.as_tensor(text[start:start + room]).tolist()
     at = rng.randrange(room + 1)
     prompt = bos + body[:at] + line + body[at:] + query
     return RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer))
@@ -133,12 +144,8 @@ def _in_text(encode, bos: list[int], length: int, rng: random.Random, template: 
 def answered(run, samples: list[RetrievalSample]) -> float:
     """Share of `samples` whose answer run(ids [1, T], positions=P) -> logits [1, |P|, V] gets
     exactly right (teacher-forced), the head run at the answer positions only."""
-    hits = 0
     with torch.no_grad():
-        for s in samples:
-            positions = torch.arange(s.answer_start - 1, s.answer_start - 1 + s.answer_len)
-            predicted = run(s.ids[None], positions=positions)[0].argmax(-1).cpu()
-            hits += bool((predicted == s.ids[s.answer_start:s.answer_start + s.answer_len]).all())
+        hits = sum(s.answered_by(run(s.ids[None], positions=s.answer_positions)[0]) for s in samples)
     return hits / max(1, len(samples))
 
 
@@ -165,9 +172,7 @@ def choose_template(run, tokenizer, length: int, text, seed: int,
 
 def exact_match(logits: torch.Tensor, sample: RetrievalSample) -> bool:
     """logits [T, V] of one sample: does the argmax reproduce every answer token?"""
-    s, n = sample.answer_start, sample.answer_len
-    predicted = logits[s - 1:s - 1 + n].argmax(-1)
-    return bool((predicted == sample.ids[s:s + n]).all())
+    return sample.answered_by(logits[sample.answer_positions.to(logits.device)])
 
 
 def retrieval_accuracy(model, tokenizer, lengths: list[int], samples: int = 32, seed: int = 1234,

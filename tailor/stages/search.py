@@ -42,16 +42,14 @@ class HeldOut:
         # answer is noise, not retrieval lost
         self.retrieval = cal.heldout_retrieval
         answers = self._answers(dense)
-        kept = [i for i, (a, s) in enumerate(zip(answers, self.retrieval))
-                if bool((a[0].argmax(-1).cpu() == s.ids[s.answer_start:]).all())]
+        kept = [i for i, (a, s) in enumerate(zip(answers, self.retrieval)) if s.answered_by(a[0])]
         self.retrieval = [self.retrieval[i] for i in kept]
         self.ret_reference = [answers[i] for i in kept]
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
         run = backend.runnable()
         with torch.no_grad():
-            return [run(s.ids[None], positions=torch.arange(s.answer_start - 1, len(s.ids) - 1)).float()
-                    for s in self.retrieval]
+            return [run(s.ids[None], positions=s.answer_positions).float() for s in self.retrieval]
 
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
