@@ -3,8 +3,8 @@
 The transformers model runs as it is (its embeddings, norms, rotary encoding, MLPs); only its
 attention is routed through tailor's ops (tailor.codegen.triton.ops: Triton kernels on CUDA,
 the torch references elsewhere) while a `DecodeState` is active:
-- prefill, one sequence at a time: block-sparse attention over the prompt with each KV head's
-  pattern at the prompt's length, and each head's kept positions written into its cache;
+- prefill, prompts of one length together: block-sparse attention over the prompt with each KV
+  head's pattern at the prompt's length, and each head's kept positions written into its cache;
 - decode, the whole batch at once: the new token's K/V written into each head's ring, attention
   over the kept positions of each sequence at its own length.
 A layer that reads another layer's KV (kv_share) uses that layer's cache and writes nothing.
@@ -43,16 +43,16 @@ class PrefillStep:
     slots: torch.Tensor
     rows: torch.Tensor
     every: bool
-    row: int
+    first: int              # the cache row of the first of the prompts
     sinks: torch.Tensor
     windows: torch.Tensor
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  causal: bool = True) -> torch.Tensor:
-        """q [1, Hq, T, D], k/v [1, Hkv, T, D] (rotary applied) -> [1, T, Hq, D]."""
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotary applied) -> [B, T, Hq, D]."""
         if self.cache is not None:
             c = self.cache
-            write_prompt_rows(c.k, c.v, k[0], v[0], self.slots, self.rows, self.row, self.every)
+            write_prompt_rows(c.k, c.v, k, v, self.slots, self.rows, self.first, self.every)
         # eagerly without the custom op's dispatch (~40 µs a call)
         attend = ops.sparse_prefill if torch.compiler.is_compiling() else ops.sparse_prefill_direct
         return attend(q, k, v, self.sinks, self.windows, causal, scale).transpose(1, 2)
@@ -65,7 +65,7 @@ class DecodeState:
     patterns: dict[int, list]               # id(module) -> per-KV-head Pattern | None
     lengths: torch.Tensor                   # [B] int32: tokens so far, the current one included
     phase: str = "prefill"
-    row: int = 0                            # the sequence being prefilled
+    first: int = 0                          # the cache row of the first prompt being prefilled
     _spans: dict = field(default_factory=dict)
     _steps: dict = field(default_factory=dict)
 
@@ -78,16 +78,16 @@ class DecodeState:
                                      torch.tensor(windows, dtype=torch.int32, device=device))
         return self._spans[(key, n)]
 
-    def prefill_step(self, key: int, n: int, device) -> PrefillStep:
-        """Module `key`'s step for a prompt of n tokens in row self.row (the same object each time:
-        torch.compile's guards then hold from one prefill to the next)."""
-        at = (key, n, self.row)
+    def prefill_step(self, key: int, n: int, count: int, device) -> PrefillStep:
+        """Module `key`'s step for `count` prompts of n tokens from row self.first (the same object
+        each time: torch.compile's guards then hold from one prefill to the next)."""
+        at = (key, n, self.first, count)
         if at not in self._steps:
             cache = self.caches[key]
             slots, rows, every = prompt_indices(cache.layout, n, str(device))
             writes = cache if key in self.writers else None
             sinks, windows = self.prefill_spans(key, n, device)
-            self._steps[at] = PrefillStep(writes, slots, rows, every, self.row, sinks, windows)
+            self._steps[at] = PrefillStep(writes, slots, rows, every, self.first, sinks, windows)
         return self._steps[at]
 
     def attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -96,7 +96,7 @@ class DecodeState:
         key = id(module)
         cache = self.caches[key]
         if self.phase == "prefill":
-            return self.prefill_step(key, k.shape[2], q.device)(q, k, v, scale, causal)
+            return self.prefill_step(key, k.shape[2], k.shape[0], q.device)(q, k, v, scale, causal)
         if key in self.writers:
             cache.write_token(k[:, :, 0], v[:, :, 0], self.lengths)
         t = cache.t
@@ -159,6 +159,23 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+# tokens one prefill forward takes at most (prompts of one length are batched up to it): a 1B
+# model's FFN activations for 64K tokens are ~1 GiB in bf16
+PREFILL_TOKENS = 65536
+
+
+def equal_length_runs(prompts: list[list[int]], max_tokens: int) -> list[tuple[int, int]]:
+    """(first, count) of runs of consecutive prompts of one length, each at most max_tokens
+    tokens (one prompt at least)."""
+    runs: list[tuple[int, int]] = []
+    for b, p in enumerate(prompts):
+        if runs and len(prompts[runs[-1][0]]) == len(p) and (runs[-1][1] + 1) * len(p) <= max_tokens:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
 class Generator:
     """Prefill prompts, then decode the batch one token at a time, over the per-head KV cache.
     `cuda_graph=True` (CUDA only) captures one decode step and replays it: the step's shapes are
@@ -203,37 +220,43 @@ class Generator:
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Each prompt into its row of the cache; logits [B, V] of each prompt's last token."""
+        """Each prompt into its row of the cache; logits [B, V] of each prompt's last token.
+        Consecutive prompts of one length go through the model together, up to PREFILL_TOKENS
+        tokens a forward (what bounds the activations' memory)."""
         if (len(prompts) != self.lengths.shape[0] or max(len(p) for p in prompts) >= self.max_len
                 or min(len(p) for p in prompts) == 0):
             raise TailorError(f"prefill: {len(prompts)} prompts for a batch of {self.lengths.shape[0]} "
                               f"rows, each non-empty and shorter than {self.max_len} tokens")
         out = []
         self.state.phase = "prefill"
-        for b, prompt in enumerate(prompts):
-            self.state.row = b
-            ids = self._ids(prompt)
-            positions = torch.arange(len(prompt), device=self.device)[None]
+        for first, count in equal_length_runs(prompts, PREFILL_TOKENS):
+            n = len(prompts[first])
+            self.state.first = first
+            ids = self._ids(prompts[first:first + count])
+            positions = torch.arange(n, device=self.device)[None]
             for m in self._dispatched:
-                m.tailor_prefill = self.state.prefill_step(id(m), len(prompt), self.device)
+                m.tailor_prefill = self.state.prefill_step(id(m), n, count, self.device)
             try:
-                out.append(self._run(input_ids=ids, position_ids=positions)[0])
+                out.append(self._run(input_ids=ids, position_ids=positions))
             finally:
                 for m in self._dispatched:
                     del m.tailor_prefill
-            self.lengths[b:b + 1].fill_(len(prompt))  # `lengths[b] = n` waits for the GPU to finish
+            self.lengths[first:first + count].fill_(n)  # `lengths[b] = n` waits for the GPU to finish
         self._longest = max(len(p) for p in prompts)
         self.state.phase = "decode"
-        return torch.stack(out)
+        return torch.cat(out)
 
-    def _ids(self, prompt: list[int]) -> torch.Tensor:
-        """[1, N] token ids on the device, copied from pinned host memory without waiting: a plain
-        torch.tensor(prompt, device=...) waits for all queued GPU work (and builds the tensor from
-        the list several times slower than from an array)."""
-        host = torch.frombuffer(array.array("q", prompt), dtype=torch.long)
+    def _ids(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[B, N] token ids of prompts of one length on the device, copied from pinned host memory
+        without waiting: a plain torch.tensor(prompts, device=...) waits for all queued GPU work
+        (and builds the tensor from lists several times slower than from an array)."""
+        flat = array.array("q")
+        for p in prompts:
+            flat.extend(p)
+        host = torch.frombuffer(flat, dtype=torch.long).view(len(prompts), -1)
         if self.device.type != "cuda":
-            return host.clone().to(self.device)[None]
-        return host.pin_memory().to(self.device, non_blocking=True)[None]
+            return host.clone().to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _decode(self) -> torch.Tensor:
         return self._run(input_ids=self._tokens, position_ids=(self.lengths - 1).long()[:, None])

@@ -112,20 +112,22 @@ def prompt_indices(layout: HeadLayout, n: int, device: str) -> tuple[torch.Tenso
 
 
 def write_prompt_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      slots: torch.Tensor, rows: torch.Tensor, row: int, every: bool) -> None:
-    """k/v [kv_heads, N, D] of a prompt into row `row` of a layer's caches [B, slots, D], at the
-    slots and from the rows of prompt_indices. Plain torch ops, so torch.compile traces them into
-    its graph (in-place writes into graph inputs); eagerly the gather lands straight in the cache."""
+                      slots: torch.Tensor, rows: torch.Tensor, first: int, every: bool) -> None:
+    """k/v [B, kv_heads, N, D] of B prompts of N tokens into rows first .. first + B - 1 of a
+    layer's caches [batch, slots, D], at the slots and from the rows of prompt_indices. Plain torch
+    ops, so torch.compile traces them into its graph (in-place writes into graph inputs); eagerly
+    the gather lands straight in the cache."""
     d = k.shape[-1]
     traced = torch.compiler.is_compiling()
     for cache, x in ((k_cache, k), (v_cache, v)):
-        flat = x.transpose(0, 1).reshape(-1, d)       # [N * kv_heads, D]: a view of [N, H, D] memory
+        flat = x.transpose(1, 2).reshape(x.shape[0], -1, d)   # [B, N * kv_heads, D]
+        into = cache[first:first + x.shape[0]]
         if every and not traced:
-            torch.index_select(flat, 0, rows, out=cache[row])
+            torch.index_select(flat, 1, rows, out=into)
         elif every:
-            cache[row] = flat.index_select(0, rows)
+            cache[first:first + x.shape[0]] = flat.index_select(1, rows)
         else:
-            cache[row].index_copy_(0, slots, flat.index_select(0, rows))
+            into.index_copy_(1, slots, flat.index_select(1, rows))
 
 
 class LayerCache:
@@ -147,7 +149,7 @@ class LayerCache:
         gather per tensor (index_select of the kept rows into the cache; index_copy_ where the
         prompt leaves slots unwritten) over slot/row indices made once per (layout, N)."""
         slots, rows, every = prompt_indices(self.layout, k.shape[1], str(k.device))
-        write_prompt_rows(self.k, self.v, k, v, slots, rows, b, every)
+        write_prompt_rows(self.k, self.v, k[None], v[None], slots, rows, b, every)
 
     def write_token(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         """k/v [B, kv_heads, D] of the token at position lengths - 1 of each sequence."""

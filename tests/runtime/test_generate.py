@@ -10,7 +10,7 @@ from tailor.backends import backend_for
 from tailor.passes.base import Option
 from tailor.passes.registry import apply_options
 from tailor.rewriter.capture import capture
-from tailor.runtime.generate import Generator, generate, kv_cache_bytes
+from tailor.runtime.generate import Generator, equal_length_runs, generate, kv_cache_bytes
 from tests.conftest import perturb_vectors
 
 PLAN = [Option("attn_pattern", 0, {"spans": [[2, 3, 0.0], None]}, ()),
@@ -39,10 +39,18 @@ def _recomputed(model, prompt: list[int], steps: int) -> list[int]:
 
 @pytest.mark.parametrize("plan", [[], PLAN[:3] + PLAN[4:], PLAN[:4]], ids=["dense", "patterns", "kv_share"])
 def test_generate_equals_recomputing(plan):
+    """Prompts of one length prefill together (rows 0-1 in one forward, then row 2 alone)."""
     model = _model(plan)
-    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 71], [12, 4, 90, 7, 56, 23, 8]]
+    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 71], [1, 30, 62, 9, 14, 5, 77, 20, 3, 48],
+               [12, 4, 90, 7, 56, 23, 8]]
     out = generate(model, prompts, max_new_tokens=12)
     assert out == [_recomputed(model, p, 12) for p in prompts]
+
+
+def test_equal_length_runs_bound_the_tokens_of_a_forward():
+    prompts = [[1] * 4, [2] * 4, [3] * 4, [4] * 2, [5] * 4, [6] * 4]
+    assert equal_length_runs(prompts, 8) == [(0, 2), (2, 1), (3, 1), (4, 2)]
+    assert equal_length_runs(prompts, 3) == [(b, 1) for b in range(6)]  # one prompt at least
 
 
 def test_compiled_generation_equals_eager():
@@ -61,7 +69,8 @@ def test_compiled_generation_equals_eager():
 
 def test_compiled_prefill_is_one_graph():
     """Under torch.compile the prefill's attention is traced (PrefillStep's custom ops), so the
-    whole forward is one graph with no break, and a second row or a new Generator reuses it."""
+    whole forward is one graph with no break; prompts of one length prefill in one forward, and a
+    new Generator reuses its graph."""
     from torch._dynamo.utils import counters
 
     model = _model(PLAN[:3] + PLAN[4:])
@@ -70,7 +79,7 @@ def test_compiled_prefill_is_one_graph():
     Generator(model, 2, 16, compiled=True).prefill([[5, 17, 3, 88, 41], [12, 4, 90, 7, 56]])
     graphs = counters["stats"]["unique_graphs"]
     Generator(model, 2, 16, compiled=True).prefill([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
-    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs <= 2
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs == 1
 
 
 def test_kv_cache_shrinks_with_the_plan():
