@@ -235,12 +235,10 @@ def text_of_length(cal: Calibration, length: int) -> torch.Tensor:
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
                        template=None, windows_tokens: int = 2048, samples: int = 4,
-                       retrieval_weight: float = 0.25, seed: int = 0, dense=None) -> None:
+                       retrieval_weight: float = 0.25, seed: int = 0) -> None:
     """Windows of each profiled length spread over the calibration tokens, and synthetic
-    retrieval sequences (when there is a tokenizer to write them with): where `dense` (the dense
-    model, run(ids, positions=P) -> logits) is given, only sequences it answers
-    (tailor.data.retrieval.answered_samples)."""
-    from tailor.data.retrieval import RetrievalTemplate, answered_samples, make_samples
+    retrieval sequences (when there is a tokenizer to write them with)."""
+    from tailor.data.retrieval import RetrievalTemplate, make_samples
 
     template = template or RetrievalTemplate()
     stream = text_of_length(cal, max(*lengths, validation_len))
@@ -252,14 +250,10 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     # validation windows sit between the profiled ones
     cal.heldout_long_ids = spread_windows(stream, validation_len, count(validation_len), between=True)
     if tokenizer is not None:
-        def draw(n: int, seed: int) -> list:
-            if dense is None:
-                return make_samples(tokenizer, n, samples, seed, template, stream)
-            return answered_samples(dense, tokenizer, n, samples, seed, template, stream)
-
-        cal.retrieval = {n: draw(n, seed + n) for n in lengths}
+        cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
         # held out: at the validation length and at the longest profiled one (the workload's), so
         # that a plan which reads far enough at the one but not at the other is seen
-        cal.heldout_retrieval = [s for n in sorted({validation_len, max(lengths)})
-                                 for s in draw(n, seed + 7919 + n)]
+        cal.heldout_retrieval = [
+            s for n in sorted({validation_len, max(lengths)})
+            for s in make_samples(tokenizer, n, samples, seed + 7919 + n, template, stream)]
         cal.retrieval_weight = retrieval_weight

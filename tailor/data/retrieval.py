@@ -149,22 +149,6 @@ def answered(run, samples: list[RetrievalSample]) -> float:
     return hits / max(1, len(samples))
 
 
-def answered_samples(run, tokenizer, length: int, count: int, seed: int, template: RetrievalTemplate,
-                     text=None, draws: int = 3) -> list[RetrievalSample]:
-    """Up to `count` sequences of `length` tokens that the dense model `run` answers, from at most
-    count × draws drawn (fewer where it answers fewer: none at all means no retrieval term at
-    that length). Where the dense model fails, a variant's distance from its answer is noise,
-    not retrieval lost: SmolLM2-135M answered about a quarter of its 8K sequences."""
-    kept = []
-    with torch.no_grad():
-        for s in make_samples(tokenizer, length, count * draws, seed, template, text):
-            if s.answered_by(run(s.ids[None], positions=s.answer_positions)[0]):
-                kept.append(s)
-                if len(kept) == count:
-                    break
-    return kept
-
-
 def choose_template(run, tokenizer, length: int, text, seed: int,
                     samples: int = 4) -> tuple[RetrievalTemplate | None, dict[str, float]]:
     """Of TEMPLATES, the one whose `samples` sequences of `length` tokens the dense model `run`

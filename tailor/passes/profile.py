@@ -49,7 +49,7 @@ from tailor.passes.registry import PASSES, apply_options, candidates_for
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.least_squares import COMPENSATION_RIDGE, add_gram
 
-PROFILE_VERSION = 6  # 6: retrieval sequences only where the dense model answers them
+PROFILE_VERSION = 5
 
 
 @dataclass

@@ -96,13 +96,13 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     if retrieval_template is not None:
         template = RetrievalTemplate.parse(retrieval_template)
     elif tok is not None:
-        # chosen at a short length (a few forwards); at the profiled lengths only sequences the
-        # dense model answers are kept (add_attention_data)
+        # chosen at a short length (a few forwards): sequences of the profiled lengths that the
+        # dense model does not answer are dropped from the held-out check (stages.search.HeldOut)
         length = min(CHOOSE_LEN, *lengths)
         text = text_of_length(cal, length)
         template, answered = choose_template(backend.runnable(), tok, length, text, seed)
     add_attention_data(cal, lengths, validation_len, tok if template is not None else None,
-                       template=template, seed=seed, dense=backend.runnable())
+                       template=template, seed=seed)
     if "attn_pattern" not in passes:
         return {}
     sequences = {n: len(cal.attn_texts.get(n, [])) + len(cal.retrieval.get(n, [])) for n in lengths}

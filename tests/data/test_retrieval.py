@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailor.core.errors import TailorError
-from tailor.data.retrieval import TEMPLATES, answered, answered_samples, choose_template, make_samples
+from tailor.data.retrieval import TEMPLATES, answered, choose_template, make_samples
 from tailor.data.text import load_tokenizer
 from tests.conftest import REFLLAMA, needs_shared
 
@@ -68,21 +68,6 @@ def test_the_form_the_dense_model_answers_is_chosen():
     # one that answers nothing calibrates no retrieval
     assert choose_template(Oracle([], answers=False), tok, 512, text, seed=0)[0] is None
     assert answered(prose_only, samples[0]) == 0.0 and answered(prose_only, samples[2]) == 1.0
-
-
-@needs_shared
-def test_only_answered_sequences_calibrate():
-    """answered_samples keeps what the dense model answers, drawing up to 3x as many: a model that
-    answers every other sequence fills the count; one that answers none leaves no retrieval."""
-    tok = load_tokenizer(REFLLAMA)
-    text = torch.tensor(tok((REFLLAMA / "MODEL.md").read_text() * 3, add_special_tokens=False)["input_ids"])
-    drawn = make_samples(tok, 300, 12, seed=5, template=TEMPLATES[2], text=text)
-    every_other = Oracle(drawn[1::2], answers=True)
-    kept = answered_samples(every_other, tok, 300, 4, 5, TEMPLATES[2], text)
-    assert [s.ids.tolist() for s in kept] == [s.ids.tolist() for s in drawn[1:8:2]]
-    few = Oracle(drawn[:1], answers=True)  # 1 of the 12 that may be drawn
-    assert len(answered_samples(few, tok, 300, 4, 5, TEMPLATES[2], text)) == 1
-    assert answered_samples(Oracle([], answers=False), tok, 300, 4, 5, TEMPLATES[2], text) == []
 
 
 def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
