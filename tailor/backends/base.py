@@ -10,7 +10,7 @@ backend, not edits in every pass.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -250,8 +250,9 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
-        """Per batch, every block's BlockTrace (the profile's signals are sums over them)."""
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
+        """visit(i, BlockTrace of block i) for every block of every batch, in the forward's order
+        (the profile's signals are sums over them)."""
 
     @abc.abstractmethod
     def projection_weight(self, p: Projection) -> np.ndarray:

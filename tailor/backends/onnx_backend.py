@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ class OnnxBackend(Backend):
     def runnable(self) -> OrtModel:
         return OrtModel(self.model, causal=is_causal(self.graph))
 
-    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
         probe = onnx_surgery.clone(self.model)
         nodes = onnx_surgery.nodes_by_name(probe)
         values = onnx_surgery.block_values(probe, self.graph)
@@ -67,7 +67,8 @@ class OnnxBackend(Backend):
         run = OrtModel(probe)
         for chunk in batches(ids, batch):
             out = run.run_all(chunk.numpy())
-            yield [BlockTrace(*(torch.from_numpy(out[v.name]) for v in row)) for row in wanted]
+            for i, row in enumerate(wanted):
+                visit(i, BlockTrace(*(torch.from_numpy(out[v.name]) for v in row)))
 
     def projection_weight(self, p: Projection) -> np.ndarray:
         w, _ = onnx_surgery.projection_arrays(self.model, p)

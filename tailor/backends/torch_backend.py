@@ -10,7 +10,7 @@ import contextlib
 import copy
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +80,11 @@ class TorchBackend(Backend):
     def runnable(self) -> nn.Module:
         return HFModel(self.model)
 
-    def block_traces(self, ids: Inputs, batch: int = 4) -> Iterator[list[BlockTrace]]:
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
         model, graph = self.model, self.graph
         seen: dict[str, list] = {k: [None] * graph.num_layers
-                                 for k in ("in", "out", "ffn", "attn", "o", "down", "k")}
+                                 for k in ("in", "ffn", "attn", "o", "down", "k")}
+        main = module_device(model)
 
         def save_input(kind, i):
             def hook(mod, args, kwargs):
@@ -93,6 +94,24 @@ class TorchBackend(Backend):
         def save_output(kind, i):
             def hook(mod, args, out):
                 seen[kind][i] = _first(out)
+            return hook
+
+        def block_done(i):
+            # the block's last hook: its trace is whole, visited and dropped before the next block
+            # runs, so a forward holds one layer's tensors, not every layer's (SmolLM2's 30 layers
+            # of 4 × 512 tokens: 1.1 GB)
+            def hook(mod, args, out):
+                out = _first(out)
+                # a block's input arrives from where the block before ran (a model split by
+                # accelerate moves it inside the block's forward, after the hooks here saw it):
+                # each layer's values where the layer runs; keys, compared across layers, on one device
+                here = out.device
+                trace = BlockTrace(seen["in"][i].to(here), out,
+                                   *(seen[k][i].to(here) for k in ("ffn", "attn", "o", "down")),
+                                   seen["k"][i].to(main))
+                for values in seen.values():
+                    values[i] = None
+                visit(i, trace)
             return hook
 
         hooks = []
@@ -109,23 +128,13 @@ class TorchBackend(Backend):
                 down.register_forward_hook(save_output("ffn", i)),
                 o.register_forward_hook(save_output("attn", i)),
                 sub(module_path(b.attn.k.weight.name)).register_forward_hook(save_output("k", i)),
-                block.register_forward_hook(save_output("out", i)),
+                block.register_forward_hook(block_done(i)),
             ]
-        run, main = self.runnable(), module_device(model)
-
-        def trace(i: int) -> BlockTrace:
-            # a block's input arrives from where the block before ran (a model split by accelerate
-            # moves it inside the block's forward, after the hooks here saw it): each layer's
-            # values where the layer runs; keys, compared across layers, on one device
-            here = seen["out"][i].device
-            return BlockTrace(*(seen[k][i].to(here) for k in ("in", "out", "ffn", "attn", "o", "down")),
-                              seen["k"][i].to(main))
-
+        run = self.runnable()
         try:
             for chunk in batches(ids, batch):
                 with torch.no_grad():  # the head on one position: nothing here reads the logits
                     run(chunk, positions=torch.tensor([chunk.shape[1] - 1]))
-                yield [trace(i) for i in range(graph.num_layers)]
         finally:
             for h in hooks:
                 h.remove()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tailor.backends.base import Backend, compared_positions, divergence
+from tailor.backends.base import Backend, BlockTrace, compared_positions, divergence
 from tailor.core.devices import PeakMemory
 from tailor.core.digests import sha256_file
 from tailor.core.patterns import Pattern
@@ -224,11 +224,12 @@ def collect_signals(backend: Backend, ids: Inputs) -> Signals:
     """The profile's statistics, summed over the backend's block traces on `ids`."""
     graph = backend.graph
     sums = SignalSums(graph.num_layers)
-    for traces in backend.block_traces(ids):
-        for i, t in enumerate(traces):
-            sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
-            sums.projection_inputs(i, t.o_in, t.down_in)
-            sums.key(i, t.key)
+
+    def visit(i: int, t: BlockTrace) -> None:
+        sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
+        sums.projection_inputs(i, t.o_in, t.down_in)
+        sums.key(i, t.key)
+    backend.block_traces(ids, visit)
     return sums.signals(lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].attn.o)),
                         lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].ffn.down)),
                         [b.attn.head_dim for b in graph.blocks])
