@@ -23,6 +23,7 @@ from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel
+from tailor.passes.int8 import int8_refusal
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
@@ -312,6 +313,13 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
             report["attn_pattern_skipped"] = (
                 f"every head on its narrowest pattern would save {headroom:.1%} of the {objective} "
                 f"at this workload (< {MIN_PATTERN_HEADROOM:.0%}); ask for it with passes")
+    if "int8" in passes:
+        refusal = int8_refusal(dense, cost_model)
+        if refusal is not None and asked:
+            raise TailorError(f"pass int8: {refusal}")
+        if refusal is not None:
+            passes = [p for p in passes if p != "int8"]
+            report["int8_skipped"] = refusal
     structural = candidates_for(graph, neutral, passes)
     price(structural, cost_model)
     if restricted is not None:
