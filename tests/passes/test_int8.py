@@ -59,7 +59,8 @@ def test_quantized_branches_stay_close_to_float_in_onnxruntime(llama):
     error = float((out - ref).norm() / ref.norm())
     assert 0 < error < 0.05  # quantized (not identical), yet close: per-channel 8-bit weights
     one = apply_options(dense.clone(), [_option(cap.graph, 0, "ffn")], None)
-    assert [n.op_type for n in one.deployed().graph].count("MatMulInteger") == len(cap.graph.blocks[0].ffn.projections)
+    quantized = [n.op_type for n in one.deployed().graph].count("MatMulInteger")
+    assert quantized == len(cap.graph.blocks[0].ffn.projections)
 
 
 def test_int8_option_cost_comes_from_the_tables_int8_rate(llama, table):
@@ -159,6 +160,7 @@ def test_int8_not_offered_where_it_cannot_run(tiny_models, llama, table):
         options_from_plan(cap.graph, [{"pass": "int8", "layer": 0, "choice": {"branch": "norm"}}])
     from tailor.passes.int8 import int8_refusal
 
-    assert int8_refusal(dense, CostModel(cap.graph, Workload(1, 64, 0), get_target(table))) is None
-    assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, Workload(1, 64, 0), get_target("h100")))
+    workload = Workload(1, 64, 0)
+    assert int8_refusal(dense, CostModel(cap.graph, workload, get_target(table))) is None
+    assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("h100")))
     assert not Target("x", 1e9, 1e9, 4).int8_rates
