@@ -405,6 +405,9 @@ def print_summary(compiled, out: Path) -> None:
         baseline = compiled.report["cost_model"]["baseline"]
         t.add_row("lossless clean-ups", ", ".join(f"{k} × {n}" for k, n in cleaned.items()) +
                   (f" (latency {baseline:.3f} of the input's, measured)" if baseline != 1.0 else ""))
+    if compiled.report.get("int8"):
+        t.add_row("INT8 branches", f"{len(compiled.report['int8']['branches'])} "
+                  f"({compiled.report['int8']['method']})")
     if compiled.report.get("int8_skipped"):
         t.add_row("INT8 options", f"not offered: {compiled.report['int8_skipped']}")
     timed = compiled.report.get("measured_latency")
@@ -560,8 +563,9 @@ def cmd_calibrate_target(args) -> int:
     t = Table(title=f"{table['name']} → {out}")
     t.add_column("matrix product FLOPs", justify="right")
     t.add_column("achieved GFLOP/s", justify="right")
-    for flops, rate in table["matmul"]:
-        t.add_row(f"{flops:.3g}", f"{rate / 1e9:.1f}")
+    t.add_column("INT8 weights, GFLOP/s", justify="right")
+    for (flops, rate), (_, int8) in zip(table["matmul"], table["int8_matmul"]):
+        t.add_row(f"{flops:.3g}", f"{rate / 1e9:.1f}", f"{int8 / 1e9:.1f}")
     console.print(t)
     console.print(f"memory bandwidth {table['bytes_per_s'] / 1e9:.1f} GB/s; use it with --target {out}")
     return 0

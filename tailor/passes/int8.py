@@ -26,8 +26,11 @@ def branch_projections(graph: TransformerGraph, layer: int, branch: str) -> list
     return list(b.attn.projections if branch == "attn" else b.ffn.projections)
 
 
-def int8_refusal(backend: Backend, cost_model: CostModel) -> str | None:
-    """Why INT8 options are not offered for this model on this target (None: they are)."""
+def int8_refusal(backend: Backend, cost_model: CostModel, formats: tuple[str, ...] = ()) -> str | None:
+    """Why INT8 options are not offered for this model on this target, into an artifact of
+    `formats` (None: they are)."""
+    if "tvm" in formats:  # TVM's ONNX importer fails on DynamicQuantizeLinear + MatMulInteger
+        return "the TVM build (format tvm) runs no INT8 yet; leave format tvm out for INT8"
     if not cost_model.prices_int8:
         return (f"the target {cost_model.target.name} has no measured INT8 figure (GPU targets and "
                 f"vendor peaks: none yet); measure this CPU with `tailor calibrate-target -o cpu.json` "

@@ -20,6 +20,8 @@ from tailor.core.errors import TailorError
 
 PER_CHANNEL = True
 REDUCE_RANGE = False
+METHOD = ("onnxruntime quantize_dynamic: signed 8-bit weights per output channel (full range), "
+          "activations quantized at run time")
 # protobuf cannot hold a model over 2 GB: past this size the quantizer writes its weights beside it
 EXTERNAL_DATA_BYTES = 1 << 30
 
