@@ -163,4 +163,5 @@ def test_int8_not_offered_where_it_cannot_run(tiny_models, llama, table):
     workload = Workload(1, 64, 0)
     assert int8_refusal(dense, CostModel(cap.graph, workload, get_target(table))) is None
     assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("h100")))
+    assert "TVM" in int8_refusal(dense, CostModel(cap.graph, workload, get_target(table)), ("onnx", "tvm"))
     assert not Target("x", 1e9, 1e9, 4).int8_rates
