@@ -14,7 +14,8 @@ original on 16 windows of code-eval.txt.
 
     python benchmarks/cpu_frontier.py [--models minilm,refllama] [--budgets 0.75,0.6,0.5,0.4]
         [--threads 2] [--repeats 30] [--out benchmarks/results/cpu_frontier.json]
-        [--plot docs/cpu_frontier.png]
+        [--plot docs/cpu_frontier.png] [--work DIR]
+    python benchmarks/cpu_frontier.py --retime DIR --out ROWS.json   # time a kept --work DIR again
 """
 from __future__ import annotations
 
@@ -52,6 +53,14 @@ ORT_VARIANTS = (("ort int8 per tensor", False, False), ("ort int8 per channel, r
                 ("ort int8 per channel", True, False))
 
 
+def model_path(work: Path, name: str, variant: str) -> Path:
+    """Where run_model writes a variant's model in `work` (what --retime reads back)."""
+    ort = [v for v, _, _ in ORT_VARIANTS]
+    if variant in ort:
+        return work / f"{name}-{ort.index(variant) + 1}.onnx"
+    return work / f"{name}-{variant.replace(' ', '_').replace(',', '')}" / "model.onnx"
+
+
 def ort_variant(onnx: Path, out: Path, per_channel: bool, reduce_range: bool) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -80,7 +89,7 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
     models = {"original": OrtModel(onnx, threads)}
     info: dict[str, dict] = {"original": {"method": "original", "budget": None, "predicted": 1.0}}
     for variant, per_channel, reduce_range in ORT_VARIANTS:
-        path = ort_variant(onnx, work / f"{name}-{len(info)}.onnx", per_channel, reduce_range)
+        path = ort_variant(onnx, model_path(work, name, variant), per_channel, reduce_range)
         models[variant] = OrtModel(path, threads)
         info[variant] = {"method": variant, "budget": None, "predicted": None}
     for b in budgets:
@@ -96,7 +105,7 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
                                  progress=True)
             with_int8 = with_int8 or opt
             key = f"{method} {b:g}"
-            out = opt.save(work / f"{name}-{key.replace(' ', '_').replace(',', '')}")
+            out = opt.save(model_path(work, name, key).parent)
             models[key] = OrtModel(out / "model.onnx", threads)
             rewrites = opt.plan.rewrites
             info[key] = {"method": method, "budget": b, "predicted": opt.plan.predicted["latency"],
@@ -110,6 +119,26 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
     q = quality(name, onnx, models, prompt_len)
     return [{"model": name, "variant": k, **info[k], "measured": times[k] / times["original"],
              "ms": times[k] * 1e3, **q[k]} for k in models]
+
+
+def retime(rows: list[dict], work: Path, threads: int, repeats: int) -> list[dict]:
+    """The rows' models from a kept work folder timed again side by side, base model by base
+    model (quality does not change): "measured" becomes the new ratio, the first kept beside it."""
+    out = []
+    for name, source, length in (("MiniLM", minilm_onnx, 128), ("refllama-16m", refllama_onnx, 512)):
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        onnx = source()
+        models = {r["variant"]: OrtModel(onnx if r["variant"] == "original" else
+                                         model_path(work, name, r["variant"]), threads) for r in mine}
+        vocab = len(load_tokenizer(onnx.parent))
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+        times = time_side_by_side(models, ids, repeats, warmup=20)
+        out += [r | {"measured_first_run": r.get("measured_first_run", r["measured"]),
+                     "measured": times[r["variant"]] / times["original"], "ms": times[r["variant"]] * 1e3}
+                for r in mine]
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -154,11 +183,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, help="write the rows here (.json)")
     ap.add_argument("--plot", type=Path, help="write the Pareto plot here (.png)")
+    ap.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
+    ap.add_argument("--retime", type=Path, help="a kept --work folder: time its models (the rows of --out) "
+                    "again and rewrite --out")
     args = ap.parse_args()
+    if args.retime:
+        rows = retime(json.loads(args.out.read_text()), args.retime, args.threads, args.repeats)
+        args.out.write_text(json.dumps(rows, indent=1))
+        if args.plot:
+            plot(rows, args.plot)
+        print(table(rows))
+        return
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         target = str(work / "target.json")
         Path(target).write_text(json.dumps(measure_cpu(args.threads)))
         runs = {"minilm": lambda: run_model("MiniLM", minilm_onnx(), budgets, 128, default_calibration(),
