@@ -23,12 +23,14 @@ from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel
+from tailor.passes.int8 import int8_refusal
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.passes.standard import sayable, standard_shape, uniform
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
+from tailor.rewriter.onnx_quantize import METHOD as QUANTIZATION_METHOD
 from tailor.stages.artifact import Compiled, describe, load, placement, resolve_formats
 from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_path
 from tailor.stages.cost import (
@@ -129,7 +131,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                          shapes=shapes, passes=passes, replayed=replayed, calib=calib,
                          tokenizer=tokenizer, calib_windows=calib_windows, seed=seed,
                          retrieval_template=retrieval_template, use_cache=use_cache, progress=progress,
-                         restricted=hf_arch if hf_compatible else None)
+                         restricted=hf_arch if hf_compatible else None, formats=formats)
     prof, options, meter = prepared.profile, prepared.options, prepared.meter
     heldout, cal = prepared.heldout, prepared.calibration
     if replayed is None:
@@ -170,6 +172,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             variant, report["refit"] = refitted(dense, variant, kl, chosen, cal, heldout, progress)
             report["search"]["measured_kl_heldout"] = report["refit"]["measured_kl_heldout"]
     result.rewrites = [o.to_json() for o in chosen]
+    int8 = [o.label for o in chosen if o.pass_name == "int8"]
+    if int8:
+        report["int8"] = {"branches": int8, "method": QUANTIZATION_METHOD}
     result.predicted = cost_model.ratios(structure_of(graph, chosen))
     report |= profile_report(prof, cal)
     attn = prepared.settings.get("attn", {})
@@ -242,18 +247,22 @@ def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict
               budget: float, objective: str, shapes: Shapes, passes: list[str] | None,
               replayed: list[Option] | None, calib, tokenizer, calib_windows, seed: int,
               retrieval_template, use_cache: bool, progress: bool,
-              restricted: StandardArchitecture | None = None) -> Prepared:
+              restricted: StandardArchitecture | None = None, formats: tuple[str, ...] = ()) -> Prepared:
     """Calibrate and profile the passes worth searching (a replayed plan's: signals only), and
     price their options. `restricted`: the budget must be reachable by what a standard config of
-    that architecture can say."""
+    that architecture can say; `formats`: what the artifact will hold (INT8 where it can run)."""
     passes_given = passes is not None
     passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
+    if replayed is not None and "int8" in passes:
+        refusal = int8_refusal(dense, cost_model, formats)
+        if refusal is not None:
+            raise TailorError(f"the plan's int8 rewrites: {refusal}")
     lengths = shapes.attn_lengths
     grid = default_grid(max(lengths))
     if replayed is None:
         passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
                              lengths=lengths, objective=objective, budget=budget, report=report,
-                             restricted=restricted)
+                             restricted=restricted, formats=formats)
 
     with stages("calibrate"):
         cal = calibration(dense, cap.source, calib, tokenizer, calib_windows, shapes.calib_len, seed)
@@ -299,7 +308,7 @@ def _replayed_options(given: Plan, plan: str | Path | Plan, cap: Captured, dense
 
 def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: CostModel, grid, lengths,
                 objective: str, budget: float, report: dict,
-                restricted: StandardArchitecture | None = None) -> list[str]:
+                restricted: StandardArchitecture | None = None, formats: tuple[str, ...] = ()) -> list[str]:
     """The passes worth searching, and a check before any calibration that the budget can be
     reached at all (costs depend on shapes only)."""
     graph = dense.graph
@@ -312,6 +321,13 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
             report["attn_pattern_skipped"] = (
                 f"every head on its narrowest pattern would save {headroom:.1%} of the {objective} "
                 f"at this workload (< {MIN_PATTERN_HEADROOM:.0%}); ask for it with passes")
+    if "int8" in passes:
+        refusal = int8_refusal(dense, cost_model, formats)
+        if refusal is not None and asked:
+            raise TailorError(f"pass int8: {refusal}")
+        if refusal is not None:
+            passes = [p for p in passes if p != "int8"]
+            report["int8_skipped"] = refusal
     structural = candidates_for(graph, neutral, passes)
     price(structural, cost_model)
     if restricted is not None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
 from tailor.rewriter.graph import Projection, TransformerGraph
@@ -213,6 +214,8 @@ class Backend(abc.ABC):
     # the attention profile replays the layers before the one measured (else it runs the whole
     # model per layer, head and pattern, and is offered only where patterns can pay for it)
     profiles_patterns_cheaply: ClassVar[bool]
+    # projections run on INT8 weights with dynamically quantized activations (the int8 pass)
+    quantizes_int8: ClassVar[bool] = False
 
     def __init__(self, model: Any, graph: TransformerGraph):
         self.model, self.graph = model, graph
@@ -297,6 +300,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         """Per-KV-head attention patterns (None: dense)."""
+
+    def int8_refusal(self, projections: list[Projection]) -> str | None:
+        """Why these projections cannot run on INT8 weights here (None: they can)."""
+        return f"INT8 runs ONNX models in onnxruntime only, not {self.format} models"
+
+    def int8_projections(self, projections: list[Projection]) -> None:
+        """Run these projections on INT8 weights with dynamically quantized activations, once
+        every structural edit is done: what runs and what is saved is quantized, while edits and
+        refits keep working on the float weights. Only where int8_refusal says None."""
+        raise TailorError(self.int8_refusal(projections))
 
     def finish(self) -> None:
         """After a set of edits: whatever the format needs to stay consistent."""

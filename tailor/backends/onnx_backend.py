@@ -1,5 +1,6 @@
 """The ONNX backend: an onnx_ir model, run by onnxruntime, edited through
-tailor.rewriter.onnx_surgery (and onnx_sparse_attention for patterns).
+tailor.rewriter.onnx_surgery (and onnx_sparse_attention for patterns), its chosen projections
+quantized by onnxruntime (tailor.rewriter.onnx_quantize) whenever it is run or saved.
 
 Signals come from the intermediate values made graph outputs of a copy; a pattern is measured by
 rewriting a copy and running it whole (no frozen prefix as on torch).
@@ -32,6 +33,7 @@ from tailor.data.calibration import Inputs, batches
 from tailor.rewriter import onnx_surgery
 from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.onnx_quantize import quantized
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 
 
@@ -40,19 +42,31 @@ class OnnxBackend(Backend):
     edits_post_norm_branches = True
     profiles_patterns_cheaply = False
     slices_in_out_layout = True
+    quantizes_int8 = True
 
     def __init__(self, model: ir.Model, graph: TransformerGraph, source: OnnxSource | None = None, *,
-                 edited: bool = False):
+                 edited: bool = False, int8: frozenset[str] = frozenset()):
         """`source`: the file the model was read from, written byte for byte while nothing (not
-        even a lossless clean-up) changed the model."""
+        even a lossless clean-up) changed the model. `int8`: the MatMul nodes that run on INT8
+        weights (quantized from the float model when it is run or saved)."""
         super().__init__(model, graph)
-        self.source, self.edited = source, edited
+        self.source, self.edited, self.int8 = source, edited, int8
+        self._quantized: ir.Model | None = None  # the float model's quantized copy, until it changes
 
     def clone(self) -> "OnnxBackend":
-        return OnnxBackend(onnx_surgery.clone(self.model), self.graph, self.source, edited=self.edited)
+        return OnnxBackend(onnx_surgery.clone(self.model), self.graph, self.source, edited=self.edited,
+                           int8=self.int8)
+
+    def deployed(self) -> ir.Model:
+        """The model as it runs and is saved: the float model with the int8 nodes quantized."""
+        if not self.int8:
+            return self.model
+        if self._quantized is None:
+            self._quantized = quantized(self.model, sorted(self.int8))
+        return self._quantized
 
     def runnable(self) -> OrtModel:
-        return OrtModel(self.model, causal=is_causal(self.graph))
+        return OrtModel(self.deployed(), causal=is_causal(self.graph))
 
     def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
         probe = onnx_surgery.clone(self.model)
@@ -77,7 +91,7 @@ class OnnxBackend(Backend):
     # ---- edits ----
 
     def _edit(self) -> ir.Model:
-        self.edited = True
+        self.edited, self._quantized = True, None
         return self.model
 
     def remove_blocks(self, layers: list[int]) -> None:
@@ -134,7 +148,26 @@ class OnnxBackend(Backend):
         cover only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
         substitute(self._edit(), self.graph.blocks[layer].attn, patterns)
 
+    def int8_refusal(self, projections: list[Projection]) -> str | None:
+        nodes = onnx_surgery.nodes_by_name(self.model)
+        for p in projections:
+            node = nodes.get(p.node)
+            if node is None:
+                continue  # a rewrite removed it (a skipped branch): nothing to quantize
+            if node.op_type != "MatMul" or not node.inputs[1].is_initializer():
+                # quantize_dynamic's integer ops take MatMul with a constant weight, not Gemm
+                return f"INT8 runs MatMul projections on constant weights; {p.node} is a {node.op_type}"
+        return None
+
+    def int8_projections(self, projections: list[Projection]) -> None:
+        refusal = self.int8_refusal(projections)
+        if refusal is not None:
+            raise TailorError(refusal)
+        self._edit()
+        self.int8 = self.int8 | {p.node for p in projections}
+
     def finish(self) -> None:
+        self._quantized = None
         onnx_surgery.finish(self.model)
 
     # ---- measuring and refitting ----
@@ -152,7 +185,7 @@ class OnnxBackend(Backend):
         changed the model; else the model as it is now."""
         src = self.source
         if self.edited or src is None:
-            save_onnx(self.model, folder / "model.onnx")
+            save_onnx(self.deployed(), folder / "model.onnx")
             return
         shutil.copyfile(src.path, folder / "model.onnx")
         for loc in src.data_files:

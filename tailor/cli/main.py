@@ -64,7 +64,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "its layers filling the GPUs in order and the rest offloaded to host memory (default: "
                    "so only where the weights do not fit the GPU)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
-                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern)")
+                   "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern, and "
+                   "int8 on an ONNX model priced by a CPU table from calibrate-target)")
     p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
                    "(default prompt-len/2,prompt-len)")
     p.add_argument("--validation-len", type=int, help="length plans are validated at, with held-out "
@@ -404,6 +405,11 @@ def print_summary(compiled, out: Path) -> None:
         baseline = compiled.report["cost_model"]["baseline"]
         t.add_row("lossless clean-ups", ", ".join(f"{k} × {n}" for k, n in cleaned.items()) +
                   (f" (latency {baseline:.3f} of the input's, measured)" if baseline != 1.0 else ""))
+    if compiled.report.get("int8"):
+        t.add_row("INT8 branches", f"{len(compiled.report['int8']['branches'])} "
+                  f"({compiled.report['int8']['method']})")
+    if compiled.report.get("int8_skipped"):
+        t.add_row("INT8 options", f"not offered: {compiled.report['int8_skipped']}")
     timed = compiled.report.get("measured_latency")
     if timed:
         t.add_row("measured latency ratio (here)",
@@ -557,8 +563,9 @@ def cmd_calibrate_target(args) -> int:
     t = Table(title=f"{table['name']} → {out}")
     t.add_column("matrix product FLOPs", justify="right")
     t.add_column("achieved GFLOP/s", justify="right")
-    for flops, rate in table["matmul"]:
-        t.add_row(f"{flops:.3g}", f"{rate / 1e9:.1f}")
+    t.add_column("INT8 weights, GFLOP/s", justify="right")
+    for (flops, rate), (_, int8) in zip(table["matmul"], table["int8_matmul"]):
+        t.add_row(f"{flops:.3g}", f"{rate / 1e9:.1f}", f"{int8 / 1e9:.1f}")
     console.print(t)
     console.print(f"memory bandwidth {table['bytes_per_s'] / 1e9:.1f} GB/s; use it with --target {out}")
     return 0

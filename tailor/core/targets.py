@@ -28,23 +28,37 @@ class Target:
     # whether a torch model's attention patterns skip the keys they drop over the prompt: tailor's
     # Triton block-sparse prefill runs on GPUs; elsewhere they run as masked dense attention
     sparse_prefill: bool = False
+    # measured (FLOPs of one product, achieved FLOP/s) of products on INT8 weights with dynamically
+    # quantized activations, the activations' quantization included; empty: no INT8 figure (the
+    # int8 pass offers nothing on this target)
+    int8_rates: tuple[tuple[float, float], ...] = ()
 
     def compute_seconds(self, flops: float) -> float:
         """Time of `flops` of matrix work: at the peak, or at the rate measured for products of
         that size (log-log interpolation, clamped to the table's ends)."""
         if not self.matmul_rates or flops <= 0:
             return flops / self.flops_per_s
-        sizes, rates = zip(*self.matmul_rates)
-        rate = math.exp(np.interp(math.log(flops), np.log(sizes), np.log(rates)))
-        return flops / rate
+        return flops / _interpolated(self.matmul_rates, flops)
+
+    def int8_compute_seconds(self, flops: float) -> float:
+        """Time of `flops` of matrix work on INT8 weights (int8_rates, interpolated alike)."""
+        if not self.int8_rates:
+            raise ValueError(f"target {self.name} has no INT8 figure")
+        return flops / _interpolated(self.int8_rates, flops) if flops > 0 else 0.0
 
     def override(self, flops_per_s: float | None = None, bytes_per_s: float | None = None) -> "Target":
         return replace(self, flops_per_s=flops_per_s or self.flops_per_s,
                        bytes_per_s=bytes_per_s or self.bytes_per_s)
 
 
+def _interpolated(table: tuple[tuple[float, float], ...], flops: float) -> float:
+    sizes, rates = zip(*table)
+    return math.exp(np.interp(math.log(flops), np.log(sizes), np.log(rates)))
+
+
 # Vendor peaks (dense bf16 tensor cores on GPUs; fp32 on the CPU, a 2-core development machine
-# class, refined by measurement in the CPU back-end issue).
+# class, refined by measurement in the CPU back-end issue). None has an INT8 figure: INT8 is
+# offered on a CPU table measured by `tailor calibrate-target` only (no GPU INT8 path yet).
 TARGETS = {
     "cpu": Target("cpu", 1.0e11, 2.0e10, 4),
     "a100": Target("a100", 312e12, 2.0e12, 2, sparse_prefill=True),
@@ -73,20 +87,26 @@ def load_target_file(path: Path):
         raise TailorError(f"{path}: not a target table (write one with `tailor calibrate-target -o FILE`)")
     try:
         rows = [(float(f), float(r)) for f, r in data["matmul"]]
+        int8_rows = [(float(f), float(r)) for f, r in data.get("int8_matmul", [])]
         name, peak, bandwidth = str(data["name"]), float(data["flops_per_s"]), float(data["bytes_per_s"])
         element = int(data["bytes_per_element"])
     except (KeyError, TypeError, ValueError) as e:
         raise TailorError(f"{path}: malformed target table ({type(e).__name__}: {e})") from None
-    values = [peak, bandwidth] + [v for row in rows for v in row]
+    values = [peak, bandwidth] + [v for row in rows + int8_rows for v in row]
     if not rows or not all(np.isfinite(v) and v > 0 for v in values) or element not in (1, 2, 4, 8):
         raise TailorError(f"{path}: target table values must be positive and finite")
+    return Target(name, peak, bandwidth, element, matmul_rates=_envelope(rows),
+                  int8_rates=_envelope(int8_rows) if int8_rows else ())
+
+
+def _envelope(rows: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """Rates by product size: products of one size but other shapes at their geometric mean, then
+    the upper envelope: larger products run at least as fast on a CPU, and a dip in the table is
+    timing noise (another process, a frequency change) that would steer the search (three runs
+    on this machine gave refllama-16m at budget 0.5 plans measuring 0.60, 0.60 and 0.77)."""
     by_size: dict[float, list[float]] = {}
-    for f, r in rows:  # products of one size but other shapes: their geometric mean
+    for f, r in rows:
         by_size.setdefault(f, []).append(r)
     sizes = sorted(by_size)
-    # the upper envelope: larger products run at least as fast on a CPU, and a dip in the table is
-    # timing noise (another process, a frequency change) that would steer the search (three runs
-    # on this machine gave refllama-16m at budget 0.5 plans measuring 0.60, 0.60 and 0.77)
     rates = np.maximum.accumulate([float(np.exp(np.mean(np.log(by_size[f])))) for f in sizes])
-    table = tuple(zip(sizes, (float(r) for r in rates)))
-    return Target(name, peak, bandwidth, element, matmul_rates=table)
+    return tuple(zip(sizes, (float(r) for r in rates)))

@@ -2,7 +2,8 @@
 object that offers, prices and applies them.
 
 Options claim resources (e.g. "attn:3"); two options with a common claim exclude each other,
-which is all the search needs to know to combine passes.
+which is all the search needs to know to combine passes, but for a pass that `composes` (INT8 on
+a part another option may also prune), whose pairs with other options the search prices jointly.
 """
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     # option losses measured one run per option (False: the pass estimates them itself)
     measured: ClassVar[bool] = True
+    # its options change how a part runs rather than its shape, and combine with other passes'
+    # options on the same layer, whose joint cost is not the sum of theirs: the search prices
+    # each such pair jointly (tailor.passes.search.pair_costs)
+    composes: ClassVar[bool] = False
 
     @abc.abstractmethod
     def candidates(self, graph: TransformerGraph, signals) -> list[Option]:

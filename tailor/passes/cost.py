@@ -10,11 +10,14 @@ the time and the passes over materialised scores about 15%; a roofline of produc
 predicted 0.50 for a plan that measured 0.60.
 
 A model's shape after rewriting is a `Structure`: per layer, whether it is kept, whether its FFN
-is kept, which KV groups and how many query heads per group its attention keeps, and each KV
-head's attention pattern (attention work and KV cache ∝ the keys a head keeps). The cost of a
-structure is a sum over layers, so an option's cost is the difference between the structure
-with that one change and the dense one, exactly, and a plan's cost is the dense cost plus the
-sum of its options' deltas (options of one layer are combined by the search's constraints).
+is kept, which KV groups and how many query heads per group its attention keeps, each KV
+head's attention pattern (attention work and KV cache ∝ the keys a head keeps), and which of its
+branches' projections run on INT8 weights (priced at the target's measured INT8 rates). The
+cost of a structure is a sum over layers, so an option's cost is the difference between the
+structure with that one change and the dense one, exactly, and a plan's cost is the dense cost
+plus the sum of its options' deltas (options of one layer are combined by the search's
+constraints), plus, for an option that scales what other options leave of a part (INT8 on a
+pruned FFN), the joint correction the search prices pair by pair (tailor.passes.search).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class LayerShape:
     own_kv: bool = True              # False when the layer reads another layer's KV cache
     ffn_width: int | None = None     # FFN channels kept (None: all)
     kv_patterns: tuple[Pattern | None, ...] | None = None   # per kept KV head (None: all dense)
+    int8: tuple[str, ...] = ()       # branches ("attn", "ffn") whose projections run on INT8 weights
 
 
 @dataclass
@@ -179,17 +183,28 @@ class CostModel:
             self.scales = kept
         return out
 
+    @property
+    def prices_int8(self) -> bool:
+        """Whether the target has a measured INT8 figure (else INT8 is not offered)."""
+        return bool(self.target.int8_rates)
+
     # -- pieces ------------------------------------------------------------------------------
-    def _matmul(self, tokens: int, n_in: int, n_out: int, weight_reads: int) -> Cost:
-        """tokens × (n_in -> n_out) with the weight read `weight_reads` times (once per step)."""
+    def _matmul(self, tokens: int, n_in: int, n_out: int, weight_reads: int, int8: bool = False) -> Cost:
+        """tokens × (n_in -> n_out) with the weight read `weight_reads` times (once per step); on
+        INT8 weights, a byte each, the input also written and read once quantized."""
         e = self.target.bytes_per_element
         flops = 2.0 * tokens * n_in * n_out
+        if int8:
+            by = weight_reads * n_in * n_out + tokens * (n_in + n_out) * e + 2 * tokens * n_in
+            return self._roofline(flops, by, calls=weight_reads, seconds=self.target.int8_compute_seconds)
         by = weight_reads * n_in * n_out * e + tokens * (n_in + n_out) * e
         return self._roofline(flops, by, calls=weight_reads)
 
-    def _roofline(self, flops: float, by: float, calls: int = 1) -> Cost:
-        """`flops` done in `calls` equal products (a measured target's rate depends on their size)."""
-        t = max(calls * self.target.compute_seconds(flops / calls), by / self.target.bytes_per_s)
+    def _roofline(self, flops: float, by: float, calls: int = 1, seconds=None) -> Cost:
+        """`flops` done in `calls` equal products (a measured target's rate depends on their size),
+        timed by `seconds` (default: the target's float products)."""
+        seconds = seconds or self.target.compute_seconds
+        t = max(calls * seconds(flops / calls), by / self.target.bytes_per_s)
         return Cost(flops, by, 0.0, t)
 
     def _phases(self):
@@ -201,11 +216,11 @@ class CostModel:
         if w.gen_len > 64:  # decode steps differ only in context length: one pass at the mean
             yield w.batch * w.gen_len, w.gen_len, w.prompt_len + (w.gen_len + 1) / 2
 
-    def projections(self, projs: list[tuple[int, int]]) -> Cost:
+    def projections(self, projs: list[tuple[int, int]], int8: bool = False) -> Cost:
         total = Cost()
         for tokens, reads, _ in self._phases():
             for n_in, n_out in projs:
-                total = total + self._matmul(tokens, n_in, n_out, reads)
+                total = total + self._matmul(tokens, n_in, n_out, reads, int8)
         return total
 
     def attention_core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
@@ -288,8 +303,8 @@ class CostModel:
         projs = [(hidden, heads * d), (heads * d, a.o.out_features)]
         projs += [(hidden, kv_cols), (hidden, kv_cols)] if kv_cols else []
         patterns = list(shape.kv_patterns or [None] * shape.kv_groups)
-        return self.projections(projs) + self.attention_core(a, shape.queries_per_group, patterns,
-                                                              shape.own_kv)
+        return self.projections(projs, "attn" in shape.int8) + \
+            self.attention_core(a, shape.queries_per_group, patterns, shape.own_kv)
 
     def ffn(self, layer: int, shape: LayerShape) -> Cost:
         if not shape.kept or not shape.ffn:
@@ -297,7 +312,7 @@ class CostModel:
         f = self.graph.blocks[layer].ffn
         width = f.width if shape.ffn_width is None else shape.ffn_width
         return self.projections([(p.in_features, width) if p is not f.down else (width, p.out_features)
-                                 for p in f.projections])
+                                 for p in f.projections], "ffn" in shape.int8)
 
     def elementwise(self, layer: int, shape: LayerShape) -> Cost:
         """The passes over activations around the products of the branches this layer keeps."""

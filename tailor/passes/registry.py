@@ -8,14 +8,16 @@ from tailor.passes.base import Option, Pass
 from tailor.passes.ffn_prune import FfnPrune
 from tailor.passes.ffn_skip import FfnSkip
 from tailor.passes.head_prune import HeadPrune
+from tailor.passes.int8 import Int8
 from tailor.passes.kv_share import KvShare
 from tailor.passes.layer_skip import LayerSkip
 from tailor.rewriter.graph import TransformerGraph
 
 PASSES: dict[str, Pass] = {p.name: p for p in (LayerSkip(), FfnSkip(), FfnPrune(), HeadPrune(), KvShare(),
-                                                 AttnPattern())}
-# per-layer edits first, then layer removal (which renumbers the layers)
-APPLY_ORDER = ("head_prune", "attn_pattern", "ffn_prune", "ffn_skip", "kv_share", "layer_skip")
+                                                 AttnPattern(), Int8())}
+# per-layer edits first, then layer removal (which renumbers the layers); int8 only names the
+# projections the backend quantizes after all of them
+APPLY_ORDER = ("head_prune", "attn_pattern", "ffn_prune", "ffn_skip", "kv_share", "int8", "layer_skip")
 
 
 def candidates_for(graph: TransformerGraph, signals, passes: list[str]) -> list[Option]:

@@ -12,6 +12,13 @@ be found out too) and solves again; the plan each pass reaches alone is measured
 the best measured plan wins. Deterministic: HiGHS on the
 same inputs returns the same solution and ties break on option order.
 
+An option of a pass that composes (INT8: it changes how a part runs, not its shape) combines with
+other options of its layer, and a pair's joint cost is not the sum of the two (INT8 on an FFN
+pruned to half saves half what INT8 on the whole FFN saves). Each such pair i, j whose joint
+cost differs by c_ij gets a variable y_ij = x_i · x_j, exactly linearised:
+               y_ij ≤ x_i,  y_ij ≤ x_j,  y_ij ≥ x_i + x_j - 1,  y_ij ∈ [0, 1]
+and c_ij · y_ij joins the budget's row (pair_costs; the cost model prices the joint structure).
+
 Some plans must also keep a value the same on every layer (a standard transformers config says
 one FFN width: tailor.passes.standard). Such a `Uniform` is a joint constraint, added to the
 same MILP with one binary z_v per value v the options can give (none chosen: every layer keeps
@@ -68,6 +75,60 @@ def price(options: list[Option], cost_model: CostModel) -> None:
         o.cost = {k: delta.get(k) for k in OBJECTIVES}
 
 
+Pairs = dict[tuple[str, str], dict[str, float]]  # (option key, option key) → joint correction per objective
+
+
+def pair_costs(options: list[Option], cost_model: CostModel) -> Pairs:
+    """Per pair of an option of a composing pass and another option of its layer that claims
+    nothing in common: the pair's joint cost change minus the sum of the two options' changes,
+    per objective, exactly under the cost model; pairs whose costs do add up are left out.
+    (Costs must be filled in: `price`.)"""
+    dense = Structure.dense(cost_model.graph)
+    scale = {k: abs(cost_model.total(dense).get(k)) or 1.0 for k in OBJECTIVES}
+    by_layer: dict[int, list[Option]] = {}
+    for o in options:
+        by_layer.setdefault(o.layer, []).append(o)
+    out: Pairs = {}
+    for layer, here in by_layer.items():
+        base = cost_model.layer(layer, dense.layers[layer])
+        for q in (o for o in here if PASSES[o.pass_name].composes):
+            for o in here:
+                both_compose = PASSES[o.pass_name].composes
+                if o is q or set(o.claims) & set(q.claims) or (both_compose and o.key < q.key):
+                    continue  # the same part, or a pair of composing options already seen
+                shape = dense.copy().layers[layer]
+                PASSES[q.pass_name].reshape(q, shape)
+                PASSES[o.pass_name].reshape(o, shape)
+                joint = cost_model.layer(layer, shape) - base
+                correction = {k: joint.get(k) - q.cost[k] - o.cost[k] for k in OBJECTIVES}
+                if any(abs(v) > 1e-9 * scale[k] for k, v in correction.items()):
+                    out[(q.key, o.key)] = correction
+    return out
+
+
+def _pair_rows(options: list[Option], pairs: Pairs | None, objective: str, dense_cost: float
+               ) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The pairs among `options` with a joint correction, as option indices, and each one's
+    correction as a fraction of the dense cost."""
+    index = {o.key: j for j, o in enumerate(options)}
+    found = [((index[a], index[b]), c[objective]) for (a, b), c in (pairs or {}).items()
+             if a in index and b in index and c[objective] != 0]
+    return [ij for ij, _ in found], np.array([c for _, c in found]) / dense_cost
+
+
+def _linearised(n: int, extra: int, pairs: list[tuple[int, int]]) -> list[LinearConstraint]:
+    """y_k = x_i · x_j for pair k = (i, j), the y after the options' x and `extra` other columns."""
+    if not pairs:
+        return []
+    rows = np.zeros((3 * len(pairs), n + extra + len(pairs)))
+    for k, (i, j) in enumerate(pairs):
+        y = n + extra + k
+        rows[3 * k, [y, i]] = 1.0, -1.0           # y ≤ x_i
+        rows[3 * k + 1, [y, j]] = 1.0, -1.0       # y ≤ x_j
+        rows[3 * k + 2, [i, j, y]] = 1.0, 1.0, -1.0  # x_i + x_j - y ≤ 1
+    return [LinearConstraint(rows, -np.inf, np.tile([0.0, 0.0, 1.0], len(pairs)))]
+
+
 def _claims_matrix(options: list[Option]):
     row = {c: i for i, c in enumerate(sorted({c for o in options for c in o.claims}))}
     rows = np.zeros((len(row), len(options)))
@@ -112,6 +173,12 @@ def _padded(constraint_rows: np.ndarray, z: int) -> np.ndarray:
     return np.hstack([constraint_rows, np.zeros((len(constraint_rows), z))]) if z else constraint_rows
 
 
+def _widened(constraints: list[LinearConstraint], columns: int) -> list[LinearConstraint]:
+    """The constraints with `columns` zero columns appended (the pair variables)."""
+    return [LinearConstraint(_padded(np.atleast_2d(c.A), columns), c.lb, c.ub) for c in constraints] \
+        if columns else constraints
+
+
 def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray,
                 uniform: tuple[Uniform, ...] = ()) -> list[int]:
     """Indices of the options no other option of the same claims (and the same values of every
@@ -119,7 +186,9 @@ def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray,
     the rest keeps every optimum's value (swap a dominated option for its better: same claims,
     budget still met, loss not higher),
     and HiGHS's own presolve found the same columns in 7 s for a 1B model's 9.6K options, a
-    quadratic search this does in milliseconds by sorting each claim group."""
+    quadratic search this does in milliseconds by sorting each claim group. With pair costs
+    (INT8 on a pruned part) the swap stays sound where, as there, an option that saves more
+    alone also leaves less for its pair to scale."""
     groups: dict[tuple, list[int]] = {}
     for j, o in enumerate(options):
         groups.setdefault((tuple(sorted(o.claims)), tuple(repr(u.value(o)) for u in uniform)), []).append(j)
@@ -134,22 +203,25 @@ def undominated(options: list[Option], cost: np.ndarray, losses: np.ndarray,
 
 
 def solve(options: list[Option], losses: np.ndarray, objective: str, limit: float,
-          dense_cost: float, uniform: tuple[Uniform, ...] = ()) -> list[Option]:
+          dense_cost: float, uniform: tuple[Uniform, ...] = (), pairs: Pairs | None = None) -> list[Option]:
     """The options minimising total loss with total cost change ≤ limit (a negative fraction of
-    the dense cost), each Uniform holding. Costs enter as fractions of the dense cost: in seconds
-    they would be far below the solver's feasibility tolerance."""
+    the dense cost), each Uniform holding, `pairs` (pair_costs) priced jointly. Costs enter as
+    fractions of the dense cost: in seconds they would be far below the solver's feasibility
+    tolerance."""
     if not options:
         return []
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
     kept = undominated(options, cost, losses, uniform)
     options, cost, losses = [options[j] for j in kept], cost[kept], np.asarray(losses)[kept]
     z, same = _uniform_rows(options, uniform)
+    joint, joint_cost = _pair_rows(options, pairs, objective, dense_cost)
     # a tiny preference for cheaper plans among equal losses keeps the choice stable
-    c = np.concatenate([losses + 1e-12 * cost / (np.abs(cost).max() or 1.0), np.zeros(z)])
-    cons = [LinearConstraint(_padded(cost[None, :], z), -np.inf, limit)] + same
+    c = np.concatenate([losses + 1e-12 * cost / (np.abs(cost).max() or 1.0), np.zeros(z + len(joint))])
+    cons = [LinearConstraint(np.concatenate([cost, np.zeros(z), joint_cost])[None, :], -np.inf, limit)]
+    cons += _widened(same, len(joint)) + _linearised(len(options), z, joint)
     claims = _claims_matrix(options)
     if len(claims):
-        cons.append(LinearConstraint(_padded(claims, z), -np.inf, 1.0))
+        cons.append(LinearConstraint(_padded(claims, z + len(joint)), -np.inf, 1.0))
     res = _milp(c, cons)
     if res.x is None:
         return None
@@ -157,16 +229,19 @@ def solve(options: list[Option], losses: np.ndarray, objective: str, limit: floa
 
 
 def smallest_ratio(options: list[Option], objective: str, dense_cost: float,
-                   uniform: tuple[Uniform, ...] = ()) -> float:
-    """The lowest cost ratio any combination of the options reaches (each Uniform holding)."""
+                   uniform: tuple[Uniform, ...] = (), pairs: Pairs | None = None) -> float:
+    """The lowest cost ratio any combination of the options reaches (each Uniform holding,
+    `pairs` priced jointly)."""
     if not options:
         return 1.0
     cost = np.array([o.cost[objective] for o in options]) / dense_cost
     kept = undominated(options, cost, np.zeros(len(options)), uniform)  # the most saving of each group
     options, cost = [options[j] for j in kept], cost[kept]
     z, same = _uniform_rows(options, uniform)
-    cons = [LinearConstraint(_padded(_claims_matrix(options), z), -np.inf, 1.0)] + same
-    res = _milp(np.concatenate([cost, np.zeros(z)]), cons)
+    joint, joint_cost = _pair_rows(options, pairs, objective, dense_cost)
+    cons = [LinearConstraint(_padded(_claims_matrix(options), z + len(joint)), -np.inf, 1.0)]
+    cons += _widened(same, len(joint)) + _linearised(len(options), z, joint)
+    res = _milp(np.concatenate([cost, np.zeros(z), joint_cost]), cons)
     return 1.0 + float(res.fun)
 
 
@@ -191,7 +266,8 @@ def check_reachable(options: list[Option], cost_model: CostModel, budget: float,
     structure = Structure.dense(cost_model.graph)
     dense = cost_model.total(structure).get(objective)
     # options' savings are fractions of the dense model, the budget one of the input (baseline)
-    floor = smallest_ratio(options, objective, dense, uniform) * cost_model.ratio(structure, objective)
+    floor = smallest_ratio(options, objective, dense, uniform, pair_costs(options, cost_model)) * \
+        cost_model.ratio(structure, objective)
     if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
         names = ", ".join(sorted({o.pass_name for o in options})) or "none"
         same = f" (with {', '.join(u.name for u in uniform)} the same on every layer)" if uniform else ""
@@ -229,6 +305,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     # (which lossless clean-ups may have made the dense model beat: CostModel.baseline)
     base = cost_model.ratio(Structure.dense(cost_model.graph), objective)
     limit = budget / base - 1.0
+    pairs = pair_costs(options, cost_model)
     losses = np.array([max(o.loss, 0.0) for o in options])
     best: SearchResult | None = None
     history = []
@@ -237,7 +314,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
     index = {o.key: i for i, o in enumerate(options)}
     refined: dict[str, float] = {}
     for it in range(max_iter):
-        chosen = solve(options, losses, objective, limit, dense, uniform)
+        chosen = solve(options, losses, objective, limit, dense, uniform, pairs)
         while chosen is not None and refine is not None:
             fresh = refine(chosen)
             if not fresh:
@@ -245,7 +322,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
             refined |= fresh
             for key, kl in fresh.items():
                 options[index[key]].loss = losses[index[key]] = kl
-            chosen = solve(options, losses, objective, limit, dense, uniform)
+            chosen = solve(options, losses, objective, limit, dense, uniform, pairs)
         if chosen is None or len(tried) >= checks:
             break
         keys = tuple(sorted(o.key for o in chosen))
@@ -303,9 +380,9 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         for name in sorted({o.pass_name for o in options}):
             idx = [i for i, o in enumerate(options) if o.pass_name == name]
             sub = [options[i] for i in idx]
-            if smallest_ratio(sub, objective, dense, uniform) * base > budget + 1e-9:
+            if smallest_ratio(sub, objective, dense, uniform, pairs) * base > budget + 1e-9:
                 continue
-            chosen = solve(sub, initial[idx], objective, limit, dense, uniform)
+            chosen = solve(sub, initial[idx], objective, limit, dense, uniform, pairs)
             compete(f"{name} only", chosen, float(sum(o.loss for o in chosen or [])))
     if best is None:
         raise RuntimeError(f"the solver found no plan for budget {budget} although one is reachable")

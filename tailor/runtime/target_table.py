@@ -6,8 +6,11 @@ matrix products timed with onnxruntime, the runtime the CPU artifacts run on: ac
 the product's FLOPs, interpolated in log space. Memory bandwidth comes from a large elementwise
 add. Products of low arithmetic intensity (few tokens against a large weight: below the
 machine's measured FLOP/byte balance) stay out of the rates: the roofline's bytes term prices
-them, and as FLOP rates they made mid-sized products look 3× slower than they are. The table is
-JSON (`--target cpu.json`).
+them, and as FLOP rates they made mid-sized products look 3× slower than they are. The same
+products are timed once more with their weights quantized as the int8 pass quantizes them
+(tailor.rewriter.onnx_quantize: INT8 weights, activations quantized on the fly, their
+quantization timed with the product): the INT8 rates that price that pass's options. The table
+is JSON (`--target cpu.json`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def _graph(op: str, a_shape, b_shape, out_shape, b_value=None) -> bytes:
         inits.append(numpy_helper.from_array(b_value, "b"))
     else:
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
-    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], op, inputs,
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"], name=op)], op, inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                              ir_version=10).SerializeToString()
@@ -52,7 +55,10 @@ def _median_seconds(run, min_seconds: float = 0.2, min_repeats: int = 5) -> floa
 
 def measure_cpu(threads: int | None = None) -> dict:
     """Time matrix products and a memory-bound add with onnxruntime; the target as JSON data."""
+    import onnx
+
     from tailor.backends.runners import cpu_session
+    from tailor.rewriter.onnx_quantize import quantize_proto
 
     threads = threads or len(os.sched_getaffinity(0))
     rng = np.random.default_rng(0)
@@ -61,18 +67,24 @@ def measure_cpu(threads: int | None = None) -> dict:
     bandwidth = 3 * 4 * ADD_ELEMENTS / _median_seconds(lambda: add.run(None, {"a": a, "b": b}))
     timed = []
     for m, k, n in MATMUL_SHAPES:
-        session = cpu_session(_graph("MatMul", [m, k], None, [m, n],
-                                     rng.standard_normal((k, n), dtype=np.float32)), threads)
+        graph = _graph("MatMul", [m, k], None, [m, n], rng.standard_normal((k, n), dtype=np.float32))
+        session = cpu_session(graph, threads)
+        int8 = cpu_session(quantize_proto(onnx.load_from_string(graph), ["MatMul"]).SerializeToString(),
+                           threads)
         a = rng.standard_normal((m, k), dtype=np.float32)
         flops = 2.0 * m * k * n
         timed.append((flops, flops / (4.0 * (k * n + m * k + m * n)),
-                      flops / _median_seconds(lambda: session.run(None, {"a": a}))))
-    balance = max(rate for _, _, rate in timed) / bandwidth   # FLOPs per byte where the two meet
-    rows = sorted([f, r] for f, intensity, r in timed if intensity >= balance)
-    memory_bound = sorted([f, r] for f, intensity, r in timed if intensity < balance)
+                      flops / _median_seconds(lambda: session.run(None, {"a": a})),
+                      flops / _median_seconds(lambda: int8.run(None, {"a": a}))))
+    balance = max(rate for _, _, rate, _ in timed) / bandwidth   # FLOPs per byte where the two meet
+    rows = sorted([f, r] for f, intensity, r, _ in timed if intensity >= balance)
+    # the same products: what the float table's rows are, for the same shapes in INT8
+    int8_rows = sorted([f, r] for f, intensity, _, r in timed if intensity >= balance)
+    memory_bound = sorted([f, r] for f, intensity, r, _ in timed if intensity < balance)
     return {"name": f"measured-cpu-{platform.machine()}-{threads}t", "kind": "tailor-target", "version": 1,
             "flops_per_s": max(r for _, r in rows), "bytes_per_s": bandwidth,
             "bytes_per_element": 4, "matmul": rows, "memory_bound_matmul": memory_bound,
+            "int8_matmul": int8_rows,
             "threads": threads,
             "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
             "runtime": "onnxruntime"}

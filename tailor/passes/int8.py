@@ -1,0 +1,78 @@
+"""int8: a branch's projections (attention q/k/v/o, or the FFN's up/gate/down) on INT8 weights
+with dynamically quantized activations, by onnxruntime's quantize_dynamic (per output channel:
+tailor.rewriter.onnx_quantize), on ONNX models run on a CPU whose INT8 products a measured
+target table prices (`tailor calibrate-target`).
+
+Quantization changes how a branch's products run, not its shape, so it combines with the
+structural options of the same branch: a pruned FFN can be INT8 too. Its options claim a
+resource of their own (`int8:ffn:3`), never `ffn:3`; what INT8 saves on a part that pruning
+already shrank is less than the two savings added, and the search prices such pairs jointly
+(Pass.composes). The backend quantizes after every structural edit, whenever the model is run
+or written, so it is applied last whatever the order of the passes.
+"""
+from __future__ import annotations
+
+from tailor.backends import BACKENDS
+from tailor.backends.base import Backend
+from tailor.passes.base import Option, Pass, exact_keys
+from tailor.passes.cost import CostModel, LayerShape
+from tailor.rewriter.graph import Projection, TransformerGraph
+
+BRANCHES = {"attn": "attention projections", "ffn": "FFN projections"}
+
+
+def branch_projections(graph: TransformerGraph, layer: int, branch: str) -> list[Projection]:
+    b = graph.blocks[layer]
+    return list(b.attn.projections if branch == "attn" else b.ffn.projections)
+
+
+def int8_refusal(backend: Backend, cost_model: CostModel, formats: tuple[str, ...] = ()) -> str | None:
+    """Why INT8 options are not offered for this model on this target, into an artifact of
+    `formats` (None: they are)."""
+    if "tvm" in formats:  # TVM's ONNX importer fails on DynamicQuantizeLinear + MatMulInteger
+        return "the TVM build (format tvm) runs no INT8 yet; leave format tvm out for INT8"
+    if not cost_model.prices_int8:
+        return (f"the target {cost_model.target.name} has no measured INT8 figure (GPU targets and "
+                f"vendor peaks: none yet); measure this CPU with `tailor calibrate-target -o cpu.json` "
+                f"and pass --target cpu.json")
+    projections = [p for b in backend.graph.blocks for branch in BRANCHES
+                   for p in branch_projections(backend.graph, b.index, branch)]
+    return backend.int8_refusal(projections)
+
+
+def _int8(layer: int, branch: str) -> Option:
+    return Option(Int8.name, layer, {"branch": branch}, (f"int8:{branch}:{layer}",),
+                  label=f"layer {layer}: {BRANCHES[branch]} INT8")
+
+
+class Int8(Pass):
+    name = "int8"
+    composes = True
+
+    def candidates(self, graph: TransformerGraph, signals) -> list[Option]:
+        # whether this model's projections and the target can take them is the pipeline's check
+        # (Backend.int8_refusal, a measured INT8 figure), made before anything is measured
+        if not BACKENDS[graph.backend].quantizes_int8:
+            return []
+        return [_int8(b.index, branch) for b in graph.blocks for branch in BRANCHES]
+
+    def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
+        exact_keys(choice, {"branch"})
+        if not BACKENDS[graph.backend].quantizes_int8:
+            raise ValueError(f"INT8 runs ONNX models in onnxruntime only, not {graph.backend} models")
+        if choice["branch"] not in BRANCHES:
+            raise ValueError(f"branch must be one of {', '.join(BRANCHES)}")
+        return _int8(layer, choice["branch"])
+
+    def check(self, backend: Backend, option: Option) -> None:
+        projections = branch_projections(backend.graph, option.layer, option.choice["branch"])
+        refusal = backend.int8_refusal(projections)
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def reshape(self, option: Option, shape: LayerShape) -> None:
+        shape.int8 = tuple(sorted({*shape.int8, option.choice["branch"]}))
+
+    def apply(self, backend: Backend, options: list[Option], signals) -> None:
+        backend.int8_projections([p for o in options
+                                  for p in branch_projections(backend.graph, o.layer, o.choice["branch"])])

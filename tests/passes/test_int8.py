@@ -1,0 +1,167 @@
+"""The int8 pass: a branch's projections on INT8 weights (onnxruntime's quantize_dynamic),
+priced from a target table's measured INT8 rates, combined with pruning of the same branch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tailor
+from tailor.backends import backend_for
+from tailor.backends.runners import OrtModel
+from tailor.core.errors import TailorError
+from tailor.core.targets import Target, get_target
+from tailor.passes.base import Option
+from tailor.passes.cost import CostModel, Structure, Workload
+from tailor.passes.profile import neutral_signals
+from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
+from tailor.passes.search import pair_costs, price, search, smallest_ratio, solve, structure_of
+from tailor.rewriter.capture import capture
+from tests.conftest import ids_for
+
+# a CPU whose INT8 products run 3× its float ones, and bandwidth enough that products are compute-bound
+FLOAT_RATE, INT8_RATE = 1e10, 3e10
+TABLE = {"kind": "tailor-target", "version": 1, "name": "int8-cpu", "bytes_per_element": 4,
+         "flops_per_s": FLOAT_RATE, "bytes_per_s": 1e15, "matmul": [[1e3, FLOAT_RATE], [1e12, FLOAT_RATE]],
+         "int8_matmul": [[1e3, INT8_RATE], [1e12, INT8_RATE]]}
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_onnx):
+    cap = capture(tiny_onnx["llama"])
+    return cap, backend_for(cap)
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "int8-cpu.json"
+    path.write_text(json.dumps(TABLE))
+    return str(path)
+
+
+def _option(graph, layer: int, branch: str) -> Option:
+    return PASSES["int8"].from_plan(graph, layer, {"branch": branch})
+
+
+def test_quantized_branches_stay_close_to_float_in_onnxruntime(llama):
+    """Every branch INT8: MatMulInteger nodes in the graph that runs, outputs within INT8's error of
+    the float model's, and the float weights kept for edits (the model itself is not quantized)."""
+    cap, dense = llama
+    variant = apply_options(dense.clone(), PASSES["int8"].candidates(cap.graph, None), None)
+    ops = [n.op_type for n in variant.deployed().graph]
+    assert ops.count("MatMulInteger") == sum(len(b.attn.projections) + len(b.ffn.projections)
+                                             for b in cap.graph.blocks)
+    assert "MatMulInteger" not in [n.op_type for n in variant.model.graph]
+    ids = ids_for(cap.graph.vocab_size, batch=2, seq=16)
+    ref, out = dense.runnable()(ids).double(), variant.runnable()(ids).double()
+    error = float((out - ref).norm() / ref.norm())
+    assert 0 < error < 0.05  # quantized (not identical), yet close: per-channel 8-bit weights
+    one = apply_options(dense.clone(), [_option(cap.graph, 0, "ffn")], None)
+    quantized = [n.op_type for n in one.deployed().graph].count("MatMulInteger")
+    assert quantized == len(cap.graph.blocks[0].ffn.projections)
+
+
+def test_int8_option_cost_comes_from_the_tables_int8_rate(llama, table):
+    """A compute-bound branch in INT8 costs its float time × float rate / INT8 rate."""
+    cap, _ = llama
+    cm = CostModel(cap.graph, Workload(1, 64, 0), get_target(table))
+    dense = Structure.dense(cap.graph)
+    shape = dense.copy().layers[0]
+    shape.int8 = ("ffn",)
+    float_ffn, int8_ffn = cm.ffn(0, dense.layers[0]), cm.ffn(0, shape)
+    assert int8_ffn.latency == pytest.approx(float_ffn.latency * FLOAT_RATE / INT8_RATE)
+    option = _option(cap.graph, 0, "ffn")
+    price([option], cm)
+    assert option.cost["latency"] == pytest.approx(int8_ffn.latency - float_ffn.latency)
+    assert option.cost["flops"] == 0.0  # the same products, only faster
+    with pytest.raises(ValueError, match="no INT8 figure"):
+        CostModel(cap.graph, Workload(1, 64, 0), get_target("cpu")).ffn(0, shape)
+
+
+def test_int8_and_pruning_of_one_ffn_combine_and_are_priced_jointly(llama, table):
+    """INT8 claims a part of its own: it combines with pruning the same FFN, and the pair's joint
+    saving (less than the two savings added) is what the search counts."""
+    cap, _ = llama
+    cm = CostModel(cap.graph, Workload(1, 64, 0), get_target(table))
+    graph = cap.graph
+    width = graph.blocks[0].ffn.width
+    prune = PASSES["ffn_prune"].from_plan(graph, 0, {"channels": list(range(width // 2))})
+    int8 = _option(graph, 0, "ffn")
+    options_from_plan(graph, [{"pass": o.pass_name, "layer": 0, "choice": o.choice} for o in (prune, int8)])
+    price([prune, int8], cm)
+    pairs = pair_costs([prune, int8], cm)
+    joint = cm.total(structure_of(graph, [prune, int8])).latency - cm.total(Structure.dense(graph)).latency
+    assert pairs[(int8.key, prune.key)]["latency"] == pytest.approx(
+        joint - prune.cost["latency"] - int8.cost["latency"])
+    assert pairs[(int8.key, prune.key)]["latency"] > 0  # the sum would overstate the saving
+    dense_cost = cm.total(Structure.dense(graph)).latency
+    reach = smallest_ratio([prune, int8], "latency", dense_cost, pairs=pairs)
+    assert reach == pytest.approx(cm.ratio(structure_of(graph, [prune, int8]), "latency"))
+    # a budget the two reach only if their savings added up: the solver must not take both
+    added = 1 + (prune.cost["latency"] + int8.cost["latency"]) / dense_cost
+    limit = (added + reach) / 2 - 1
+    assert solve([prune, int8], np.zeros(2), "latency", limit, dense_cost, pairs=pairs) is None
+    assert len(solve([prune, int8], np.zeros(2), "latency", limit, dense_cost)) == 2  # unpaired: wrong
+
+
+def test_search_with_int8_stays_within_budget(llama, table):
+    cap, _ = llama
+    cm = CostModel(cap.graph, Workload(1, 64, 0), get_target(table))
+    options = candidates_for(cap.graph, neutral_signals(cap.graph), ["ffn_prune", "head_prune", "int8"])
+    price(options, cm)
+    rng = np.random.default_rng(0)
+    for o in options:
+        o.loss = float(rng.random()) * (0.1 if o.pass_name == "int8" else 1.0)
+    for budget in (0.8, 0.5, 0.35):
+        chosen = search(options, cm, budget, "latency", measure=None).chosen
+        assert cm.ratio(structure_of(cap.graph, chosen), "latency") <= budget + 1e-6
+        assert any(o.pass_name == "int8" for o in chosen)
+    # at the tightest budget some FFN is both pruned and INT8
+    int8_ffns = {o.layer for o in chosen if o.pass_name == "int8" and o.choice["branch"] == "ffn"}
+    assert int8_ffns & {o.layer for o in chosen if o.pass_name == "ffn_prune"}
+
+
+def test_compile_with_int8_and_pruning_runs_in_onnxruntime(tiny_onnx, table, tmp_path, monkeypatch):
+    """A measured CPU table with an INT8 figure: INT8 is on by default, a plan mixing it with
+    pruning is found within budget, validated and saved, and the artifact runs quantized."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    path = tiny_onnx["llama"]
+    compiled = tailor.compile(path, 0.45, target=table, prompt_len=64, calib_windows=4, calib_len=32,
+                              refit=False)
+    passes = {r["pass"] for r in compiled.plan.rewrites}
+    assert "int8" in passes and passes & {"ffn_prune", "head_prune"}, compiled.plan.rewrites
+    assert compiled.plan.predicted["latency"] <= 0.45 + 1e-6
+    out = compiled.save(tmp_path / "artifact")
+    saved = OrtModel(out / "model.onnx")
+    import onnx
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    ids = ids_for(compiled.graph.vocab_size, batch=1, seq=64)
+    assert torch.equal(saved(ids), compiled.model(ids))
+    assert torch.isfinite(tailor.load(out).model(ids)).all()
+    # left out with passes; and on a target without an INT8 figure, asking for it is one clear error
+    without = tailor.compile(path, 0.6, target=table, prompt_len=64, calib_windows=4, calib_len=32,
+                             refit=False, passes=["ffn_prune", "head_prune"])
+    assert "int8" not in {r["pass"] for r in without.plan.rewrites}
+    with pytest.raises(TailorError, match="no measured INT8 figure"):
+        tailor.compile(path, 0.6, target="cpu", prompt_len=64, passes=["int8", "ffn_prune"])
+
+
+def test_int8_not_offered_where_it_cannot_run(tiny_models, llama, table):
+    """A torch model offers no INT8 options and a plan naming one is refused; a built-in target
+    (no INT8 figure) leaves the pass out by default, saying why."""
+    torch_graph = capture(tiny_models["llama"]).graph
+    assert PASSES["int8"].candidates(torch_graph, None) == []
+    with pytest.raises(TailorError, match="ONNX models in onnxruntime only"):
+        options_from_plan(torch_graph, [{"pass": "int8", "layer": 0, "choice": {"branch": "ffn"}}])
+    cap, dense = llama
+    with pytest.raises(TailorError, match="branch must be one of"):
+        options_from_plan(cap.graph, [{"pass": "int8", "layer": 0, "choice": {"branch": "norm"}}])
+    from tailor.passes.int8 import int8_refusal
+
+    workload = Workload(1, 64, 0)
+    assert int8_refusal(dense, CostModel(cap.graph, workload, get_target(table))) is None
+    assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("h100")))
+    assert "TVM" in int8_refusal(dense, CostModel(cap.graph, workload, get_target(table)), ("onnx", "tvm"))
+    assert not Target("x", 1e9, 1e9, 4).int8_rates
