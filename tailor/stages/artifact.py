@@ -13,6 +13,7 @@ import yaml
 
 from tailor.backends.base import Backend
 from tailor.backends.hf_checkpoint import HF_DIR, StandardShape, save_standard
+from tailor.backends.onnx_export_folder import write_export_configs
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
@@ -95,6 +96,12 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
+        if isinstance(src, OnnxSource):
+            # an exporter's folder (Optimum's): its configs, updated, so its runtimes load the artifact
+            skipped = {r["layer"] for r in self.plan.rewrites if r["pass"] == "layer_skip"}
+            configs = write_export_configs(self.rewritten.model, self.graph, skipped, src.path.parent, tmp)
+            if configs is not None:
+                self.report["export_folder"] = configs
         folders = [tmp]
         if "hf" in self.formats:
             save_standard(self.rewritten.model, src.module, self.standard, tmp / HF_DIR)
