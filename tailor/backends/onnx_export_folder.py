@@ -72,7 +72,9 @@ def genai_config(config: dict[str, Any], generation: dict[str, Any], shape: dict
     context = config.get("max_position_embeddings", 2048)
     inputs = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in input_names}
     inputs |= {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-    token = {k: generation.get(k, config.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # genai reads each as a number (or eos as a list): one the configs leave null is left out
+    token = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+             if (v := generation.get(k, config.get(k))) is not None}
     return {
         "model": {
             **token,

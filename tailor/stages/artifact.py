@@ -61,12 +61,36 @@ class Compiled:
         kernels where the model is on CUDA, their torch references elsewhere."""
         from tailor.runtime.generate import generate
 
+        if isinstance(self.model, OrtModel):
+            return self._generate_onnx(prompts, max_new_tokens, **sampling)
         if not isinstance(self.model, HFModel):
-            raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+            raise TailorError("generate() runs transformers decoders and ONNX causal LMs")
         if is_dispatched(self.model.inner):
             raise TailorError("generate() runs a model on one device; this one is dispatched by accelerate "
                               "over several (its forward works as usual)")
         return generate(self.model, prompts, max_new_tokens, **sampling)
+
+    def _generate_onnx(self, prompts, max_new_tokens: int, *, eos_token_id: int | None = None,
+                       **sampling) -> list[list[int]]:
+        """Greedy continuations by onnxruntime, the whole sequence run again for each token (the
+        graph's KV cache, where it has one, is fed empty): slow, and independent of the cache
+        path that the runtimes loading the artifact take, so the two check each other."""
+        if sampling.get("do_sample"):
+            raise TailorError("generate() on an ONNX model is greedy only")
+        if self.graph is not None and self.graph.task != "causal-lm":
+            raise TailorError(f"generate() continues causal LMs; this model is a {self.graph.task}")
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        out = []
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_new_tokens):
+                logits = self.model.run_numpy(np.asarray([ids], dtype=np.int64))
+                ids.append(int(logits[0, -1].argmax()))
+                if ids[-1] == eos_token_id:
+                    break
+            out.append(ids[len(prompt):])
+        return out
 
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
         """Write the artifact directory atomically; refuses to replace one unless force.
