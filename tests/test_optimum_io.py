@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 import tailor
 from tailor.backends.onnx_backend import OnnxBackend
@@ -168,6 +169,15 @@ def test_sharing_the_cache_computes_what_sharing_the_projections_did(exports, tm
     assert np.abs(got - want).max() <= 1e-4
 
 
+def test_feature_extraction_export_is_captured_as_an_encoder(exports):
+    """The exporter reads the second layer's zero biases and unit norm weights through Identity of
+    the first's (equal tensors stored once): each gets its own initializer at capture."""
+    cap = capture(exports["bert"])
+    assert cap.graph.task == "encoder" and cap.graph.num_layers == 2
+    assert cap.source.cleaned.get("shared_parameters", 0) > 0
+    assert all(b.attn.o.bias is not None for b in cap.graph.blocks)
+
+
 def test_a_merged_decoder_is_refused_in_one_line(exports, tmp_path):
     proto = onnx.load(str(exports["llama"] / "model.onnx"))
     branch = onnx.helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1])
@@ -230,3 +240,27 @@ def test_optimum_and_genai_load_the_artifact_and_generate_as_tailor_does(exports
     assert _client("optimum", out, PROMPT, NEW_TOKENS) == ours
     assert _genai(out, PROMPT, NEW_TOKENS) == ours
     assert _client("optimum", exports["llama"], PROMPT, NEW_TOKENS) != ours  # the plan changed the model
+
+
+@pytest.mark.slow
+def test_optimum_loads_the_encoder_artifact_and_embeds_as_tailor_does(exports, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "artifact"
+    compiled = tailor.compile(exports["bert"], 0.5, objective="flops", prompt_len=64, target="cpu",
+                              calib=CALIB, calib_windows=4, calib_len=64)
+    assert compiled.plan.rewrites
+    compiled.save(out)
+    assert (out / "config.json").is_file() and (out / "vocab.txt").is_file()
+    assert not (out / "genai_config.json").exists()  # an encoder: nothing for onnxruntime-genai
+    ids = [101, 2023, 2003, 1037, 3231, 1997, 1996, 4372, 102]
+    code = ("import json, sys, torch\n"
+            "from optimum.onnxruntime import ORTModelForFeatureExtraction as M\n"
+            "m = M.from_pretrained(sys.argv[1])\n"
+            "x = torch.tensor([json.loads(sys.argv[2])])\n"
+            "y = m(input_ids=x, attention_mask=torch.ones_like(x), token_type_ids=torch.zeros_like(x))\n"
+            "print(json.dumps(y.last_hidden_state[0].tolist()))\n")
+    theirs = np.asarray(json.loads(_in_optimum_env("-c", code, str(out), json.dumps(ids)).splitlines()[-1]))
+    ours = tailor.load(out).model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5
+    original = OrtModel(exports["bert"] / "model.onnx").run_numpy(np.asarray([ids]))[0]
+    assert np.abs(original - ours).max() > 1e-3  # the plan changed the model

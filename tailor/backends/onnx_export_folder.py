@@ -42,8 +42,11 @@ def rewritten_shape(model: ir.Model, graph: TransformerGraph, skipped: set[int])
     kept = [b for b in graph.blocks if b.index not in skipped]
     widths = [onnx_surgery.projection_arrays(model, b.ffn.down)[0].shape[1] for b in kept
               if b.ffn.down.node in nodes]
+    heads = [onnx_surgery.projection_arrays(model, b.attn.q)[0].shape[0] // b.attn.head_dim for b in kept
+             if b.attn.q.node in nodes]
     caches = [e for e in cache_entries(model) if e.role == "key"]
     return {"layers": len(kept), "ffn_widths": widths, "ffns_skipped": len(kept) - len(widths),
+            "heads": heads, "attentions_dropped": len(kept) - len(heads),
             "cache_kv_heads": [int(e.past.shape[1]) for e in caches]}
 
 
@@ -56,6 +59,9 @@ def updated_config(config: dict[str, Any], shape: dict[str, Any]) -> tuple[dict[
         config["intermediate_size"] = widths.pop()
     elif widths or shape["ffns_skipped"]:
         unsaid.append(f"FFN widths {sorted(widths)} with {shape['ffns_skipped']} FFNs skipped")
+    if set(shape["heads"]) - {config.get("num_attention_heads")} or shape["attentions_dropped"]:
+        unsaid.append(f"query heads per layer {shape['heads']} with {shape['attentions_dropped']} attentions "
+                      f"dropped (num_attention_heads also gives the head size, which pruning keeps)")
     if len(heads) == 1:
         config["num_key_value_heads"] = heads.pop()
     elif heads:
