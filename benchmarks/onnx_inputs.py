@@ -17,7 +17,9 @@ Kinds, from MiniLM (all-MiniLM-L6-v2, the encoder of the demo) and refllama-16m 
   clients users run it with: Optimum's ORTModel (in that environment) and, for the decoder,
   onnxruntime-genai, each compared with tailor's own runtime on the same artifact (greedy
   continuation of 16 tokens; MiniLM: the embeddings); and the decoder's KV cache at 4096 tokens
-  is read from its cache inputs' declared shapes, the input's and the artifact's.
+  is read from its cache inputs' declared shapes, the input's and the artifact's;
+- genai_fp32, genai_int4: refllama as onnxruntime-genai's model builder writes it (`python -m
+  onnxruntime_genai.models.builder -i DIR -o OUT -p fp32|int4 -e cpu`).
 Quality is measured on text no calibration reads: MiniLM, the mean cosine of mean-pooled
 embeddings against the input's on 300 English docstring sentences; refllama, perplexity on 16
 windows of code-eval.txt and its ratio to the input's.
@@ -32,6 +34,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -52,11 +55,13 @@ from tailor.quality.metrics import time_side_by_side
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
 from tailor.runtime.target_table import measure_cpu
 
-KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits", "optimum")
+KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits", "optimum", "genai_fp32",
+         "genai_int4")
 OPTIMUM_PYTHON = Path(os.environ.get("TAILOR_OPTIMUM_VENV", "/work/optimum-venv")) / "bin" / "python"
 KV_TOKENS = 4096
 CONTINUATION = 16
 TITLES = {"optimum": "Optimum export (feature-extraction / text-generation-with-past)",
+          "genai_fp32": "onnxruntime-genai builder, fp32", "genai_int4": "onnxruntime-genai builder, int4",
           "static": "static shape (batch 1, fixed length)", "fused": "onnxruntime-fused",
           "fp16": "fp16 (float32 I/O)", "int8_dynamic": "int8 dynamic (MatMulInteger)",
           "qdq": "QDQ static int8", "int4_nbits": "int4 MatMulNBits"}
@@ -90,6 +95,8 @@ def make_kind(model: Model, kind: str, work: Path) -> tuple[Path, Path]:
         return model.export(work / model.name / kind, static=True), base
     if kind == "optimum":
         return optimum_export(model, work / model.name / kind), base
+    if kind.startswith("genai_"):
+        return genai_build(model, kind.removeprefix("genai_"), work / model.name / kind), base
     out = work / model.name / kind
     out.mkdir(parents=True, exist_ok=True)
     for f in base.parent.iterdir():
@@ -159,6 +166,15 @@ def optimum_export(model: Model, out: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (model.folder / name).is_file():
             shutil.copy(model.folder / name, out / name)
+    return out / "model.onnx"
+
+
+def genai_build(model: Model, precision: str, out: Path) -> Path:
+    """The decoder as onnxruntime-genai's model builder writes it (GroupQueryAttention, its own KV
+    I/O, MatMulNBits at int4); the builder takes no encoder (then no file: the kind is skipped)."""
+    if not model.encoder:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model.folder),
+                        "-o", str(out), "-p", precision, "-e", "cpu"], check=True, capture_output=True)
     return out / "model.onnx"
 
 

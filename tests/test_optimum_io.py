@@ -188,6 +188,14 @@ def test_a_merged_decoder_is_refused_in_one_line(exports, tmp_path):
         capture_onnx(path)
 
 
+def test_a_tvm_build_of_a_decoder_with_a_cache_is_refused(exports):
+    from tailor.stages.artifact import resolve_formats
+
+    with pytest.raises(TailorError, match="this decoder has KV cache inputs"):
+        resolve_formats(("onnx", "tvm"), capture(exports["llama"]))
+    assert resolve_formats(("onnx",), capture(exports["llama"])) == ("onnx",)
+
+
 def _client(script: str, folder: Path, prompt: list[int], n: int) -> list[int]:
     code = {
         "optimum": "from optimum.onnxruntime import ORTModelForCausalLM as M\n"

@@ -36,7 +36,7 @@ from tailor.rewriter.capture import (
     load_placement,
 )
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.onnx_check import InputShape
+from tailor.rewriter.onnx_check import InputShape, is_past_input
 from tailor.runtime.artifact import verify_artifact, write_artifact
 
 # tvm: a CPU build of model.onnx, so it implies onnx; hf: a standard transformers checkpoint in
@@ -171,6 +171,9 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
     if isinstance(cap.source, OnnxSource):
         if formats and set(formats) - {"onnx", "tvm"}:
             raise TailorError("an ONNX input can only produce an ONNX artifact (--format onnx or onnx,tvm)")
+        if "tvm" in (formats or ()) and any(map(is_past_input, cap.source.input_names)):
+            raise TailorError("format tvm builds a graph of token inputs only; this decoder has KV cache "
+                              "inputs (past_key_values.N.*): --format onnx")
         return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
     formats = tuple(formats or ("safetensors",))
     unknown = set(formats) - set(FORMATS)
