@@ -118,6 +118,8 @@ def test_decoder_with_past_is_captured_as_a_causal_lm_fed_an_empty_cache(exports
     assert cap.source.backend == "onnx" and cap.graph.task == "causal-lm"
     assert cap.graph.num_layers == 4 and all(b.attn.causal for b in cap.graph.blocks)
     assert len(_cache_inputs(exports["llama"] / "model.onnx")) == 8
+    # the block-sparse attention ops take the keys' positions from the queries: not on a decode step
+    assert not OnnxBackend(cap.source.model, cap.graph, cap.source).runs_patterns(0)
     # the runner feeds past length 0: the same logits as the cached path's first step
     logits = OrtModel(exports["llama"] / "model.onnx").run_numpy(np.asarray([PROMPT]))
     _, steps = _greedy(exports["llama"] / "model.onnx", PROMPT, 1, cached=True)

@@ -135,6 +135,11 @@ class OnnxBackend(Backend):
         onnx_kv_cache.read_other_cache(model, own_nodes, source_nodes)
 
     def runs_patterns(self, layer: int) -> bool:
+        """Whether the layer's attention has a block-sparse form: not in a decoder with a KV cache,
+        whose decode step's queries are not its keys' positions (the block-sparse ops take the
+        sequence from the queries)."""
+        if onnx_kv_cache.has_cache(self.model):
+            return False
         try:
             sparse_core(self.model, self.graph.blocks[layer].attn)
         except TailorError:
@@ -144,6 +149,9 @@ class OnnxBackend(Backend):
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         """The layer's decomposed attention core becomes block-sparse ONNX ops (the products
         cover only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
+        if onnx_kv_cache.has_cache(self.model) and any(patterns):
+            raise TailorError("attention patterns on an ONNX decoder with a KV cache are not supported yet "
+                              "(the block-sparse ops read the queries' positions as the keys')")
         substitute(self._edit(), self.graph.blocks[layer].attn, patterns)
 
     def finish(self) -> None:
