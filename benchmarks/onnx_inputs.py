@@ -219,22 +219,40 @@ def kv_cache_bytes(path: Path, tokens: int = KV_TOKENS) -> int:
     return total
 
 
-def clients(model: Model, opt, out: Path, path: Path, ids: torch.Tensor) -> dict:
+def client_failure(e: Exception) -> str:
+    """The last line a failed client said (its exception), for the row."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else repr(e))
+
+
+def clients(model: Model, out: Path, path: Path, ids: torch.Tensor) -> dict:
     """Which runtimes load the artifact of an Optimum export, each checked against tailor's own
-    on it: Optimum's ORTModel, onnxruntime-genai (decoders)."""
+    on it: Optimum's ORTModel, onnxruntime-genai (decoders). A client that fails is recorded with
+    what it said."""
     prompt = ids[0, :32].tolist()
     if model.encoder:
-        theirs = np.asarray(json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt),
-                                                      "encoder").splitlines()[-1]))
         ours = tailor.load(out).model(torch.tensor([prompt]))[0].numpy()
-        return {"optimum_max_abs_diff": float(np.abs(theirs - ours).max())}
+        try:
+            theirs = np.asarray(json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt),
+                                                          "encoder").splitlines()[-1]))
+        except RuntimeError as e:
+            return {"optimum": client_failure(e)}
+        return {"optimum": "loads", "optimum_max_abs_diff": float(np.abs(theirs - ours).max())}
     ours = tailor.load(out).generate([prompt], CONTINUATION)[0]
-    optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
-                                        str(CONTINUATION)).splitlines()[-1])
-    row = {"tailor_continuation": ours, "optimum_equal": optimum == ours,
-           "kv_bytes_input": kv_cache_bytes(path), "kv_bytes_artifact": kv_cache_bytes(out / "model.onnx")}
+    row = {"tailor_continuation": ours, "kv_bytes_input": kv_cache_bytes(path),
+           "kv_bytes_artifact": kv_cache_bytes(out / "model.onnx"),
+           "genai": "no genai_config.json (KV heads differ between layers)"}
+    try:
+        optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
+                                            str(CONTINUATION)).splitlines()[-1])
+        row |= {"optimum": "loads", "optimum_equal": optimum == ours}
+    except RuntimeError as e:
+        row["optimum"] = client_failure(e)
     if (out / "genai_config.json").is_file():
-        row["genai_equal"] = genai_continuation(out, prompt, CONTINUATION) == ours
+        try:
+            row |= {"genai": "loads", "genai_equal": genai_continuation(out, prompt, CONTINUATION) == ours}
+        except Exception as e:  # onnxruntime-genai raises its own types
+            row["genai"] = client_failure(e)
     return row
 
 
@@ -264,7 +282,8 @@ def quality(model: Model, models: dict[str, OrtModel], base: Path) -> dict[str, 
     return {k: ppl[k] for k in models}
 
 
-def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int) -> dict | None:
+def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int,
+             passes: list[str] | None = None) -> dict | None:
     path, base = make_kind(model, kind, work)
     if not path.is_file():
         return None
@@ -272,7 +291,8 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     t0 = time.perf_counter()
     try:
         opt = tailor.compile(path, 0.5, objective="latency", target=target, prompt_len=model.prompt_len,
-                             calib=model.calib, calib_len=model.calib_len, progress=True, formats=("onnx",))
+                             calib=model.calib, calib_len=model.calib_len, progress=True, formats=("onnx",),
+                             passes=passes)
     except TailorError as e:
         return row | {"works": False, "said": str(e).replace(str(path), "model.onnx")}
     out = opt.save(work / model.name / f"{kind}-out")
@@ -284,7 +304,7 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     times = time_side_by_side(models, ids, repeats, warmup=10)
     q = quality(model, models, path)
     if kind == "optimum":
-        row |= clients(model, opt, out, path, ids)
+        row |= clients(model, out, path, ids)
     return row | {"works": True, "compile_s": time.perf_counter() - t0,
                   "predicted": opt.plan.predicted["latency"],
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
@@ -300,6 +320,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, help="write the rows here (.json), after every row")
+    ap.add_argument("--passes", help="comma list of passes the search may use (default all)")
     args = ap.parse_args()
     models = []
     if "minilm" in args.models:
@@ -313,7 +334,8 @@ def main() -> None:
         Path(target).write_text(json.dumps(measure_cpu(args.threads)))
         for model in models:
             for kind in args.kinds.split(","):
-                row = run_kind(model, kind, work, target, args.threads, args.repeats)
+                row = run_kind(model, kind, work, target, args.threads, args.repeats,
+                               args.passes.split(",") if args.passes else None)
                 if row is None:
                     continue
                 rows.append(row)
