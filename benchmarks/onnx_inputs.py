@@ -10,7 +10,16 @@ Kinds, from MiniLM (all-MiniLM-L6-v2, the encoder of the demo) and refllama-16m 
 - fp16: the same converted to float16 with float32 inputs and outputs (keep_io_types);
 - int8 dynamic: onnxruntime.quantization.quantize_dynamic (MatMulInteger), per channel;
 - QDQ static: quantize_static, QDQ format, calibrated on ten of the calibration inputs;
-- int4 MatMulNBits: onnxruntime's MatMulNBitsQuantizer (block 32, symmetric).
+- int4 MatMulNBits: onnxruntime's MatMulNBitsQuantizer (block 32, symmetric);
+- optimum: optimum-onnx's exporter in its own environment (scripts/optimum_env.sh; the venv at
+  $TAILOR_OPTIMUM_VENV, default /work/optimum-venv): MiniLM as `feature-extraction`, refllama as
+  `text-generation-with-past` (KV cache inputs and outputs). Its artifact is then loaded by the
+  clients users run it with: Optimum's ORTModel (in that environment) and, for the decoder,
+  onnxruntime-genai, each compared with tailor's own runtime on the same artifact (greedy
+  continuation of 16 tokens; MiniLM: the embeddings); and the decoder's KV cache at 4096 tokens
+  is read from its cache inputs' declared shapes, the input's and the artifact's;
+- genai_fp32, genai_int4: refllama as onnxruntime-genai's model builder writes it (`python -m
+  onnxruntime_genai.models.builder -i DIR -o OUT -p fp32|int4 -e cpu`).
 Quality is measured on text no calibration reads: MiniLM, the mean cosine of mean-pooled
 embeddings against the input's on 300 English docstring sentences; refllama, perplexity on 16
 windows of code-eval.txt and its ratio to the input's.
@@ -24,6 +33,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import date
@@ -44,8 +55,14 @@ from tailor.quality.metrics import time_side_by_side
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
 from tailor.runtime.target_table import measure_cpu
 
-KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits")
-TITLES = {"static": "static shape (batch 1, fixed length)", "fused": "onnxruntime-fused",
+KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits", "optimum", "genai_fp32",
+         "genai_int4")
+OPTIMUM_PYTHON = Path(os.environ.get("TAILOR_OPTIMUM_VENV", "/work/optimum-venv")) / "bin" / "python"
+KV_TOKENS = 4096
+CONTINUATION = 16
+TITLES = {"optimum": "Optimum export (feature-extraction / text-generation-with-past)",
+          "genai_fp32": "onnxruntime-genai builder, fp32", "genai_int4": "onnxruntime-genai builder, int4",
+          "static": "static shape (batch 1, fixed length)", "fused": "onnxruntime-fused",
           "fp16": "fp16 (float32 I/O)", "int8_dynamic": "int8 dynamic (MatMulInteger)",
           "qdq": "QDQ static int8", "int4_nbits": "int4 MatMulNBits"}
 
@@ -76,6 +93,10 @@ def make_kind(model: Model, kind: str, work: Path) -> tuple[Path, Path]:
         model.export(base.parent, static=False)
     if kind == "static":
         return model.export(work / model.name / kind, static=True), base
+    if kind == "optimum":
+        return optimum_export(model, work / model.name / kind), base
+    if kind.startswith("genai_"):
+        return genai_build(model, kind.removeprefix("genai_"), work / model.name / kind), base
     out = work / model.name / kind
     out.mkdir(parents=True, exist_ok=True)
     for f in base.parent.iterdir():
@@ -125,6 +146,116 @@ def make_kind(model: Model, kind: str, work: Path) -> tuple[Path, Path]:
     return path, base
 
 
+def in_optimum_env(*args: str) -> str:
+    """Run python in the Optimum environment (tailor's PYTHONPATH left out); its stdout."""
+    if not OPTIMUM_PYTHON.is_file():
+        raise SystemExit(f"no Optimum environment at {OPTIMUM_PYTHON}: bash scripts/optimum_env.sh makes it")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(OPTIMUM_PYTHON), *args], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return proc.stdout
+
+
+def optimum_export(model: Model, out: Path) -> Path:
+    """The model exported by optimum-onnx as users run it, with the model's tokenizer files."""
+    task = "feature-extraction" if model.encoder else "text-generation-with-past"
+    in_optimum_env("-c", "import sys; from optimum.exporters.onnx import main_export; "
+                   "main_export(sys.argv[1], sys.argv[2], task=sys.argv[3], local_files_only=True)",
+                   str(model.folder), str(out), task)
+    for name in TOKENIZER_FILES:
+        if (model.folder / name).is_file():
+            shutil.copy(model.folder / name, out / name)
+    return out / "model.onnx"
+
+
+def genai_build(model: Model, precision: str, out: Path) -> Path:
+    """The decoder as onnxruntime-genai's model builder writes it (GroupQueryAttention, its own KV
+    I/O, MatMulNBits at int4); the builder takes no encoder (then no file: the kind is skipped)."""
+    if not model.encoder:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model.folder),
+                        "-o", str(out), "-p", precision, "-e", "cpu"], check=True, capture_output=True)
+    return out / "model.onnx"
+
+
+OPTIMUM_CLIENT = """import json, sys, torch
+from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction
+x = torch.tensor([json.loads(sys.argv[2])])
+mask = torch.ones_like(x)
+if sys.argv[3] == "encoder":
+    m = ORTModelForFeatureExtraction.from_pretrained(sys.argv[1])
+    extra = {"token_type_ids": torch.zeros_like(x)} if "token_type_ids" in m.input_names else {}
+    print(json.dumps(m(input_ids=x, attention_mask=mask, **extra).last_hidden_state[0].tolist()))
+else:
+    m = ORTModelForCausalLM.from_pretrained(sys.argv[1])
+    n = int(sys.argv[4])
+    y = m.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    print(json.dumps(y[0, x.shape[1]:].tolist()))
+"""
+
+
+def genai_continuation(folder: Path, prompt: list[int], n: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
+def kv_cache_bytes(path: Path, tokens: int = KV_TOKENS) -> int:
+    """Bytes of a decoder's KV cache at `tokens` positions, from its cache inputs' declared
+    [batch, kv heads, past, head size] (batch 1) and element type."""
+    total = 0
+    for i in onnx.load(str(path), load_external_data=False).graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).itemsize
+            total += dims[1] * dims[3] * tokens * itemsize
+    return total
+
+
+def client_failure(e: Exception) -> str:
+    """The last line a failed client said (its exception), for the row."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else repr(e))
+
+
+def clients(model: Model, out: Path, path: Path, ids: torch.Tensor) -> dict:
+    """Which runtimes load the artifact of an Optimum export, each checked against tailor's own
+    on it: Optimum's ORTModel, onnxruntime-genai (decoders). A client that fails is recorded with
+    what it said."""
+    prompt = ids[0, :32].tolist()
+    if model.encoder:
+        ours = tailor.load(out).model(torch.tensor([prompt]))[0].numpy()
+        try:
+            theirs = np.asarray(json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt),
+                                                          "encoder").splitlines()[-1]))
+        except RuntimeError as e:
+            return {"optimum": client_failure(e)}
+        return {"optimum": "loads", "optimum_max_abs_diff": float(np.abs(theirs - ours).max())}
+    ours = tailor.load(out).generate([prompt], CONTINUATION)[0]
+    row = {"tailor_continuation": ours, "kv_bytes_input": kv_cache_bytes(path),
+           "kv_bytes_artifact": kv_cache_bytes(out / "model.onnx"),
+           "genai": "no genai_config.json (KV heads differ between layers)"}
+    try:
+        optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
+                                            str(CONTINUATION)).splitlines()[-1])
+        row |= {"optimum": "loads", "optimum_equal": optimum == ours}
+    except RuntimeError as e:
+        row["optimum"] = client_failure(e)
+    if (out / "genai_config.json").is_file():
+        try:
+            row |= {"genai": "loads", "genai_equal": genai_continuation(out, prompt, CONTINUATION) == ours}
+        except Exception as e:  # onnxruntime-genai raises its own types
+            row["genai"] = client_failure(e)
+    return row
+
+
 def calibration_feeds(model: Model, base: Path, count: int = 10) -> list[dict[str, np.ndarray]]:
     """Inputs of the calibration text for quantize_static, each of the workload's length."""
     tok = load_tokenizer(base.parent)
@@ -151,7 +282,8 @@ def quality(model: Model, models: dict[str, OrtModel], base: Path) -> dict[str, 
     return {k: ppl[k] for k in models}
 
 
-def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int) -> dict | None:
+def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int,
+             passes: list[str] | None = None) -> dict | None:
     path, base = make_kind(model, kind, work)
     if not path.is_file():
         return None
@@ -159,7 +291,8 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     t0 = time.perf_counter()
     try:
         opt = tailor.compile(path, 0.5, objective="latency", target=target, prompt_len=model.prompt_len,
-                             calib=model.calib, calib_len=model.calib_len, progress=True, formats=("onnx",))
+                             calib=model.calib, calib_len=model.calib_len, progress=True, formats=("onnx",),
+                             passes=passes)
     except TailorError as e:
         return row | {"works": False, "said": str(e).replace(str(path), "model.onnx")}
     out = opt.save(work / model.name / f"{kind}-out")
@@ -170,6 +303,8 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     ids = torch.randint(0, opt.graph.vocab_size, (1, model.prompt_len), generator=gen)
     times = time_side_by_side(models, ids, repeats, warmup=10)
     q = quality(model, models, path)
+    if kind == "optimum":
+        row |= clients(model, out, path, ids)
     return row | {"works": True, "compile_s": time.perf_counter() - t0,
                   "predicted": opt.plan.predicted["latency"],
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
@@ -185,6 +320,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, help="write the rows here (.json), after every row")
+    ap.add_argument("--passes", help="comma list of passes the search may use (default all)")
     args = ap.parse_args()
     models = []
     if "minilm" in args.models:
@@ -198,7 +334,8 @@ def main() -> None:
         Path(target).write_text(json.dumps(measure_cpu(args.threads)))
         for model in models:
             for kind in args.kinds.split(","):
-                row = run_kind(model, kind, work, target, args.threads, args.repeats)
+                row = run_kind(model, kind, work, target, args.threads, args.repeats,
+                               args.passes.split(",") if args.passes else None)
                 if row is None:
                     continue
                 rows.append(row)

@@ -3,5 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Optimum's exporter and client, in their own environment (tests/test_optimum_io.py; about 2 min
+# the first time, seconds after)
+export TAILOR_OPTIMUM_VENV="${TAILOR_OPTIMUM_VENV:-$PWD/.venv-optimum}"
+bash scripts/optimum_env.sh "$TAILOR_OPTIMUM_VENV"
 . .venv/bin/activate
 python -m pytest -q "$@"

@@ -30,7 +30,7 @@ from tailor.backends.runners import OrtModel
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
-from tailor.rewriter import onnx_surgery
+from tailor.rewriter import onnx_kv_cache, onnx_surgery
 from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.onnx_quantize import quantized
@@ -120,23 +120,41 @@ class OnnxBackend(Backend):
             onnx_surgery.drop_inputs(model, p, np.asarray(cols))
 
     def set_heads(self, layer: int, kv_heads: int, queries_per_group: int) -> None:
-        onnx_surgery.set_head_counts(self._edit(), self.graph.blocks[layer], kv_heads * queries_per_group,
-                                     kv_heads)
+        """Head counts in the attention's shapes, and in its KV cache's declared shapes where the
+        decoder has one."""
+        model, block = self._edit(), self.graph.blocks[layer]
+        onnx_surgery.set_head_counts(model, block, kv_heads * queries_per_group, kv_heads)
+        onnx_kv_cache.set_cache_heads(model, self._attention_nodes(layer), kv_heads)
+
+    def _attention_nodes(self, layer: int) -> set:
+        a = self.graph.blocks[layer].attn
+        return set(onnx_surgery.region(self.model, [a.q, a.k, a.v], a.o))
 
     def set_ffn_width(self, layer: int, width: int) -> None:
         onnx_surgery.set_ffn_width(self._edit(), self.graph.blocks[layer], width)
 
     def share_kv(self, layer: int, source: int) -> None:
         """The layer's key and value projections' outputs are replaced by the source's: it still
-        applies its own position encoding and head layout to them, as SharedKVAttention does."""
+        applies its own position encoding and head layout to them, as SharedKVAttention does. A
+        decoder with a KV cache attends over the source's cache (the same keys: one position
+        encoding, one head layout, which kv_share requires) and its own cache I/O goes."""
         model = self._edit()
         nodes = onnx_surgery.nodes_by_name(model)
         own, src = self.graph.blocks[layer].attn, self.graph.blocks[source].attn
+        # found before the bypass, which cuts the layer's own keys and values off its attention
+        own_nodes, source_nodes = self._attention_nodes(layer), self._attention_nodes(source)
         for mine, theirs in ((own.k, src.k), (own.v, src.v)):
             onnx_surgery.bypass(model, onnx_surgery.linear_output(nodes[mine.node]),
                                 onnx_surgery.linear_output(nodes[theirs.node]))
+        # with a KV cache: the source's whole cache, so that the layer's own goes (finish)
+        onnx_kv_cache.read_other_cache(model, own_nodes, source_nodes)
 
     def runs_patterns(self, layer: int) -> bool:
+        """Whether the layer's attention has a block-sparse form: not in a decoder with a KV cache,
+        whose decode step's queries are not its keys' positions (the block-sparse ops take the
+        sequence from the queries)."""
+        if onnx_kv_cache.has_cache(self.model):
+            return False
         try:
             sparse_core(self.model, self.graph.blocks[layer].attn)
         except TailorError:
@@ -146,6 +164,9 @@ class OnnxBackend(Backend):
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         """The layer's decomposed attention core becomes block-sparse ONNX ops (the products
         cover only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
+        if onnx_kv_cache.has_cache(self.model) and any(patterns):
+            raise TailorError("attention patterns on an ONNX decoder with a KV cache are not supported yet "
+                              "(the block-sparse ops read the queries' positions as the keys')")
         substitute(self._edit(), self.graph.blocks[layer].attn, patterns)
 
     def int8_refusal(self, projections: list[Projection]) -> str | None:

@@ -17,7 +17,7 @@ import torch
 from tailor.core.devices import module_device
 from tailor.core.dispatch import is_dispatched
 from tailor.core.errors import TailorError
-from tailor.rewriter.capture import load_gguf, load_hf_directory, load_onnx
+from tailor.rewriter.capture import is_onnx_export, load_gguf, load_hf_directory, load_onnx
 from tailor.rewriter.onnx_check import InputShape, input_specs
 
 
@@ -162,7 +162,7 @@ def as_runnable(model) -> torch.nn.Module:
 def open_model(path: str | Path) -> torch.nn.Module:
     """A runnable model from an HF directory, a .gguf or an .onnx file, without capturing it."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() and not is_onnx_export(path):
         return HFModel(load_hf_directory(path))
     if path.is_file() and path.suffix == ".gguf":
         return HFModel(load_gguf(path))

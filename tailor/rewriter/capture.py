@@ -32,6 +32,8 @@ from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import InputShape, check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
+from tailor.rewriter.onnx_kv_cache import check_caches, check_not_merged, has_cache
+from tailor.rewriter.onnx_surgery import region
 from tailor.rewriter.recognize import recognize
 from tailor.rewriter.unfuse import unfuse, unsupported_ops
 
@@ -95,6 +97,8 @@ def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.
     if not path.exists():
         raise TailorError(f"{path}: no such file or directory")
     if path.is_dir():
+        if is_onnx_export(path):
+            return capture_onnx(path / "model.onnx")
         if (path / "config.json").is_file():
             module = load_hf_directory(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
                                        max_memory=max_memory)
@@ -106,6 +110,12 @@ def capture(model: Any, *, trust_remote_code: bool = False, device: str | torch.
         return capture_torch(load_gguf(path, device=device, dtype=dtype, max_memory=max_memory),
                              seq_len=seq_len, path=path)
     return capture_onnx(path)
+
+
+def is_onnx_export(folder: Path) -> bool:
+    """An exporter's folder (Optimum's: model.onnx beside config.json and the tokenizer), not an HF
+    checkpoint: it has model.onnx and no safetensors weights."""
+    return (folder / "model.onnx").is_file() and not any(folder.glob("*.safetensors*"))
 
 
 # ---- torch ---------------------------------------------------------------------------------
@@ -522,6 +532,7 @@ def _not_text(message) -> str | None:
 
 def capture_onnx(path: Path) -> Captured:
     model, run_problem, data_files = _load_checked(path)
+    check_not_merged(model, path)
     unfused = unfuse(model)  # onnxruntime's fused ops, read as the standard ops they stand for
     unsupported = unsupported_ops(model)
     if unsupported:
@@ -533,6 +544,9 @@ def capture_onnx(path: Path) -> Captured:
         raise TailorError(run_problem)
     cleaned = clean(model)  # before recognition, which names the nodes the rewrites change
     graph = recognize(OnnxDataflow(model))
+    if has_cache(model):
+        check_caches(model, [set(region(model, [b.attn.q, b.attn.k, b.attn.v], b.attn.o))
+                             for b in graph.blocks])
     names = [v.name for v in model.graph.inputs]
     digest = sha256_files([path] + [path.parent / loc for loc in data_files])
     source = OnnxSource(model, path, names, data_files, unfused | cleaned, input_shape(model, graph))

@@ -30,11 +30,31 @@ def input_specs(session) -> list[tuple[str, Any, Any]]:
     return [(i.name, i.shape, ORT_DTYPES.get(i.type, np.int64)) for i in session.get_inputs()]
 
 
+def is_past_input(name: str) -> bool:
+    """A decoder's KV cache input, as Optimum names them (past_key_values.N.key / .value)."""
+    return name.startswith("past_key_values.")
+
+
+def empty_past(shape, batch: int, dtype) -> np.ndarray:
+    """A KV cache input holding no position: the declared head counts and sizes (numbers), the
+    batch first, and 0 for the past length (the one other named dimension). Every position is
+    then computed from the token inputs, as when the decoder starts a sequence."""
+    dims = [batch if axis == 0 else d if isinstance(d, int) else 0 for axis, d in enumerate(shape or [])]
+    if dims.count(0) != 1:
+        raise TailorError(f"a KV cache input of shape {list(shape or [])}: expected one named past "
+                          f"length beside fixed head counts and sizes")
+    return np.zeros(dims, dtype)
+
+
 def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs for an exported transformer from token ids; names as HF exporters write them."""
+    """Inputs for an exported transformer from token ids; names as HF exporters write them. A
+    decoder's KV cache inputs are fed empty (past length 0)."""
     b, t = input_ids.shape
     feeds = {}
-    for name, _shape, dtype in model_inputs:
+    for name, shape, dtype in model_inputs:
+        if is_past_input(name):
+            feeds[name] = empty_past(shape, b, dtype)
+            continue
         if "input_ids" in name:
             arr = input_ids
         elif "attention_mask" in name:
@@ -45,7 +65,8 @@ def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) 
             arr = np.broadcast_to(np.arange(t), (b, t))
         else:
             raise TailorError(f"the ONNX model has an input '{name}' tailor does not know how to "
-                              f"fill (expected input_ids, attention_mask, token_type_ids, position_ids)")
+                              f"fill (expected input_ids, attention_mask, token_type_ids, position_ids, "
+                              f"past_key_values.N.key/value)")
         feeds[name] = np.ascontiguousarray(arr).astype(dtype)
     return feeds
 

@@ -16,6 +16,7 @@ import onnx_ir.passes.common as common_passes
 from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection, TransformerGraph
 from tailor.rewriter.least_squares import compensate
+from tailor.rewriter.onnx_kv_cache import drop_unread_caches, has_cache
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
@@ -259,7 +260,7 @@ def rewrite_shapes(model: ir.Model, nodes: list[ir.Node], edit) -> None:
     for node in nodes:
         if node.op_type not in ("Reshape", "Expand") or node.inputs[1] is None:
             continue
-        shape = node.inputs[1]
+        reader, shape = _shape_reader(node)
         const = ir.convenience.get_const_tensor(shape)
         concat = shape.producer() if const is None else None
         if const is not None:
@@ -290,8 +291,22 @@ def rewrite_shapes(model: ir.Model, nodes: list[ir.Node], edit) -> None:
             inputs[pos] = c
         copy = ir.node("Concat", inputs, attributes={"axis": 0},
                        outputs=[ir.Value(name=f"{node.name}.shape", type=shape.type)])
-        model.graph.insert_before(node, copy)
-        node.replace_input_with(1, copy.outputs[0])
+        model.graph.insert_before(reader, copy)
+        reader.replace_input_with(next(i for i, v in enumerate(reader.inputs) if v is shape), copy.outputs[0])
+
+
+def _shape_reader(node: ir.Node) -> tuple[ir.Node, ir.Value]:
+    """The node that reads a Reshape/Expand's target shape as it was built, and that value. The
+    TorchScript exporter (Optimum's) writes an Expand's target as Where(Equal(s, -1), 1, s) with
+    s = Reshape(Concat(...), [-1]) (torch's -1 keeps a size; ONNX's Expand has none): then the
+    Reshape reading the Concat, so that one edit of the Concat serves both reads of it."""
+    shape = node.inputs[1]
+    where = shape.producer()
+    if node.op_type == "Expand" and where is not None and where.op_type == "Where" and len(where.inputs) == 3:
+        flat = where.inputs[2].producer() if where.inputs[2] is not None else None
+        if flat is not None and flat.op_type == "Reshape" and flat.inputs[0] is not None:
+            return flat, flat.inputs[0]
+    return node, shape
 
 
 def set_head_counts(model: ir.Model, block: Block, heads: int, kv_heads: int) -> None:
@@ -322,7 +337,49 @@ def set_head_counts(model: ir.Model, block: Block, heads: int, kv_heads: int) ->
             counts = {}
         return {pos: n for pos, n in counts.items() if n is not None}
 
-    rewrite_shapes(model, region(model, [a.q, a.k, a.v], a.o), edit)
+    nodes = region(model, [a.q, a.k, a.v], a.o)
+    rewrite_shapes(model, nodes, edit)
+    _recount_repeated_heads(model, nodes, old["groups"], new["groups"])
+
+
+def _recount_repeated_heads(model: ir.Model, nodes: list[ir.Node], old_groups: int, new_groups: int) -> None:
+    """The TorchScript exporter writes the head count of repeated keys and values (GQA's
+    repeat_kv) as the KV count read from the tensor's shape times the literal group count:
+    Reshape to Concat(B, Unsqueeze(Mul(Gather(Shape(kv), 1), groups)), T, D). Each such literal
+    becomes the new group count (its own initializer: exporters share constants)."""
+    if old_groups == new_groups:
+        return
+    for node in nodes:
+        if node.op_type != "Reshape" or node.inputs[1] is None:
+            continue
+        concat = node.inputs[1].producer()
+        if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4 \
+                or concat.inputs[1] is None:
+            continue
+        unsqueeze = concat.inputs[1].producer()
+        mul = unsqueeze.inputs[0].producer() if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" \
+            and unsqueeze.inputs[0] is not None else None
+        if mul is None or mul.op_type != "Mul" or not _reads_head_count(mul.inputs[0]):
+            continue
+        factor = ir.convenience.get_const_tensor(mul.inputs[1])
+        if factor is None or factor.size != 1 or int(factor.numpy().reshape(-1)[0]) != old_groups:
+            continue
+        name = f"{mul.name}.groups"
+        groups = np.asarray(new_groups, dtype=factor.numpy().dtype)
+        c = ir.Value(name=name, const_value=ir.tensor(groups, name=name))
+        model.graph.register_initializer(c)
+        mul.replace_input_with(1, c)
+
+
+def _reads_head_count(value: ir.Value | None) -> bool:
+    """Whether `value` is Gather(Shape(x), 1): the head axis of a [B, heads, T, D] tensor."""
+    gather = value.producer() if value is not None else None
+    if gather is None or gather.op_type != "Gather" or gather.inputs[0] is None:
+        return False
+    index = ir.convenience.get_const_tensor(gather.inputs[1])
+    shape = gather.inputs[0].producer()
+    return shape is not None and shape.op_type == "Shape" and index is not None and index.size == 1 \
+        and int(index.numpy().reshape(-1)[0]) == 1
 
 
 def set_ffn_width(model: ir.Model, block: Block, width: int) -> None:
@@ -349,11 +406,14 @@ def expose(model: ir.Model, values: list[ir.Value]) -> None:
 # ---- finishing -------------------------------------------------------------------------------------
 
 def finish(model: ir.Model) -> ir.Model:
-    """Sweep dead nodes and initializers; re-infer the intermediate shapes the edits made stale.
+    """Sweep dead nodes and initializers, and the KV caches no attention reads any more
+    (onnx_kv_cache); re-infer the intermediate shapes the edits made stale.
 
     Inferred again rather than left out: onnxruntime's fusions check them (without shapes, MiniLM
     kept its Add + LayerNormalization pairs apart instead of fusing them into SkipLayerNormalization)."""
     common_passes.RemoveUnusedNodesPass()(model)
+    if has_cache(model):
+        drop_unread_caches(model)
     keep = set(model.graph.inputs) | set(model.graph.outputs)
     before = {}
     for node in model.graph:

@@ -13,6 +13,7 @@ import yaml
 
 from tailor.backends.base import Backend
 from tailor.backends.hf_checkpoint import HF_DIR, StandardShape, save_standard
+from tailor.backends.onnx_export_folder import write_export_configs
 from tailor.backends.runners import HFModel, OrtModel
 from tailor.backends.torch_backend import BASE_CONFIG, TorchBackend
 from tailor.core.devices import checkpoint_dtype, module_device, resolve_device
@@ -35,7 +36,7 @@ from tailor.rewriter.capture import (
     load_placement,
 )
 from tailor.rewriter.graph import TransformerGraph
-from tailor.rewriter.onnx_check import InputShape
+from tailor.rewriter.onnx_check import InputShape, is_past_input
 from tailor.runtime.artifact import verify_artifact, write_artifact
 
 # tvm: a CPU build of model.onnx, so it implies onnx; hf: a standard transformers checkpoint in
@@ -60,12 +61,36 @@ class Compiled:
         kernels where the model is on CUDA, their torch references elsewhere."""
         from tailor.runtime.generate import generate
 
+        if isinstance(self.model, OrtModel):
+            return self._generate_onnx(prompts, max_new_tokens, **sampling)
         if not isinstance(self.model, HFModel):
-            raise TailorError("generate() runs transformers decoders; this artifact holds an ONNX model")
+            raise TailorError("generate() runs transformers decoders and ONNX causal LMs")
         if is_dispatched(self.model.inner):
             raise TailorError("generate() runs a model on one device; this one is dispatched by accelerate "
                               "over several (its forward works as usual)")
         return generate(self.model, prompts, max_new_tokens, **sampling)
+
+    def _generate_onnx(self, prompts, max_new_tokens: int, *, eos_token_id: int | None = None,
+                       **sampling) -> list[list[int]]:
+        """Greedy continuations by onnxruntime, the whole sequence run again for each token (the
+        graph's KV cache, where it has one, is fed empty): slow, and independent of the cache
+        path that the runtimes loading the artifact take, so the two check each other."""
+        if sampling.get("do_sample"):
+            raise TailorError("generate() on an ONNX model is greedy only")
+        if self.graph is not None and self.graph.task != "causal-lm":
+            raise TailorError(f"generate() continues causal LMs; this model is a {self.graph.task}")
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        out = []
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_new_tokens):
+                logits = self.model.run_numpy(np.asarray([ids], dtype=np.int64))
+                ids.append(int(logits[0, -1].argmax()))
+                if ids[-1] == eos_token_id:
+                    break
+            out.append(ids[len(prompt):])
+        return out
 
     def save(self, out: str | Path, *, force: bool = False, check=None) -> Path:
         """Write the artifact directory atomically; refuses to replace one unless force.
@@ -95,6 +120,12 @@ class Compiled:
             self.rewritten.save(tmp, self.formats, base_config=base)
         else:
             self.rewritten.save(tmp, self.formats)
+        if isinstance(src, OnnxSource):
+            # an exporter's folder (Optimum's): its configs, updated, so its runtimes load the artifact
+            skipped = {r["layer"] for r in self.plan.rewrites if r["pass"] == "layer_skip"}
+            configs = write_export_configs(self.rewritten.model, self.graph, skipped, src.path.parent, tmp)
+            if configs is not None:
+                self.report["export_folder"] = configs
         folders = [tmp]
         if "hf" in self.formats:
             save_standard(self.rewritten.model, src.module, self.standard, tmp / HF_DIR)
@@ -140,6 +171,9 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
     if isinstance(cap.source, OnnxSource):
         if formats and set(formats) - {"onnx", "tvm"}:
             raise TailorError("an ONNX input can only produce an ONNX artifact (--format onnx or onnx,tvm)")
+        if "tvm" in (formats or ()) and any(map(is_past_input, cap.source.input_names)):
+            raise TailorError("format tvm builds a graph of token inputs only; this decoder has KV cache "
+                              "inputs (past_key_values.N.*): --format onnx")
         return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
     formats = tuple(formats or ("safetensors",))
     unknown = set(formats) - set(FORMATS)

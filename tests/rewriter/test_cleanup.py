@@ -114,3 +114,21 @@ def test_the_artifact_holds_the_cleaned_model_it_reports(tiny_onnx, tmp_path, mo
     ids = ids_for(batch=1, seq=12, seed=2)
     got = cpu_session(str(tmp_path / "a" / "model.onnx")).run(None, {"input_ids": ids.numpy()})[0]
     assert np.abs(got - c.model(ids).numpy()).max() <= 1e-5
+
+
+def test_parameters_read_through_identity_get_an_initializer_each():
+    """As torch.onnx's TorchScript exporter writes two equal biases: one initializer, the second
+    layer's read through Identity. Each becomes its own, the outputs unchanged."""
+    bias = helper.make_tensor("layer0.bias", TensorProto.FLOAT, [3], [0.5, -1.0, 2.0])
+    nodes = [helper.make_node("Identity", ["layer0.bias"], ["layer1.bias"]),
+             helper.make_node("Add", ["x", "layer0.bias"], ["h"]),
+             helper.make_node("Add", ["h", "layer1.bias"], ["out"])]
+    x, out = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3]) for name in ("x", "out"))
+    graph = helper.make_graph(nodes, "shared", [x], [out], [bias])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    model = ir.serde.deserialize_model(proto)
+    assert clean(model) == {"shared_parameters": 1}
+    assert sorted(model.graph.initializers) == ["layer0.bias", "layer1.bias"]
+    assert [n.op_type for n in model.graph] == ["Add", "Add"]
+    x = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    np.testing.assert_array_equal(_run(ir.serde.serialize_model(model), x), _run(proto, x))

@@ -112,6 +112,12 @@ class DecomposedAttentionRule:
         return None
 
 
+# how many nodes the search for a causal comparison above a mask may visit: an Optimum export with a
+# KV cache builds its mask from the past length, and the walk from a deep layer's mask met its
+# LessOrEqual only at the 404th node (a bound, not the graph: the walk runs once per layer)
+MASK_SEARCH_NODES = 2000
+
+
 def is_causal_mask(g: Dataflow, mask) -> bool:
     """Does this mask hide the future? Built from position comparisons (i <= j) or tril, or a
     constant lower-triangular matrix, or from one (an export of fixed length folds the comparison
@@ -123,7 +129,7 @@ def is_causal_mask(g: Dataflow, mask) -> bool:
     if const is not None:
         return _lower_triangular(const)
     stack, seen = [mask], set()
-    while stack and len(seen) < 400:
+    while stack and len(seen) < MASK_SEARCH_NODES:
         v = stack.pop()
         folded = g.constant(v)
         if folded is not None and _lower_triangular(folded):
