@@ -536,8 +536,13 @@ def capture_onnx(path: Path) -> Captured:
     unfused = unfuse(model)  # onnxruntime's fused ops, read as the standard ops they stand for
     unsupported = unsupported_ops(model)
     if unsupported:
-        what = "the float model, before quantization" if "quantized" in unsupported else \
-            "the model as exported, before onnxruntime's fusions"
+        if (path.parent / "genai_config.json").exists():  # onnxruntime-genai's model builder wrote it
+            what = ("the Hugging Face model its builder read (onnxruntime-genai's genai_config.json is "
+                    "beside it), or that model's Optimum ONNX export, whose artifact onnxruntime-genai runs")
+        elif "quantized" in unsupported:
+            what = "the float model, before quantization"
+        else:
+            what = "the model as exported, before onnxruntime's fusions"
         raise TailorError(f"{path}: tailor cannot rewrite through {unsupported} yet; give it {what}")
     if run_problem:
         recognize(OnnxDataflow(model))  # a graph that is no transformer: said first

@@ -109,6 +109,10 @@ def test_quantized_graphs_are_refused_naming_the_ops(tiny_onnx, tmp_path):
     quantize_dynamic(str(tiny_onnx["llama"]), str(path), weight_type=QuantType.QInt8)
     with pytest.raises(TailorError, match=r"quantized weights \(MatMulInteger ×\d+.*give it the float model"):
         capture(path)
+    # beside onnxruntime-genai's config: a builder's output, whose source model is what to give
+    (tmp_path / "genai_config.json").write_text("{}")
+    with pytest.raises(TailorError, match=r"quantized weights.*the Hugging Face model its builder read"):
+        capture(path)
 
 
 def test_the_checker_lets_pass_an_op_it_has_no_schema_for_but_not_a_broken_graph(tmp_path):
