@@ -47,6 +47,7 @@ import torch
 import tailor
 from benchmarks.cpu_onnx import REFLLAMA, SHARED, minilm_quality, refllama_quality
 from tailor.backends.export import export_onnx
+from tailor.backends.onnx_export_folder import genai_continuation
 from tailor.backends.runners import OrtModel
 from tailor.cli.default_model import EVAL_MODULES, default_calibration, docstring_sentences, minilm_directory
 from tailor.core.errors import TailorError
@@ -192,19 +193,6 @@ else:
     y = m.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     print(json.dumps(y[0, x.shape[1]:].tolist()))
 """
-
-
-def genai_continuation(folder: Path, prompt: list[int], n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
 
 
 def kv_cache_bytes(path: Path, tokens: int = KV_TOKENS) -> int:

@@ -21,6 +21,7 @@ import torch
 
 import tailor
 from tailor.backends.onnx_backend import OnnxBackend
+from tailor.backends.onnx_export_folder import genai_continuation
 from tailor.backends.runners import OrtModel
 from tailor.core.errors import TailorError
 from tailor.core.plan import Plan
@@ -214,15 +215,8 @@ def _client(script: str, folder: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def _genai(folder: Path, prompt: list[int], n: int) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    return genai_continuation(folder, prompt, n)
 
 
 @pytest.mark.slow

@@ -126,3 +126,18 @@ def write_export_configs(model: ir.Model, graph: TransformerGraph, skipped: set[
         (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
         written.append(GENAI_CONFIG)
     return {"written": written, "shape": shape, "config_cannot_say": unsaid}
+
+
+def genai_continuation(folder: Path, prompt: list[int], n: int) -> list[int]:
+    """The n tokens onnxruntime-genai generates greedily after `prompt` from an artifact folder
+    (its genai_config.json): how a user's runtime continues it, to compare with tailor's."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
