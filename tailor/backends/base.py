@@ -253,9 +253,9 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None]) -> None:
         """visit(i, BlockTrace of block i) for every block of every batch, in the forward's order
-        (the profile's signals are sums over them)."""
+        (the profile's signals are sums over them). Each backend batches as its memory allows."""
 
     @abc.abstractmethod
     def projection_weight(self, p: Projection) -> np.ndarray:

@@ -68,7 +68,7 @@ class OnnxBackend(Backend):
     def runnable(self) -> OrtModel:
         return OrtModel(self.deployed(), causal=is_causal(self.graph))
 
-    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None]) -> None:
         probe = onnx_surgery.clone(self.model)
         nodes = onnx_surgery.nodes_by_name(probe)
         values = onnx_surgery.block_values(probe, self.graph)
@@ -79,7 +79,8 @@ class OnnxBackend(Backend):
                            nodes[b.ffn.down.node].inputs[0], k])
         onnx_surgery.expose(probe, [x for row in wanted for x in row])
         run = OrtModel(probe)
-        for chunk in batches(ids, batch):
+        # onnxruntime returns every layer's traces of a batch at once: batches stay small
+        for chunk in batches(ids, 4):
             out = run.run_all(chunk.numpy())
             for i, row in enumerate(wanted):
                 visit(i, BlockTrace(*(torch.from_numpy(out[v.name]) for v in row)))

@@ -53,6 +53,10 @@ from tailor.rewriter.torch_surgery import (
 
 # the original architecture of a rewritten model: tailor.load rebuilds it and replays the plan
 BASE_CONFIG = "base_config.json"
+# tokens a block trace's batch takes at most. Larger than calibration's BATCH_TOKENS, which bounds
+# logits: the traces run the head on one position. Fewer batches mean fewer per-batch grams
+# copied to the host and summed there (an 8B model's 32 down-projection grams are 26 GB a batch)
+TRACE_TOKENS = 8192
 
 
 def _first(x):
@@ -80,7 +84,7 @@ class TorchBackend(Backend):
     def runnable(self) -> nn.Module:
         return HFModel(self.model)
 
-    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None], batch: int = 4) -> None:
+    def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None]) -> None:
         model, graph = self.model, self.graph
         seen: dict[str, list] = {k: [None] * graph.num_layers
                                  for k in ("in", "ffn", "attn", "o", "down", "k")}
@@ -132,7 +136,7 @@ class TorchBackend(Backend):
             ]
         run = self.runnable()
         try:
-            for chunk in batches(ids, batch):
+            for chunk in batches(ids, len(ids), tokens=TRACE_TOKENS):
                 with torch.no_grad():  # the head on one position: nothing here reads the logits
                     run(chunk, positions=torch.tensor([chunk.shape[1] - 1]))
         finally:

@@ -52,12 +52,12 @@ Inputs = torch.Tensor | Lines   # [N, T] windows, or whole lines
 BATCH_TOKENS = 2048
 
 
-def batches(ids: Inputs, size: int) -> list[torch.Tensor]:
+def batches(ids: Inputs, size: int, tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
     """[b, T] batches of calibration inputs, windows or lines: `size` rows, fewer where that
-    would pass BATCH_TOKENS tokens."""
+    would pass `tokens` tokens."""
     if isinstance(ids, Lines):
         return ids.batches(size)
-    size = max(1, min(size, BATCH_TOKENS // max(1, ids.shape[-1])))
+    size = max(1, min(size, tokens // max(1, ids.shape[-1])))
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
