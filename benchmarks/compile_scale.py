@@ -45,10 +45,11 @@ SHAPES = {
 
 
 def random_model(shape: str, device: str, dtype, max_memory: str | None = None, init_on_cpu: bool = False):
-    """The shape with random weights, built where it is compiled, in `dtype` (one copy); with
-    `max_memory`, built in host memory and dispatched by accelerate over the devices it names.
-    `init_on_cpu` builds them in host memory and then moves them: the CPU's random stream, not the
-    GPU's, so a whole run holds the same weights as a split one (whose plans are compared)."""
+    """The shape with random weights, in `dtype` (one copy), drawn on the GPU wherever there is
+    one (seed 0): a whole run and a split one (`max_memory`: moved to host memory, then dispatched
+    by accelerate over the devices it names) hold the same weights, so their plans compare; the
+    CPU draws an 8B model's far slower. `init_on_cpu` draws them on the CPU instead (the 1B runs
+    of the third session's split comparison)."""
     import torch
     import transformers as tf
 
@@ -56,17 +57,23 @@ def random_model(shape: str, device: str, dtype, max_memory: str | None = None, 
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(**SHAPES[shape])
+    gpu = "cuda" if device == "auto" or max_memory else device
+    drawn_on = "cpu" if init_on_cpu or not torch.cuda.is_available() else gpu
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    t0 = time.perf_counter()
     try:
-        with torch.device("cpu" if max_memory or init_on_cpu else device):
+        with torch.device(drawn_on):
             model = tf.LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
     if max_memory:
-        model = dispatch(model, resolve_max_memory(max_memory))
-    elif init_on_cpu:
+        model = dispatch(model.to("cpu"), resolve_max_memory(max_memory))
+        torch.cuda.empty_cache()
+    else:
         model = model.to(device)
+    print(f"  {shape}: random weights drawn on {drawn_on}, placed in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)
     return model.eval()
 
 
@@ -146,7 +153,7 @@ def main() -> int:
     p.add_argument("--max-memory", help="split over devices through accelerate, as tailor's --max-memory: "
                    "0=20GiB,cpu=100GiB (one GPU and host memory) or 0=10GiB,1=10GiB,cpu=100GiB")
     p.add_argument("--init-on-cpu", action="store_true",
-                   help="random weights drawn on the CPU, then moved: the same weights as a --max-memory run")
+                   help="random weights drawn on the CPU (whole and split runs alike), not on the GPU")
     p.add_argument("--convert-gguf", nargs=2, metavar=("GGUF", "DIR"))
     p.add_argument("--out", help="write the results here (.json)")
     p.add_argument("--progress", action="store_true")

@@ -185,7 +185,7 @@ class SignalSums:
             k = k[torch.linspace(0, len(k) - 1, KEY_ROWS, dtype=torch.float64, device=k.device).long()]
         self.keys[i] = k.double()
 
-    def signals(self, o_weights, down_weights, head_dims: list[int]) -> Signals:
+    def signals(self, o_weights, down_weights, head_dims: list[int], progress: bool = False) -> Signals:
         """o_weights(i), down_weights(i): layer i's output and down projection weights in out_in
         layout (asked for one layer at a time: an 8B model's, all in float64, take 19 GiB). Consumes
         the grams: each layer's is ranked on its device, then kept as float32 on the CPU (half
@@ -195,7 +195,8 @@ class SignalSums:
 
         def ranked(name: str, weights, groups: list[int]):
             grams, importance, error = [], [], []
-            for i in range(n):
+            what = "heads" if name == "o_gram" else "channels"
+            for i in tqdm(range(n), desc=f"ranking {what}", disable=not progress, unit="layer"):
                 gram, acc[name][i] = acc[name][i] / tok[i], None
                 imp, err = removal_importance(weights(i), gram.double(), groups[i], COMPENSATION_RIDGE,
                                               device=self.device)
@@ -220,19 +221,21 @@ class SignalSums:
             o_gram=o_gram, down_gram=down_gram)
 
 
-def collect_signals(backend: Backend, ids: Inputs) -> Signals:
+def collect_signals(backend: Backend, ids: Inputs, progress: bool = False) -> Signals:
     """The profile's statistics, summed over the backend's block traces on `ids`."""
     graph = backend.graph
     sums = SignalSums(graph.num_layers)
 
-    def visit(i: int, t: BlockTrace) -> None:
-        sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
-        sums.projection_inputs(i, t.o_in, t.down_in)
-        sums.key(i, t.key)
-    backend.block_traces(ids, visit)
+    with tqdm(desc="collecting signals", disable=not progress, unit="block") as bar:
+        def visit(i: int, t: BlockTrace) -> None:
+            sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
+            sums.projection_inputs(i, t.o_in, t.down_in)
+            sums.key(i, t.key)
+            bar.update()
+        backend.block_traces(ids, visit)
     return sums.signals(lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].attn.o)),
                         lambda i: torch.from_numpy(backend.projection_weight(graph.blocks[i].ffn.down)),
-                        [b.attn.head_dim for b in graph.blocks])
+                        [b.attn.head_dim for b in graph.blocks], progress)
 
 
 # seconds of work (cost.MEASURE_RATE) the options measured one by one may take; beyond, proxies
@@ -407,7 +410,7 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
     seconds: dict[str, float] = {}
     peaks: dict[str, float] = {}
     with _phase("signals", seconds, peaks):
-        signals = collect_signals(backend, calib.profile_ids)
+        signals = collect_signals(backend, calib.profile_ids, progress)
     with _phase("attention", seconds, peaks):
         if "attn_pattern" in passes:
             grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
