@@ -126,3 +126,20 @@ def test_a_model_bigger_than_the_free_memory_is_refused_before_loading(tmp_path,
     monkeypatch.setattr(capture_module, "host_available", lambda: 1024)
     with pytest.raises(TailorError, match="more than the .* free on host memory"):
         load_hf_directory(tmp_path / "m")
+
+
+def test_stage_peaks_give_each_gpu_of_a_split_model(monkeypatch):
+    """Two GPUs: the stage reports their sum and each one's peak (torch's counters faked here)."""
+    from tailor.stages.log import StageLog
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda i: None)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda i: (3 + i) * 2 ** 29)
+    stages = StageLog()
+    with stages("search"):
+        pass
+    memory = stages.to_json()["search"]
+    assert memory["peak_gpu_gib_each"] == [1.5, 2.0] and memory["peak_gpu_gib"] == 3.5

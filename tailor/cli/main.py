@@ -275,9 +275,10 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
     from tailor.stages.log import StageLog
 
     def stage_done(name, secs, memory):
-        gpu = memory["peak_gpu_gib"]
+        gpu, each = memory["peak_gpu_gib"], memory.get("peak_gpu_gib_each")
         console.print(f"  {name:<9} {secs:7.2f} s   peak host {memory['peak_host_gib']:.2f} GiB"
-                      + (f", GPU {gpu:.2f} GiB" if gpu is not None else ""))
+                      + (f", GPU {gpu:.2f} GiB" if gpu is not None else "")
+                      + (" (" + " + ".join(f"{g:.2f}" for g in each) + ")" if each else ""))
 
     stages = StageLog(stage_done, status=lambda name: console.status(f"{name}…"))
     what = f"replaying {cfg['plan']}" if cfg["plan"] else f"budget {budget:g}, objective {cfg['objective']}"

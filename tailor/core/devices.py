@@ -110,13 +110,15 @@ def _rss_bytes() -> int:
 
 class PeakMemory:
     """Peak host RSS (sampled every 20 ms on a thread) and peak allocated GPU memory (torch's
-    counters, reset at entry) over a `with` block, in GiB."""
+    counters, reset at entry) over a `with` block, in GiB: summed over the GPUs, and each GPU's
+    (a model split over GPUs fits only where every one of them stays within its memory)."""
 
     INTERVAL = 0.02
 
     def __init__(self):
         self.host_gib = 0.0
         self.gpu_gib: float | None = None
+        self.gpu_gib_each: list[float] = []
 
     @contextlib.contextmanager
     def __call__(self):
@@ -140,8 +142,9 @@ class PeakMemory:
             peak[0] = max(peak[0], _rss_bytes())
             self.host_gib = round(peak[0] / 2 ** 30, 3)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
-                self.gpu_gib = round(sum(torch.cuda.max_memory_allocated(i)
-                                         for i in range(torch.cuda.device_count())) / 2 ** 30, 3)
+                self.gpu_gib_each = [round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 3)
+                                     for i in range(torch.cuda.device_count())]
+                self.gpu_gib = round(sum(self.gpu_gib_each), 3)
 
 
 def synchronize(device: torch.device) -> None:

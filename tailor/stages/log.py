@@ -25,6 +25,8 @@ class StageLog:
             yield
         self.times[name] = round(time.perf_counter() - t0, 3)
         self.memory[name] = {"peak_host_gib": meter.host_gib, "peak_gpu_gib": meter.gpu_gib}
+        if len(meter.gpu_gib_each) > 1:
+            self.memory[name]["peak_gpu_gib_each"] = meter.gpu_gib_each
         if self.on_done:
             self.on_done(name, self.times[name], self.memory[name])
 
