@@ -27,9 +27,10 @@ from tailor.passes.int8 import int8_refusal
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
-from tailor.passes.standard import sayable, standard_shape, uniform
+from tailor.passes.standard import one_cache_shape, sayable, standard_shape, uniform
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
+from tailor.rewriter.onnx_kv_cache import has_cache
 from tailor.rewriter.onnx_quantize import METHOD as QUANTIZATION_METHOD
 from tailor.stages.artifact import Compiled, describe, load, placement, resolve_formats
 from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_path
@@ -107,6 +108,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         raise TailorError("hf_compatible (--hf-compatible) searches what a standard transformers checkpoint "
                           "can say: it needs a transformers model, not an ONNX file")
     graph, formats = cap.graph, resolve_formats(formats, cap)
+    cached_decoder = cap.source.backend == "onnx" and has_cache(cap.source.model)
     hf_arch = architecture(cap.source.module) if "hf" in formats or hf_compatible else None
     written_arch = hf_arch if "hf" in formats else None  # a standard checkpoint is written for it
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
@@ -136,7 +138,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     heldout, cal = prepared.heldout, prepared.calibration
     if replayed is None:
         with stages("search"):
-            estimated, same = set(prof.option_estimate), ()
+            estimated = set(prof.option_estimate)
+            same = one_cache_shape(graph) if cached_decoder else ()
             if hf_compatible:  # what the restriction costs: the unrestricted plan, measured alike
                 free, _, free_kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
                                                  heldout, meter, estimated, prepared.settings["device"])
@@ -154,6 +157,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         report["search"] = {"predicted_kl": search.predicted_kl, "measured_kl_heldout": search.measured_kl,
                             "iterations": search.iterations, "candidates": len(options),
                             "options_measured": len(search.refined), "max_plan_checks": search.max_checks}
+        if cached_decoder:
+            report["search"]["restricted"] = ("one KV head count in every cache kept: clients of a decoder "
+                                              "with its cache as inputs size it from one config value")
         if hf_compatible:
             report["hf_compatible"] = {
                 "measured_kl_heldout": kl, "unrestricted_measured_kl_heldout": free_kl,

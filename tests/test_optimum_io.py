@@ -219,6 +219,23 @@ def _genai(folder: Path, prompt: list[int], n: int) -> list[int]:
     return genai_continuation(folder, prompt, n)
 
 
+def test_a_searched_plan_keeps_one_kv_head_count_so_the_clients_can_size_the_cache(exports, tmp_path,
+                                                                                  monkeypatch):
+    """Searched (not replayed): head pruning alone at 0.7 of the KV cache must prune the same
+    number of KV heads in every layer that keeps a cache, so config.json and genai_config.json
+    can say it (unrestricted, 5 of the 8 KV heads would stay: 2 in one layer, 1 in three)."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    compiled = tailor.compile(exports["llama"], 0.7, objective="kv_memory", prompt_len=64, target="cpu",
+                              passes=["head_prune"], calib=CALIB, calib_windows=4, calib_len=64)
+    assert compiled.report["search"]["restricted"].startswith("one KV head count")
+    out = tmp_path / "artifact"
+    compiled.save(out)
+    counts = {dims[1] for name, dims in _cache_inputs(out / "model.onnx").items()}
+    assert len(counts) == 1 and (out / "genai_config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == counts.pop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rewrites, config", [
     ([_heads(i, [1], [[0, 1]]) for i in range(4)], {"num_hidden_layers": 4, "num_key_value_heads": 1}),

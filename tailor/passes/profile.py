@@ -139,6 +139,9 @@ def neutral_signals(graph: TransformerGraph) -> Signals:
 # ---- measuring ---------------------------------------------------------------------------------
 
 
+# seconds before the signals' progress bars show: a small model's signals take less, and a
+# replayed plan refused after them leaves one line on the terminal, not a bar
+PROGRESS_DELAY = 2.0
 # rows of a layer's keys kept for kv_similarity: enough for a ranking, and bounded on a GPU
 KEY_ROWS = 4096
 
@@ -196,7 +199,8 @@ class SignalSums:
         def ranked(name: str, weights, groups: list[int]):
             grams, importance, error = [], [], []
             what = "heads" if name == "o_gram" else "channels"
-            for i in tqdm(range(n), desc=f"ranking {what}", disable=not progress, unit="layer"):
+            for i in tqdm(range(n), desc=f"ranking {what}", disable=not progress, unit="layer",
+                          delay=PROGRESS_DELAY):
                 gram, acc[name][i] = acc[name][i] / tok[i], None
                 imp, err = removal_importance(weights(i), gram.double(), groups[i], COMPENSATION_RIDGE,
                                               device=self.device)
@@ -226,7 +230,7 @@ def collect_signals(backend: Backend, ids: Inputs, progress: bool = False) -> Si
     graph = backend.graph
     sums = SignalSums(graph.num_layers)
 
-    with tqdm(desc="collecting signals", disable=not progress, unit="block") as bar:
+    with tqdm(desc="collecting signals", disable=not progress, unit="block", delay=PROGRESS_DELAY) as bar:
         def visit(i: int, t: BlockTrace) -> None:
             sums.block(i, t.input, t.output, t.ffn_out, t.attn_out)
             sums.projection_inputs(i, t.o_in, t.down_in)

@@ -56,6 +56,23 @@ class Uniform:
     layers: int
 
 
+def keeps_uniform(chosen: list[Option], uniform: tuple[Uniform, ...]) -> bool:
+    """Whether a whole plan keeps each Uniform value the same on every layer it does not remove
+    (what the solver's rows enforce; a plan built outside the solver is checked with this)."""
+    for u in uniform:
+        given: dict[int, set] = {}
+        for o in chosen:
+            v = u.value(o)
+            if v is not None:
+                given.setdefault(o.layer, set()).add(v)
+        values = {v for vs in given.values() for v in vs} - {REMOVED}
+        if len(values) > 1:
+            return False
+        if values and any(not given.get(layer, set()) & (values | {REMOVED}) for layer in range(u.layers)):
+            return False
+    return True
+
+
 def structure_of(graph, options: list[Option]) -> Structure:
     s = Structure.dense(graph)
     for o in options:
@@ -356,7 +373,7 @@ def search(options: list[Option], cost_model: CostModel, budget: float, objectiv
         """Measure a whole plan beside the solver's, within the checks; the closer one is best."""
         nonlocal best
         keys = tuple(sorted(o.key for o in chosen or []))
-        if not chosen or keys in tried or len(tried) >= checks:
+        if not chosen or keys in tried or len(tried) >= checks or not keeps_uniform(chosen, uniform):
             return
         tried.add(keys)
         measured = measure(chosen)

@@ -9,6 +9,12 @@ FFN pruning's least-squares refit adds: tailor.backends.hf_checkpoint probes whi
   - ffn_skip (the FFN becomes a constant while attention stays), head_prune of every head (the
     attention becomes a constant), kv_share and attn_pattern (sink + window: a standard sliding
     window has no sink) cannot be said.
+
+A decoder exported with its KV cache as graph inputs (Optimum's past_key_values.N.*) is run by
+clients that size every layer's empty cache from one config value, num_key_value_heads
+(Optimum's ORTModelForCausalLM, onnxruntime-genai): its plans keep one KV head count in every
+cache they keep (`one_cache_shape`). Caches dropped whole (a layer skipped, its attention
+dropped, its cache shared from another layer) and query heads pruned are free.
 """
 from __future__ import annotations
 
@@ -32,6 +38,21 @@ def head_layout(option: Option):
     if option.pass_name == "head_prune":
         return len(option.choice["kv_heads"]), len(option.choice["queries"][0])
     return None
+
+
+def one_cache_shape(graph: TransformerGraph) -> tuple[Uniform, ...]:
+    """One KV head count in every cache a decoder keeps (the module's docstring)."""
+    def cache_heads(option: Option):
+        if option.pass_name in ("layer_skip", "kv_share"):
+            return REMOVED
+        if option.pass_name != "head_prune":
+            return None
+        kept = len(option.choice["kv_heads"])
+        if kept == 0:
+            return REMOVED
+        # the layer's own count is what its dense neighbours keep: not a value to agree on
+        return None if kept == graph.blocks[option.layer].attn.num_kv_heads else kept
+    return (Uniform("KV heads of a cache", cache_heads, graph.num_layers),)
 
 
 def uniform(graph: TransformerGraph) -> tuple[Uniform, ...]:
