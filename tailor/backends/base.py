@@ -56,9 +56,9 @@ def compared_positions(graph, ids: Inputs) -> torch.Tensor | None:
     return None if stride <= 1 else torch.arange(ids.shape[1] - 1, -1, -stride).flip(0)
 
 
-# float64 elements one step of `divergence` holds per temporary: a batch of 2048 tokens of a
-# 128K-token vocabulary (Llama 3) would otherwise take 2 GiB per temporary, several at once
-DIVERGENCE_CHUNK = 2 ** 25
+# float64 elements one step of `divergence` holds per temporary (three at once: 384 MiB): a batch
+# of 2048 tokens of a 128K-token vocabulary (Llama 3) would otherwise take 2 GiB per temporary
+DIVERGENCE_CHUNK = 2 ** 24
 
 
 def divergence(reference: list[torch.Tensor], outputs: Iterable[torch.Tensor], is_lm: bool) -> float:
@@ -70,12 +70,15 @@ def divergence(reference: list[torch.Tensor], outputs: Iterable[torch.Tensor], i
         ref = ref.to(out.device)
         rows = max(1, DIVERGENCE_CHUNK // ref.shape[-1])
         for start in range(0, len(ref), rows):
-            r, o = ref[start:start + rows].double(), out[start:start + rows].double()
+            r, o = ref[start:start + rows], out[start:start + rows]
             if is_lm:
-                lp_ref, lp = torch.log_softmax(r, -1), torch.log_softmax(o, -1)
-                kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+                # in place where it can be: three chunks alive at once, not seven (the naive
+                # expression's temporaries held 1.8 GB at once on the CPU)
+                lp_ref = torch.log_softmax(r.double(), -1)
+                diff = torch.log_softmax(o.double(), -1).neg_().add_(lp_ref)   # lp_ref - lp
+                kl = torch.einsum("ij,ij->i", lp_ref.exp_(), diff)
             else:
-                kl = 1 - torch.cosine_similarity(r, o, dim=-1)
+                kl = 1 - torch.cosine_similarity(r.double(), o.double(), dim=-1)
             total += float(kl.sum())
             count += kl.numel()
     return total / max(count, 1)

@@ -387,6 +387,25 @@ def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family
         assert replayed == pytest.approx(full, rel=1e-9, abs=1e-12), o.key
 
 
+def test_divergence_is_the_mean_kl_per_token_whatever_the_chunks(monkeypatch):
+    """The in-place chunked KL against torch's kl_div on the whole set, and the encoders' 1 - cosine."""
+    from tailor.backends import base
+
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(3, 5, 50, generator=gen) * 3, torch.randn(2, 5, 50, generator=gen)]
+    out = [r + torch.randn(r.shape, generator=gen) for r in ref]
+    flat_ref = torch.cat([r.reshape(-1, 50) for r in ref])
+    flat_out = torch.cat([o.reshape(-1, 50) for o in out])
+    expected = torch.nn.functional.kl_div(torch.log_softmax(flat_out.double(), -1),
+                                          torch.log_softmax(flat_ref.double(), -1),
+                                          log_target=True, reduction="batchmean")
+    for chunk in (2 ** 25, 7 * 50, 50):  # one chunk, a few rows, one row at a time
+        monkeypatch.setattr(base, "DIVERGENCE_CHUNK", chunk)
+        assert base.divergence(ref, out, True) == pytest.approx(float(expected), rel=1e-12)
+    cosine = 1 - torch.cosine_similarity(flat_ref.double(), flat_out.double(), dim=-1).mean()
+    assert base.divergence(ref, out, False) == pytest.approx(float(cosine), rel=1e-12)
+
+
 @pytest.mark.parametrize("source", ["llama", "gpt2", "llama.onnx"])
 def test_outputs_at_compared_positions_are_the_full_outputs_there(source, tiny_onnx, monkeypatch):
     """Past LOGIT_ELEMENTS, comparisons keep every k-th position of each window (the last one
