@@ -363,10 +363,14 @@ def test_text_read_in_pieces_tokenizes_like_the_whole(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family):
+@pytest.mark.parametrize("replay_every", [1, 2])
+def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family, replay_every, monkeypatch):
     """measure_options replays the blocks before an option's first layer (its source, for
-    kv_share): the divergence must be exactly that of running the whole variant."""
+    kv_share) from the last recorded block output (every `replay_every`-th), computing those
+    between: the divergence must be exactly that of running the whole variant."""
     from tailor.backends.base import divergence
+
+    monkeypatch.setattr("tailor.backends.torch_backend.REPLAY_EVERY", replay_every)
     from tailor.passes.profile import collect_signals
     from tailor.passes.registry import PASSES, candidates_for
 
