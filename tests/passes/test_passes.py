@@ -211,6 +211,30 @@ def test_options_beyond_the_allowance_are_estimated_and_measured_once_chosen(tmp
         assert all(a <= b + 1e-12 for a, b in zip(kls, kls[1:]))
 
 
+def test_compiles_with_other_passes_share_one_profile(tmp_path, monkeypatch):
+    """The profile cache holds one entry per model and data whatever the passes: a compile with a
+    pass the entry lacks measures that pass's options only, into the same entry; one with fewer
+    passes measures nothing."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    kwargs = dict(prompt_len=256, calib_windows=4, calib_len=32, target="h100", refit=False)
+    first = tailor.compile(model, budget=0.7, passes=["layer_skip", "ffn_skip"], **kwargs)
+    assert not first.report["calibration"]["cached"]
+    (entry,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    before = load_cached(entry.stem)
+    wider = tailor.compile(model, budget=0.7, passes=["layer_skip", "ffn_skip", "head_prune"], **kwargs)
+    assert wider.report["calibration"]["cached"]
+    assert [e.stem for e in (tmp_path / "cache" / "profiles").glob("*.json")] == [entry.stem]
+    after = load_cached(entry.stem)
+    added = set(after.option_kl) - set(before.option_kl)
+    assert added and {k.split(":")[0] for k in added} == {"head_prune"}
+    assert all(after.option_kl[k] == before.option_kl[k] for k in before.option_kl)  # not measured again
+    assert wider.report["calibration"]["options_measured"] == len(added)
+    narrower = tailor.compile(model, budget=0.7, passes=["layer_skip"], **kwargs)
+    assert narrower.report["calibration"]["cached"]
+    assert narrower.report["calibration"]["options_measured"] == 0
+
+
 def test_passes_selection_and_unreachable(tmp_path, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     model = build_model("llama")
