@@ -248,6 +248,10 @@ class Backend(abc.ABC):
             with torch.no_grad():
                 yield run(b) if positions is None else run(b, positions=positions)
 
+    def replays_blocks(self) -> bool:
+        """Whether `stream(..., replay=...)` skips the blocks before the layer (else it runs them)."""
+        return False
+
     def record_blocks(self, ids: Inputs, batch: int = 4) -> Any:
         """What `stream(..., replay=...)` replays, or None where this backend does not replay."""
         return None

@@ -146,11 +146,14 @@ class TorchBackend(Backend):
         blocks = self.model.get_submodule(parent) if idx.isdigit() else None
         return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
+    def replays_blocks(self) -> bool:
+        return len(self._blocks()) == self.graph.num_layers
+
     def record_blocks(self, ids: Inputs, batch: int = 4) -> list[list] | None:
         """Per batch, every block's output (the model's own return value)."""
-        blocks = self._blocks()
-        if len(blocks) != self.graph.num_layers:
+        if not self.replays_blocks():
             return None
+        blocks = self._blocks()
         record = []
         for chunk in batches(ids, batch):
             with torch.no_grad(), _recorded_outputs(blocks) as outputs:

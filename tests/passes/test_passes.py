@@ -13,9 +13,11 @@ from tailor.passes.base import Option
 from tailor.passes.profile import (
     KEY_ROWS,
     MIN_MEASURED_PER_PASS,
+    OptionMeter,
     SignalSums,
     collect_signals,
     load_cached,
+    neutral_signals,
     store,
 )
 from tailor.passes.registry import apply_options
@@ -209,6 +211,19 @@ def test_options_beyond_the_allowance_are_estimated_and_measured_once_chosen(tmp
         assert all(min(measured) - 1e-12 <= kl <= max(measured) + 1e-12 for _, kl in estimated)
         kls = [kl for _, kl in sorted(estimated)]
         assert all(a <= b + 1e-12 for a, b in zip(kls, kls[1:]))
+
+
+def test_an_options_work_counts_the_blocks_the_backend_runs(tiny_models, tiny_onnx):
+    """What measuring an option costs the allowance: the blocks from its layer on where the backend
+    replays the ones before (a transformers model), the whole forward where it runs them (ONNX)."""
+    ids = ids_for(batch=2, seq=16)
+    for model, replays in ((tiny_models["llama"], True), (tiny_onnx["llama"], False)):
+        backend = backend_for(capture(model))
+        assert backend.replays_blocks() == replays
+        meter = OptionMeter(backend, neutral_signals(backend.graph), ids, progress=False)
+        first, last = (Option("layer_skip", i, {}, ()) for i in (0, backend.graph.num_layers - 1))
+        assert meter.work(first) == meter.work_from[0]
+        assert (meter.work(last) < meter.work(first)) == replays
 
 
 def test_compiles_with_other_passes_share_one_profile(tmp_path, monkeypatch):
