@@ -270,7 +270,7 @@ class OptionMeter:
         """FLOPs of measuring it: the blocks after the first it edits where the backend replays
         the ones before, else the whole forward (an ONNX model's options priced as replayed were
         half their work: MiniLM's 132 and refllama-16m's 140 were all measured within an
-        allowance meant for fewer, 15 and 12 minutes on 2 loaded CPU cores)."""
+        allowance meant for fewer; refllama's took 12 minutes on 2 loaded CPU cores)."""
         first = PASSES[option.pass_name].first_layer(option) if self.replays else 0
         return self.work_from[first]
 
