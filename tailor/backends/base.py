@@ -253,6 +253,11 @@ class Backend(abc.ABC):
             with torch.no_grad():
                 yield run(b) if positions is None else run(b, positions=positions)
 
+    def replay_start(self, layer: int) -> int:
+        """The first block `stream(..., replay=(record, layer))` computes: the ones before it
+        return recorded outputs (0: this backend runs every block)."""
+        return 0
+
     def record_blocks(self, ids: Inputs, batch: int = 4) -> Any:
         """What `stream(..., replay=...)` replays, or None where this backend does not replay."""
         return None

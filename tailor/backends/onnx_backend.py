@@ -278,7 +278,10 @@ class OnnxBranches(Branches):
         x = onnx_surgery.nodes_by_name(probe)[branch_projection(self.graph, layer, kind).node].inputs[0]
         _, _, stream = _residual(onnx_surgery.block_values(probe, self.graph)[layer], kind)
         onnx_surgery.expose(probe, [x, stream])
-        run, sums = OrtModel(probe), BranchSums()
+        # run as deployed: the branch's inputs and the stream carry the INT8 error of the
+        # projections before it, which the refit then takes up as it does the rewrites'
+        int8 = sorted(self.rewritten.int8)
+        run, sums = OrtModel(quantized(probe, int8) if int8 else probe), BranchSums()
         for chunk in batches(ids, batch):
             dense, out = self.dense.run_all(chunk.numpy()), run.run_all(chunk.numpy())
             sums.add(out[x.name], dense[self.sums[(layer, kind)]] - out[stream.name])

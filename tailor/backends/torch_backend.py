@@ -150,6 +150,9 @@ class TorchBackend(Backend):
         blocks = self.model.get_submodule(parent) if idx.isdigit() else None
         return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
+    def replay_start(self, layer: int) -> int:
+        return replayed_before(layer) if len(self._blocks()) == self.graph.num_layers else 0
+
     def record_blocks(self, ids: Inputs, batch: int = 4) -> list[list] | None:
         """Per batch, the block outputs a replay starts from (`_recorded_outputs`)."""
         blocks = self._blocks()

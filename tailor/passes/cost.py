@@ -105,11 +105,18 @@ SCORE_PASSES = 5
 # the narrowest pattern (48 keys a query) cost 40% of the dense core (512 keys).
 SPARSE_ROW_PASSES = 9
 # The parts of the modelled latency a measured target's fit scales (CostModel.fit_to_measured):
-# the passes around each branch (elementwise), the dense attention core, and the block-sparse one
-# of patterned heads: its products over the kept keys and its copies of rows (attention_core)
-FITTED_PARTS = ("branch_passes", "attention_core", "sparse_keys", "sparse_rows")
+# the passes around each branch (elementwise), the dense attention core, the block-sparse one
+# of patterned heads: its products over the kept keys and its copies of rows (attention_core),
+# and the products on INT8 weights
+FITTED_PARTS = ("branch_passes", "attention_core", "sparse_keys", "sparse_rows", "int8_products")
 # A fitted scale beyond this is a timing gone wrong
 MAX_FITTED_SCALE = 100.0
+# The least each part's scale may be fitted to. A roofline is a floor: 1. The table's INT8 rows
+# are whole quantized products (the input's dynamic quantization included) timed alone, which
+# inside a model may run faster as well as slower: a MiniLM plan with 11 of its 12 branches INT8
+# (1 × 128) was priced 0.431 of the dense model from the table alone and measured 0.46-0.53 in
+# four timings (2-core CPU, load 2-4)
+MIN_FITTED_SCALE = dict.fromkeys(FITTED_PARTS, 1.0) | {"int8_products": 1 / MAX_FITTED_SCALE}
 # Elementwise passes per token around a branch, in vectors of the hidden size: the norm (read +
 # write) and the residual add (two reads, a write).
 NORM_PASSES, ADD_PASSES = 2, 3
@@ -135,9 +142,9 @@ class CostModel:
     def fit_to_measured(self, measured: dict[str, tuple[Structure, float]]) -> dict[str, float]:
         """Scale the parts a roofline of products misprices (FITTED_PARTS) so that each variant
         (name → (structure, its latency / the dense model's, timed side by side on the target))
-        costs what it measured: least squares over the variants, each scale in [1,
-        MAX_FITTED_SCALE] (≥ 1: a part the model already prices as measured is kept). Returns
-        the scales.
+        costs what it measured: least squares over the variants, each scale in [MIN_FITTED_SCALE,
+        MAX_FITTED_SCALE] (≥ 1 for a roofline's parts: one the model already prices as measured
+        is kept). Returns the scales.
 
         What the products' roofline misses is mostly (1) work around each branch that head and
         FFN pruning do not shrink and a skipped branch removes: norms and residual adds
@@ -146,7 +153,8 @@ class CostModel:
         which run far below the table's product rates: refllama-16m at 1 × 512 with half its
         query heads measured 0.67-0.69 of the dense model where a fit of (1) alone predicted
         0.78-0.80. A variant with half-width FFNs pins (1), one with half the heads (2), two with
-        every head on a narrow and a wide pattern the block-sparse core's row copies and keys. Ratios
+        every head on a narrow and a wide pattern the block-sparse core's row copies and keys, one
+        with every branch INT8 (where the target prices INT8) the quantized products. Ratios
         timed side by side, not the dense model's absolute time: that mixed two moments of a noisy
         machine (MiniLM timed 12.2, 14.7 and 18.8 ms in three compiles)."""
         self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
@@ -164,7 +172,8 @@ class CostModel:
         b = np.array(rhs) / dense["rest"]
         used = np.abs(a).max(axis=0) > 1e-12  # a part no structure has (a torch graph's sparse core) keeps 1
         if used.any():
-            fit = lsq_linear(a[:, used], b, bounds=(1.0, MAX_FITTED_SCALE))
+            low = [MIN_FITTED_SCALE[c] for c, u in zip(FITTED_PARTS, used) if u]
+            fit = lsq_linear(a[:, used], b, bounds=(low, MAX_FITTED_SCALE))
             for c, k in zip([c for c, u in zip(FITTED_PARTS, used) if u], fit.x):
                 self.scales[c] = float(k)
         return self.scales
@@ -221,7 +230,7 @@ class CostModel:
         for tokens, reads, _ in self._phases():
             for n_in, n_out in projs:
                 total = total + self._matmul(tokens, n_in, n_out, reads, int8)
-        return total
+        return total.scaled(self.scales["int8_products"]) if int8 else total
 
     def attention_core(self, a: Attention, queries_per_group: int, patterns: list[Pattern | None],
                        own_kv: bool) -> Cost:

@@ -13,7 +13,10 @@ spread over the order of a cheap proxy (Pass.proxy) and a monotone map fitted on
 the others; the search then measures the estimated options its plans choose (OptionMeter).
 
 Results are cached on disk, keyed by (model hash, data hash, settings), with a checksum, so a
-second compile at another budget costs no calibration.
+second compile at another budget costs no calibration. The passes are not in the key: a compile
+with other passes extends the entry with what it lacks (refllama-16m's compile without int8,
+after one with it, repeated its whole profile, attention at two lengths included, ~20 minutes
+on 2 CPU cores, to measure nothing new).
 """
 from __future__ import annotations
 
@@ -270,8 +273,11 @@ class OptionMeter:
                           for first in range(backend.graph.num_layers)]
 
     def work(self, option: Option) -> float:
-        """FLOPs of measuring it (the replayed blocks cost none)."""
-        return self.work_from[PASSES[option.pass_name].first_layer(option)]
+        """FLOPs of measuring it: the blocks the backend computes, from where its replay of the
+        dense blocks ends (Backend.replay_start; the whole forward where it replays none: an ONNX
+        model's options priced as replayed were half their work, and MiniLM's 132 and
+        refllama-16m's 140 were all measured within an allowance meant for fewer)."""
+        return self.work_from[self.backend.replay_start(PASSES[option.pass_name].first_layer(option))]
 
     def __call__(self, options: list[Option]) -> dict[str, float]:
         if not options:
@@ -393,30 +399,26 @@ def _per_length(attn: dict) -> dict[int, int | None]:
 def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, model_hash: str, settings: dict,
                 progress: bool = True, use_cache: bool = True) -> tuple[Profile, list[Option], OptionMeter]:
     """Signals, the candidate options of `passes`, each option's KL (measured, or estimated from
-    its proxy) and the meter that measures more of them."""
+    its proxy) and the meter that measures more of them. The cache entry is the model's on this
+    data whatever the passes: each option is measured alone, so a compile with other passes
+    reuses what an earlier one measured and measures only what it lacks (the attention profile,
+    options of passes not searched before), within the same allowance."""
     graph = backend.graph
-    # everything that changes a measured number is part of the key
-    key = profile_key(model_hash, calib.digest,
-                      {**settings, "passes": sorted(passes), "ridge": COMPENSATION_RIDGE})
+    # everything that changes a measured number is part of the key; the passes are not (they
+    # choose which numbers are wanted)
+    key = profile_key(model_hash, calib.digest, {**settings, "ridge": COMPENSATION_RIDGE})
     cached = load_cached(key) if use_cache else None
-    if cached is not None:
-        cached.extra["cached"] = True
-        candidates = candidates_for(graph, cached.signals, passes)
-        # candidates a newer tailor offers that this entry has not measured: measure them now
-        # rather than let the search take an unmeasured option for free
-        meter = OptionMeter(backend, cached.signals, calib.profile_ids, progress)
-        missing = [o for o in candidates if PASSES[o.pass_name].measured and
-                   o.key not in cached.option_kl and o.key not in cached.option_estimate]
-        if missing:
-            cached.option_kl.update(meter(missing))
-            store(cached)
-        return cached, candidates, meter
     seconds: dict[str, float] = {}
     peaks: dict[str, float] = {}
-    with _phase("signals", seconds, peaks):
-        signals = collect_signals(backend, calib.profile_ids, progress)
-    with _phase("attention", seconds, peaks):
-        if "attn_pattern" in passes:
+    if cached is None:
+        with _phase("signals", seconds, peaks):
+            signals = collect_signals(backend, calib.profile_ids, progress)
+        prof = Profile(signals, {}, calib.source, int(calib.profile_ids.numel()), key)
+    else:
+        prof, signals = cached, cached.signals
+    profiled_attention = "attn_pattern" in passes and signals.attention is None
+    if profiled_attention:
+        with _phase("attention", seconds, peaks):
             grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
             signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
                                                   progress=progress, retrieval_weight=calib.retrieval_weight,
@@ -424,18 +426,18 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
     with _phase("options", seconds, peaks):
         candidates = candidates_for(graph, signals, passes)
         meter = OptionMeter(backend, signals, calib.profile_ids, progress)
-        measurable = [o for o in candidates if PASSES[o.pass_name].measured]
-        chosen, by_pass = measured_subset(graph, measurable, signals, meter,
+        missing = [o for o in candidates if PASSES[o.pass_name].measured and
+                   o.key not in prof.option_kl and o.key not in prof.option_estimate]
+        chosen, by_pass = measured_subset(graph, missing, signals, meter,
                                           Allowance(OPTION_SECONDS, settings.get("device", "cpu")))
-        option_kl = meter(chosen)
-        estimate, spearman = estimate_rest(by_pass, option_kl)
-    prof = Profile(signals, option_kl, calib.source, int(calib.profile_ids.numel()), key,
-                   option_estimate=estimate)
-    prof.extra["option_spearman"] = spearman
-    if use_cache:
+        prof.option_kl |= meter(chosen)
+        estimate, spearman = estimate_rest(by_pass, prof.option_kl)
+        prof.option_estimate |= estimate
+    prof.extra["option_spearman"] = prof.extra.get("option_spearman", {}) | spearman
+    if use_cache and (cached is None or profiled_attention or missing):
         store(prof)
-    # where the profile's time went (not cached: a cache hit costs none of it)
-    prof.extra |= {"cached": False, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    # where the profile's time went (not cached: what a cache hit spared is not counted)
+    prof.extra |= {"cached": cached is not None, "seconds": {k: round(v, 2) for k, v in seconds.items()},
                    "peak_host_gib": peaks, "options_measured": len(chosen)}
     return prof, candidates, meter
 

@@ -18,6 +18,7 @@ from tailor.core.patterns import Pattern
 from tailor.core.targets import get_target
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import CostModel, Structure, Workload
+from tailor.passes.int8 import int8_refusal
 from tailor.passes.registry import PASSES, apply_options
 from tailor.passes.search import structure_of
 from tailor.quality.metrics import time_side_by_side
@@ -50,7 +51,7 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
     if not fit or not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
     graph = cap.graph
-    variants = fit_variants(graph, workload)
+    variants = fit_variants(graph, workload, int8=int8_refusal(dense, cost_model) is None)
     if not variants:
         cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model
@@ -100,13 +101,14 @@ def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list],
     return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {})
 
 
-def fit_variants(graph: TransformerGraph, workload: Workload) -> dict[str, list]:
+def fit_variants(graph: TransformerGraph, workload: Workload, int8: bool = False) -> dict[str, list]:
     """The structures the cost model is fitted on, as options (shapes only: the timing does not
     depend on the weights): every FFN at half width; every attention with half its query heads
     (half its KV heads where each KV head serves one query head); on an ONNX graph whose attention
     is decomposed, every KV head on the default grid's narrowest pattern, and on its widest that
     keeps at most half the keys (block-sparse ops: what they cost whatever the pattern, and per
-    key). A layer that cannot be sliced stays whole; a variant no layer can take is left out."""
+    key); with `int8` (the model's projections can run INT8 and the target prices them), every
+    branch INT8. A layer that cannot be sliced stays whole; a variant no layer can take is left out."""
     n, causal = workload.prompt_len, graph.blocks[0].attn.causal
     by_keys = sorted(default_grid(n), key=lambda p: blocked_keys(p, n, causal))
     narrow = by_keys[0]
@@ -127,9 +129,11 @@ def fit_variants(graph: TransformerGraph, workload: Workload) -> dict[str, list]
             for pattern, options in ((narrow, narrow_all), (wide, wide_all)):
                 spans = [pattern.to_json()] * a.num_kv_heads
                 options.append(PASSES["attn_pattern"].from_plan(graph, b.index, {"spans": spans}))
+    int8_all = PASSES["int8"].candidates(graph, None) if int8 else []
     return {name: options for name, options in (("ffn_half", ffn), ("heads_half", heads),
                                                 ("patterns_narrowest", narrow_all),
-                                                ("patterns_wide", wide_all if wide != narrow else []))
+                                                ("patterns_wide", wide_all if wide != narrow else []),
+                                                ("int8_all", int8_all))
             if options}
 
 

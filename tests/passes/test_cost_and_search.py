@@ -88,7 +88,7 @@ def test_fit_to_measured_recovers_the_scales_the_ratios_were_timed_at(tiny_onnx)
     variants = {n: structure_of(graph, o) for n, o in fit_variants(graph, workload).items()}
     assert sorted(variants) == ["ffn_half", "heads_half", "patterns_narrowest", "patterns_wide"]
     truth = CostModel(graph, workload, get_target("cpu"))
-    truth.scales = {"branch_passes": 6.0, "attention_core": 1.7, "sparse_keys": 2.0, "sparse_rows": 4.5}
+    truth.scales |= {"branch_passes": 6.0, "attention_core": 1.7, "sparse_keys": 2.0, "sparse_rows": 4.5}
     fitted = CostModel(graph, workload, get_target("cpu"))
     scales = fitted.fit_to_measured({n: (s, truth.ratio(s, "latency")) for n, s in variants.items()})
     assert scales == pytest.approx(truth.scales, rel=1e-6)

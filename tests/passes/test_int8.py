@@ -165,3 +165,26 @@ def test_int8_not_offered_where_it_cannot_run(tiny_models, llama, table):
     assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("h100")))
     assert "TVM" in int8_refusal(dense, CostModel(cap.graph, workload, get_target(table)), ("onnx", "tvm"))
     assert not Target("x", 1e9, 1e9, 4).int8_rates
+
+
+def test_fit_prices_int8_products_as_the_model_ran_them(llama, table):
+    """Where the target prices INT8, the fit times a variant with every branch INT8 and scales the
+    INT8 products to it, below 1 as well (the table's products were timed alone); a plan mixing
+    INT8 and pruning is then priced as the model the ratios came from prices it."""
+    from tailor.stages.cost import fit_variants
+
+    cap, _ = llama
+    graph, workload = cap.graph, Workload(1, 64, 0)
+    assert "int8_all" not in fit_variants(graph, workload)
+    variants = {n: structure_of(graph, o) for n, o in fit_variants(graph, workload, int8=True).items()}
+    assert all(s.int8 == ("attn", "ffn") for s in variants["int8_all"].layers)
+    truth = CostModel(graph, workload, get_target(table))
+    truth.scales |= {"branch_passes": 3.0, "attention_core": 1.5, "int8_products": 0.6}
+    fitted = CostModel(graph, workload, get_target(table))
+    scales = fitted.fit_to_measured({n: (s, truth.ratio(s, "latency")) for n, s in variants.items()})
+    assert scales["int8_products"] == pytest.approx(0.6, rel=1e-3)
+    width = graph.blocks[0].ffn.width
+    plan = [_option(graph, 0, "ffn"), _option(graph, 1, "attn"),
+            PASSES["ffn_prune"].from_plan(graph, 0, {"channels": list(range(width // 2))})]
+    assert fitted.ratio(structure_of(graph, plan), "latency") == pytest.approx(
+        truth.ratio(structure_of(graph, plan), "latency"), rel=1e-4)

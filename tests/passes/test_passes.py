@@ -13,9 +13,11 @@ from tailor.passes.base import Option
 from tailor.passes.profile import (
     KEY_ROWS,
     MIN_MEASURED_PER_PASS,
+    OptionMeter,
     SignalSums,
     collect_signals,
     load_cached,
+    neutral_signals,
     store,
 )
 from tailor.passes.registry import apply_options
@@ -209,6 +211,46 @@ def test_options_beyond_the_allowance_are_estimated_and_measured_once_chosen(tmp
         assert all(min(measured) - 1e-12 <= kl <= max(measured) + 1e-12 for _, kl in estimated)
         kls = [kl for _, kl in sorted(estimated)]
         assert all(a <= b + 1e-12 for a, b in zip(kls, kls[1:]))
+
+
+def test_an_options_work_counts_the_blocks_the_backend_runs(tiny_models, tiny_onnx, monkeypatch):
+    """What measuring an option costs the allowance: the blocks from its layer on where the backend
+    replays the ones before (a transformers model, here recording every block's output), the
+    whole forward where it runs them (ONNX)."""
+    monkeypatch.setattr("tailor.backends.torch_backend.REPLAY_EVERY", 1)
+    ids = ids_for(batch=2, seq=16)
+    for model, replays in ((tiny_models["llama"], True), (tiny_onnx["llama"], False)):
+        backend = backend_for(capture(model))
+        last_layer = backend.graph.num_layers - 1
+        assert backend.replay_start(last_layer) == (last_layer if replays else 0)
+        meter = OptionMeter(backend, neutral_signals(backend.graph), ids, progress=False)
+        first, last = (Option("layer_skip", i, {}, ()) for i in (0, last_layer))
+        assert meter.work(first) == meter.work_from[0]
+        assert (meter.work(last) < meter.work(first)) == replays
+
+
+def test_compiles_with_other_passes_share_one_profile(tmp_path, monkeypatch):
+    """The profile cache holds one entry per model and data whatever the passes: a compile with a
+    pass the entry lacks measures that pass's options only, into the same entry; one with fewer
+    passes measures nothing."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    model = build_model("llama")
+    kwargs = dict(prompt_len=256, calib_windows=4, calib_len=32, target="h100", refit=False)
+    first = tailor.compile(model, budget=0.7, passes=["layer_skip", "ffn_skip"], **kwargs)
+    assert not first.report["calibration"]["cached"]
+    (entry,) = (tmp_path / "cache" / "profiles").glob("*.json")
+    before = load_cached(entry.stem)
+    wider = tailor.compile(model, budget=0.7, passes=["layer_skip", "ffn_skip", "head_prune"], **kwargs)
+    assert wider.report["calibration"]["cached"]
+    assert [e.stem for e in (tmp_path / "cache" / "profiles").glob("*.json")] == [entry.stem]
+    after = load_cached(entry.stem)
+    added = set(after.option_kl) - set(before.option_kl)
+    assert added and {k.split(":")[0] for k in added} == {"head_prune"}
+    assert all(after.option_kl[k] == before.option_kl[k] for k in before.option_kl)  # not measured again
+    assert wider.report["calibration"]["options_measured"] == len(added)
+    narrower = tailor.compile(model, budget=0.7, passes=["layer_skip"], **kwargs)
+    assert narrower.report["calibration"]["cached"]
+    assert narrower.report["calibration"]["options_measured"] == 0
 
 
 def test_passes_selection_and_unreachable(tmp_path, monkeypatch):
