@@ -57,8 +57,8 @@ def random_model(shape: str, device: str, dtype, max_memory: str | None = None, 
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(**SHAPES[shape])
-    gpu = "cuda" if device == "auto" or max_memory else device
-    drawn_on = "cpu" if init_on_cpu or not torch.cuda.is_available() else gpu
+    drawn_on = "cpu" if init_on_cpu or not torch.cuda.is_available() else \
+        "cuda" if device == "auto" or max_memory else device
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     t0 = time.perf_counter()
