@@ -119,6 +119,31 @@ def test_a_rewritten_clone_shares_weights_yet_leaves_the_dense_model_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_clone_is_what_deepcopy_makes_with_the_weights_shared():
+    """clone_modules against copy.deepcopy with the parameters in its memo: the same outputs,
+    every module and the config new objects, the parameters the same, a clone's edits its own."""
+    import copy
+
+    from tailor.rewriter.torch_surgery import clone_modules
+
+    model = build_model("llama")
+    model.model.layers[0].register_forward_hook(lambda *a: None)
+    memo = {id(p): p for p in model.parameters()}
+    deep, fast = copy.deepcopy(model, memo=dict(memo)), clone_modules(model, dict(memo))
+    ids = ids_for(seq=16)
+    with torch.no_grad():
+        assert torch.equal(fast(ids).logits, deep(ids).logits)
+    pairs = list(zip(model.modules(), fast.modules(), strict=True))
+    assert all(type(a) is type(b) and a is not b for a, b in pairs)
+    assert all(a._forward_hooks.keys() == b._forward_hooks.keys() and a._forward_hooks is not b._forward_hooks
+               for a, b in pairs)
+    assert all(p is q for p, q in zip(model.parameters(), fast.parameters(), strict=True))
+    assert fast.config is not model.config and fast.config.to_dict() == model.config.to_dict()
+    del fast.model.layers[1]
+    fast.config.num_hidden_layers = 1
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+
+
 def test_a_model_bigger_than_the_free_memory_is_refused_before_loading(tmp_path, monkeypatch):
     import tailor.rewriter.capture as capture_module
 

@@ -7,7 +7,6 @@ and are measured with the layers before the one measured replaying their recorde
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from tailor.rewriter.torch_surgery import (
     add_bias,
     attention_path,
     block_path,
+    clone_modules,
     ffn_path,
     module_path,
     reconstruct_inputs,
@@ -79,7 +79,7 @@ class TorchBackend(Backend):
         hold two copies). Safe because no edit writes into a Parameter (tailor.rewriter.torch_surgery).
         A dispatched model's copy keeps accelerate's hooks, and shares the weights they hold."""
         shared = {id(p): p for p in self.model.parameters()} | shared_hook_state(self.model)
-        return TorchBackend(copy.deepcopy(self.model, memo=shared), self.graph, edited=self.edited)
+        return TorchBackend(clone_modules(self.model, shared), self.graph, edited=self.edited)
 
     def runnable(self) -> nn.Module:
         return HFModel(self.model)

@@ -13,7 +13,10 @@ read through tailor.core.dispatch.tensor, which finds an offloaded weight where 
 """
 from __future__ import annotations
 
+import copy
 import os
+from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +51,34 @@ def attention_path(model: nn.Module, block: Block) -> str:
 
 def ffn_path(model: nn.Module, block: Block) -> str:
     return common_module([p.weight.name for p in block.ffn.projections])
+
+
+def clone_modules(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """What `copy.deepcopy(module, memo)` returns, ten times faster: every module a new object with
+    its own tables (parameters, buffers, submodules, hooks), and whatever else it holds (a config,
+    a hook, a buffer not in `memo`) deep-copied through the same memo. deepcopy rebuilt each
+    module's ~15 tables through __reduce_ex__: SmolLM2's 400 modules were 5K objects and 75 ms a
+    copy on a GPU machine's host, and a compile copies the model once for each of its ~560 options."""
+    if id(module) in memo:
+        return memo[id(module)]
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new   # before its attributes: a hook's partial or a bound forward refers back
+
+    def value(v):
+        kind = type(v)
+        if kind in _IMMUTABLE:
+            return v
+        if kind in (dict, OrderedDict):   # a table: a new one, its entries copied one by one
+            return kind((k, value(x)) for k, x in v.items())
+        if kind is set:                   # of names (non-persistent buffers, modules kept in fp32)
+            return {value(x) for x in v}
+        return clone_modules(v, memo) if isinstance(v, nn.Module) else copy.deepcopy(v, memo)
+
+    new.__dict__.update((name, value(v)) for name, v in module.__dict__.items())
+    return new
+
+
+_IMMUTABLE = frozenset((int, float, bool, str, type(None)))
 
 
 def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
