@@ -228,8 +228,10 @@ class Backend(abc.ABC):
     # ---- running ----
 
     @abc.abstractmethod
-    def clone(self) -> "Backend":
-        """An independent copy to rewrite."""
+    def clone(self, from_layer: int = 0) -> "Backend":
+        """An independent copy to rewrite from layer `from_layer` on: the layers before it may be
+        this model's own (what an option measured alone, which changes nothing before its
+        `first_layer`, needs)."""
 
     @abc.abstractmethod
     def runnable(self) -> torch.nn.Module:
@@ -249,9 +251,14 @@ class Backend(abc.ABC):
         `positions`: only those sequence positions' outputs (compared_positions). In the model's
         dtype: `divergence` widens them a chunk at a time."""
         run = self.runnable()
-        for b in batches(ids, batch):
+        for b in self.input_batches(ids, batch):
             with torch.no_grad():
                 yield run(b) if positions is None else run(b, positions=positions)
+
+    def input_batches(self, ids: Inputs, batch: int = 4) -> list[torch.Tensor]:
+        """How `stream` and `record_blocks` split `ids`: `batch` rows, fewer where they would
+        pass BATCH_TOKENS tokens."""
+        return batches(ids, batch)
 
     def replay_start(self, layer: int) -> int:
         """The first block `stream(..., replay=(record, layer))` computes: the ones before it

@@ -53,7 +53,7 @@ class OnnxBackend(Backend):
         self.source, self.edited, self.int8 = source, edited, int8
         self._quantized: ir.Model | None = None  # the float model's quantized copy, until it changes
 
-    def clone(self) -> "OnnxBackend":
+    def clone(self, from_layer: int = 0) -> "OnnxBackend":
         return OnnxBackend(onnx_surgery.clone(self.model), self.graph, self.source, edited=self.edited,
                            int8=self.int8)
 

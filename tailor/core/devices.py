@@ -92,6 +92,18 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def attention_for_changing_shapes():
+    """torch's scaled_dot_product_attention kept off its cuDNN backend, for work whose shapes
+    change call after call: torch builds a cuDNN execution plan for each new shape, and sampling
+    grows the keys by one every step (SmolLM2-135M sampling 16 × 511 tokens on an H200: 34 s with
+    cuDNN chosen, 18 s with transformers' eager attention). The other backends stay as torch picks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Max abs difference allowed between two runs of one model in `dtype` (a reload, a different
     kernel order): a few units in the last place of the logits' magnitude."""

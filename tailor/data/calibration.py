@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tailor.core.devices import module_device
+from tailor.core.devices import attention_for_changing_shapes, module_device
 from tailor.core.errors import TailorError
 
 DEFAULT_CALIB_LEN = 512  # tokens per calibration window, unless the inputs say otherwise
@@ -176,38 +176,49 @@ def _calibration_from_stream(ids: list[int] | np.ndarray, window: int, windows: 
                        stream=stream)
 
 
-def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int) -> Calibration:
+Sampler = Callable[[torch.Tensor, int], torch.Tensor]   # (first tokens [n, 1], new tokens) -> [n, 1 + new]
+
+
+def calibration_data_free(model, vocab: int, window: int, windows: int, seed: int,
+                          sample: Sampler | None = None) -> Calibration:
     """Sequences sampled from the model itself, starting from random tokens (no user data); for
-    encoders, and for ONNX models (which cannot be sampled from without a KV cache), random tokens."""
+    encoders, and for ONNX models (which cannot be sampled from without a KV cache), random tokens.
+    `sample`: how to sample (temperature 1, no top-k), seeded by the caller; default transformers'
+    `generate`."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (windows, 1), generator=gen)
     sampled = hasattr(model, "generate") and getattr(model.config, "is_decoder", True) is not False
-    # transformers' sampling draws from torch's global generators: seeded inside a fork of their
-    # state (the CPU's and the model's GPU's), so the caller's random stream is as it was
-    # a dispatched model's inputs go where its embedding runs; an ONNX model samples nothing
-    device = module_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    cuda = [device] if device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        if sampled:
-            import transformers
-
-            level = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()  # padding advice irrelevant to unpadded sampling
-            try:
-                ids = ids.to(device)
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                     max_new_tokens=window - 1, min_new_tokens=window - 1,
-                                     pad_token_id=0).cpu()
-            finally:
-                transformers.logging.set_verbosity(level)
-        else:
-            out = torch.randint(0, vocab, (windows, window), generator=gen)
+    if sampled:
+        out = (sample or _transformers_sampler(model, seed))(ids, window - 1).cpu()
+    else:
+        out = torch.randint(0, vocab, (windows, window), generator=gen)
     held = max(1, windows // 4)
     how = "sampled from the model" if sampled else "of uniformly random tokens"
     return Calibration(out[: windows - held], out[windows - held:],
                        f"data-free: {windows} sequences of {window} tokens {how}",
                        f"free-{seed}-{windows}-{window}", stream=out[: windows - held].reshape(-1))
+
+
+def _transformers_sampler(model, seed: int) -> Sampler:
+    def sample(ids: torch.Tensor, new: int) -> torch.Tensor:
+        import transformers
+
+        # transformers' sampling draws from torch's global generators: seeded inside a fork of
+        # their state (the CPU's and the model's GPU's), so the caller's random stream is as it
+        # was; a dispatched model's inputs go where its embedding runs
+        device = module_device(model)
+        cuda = [device] if device.type == "cuda" else []
+        level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # padding advice irrelevant to unpadded sampling
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), attention_for_changing_shapes():
+                torch.manual_seed(seed)
+                ids = ids.to(device)
+                return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                      max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        finally:
+            transformers.logging.set_verbosity(level)
+    return sample
 
 
 def calibration_from_ids(path: Path, vocab: int, window: int, windows: int) -> Calibration:

@@ -25,7 +25,6 @@ import torch
 
 from tailor.backends.base import Backend
 from tailor.core.patterns import Pattern
-from tailor.data.calibration import batches
 from tailor.passes.attn_pattern import head_losses
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel
@@ -231,7 +230,8 @@ def calibration_perplexity(dense: Backend, signals, ids: torch.Tensor, batch: in
         variant = apply_options(dense.clone(), options, signals)
         first = min((PASSES[o.pass_name].first_layer(o) for o in options), default=0)
         nll, count = 0.0, 0
-        for logits, chunk in zip(variant.stream(ids, batch, replay=(record, first)), batches(ids, batch)):
+        for logits, chunk in zip(variant.stream(ids, batch, replay=(record, first)),
+                                 dense.input_batches(ids, batch)):
             logits = logits[:, :-1].float()
             target = chunk[:, 1:].to(logits.device)
             nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),

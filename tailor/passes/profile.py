@@ -288,8 +288,9 @@ class OptionMeter:
         is_lm = self.backend.graph.task == "causal-lm"
         result = {}
         for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):
-            variant = apply_options(self.backend.clone(), [o], self.signals)
-            replay = (self.record, PASSES[o.pass_name].first_layer(o))
+            first = PASSES[o.pass_name].first_layer(o)
+            variant = apply_options(self.backend.clone(from_layer=first), [o], self.signals)
+            replay = (self.record, first)
             result[o.key] = divergence(self.reference, variant.stream(self.ids, replay=replay,
                                                                       positions=self.positions), is_lm)
         return result

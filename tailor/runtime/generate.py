@@ -289,15 +289,17 @@ class Generator:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None,
-             return_state: bool = False, compiled: bool = False):
+             return_state: bool = False, compiled: bool = False, cuda_graph: bool = False):
     """Continue each prompt by up to max_new_tokens tokens (greedy, or sampled with temperature and
     top-k); returns the new tokens per prompt (and the DecodeState if return_state). compiled:
-    run the model through torch.compile (see Generator)."""
+    run the model through torch.compile; cuda_graph: replay one captured decode step (see
+    Generator)."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
         raise TailorError("generate: give non-empty prompts and max_new_tokens >= 1")
-    gen = Generator(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, compiled=compiled)
+    gen = Generator(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, compiled=compiled,
+                    cuda_graph=cuda_graph)
     generator = torch.Generator(device=gen.device).manual_seed(seed) if do_sample else None
     nxt = _pick(gen.prefill(prompts), do_sample, temperature, top_k, generator)
     generated = [nxt]
