@@ -58,12 +58,22 @@ def calibration_windows(windows: int | None, length: int, tokens: int = CALIB_TO
     return windows if windows is not None else max(16, -(-tokens // length))
 
 
-def runtime_sampler(model, seed: int) -> Sampler | None:
-    """On one GPU, sampling through tailor's runtime with its decode step replayed as a CUDA
-    graph, for the models the runtime drives (None: transformers' `generate`, as elsewhere).
-    transformers' sampling is bound by its host work a step: SmolLM2-135M's 16 × 511 tokens took
-    18–34 s on an H200 machine."""
-    if not isinstance(model, torch.nn.Module) or module_device(model).type != "cuda" or is_dispatched(model):
+def runtime_attends_as_the_model(config, length: int) -> bool:
+    """Whether tailor's runtime, whose dense attention is plain causal softmax attention, computes
+    what the model's own attention does on `length` tokens: not where the model caps its
+    attention logits (Gemma 2) or slides a window shorter than that."""
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "attn_logit_softcapping", None) is None and \
+        not (isinstance(window, int) and window < length)
+
+
+def runtime_sampler(model, seed: int, length: int) -> Sampler | None:
+    """On one GPU, sampling sequences of `length` tokens through tailor's runtime with its decode
+    step replayed as a CUDA graph, for the models the runtime drives as they are (None:
+    transformers' `generate`, as elsewhere). transformers' sampling is bound by its host work a
+    step: SmolLM2-135M's 16 × 511 tokens took 18–34 s on an H200 machine."""
+    if not isinstance(model, torch.nn.Module) or module_device(model).type != "cuda" or is_dispatched(model) \
+            or not runtime_attends_as_the_model(model.config, length):
         return None
     try:
         new_state(model, 1, 2, torch.zeros(1, dtype=torch.int32))
@@ -98,7 +108,7 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
     windows = calibration_windows(windows, length)
     if calib is None:
         return calibration_data_free(backend.model, graph.vocab_size, length, windows, seed,
-                                     sample=runtime_sampler(backend.model, seed))
+                                     sample=runtime_sampler(backend.model, seed, length))
     return calibration_from_ids(Path(calib), graph.vocab_size, length, windows)  # no tokenizer needed
 
 

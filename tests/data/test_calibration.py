@@ -24,10 +24,16 @@ def test_data_free_sampling_through_tailors_runtime():
     effect on the CPU): sequences that start at the random first tokens, seeded, and drawn from the
     model: under a model that always predicts one token, every sampled token is that one."""
     from tailor.runtime.generate import generate
-    from tailor.stages.calibrate import runtime_sampler
+    from tailor.stages.calibrate import runtime_attends_as_the_model, runtime_sampler
 
     model = build_model("llama")
-    assert runtime_sampler(model, 0) is None  # on the CPU: transformers' generate
+    assert runtime_sampler(model, 0, 8) is None  # on the CPU: transformers' generate
+    assert runtime_attends_as_the_model(model.config, 8)
+    model.config.sliding_window = 4
+    assert not runtime_attends_as_the_model(model.config, 8) and runtime_attends_as_the_model(model.config, 4)
+    model.config.sliding_window, model.config.attn_logit_softcapping = None, 50.0
+    assert not runtime_attends_as_the_model(model.config, 8)
+    model.config.attn_logit_softcapping = None
 
     def sample(ids, new):
         return torch.cat([ids, torch.tensor(generate(model, ids, new, do_sample=True, seed=0,
