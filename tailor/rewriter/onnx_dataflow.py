@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import AttentionInfo, Dataflow, LinearInfo, ParamRef
+from tailor.rewriter.quantized.weights import MICROSOFT, NBitsLinear, quantized_linear
 
 _ONNX = {
     **dict.fromkeys(["Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity",
@@ -21,6 +22,9 @@ _ONNX = {
     "GreaterOrEqual": df.COMPARE, "Trilu": df.TRIANGLE,
 }
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+# integer tensors that are weights: quantized ones (a table looked up then dequantized, a
+# quantized linear's weight)
+_QUANTIZED = {ir.DataType.INT8, ir.DataType.UINT8}
 
 
 class OnnxDataflow(Dataflow):
@@ -35,8 +39,12 @@ class OnnxDataflow(Dataflow):
             self._ops[n] = self._classify(n)
 
     def _classify(self, n: ir.Node) -> str:
+        if n.domain == MICROSOFT and quantized_linear(n) is not None:
+            return df.LINEAR
         if n.domain not in ("", "ai.onnx"):
             return df.OTHER
+        if n.op_type == "DequantizeLinear" and self.is_dynamic(n.inputs[0]):
+            return df.VIEW  # rows of a quantized table, dequantized: the embedding's lookup
         kind = _ONNX.get(n.op_type, df.OTHER)
         if kind == df.MATMUL and len(n.inputs) == 2 and self._matmul_weight(n) is not None:
             return df.LINEAR
@@ -70,7 +78,8 @@ class OnnxDataflow(Dataflow):
             prod = other.producer()
             if prod is not None and len(prod.inputs) > 1 and len(other.uses()) == 1 and (
                     (prod.op_type == "Gemm" and self.param(prod.inputs[1]) is not None)
-                    or (prod.op_type == "MatMul" and self._matmul_weight(prod) is not None)):
+                    or (prod.op_type == "MatMul" and self._matmul_weight(prod) is not None)
+                    or quantized_linear(prod) is not None):
                 return v
         return None
 
@@ -100,7 +109,7 @@ class OnnxDataflow(Dataflow):
         if value is None or not value.is_initializer() or value.const_value is None:
             return None
         t = value.const_value
-        if t.dtype not in _FLOAT or len(t.shape) == 0 or t.size <= 1:
+        if t.dtype not in _FLOAT | _QUANTIZED or len(t.shape) == 0 or t.size <= 1:
             return None
         return ParamRef(value.name, tuple(int(d) for d in t.shape))
 
@@ -141,6 +150,11 @@ class OnnxDataflow(Dataflow):
             layout = "out_in" if node.attributes.get_int("transB", 0) else "in_out"
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = self.param(node.inputs[2])
+        elif isinstance(quantized := quantized_linear(node), NBitsLinear):
+            # its packed blocks stand for a [N, K] matrix, whose shape recognition reads
+            w, layout = ParamRef(node.inputs[1].name, (quantized.n, quantized.k)), "out_in"
+        elif quantized is not None:
+            w, layout = self.param(node.inputs[1]), "in_out"
         else:
             value, layout = self._matmul_weight(node)
             w = self.param(value)
