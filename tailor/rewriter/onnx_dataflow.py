@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import AttentionInfo, Dataflow, LinearInfo, ParamRef
+from tailor.rewriter.quantized.qdq import after_activation_qdq, before_activation_qdq, dequantized_constant
 from tailor.rewriter.quantized.weights import MICROSOFT, NBitsLinear, quantized_linear
 
 _ONNX = {
@@ -43,8 +44,8 @@ class OnnxDataflow(Dataflow):
             return df.LINEAR
         if n.domain not in ("", "ai.onnx"):
             return df.OTHER
-        if n.op_type == "DequantizeLinear" and self.is_dynamic(n.inputs[0]):
-            return df.VIEW  # rows of a quantized table, dequantized: the embedding's lookup
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and self.is_dynamic(n.inputs[0]):
+            return df.VIEW  # an activation's quantization, or rows of a quantized table dequantized
         kind = _ONNX.get(n.op_type, df.OTHER)
         if kind == df.MATMUL and len(n.inputs) == 2 and self._matmul_weight(n) is not None:
             return df.LINEAR
@@ -61,7 +62,7 @@ class OnnxDataflow(Dataflow):
         if w is None:
             return None
         if self.param(w) is not None:
-            return (w, "in_out") if len(w.shape or ()) == 2 else None
+            return (w, "in_out") if len(self.param(w).shape) == 2 else None
         t = w.producer()
         if t is not None and t.op_type == "Transpose" and self.param(t.inputs[0]) is not None \
                 and len(t.inputs[0].shape or ()) == 2 \
@@ -73,8 +74,9 @@ class OnnxDataflow(Dataflow):
         """If `add` adds a 1-D weight to a linear's output, the weight value."""
         for i, v in enumerate(add.inputs[:2]):
             other = add.inputs[1 - i]
-            if v is None or other is None or self.param(v) is None or len(v.shape or ()) != 1:
+            if v is None or other is None or self.param(v) is None or len(self.param(v).shape) != 1:
                 continue
+            other = before_activation_qdq(other)
             prod = other.producer()
             if prod is not None and len(prod.inputs) > 1 and len(other.uses()) == 1 and (
                     (prod.op_type == "Gemm" and self.param(prod.inputs[1]) is not None)
@@ -106,6 +108,9 @@ class OnnxDataflow(Dataflow):
         return node.name or f"{node.op_type}_{id(node)}"
 
     def param(self, value):
+        dequantized = dequantized_constant(value)
+        if dequantized is not None:  # a QDQ weight: the quantized tensor it is made of
+            value = dequantized.inputs[0]
         if value is None or not value.is_initializer() or value.const_value is None:
             return None
         t = value.const_value
@@ -159,7 +164,7 @@ class OnnxDataflow(Dataflow):
             value, layout = self._matmul_weight(node)
             w = self.param(value)
         if bias is None:
-            out = node.outputs[0]
+            out = after_activation_qdq(node.outputs[0])
             users = [u.node for u in out.uses()]
             if len(users) == 1 and users[0].op_type == "Add":
                 b = self._bias_of(users[0])
@@ -206,3 +211,4 @@ class OnnxDataflow(Dataflow):
 
     def param_array(self, ref):
         return self.graph.initializers[ref.name].const_value.numpy().astype(np.float32)
+

@@ -17,6 +17,7 @@ from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection, TransformerGraph
 from tailor.rewriter.least_squares import compensate
 from tailor.rewriter.onnx_kv_cache import drop_unread_caches, has_cache
+from tailor.rewriter.quantized.qdq import after_activation_qdq
 from tailor.rewriter.quantized.weights import QuantizedLinear, quantized_linear
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
@@ -27,8 +28,9 @@ def nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
 
 
 def linear_output(node: ir.Node) -> ir.Value:
-    """A projection's output, after its bias Add when the exporter split the bias off."""
-    out = node.outputs[0]
+    """A projection's output, after its bias Add when the exporter split the bias off (and a
+    QDQ graph's quantization of the product before it)."""
+    out = after_activation_qdq(node.outputs[0])
     uses = list(out.uses())
     if len(uses) == 1 and uses[0].node.op_type == "Add":
         add = uses[0].node
@@ -38,7 +40,8 @@ def linear_output(node: ir.Node) -> ir.Value:
     return out
 
 
-VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze"}
+# ops that pass a branch on as it is; a QDQ graph's quantization of an activation is one
+VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "QuantizeLinear", "DequantizeLinear"}
 
 
 def _residual_add(linear_out: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
@@ -97,7 +100,7 @@ class BlockValues:
     def output(self) -> ir.Value:
         output = self._ffn[0].outputs[0]
         if self._block.residual == "post_norm":  # the block ends with the norm after its second add
-            norm = next((u.node for u in output.uses() if u.node.op_type in NORM_OPS), None)
+            norm = next((u.node for u in after_activation_qdq(output).uses() if u.node.op_type in NORM_OPS), None)
             if norm is not None:
                 output = norm.outputs[0]
         return output
@@ -179,7 +182,7 @@ def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.nd
 
 def _bias_user(model: ir.Model, p: Projection) -> ir.Node:
     node = nodes_by_name(model)[p.node]
-    out = node.outputs[0]
+    out = after_activation_qdq(node.outputs[0])
     uses = list(out.uses())
     return uses[0].node if len(uses) == 1 and uses[0].node.op_type == "Add" else node
 
@@ -205,7 +208,7 @@ def _set_quantized(model: ir.Model, q: QuantizedLinear, arrays: dict[int, np.nda
                    shape: tuple[int, int]) -> None:
     """A quantized linear's weight group, by input index, for a weight of `shape` [out, in]."""
     for i, array in arrays.items():
-        _set_initializer(model, q.node.inputs[i].name, array, q.node)
+        _set_initializer(model, q.holder.inputs[i].name, array, q.holder)
     for name, value in q.attributes(*shape).items():
         q.node.attributes[name] = ir.AttrInt64(name, value)
 

@@ -3,10 +3,11 @@ are (tailor.rewriter.quantized.weights): the artifact stays quantized.
 
 Read: onnxruntime's quantize_dynamic output (its MatMulInteger chains become DynamicQuantizeMatMul,
 the op onnxruntime fuses them into: dynamic_matmul; its quantized embedding tables, a Gather
-then DequantizeLinear, are looked up as they are), and MatMulNBits with 4-bit weights (from
-onnxruntime's MatMulNBitsQuantizer), a linear as it stands. Every other quantized op (QDQ
-pairs, QLinearMatMul, MatMulInteger in another form, MatMulNBits of other widths or with g_idx)
-is named by `unsupported`, and capture refuses the graph in one line.
+then DequantizeLinear, are looked up as they are), QDQ graphs from quantize_static (qdq), and
+MatMulNBits with 4-bit weights (from onnxruntime's MatMulNBitsQuantizer), a linear as it stands.
+Every other quantized op (QLinearMatMul and the other QOperator ops, MatMulInteger in another
+form, MatMulNBits of other widths or with g_idx) is named by `unsupported`, and capture refuses
+the graph in one line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import RewriteRuleSet
 
 from tailor.rewriter.quantized.dynamic_matmul import DynamicMatMul
-from tailor.rewriter.quantized.weights import quantized_linear
+from tailor.rewriter.quantized.qdq import activation_pair, fold_small_constants
+from tailor.rewriter.quantized.weights import qdq_weight, quantized_linear
 
 # ops that hold quantized weights or activations, in the standard and onnxruntime's domains
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
@@ -26,23 +28,37 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 
 
 def read_quantized(model: ir.Model) -> dict[str, int]:
-    """quantize_dynamic's chains as DynamicQuantizeMatMul, in place; how many (zeros left out)."""
-    if not any(n.op_type == "MatMulInteger" for n in model.graph):
-        return {}
-    count = RewriteRuleSet([DynamicMatMul.rule()], commute=True).apply_to_model(model)
-    common_passes.RemoveUnusedNodesPass()(model)
-    return {"dynamic_matmul": count} if count else {}
+    """In place: quantize_dynamic's chains as DynamicQuantizeMatMul, a QDQ graph's small
+    constants as floats; how many of each (zeros left out)."""
+    done = {}
+    if any(n.op_type == "MatMulInteger" for n in model.graph):
+        done["dynamic_matmul"] = RewriteRuleSet([DynamicMatMul.rule()], commute=True).apply_to_model(model)
+    if any(n.op_type == "DequantizeLinear" for n in model.graph):
+        done["qdq_constants"] = fold_small_constants(model)
+    if any(done.values()):
+        common_passes.RemoveUnusedNodesPass()(model)
+    return {k: n for k, n in done.items() if n}
 
 
-def _embedding_lookup(node: ir.Node) -> bool:
-    """DequantizeLinear of rows looked up in a constant quantized table (quantize_dynamic's Gather)."""
-    looked_up = node.inputs[0].producer() if node.inputs[0] is not None else None
-    return node.op_type == "DequantizeLinear" and looked_up is not None and looked_up.op_type == "Gather" \
-        and looked_up.inputs[0] is not None and looked_up.inputs[0].const_value is not None
+def _read(node: ir.Node) -> bool:
+    """Whether tailor reads this quantized op: a quantized linear, an activation's QDQ pair,
+    a quantized table's lookup (quantize_dynamic: Gather then DequantizeLinear; QDQ:
+    DequantizeLinear then Gather), or a QDQ MatMul's weight."""
+    if quantized_linear(node) is not None or activation_pair(node):
+        return True
+    if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
+        return False
+    looked_up = node.inputs[0].producer()
+    if looked_up is not None:
+        return looked_up.op_type == "Gather" and looked_up.inputs[0] is not None \
+            and looked_up.inputs[0].const_value is not None
+    uses = list(node.outputs[0].uses())
+    return node.inputs[0].const_value is not None and bool(uses) and all(
+        (u.node.op_type == "Gather" and u.idx == 0) or qdq_weight(u.node) is node for u in uses)
 
 
 def unsupported(model: ir.Model) -> Counter:
     """The quantized ops tailor does not read, counted by op type."""
     return Counter(n.op_type for n in model.graph
                    if n.op_type in QUANTIZED_OPS and (n.domain or "") in ("", "ai.onnx", "com.microsoft")
-                   and quantized_linear(n) is None and not _embedding_lookup(n))
+                   and not _read(n))

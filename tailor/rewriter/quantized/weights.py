@@ -26,10 +26,11 @@ def _const(node: ir.Node, i: int) -> np.ndarray | None:
 
 
 class QuantizedLinear(abc.ABC):
-    """A linear node whose weight is held quantized. Arrays are keyed by the node's input index."""
+    """A linear node whose weight is held quantized, in the inputs of `holder` (the node itself,
+    or the DequantizeLinear that makes a QDQ weight). Arrays are keyed by the holder's input index."""
 
-    def __init__(self, node: ir.Node):
-        self.node = node
+    def __init__(self, node: ir.Node, holder: ir.Node | None = None):
+        self.node, self.holder = node, holder or node
 
     @property
     @abc.abstractmethod
@@ -55,16 +56,22 @@ class QuantizedLinear(abc.ABC):
 
 
 class Int8Linear(QuantizedLinear):
-    """com.microsoft DynamicQuantizeMatMul(A, B [in, out] int8/uint8, b_scale, b_zero_point): the
-    form quantize_dynamic's MatMulInteger chains are read as (tailor.rewriter.quantized)."""
+    """An int8/uint8 weight [in, out] with its scale and zero point, per output channel or per
+    tensor, as the holder's inputs `first`, +1, +2: com.microsoft DynamicQuantizeMatMul(A, B,
+    b_scale, b_zero_point) (the form quantize_dynamic's MatMulInteger chains are read as), or
+    the DequantizeLinear(W, scale, zero point, axis=1) a QDQ MatMul reads its weight through."""
+
+    def __init__(self, node: ir.Node, holder: ir.Node, first: int):
+        super().__init__(node, holder)
+        self.first = first
 
     @property
     def out_features(self) -> int:
-        return int(self.node.inputs[1].const_value.shape[1])
+        return int(_const(self.holder, self.first).shape[1])
 
     @property
     def _parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q, scale, zero = _const(self.node, 1), _const(self.node, 2), _const(self.node, 3)
+        q, scale, zero = (_const(self.holder, self.first + i) for i in range(3))
         return q, scale, np.zeros_like(scale, dtype=q.dtype) if zero is None else zero
 
     def dequantized(self) -> np.ndarray:
@@ -73,13 +80,14 @@ class Int8Linear(QuantizedLinear):
 
     def sliced(self, rows, cols) -> dict[int, np.ndarray]:
         q, scale, zero = self._parts
-        out = {1: q[:, rows] if rows is not None else q}
+        first = self.first
+        out = {first: q[:, rows] if rows is not None else q}
         if cols is not None:
-            out[1] = out[1][cols]
+            out[first] = out[first][cols]
         if rows is not None and scale.size > 1:  # per output channel
-            out[2] = scale[rows]
-            if _const(self.node, 3) is not None:
-                out[3] = zero[rows]
+            out[first + 1] = scale[rows]
+            if _const(self.holder, first + 2) is not None:
+                out[first + 2] = zero[rows]
         return {i: np.ascontiguousarray(a) for i, a in out.items()}
 
     def quantized(self, w: np.ndarray) -> dict[int, np.ndarray]:
@@ -96,9 +104,9 @@ class Int8Linear(QuantizedLinear):
         q_new = np.stack([p[2] for p in parts], axis=1).reshape(w_in_out.shape).astype(q.dtype)
         scales = np.asarray([p[1] for p in parts], scale.dtype).reshape(-1 if scale.size > 1 else scale.shape)
         zeros = np.asarray([p[0] for p in parts], q.dtype).reshape(scales.shape)
-        out = {1: q_new, 2: scales}
-        if _const(self.node, 3) is not None:
-            out[3] = zeros
+        out = {self.first: q_new, self.first + 1: scales}
+        if _const(self.holder, self.first + 2) is not None:
+            out[self.first + 2] = zeros
         return out
 
 
@@ -207,12 +215,27 @@ def nbits_refusal(node: ir.Node) -> str | None:
     return None
 
 
+def qdq_weight(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear a QDQ MatMul reads its weight through: of a constant int8/uint8
+    matrix, per tensor or per output channel (axis 1); None where the MatMul has none."""
+    w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+    dq = w.producer() if w is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or (dq.domain or "") not in ("", "ai.onnx"):
+        return None
+    q, scale = _const(dq, 0), _const(dq, 1)
+    if q is None or scale is None or q.dtype not in (np.int8, np.uint8) or q.ndim != 2 \
+            or (len(dq.inputs) > 2 and dq.inputs[2] is not None and _const(dq, 2) is None):
+        return None
+    per_tensor, axis = scale.size == 1, dq.attributes.get_int("axis", 1)
+    return dq if per_tensor or (axis in (1, -1) and scale.shape == (q.shape[1],)) else None
+
+
 def quantized_linear(node: ir.Node) -> QuantizedLinear | None:
     """The node's quantized weight group, where it is a linear tailor reads quantized."""
-    if node.domain != MICROSOFT:
-        return None
-    if node.op_type == DYNAMIC_MATMUL and all(_const(node, i) is not None for i in (1, 2)):
-        return Int8Linear(node)
-    if node.op_type == NBITS_MATMUL and nbits_refusal(node) is None:
+    if node.domain == MICROSOFT and node.op_type == DYNAMIC_MATMUL \
+            and all(_const(node, i) is not None for i in (1, 2)):
+        return Int8Linear(node, node, 1)
+    if node.domain == MICROSOFT and node.op_type == NBITS_MATMUL and nbits_refusal(node) is None:
         return NBitsLinear(node)
-    return None
+    dq = qdq_weight(node) if (node.domain or "") in ("", "ai.onnx") else None
+    return Int8Linear(node, dq, 0) if dq is not None else None
