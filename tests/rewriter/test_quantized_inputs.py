@@ -183,5 +183,5 @@ def test_a_quantized_form_tailor_does_not_read_is_refused_in_one_line(tiny_onnx,
     out = tmp_path / "out"
     assert optimize_main([str(path), "--budget", "0.6", "--target", "cpu", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "quantized weights (MatMulNBits ×" in err[0] and "quantize_dynamic" in err[0]
+    assert len(err) == 1 and "quantized weights (MatMulNBits with 8-bit weights ×" in err[0] and "quantize_dynamic" in err[0]
     assert not out.exists()

@@ -19,7 +19,7 @@ from onnxscript.rewriter import RewriteRuleSet
 
 from tailor.rewriter.quantized.dynamic_matmul import DynamicMatMul
 from tailor.rewriter.quantized.qdq import activation_pair, fold_small_constants
-from tailor.rewriter.quantized.weights import qdq_weight, quantized_linear
+from tailor.rewriter.quantized.weights import NBITS_MATMUL, nbits_refusal, qdq_weight, quantized_linear
 
 # ops that hold quantized weights or activations, in the standard and onnxruntime's domains
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
@@ -58,7 +58,11 @@ def _read(node: ir.Node) -> bool:
 
 
 def unsupported(model: ir.Model) -> Counter:
-    """The quantized ops tailor does not read, counted by op type."""
-    return Counter(n.op_type for n in model.graph
+    """The quantized ops tailor does not read, counted by op type (a MatMulNBits with why)."""
+    def named(n: ir.Node) -> str:
+        why = nbits_refusal(n) if n.op_type == NBITS_MATMUL else None
+        return f"{n.op_type} with {why}" if why else n.op_type
+
+    return Counter(named(n) for n in model.graph
                    if n.op_type in QUANTIZED_OPS and (n.domain or "") in ("", "ai.onnx", "com.microsoft")
                    and not _read(n))
