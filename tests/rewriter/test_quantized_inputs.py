@@ -185,3 +185,12 @@ def test_a_quantized_form_tailor_does_not_read_is_refused_in_one_line(tiny_onnx,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "quantized weights (MatMulNBits with 8-bit weights ×" in err[0] and "quantize_dynamic" in err[0]
     assert not out.exists()
+
+
+def test_a_tvm_build_of_onnxruntime_quantized_ops_is_refused_before_any_work(quantized, tmp_path, capsys):
+    out = tmp_path / "out"
+    path = quantized[("llama", "int4_blocks")]
+    assert optimize_main([str(path), "--budget", "0.6", "--target", "cpu", "--format", "onnx,tvm", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TVM's ONNX importer has no MatMulNBits" in err[0]
+    assert not out.exists()
