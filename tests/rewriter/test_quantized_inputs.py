@@ -194,3 +194,4 @@ def test_a_tvm_build_of_onnxruntime_quantized_ops_is_refused_before_any_work(qua
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TVM's ONNX importer has no MatMulNBits" in err[0]
     assert not out.exists()
+
