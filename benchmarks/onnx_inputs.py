@@ -82,7 +82,7 @@ class Model:
         path = out / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(load_hf_directory(self.folder), path, encoder=self.encoder, seq_len=self.prompt_len,
-                    batch=1, static_axes=(0, 1) if static else ())
+                    batch=1 if static else 2, static_axes=(0, 1) if static else ())
         for name in TOKENIZER_FILES:
             if (self.folder / name).is_file():
                 shutil.copy(self.folder / name, out / name)

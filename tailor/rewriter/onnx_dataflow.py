@@ -58,17 +58,18 @@ class OnnxDataflow(Dataflow):
     def _matmul_weight(self, n: ir.Node) -> tuple[ir.Value, str] | None:
         """A MatMul's 2-D weight and its layout: an initializer [in, out], or one [out, in] read
         through Transpose (how exporters write an lm_head tied to the embedding table; after
-        quantize_dynamic, the quantized table transposed then dequantized)."""
+        quantize_dynamic, the quantized table transposed then dequantized; in a QDQ graph, the
+        dequantized table transposed, then quantized and dequantized as an activation)."""
         w = n.inputs[1]
         if w is None:
             return None
         if self.param(w) is not None:
             return (w, "in_out") if len(self.param(w).shape) == 2 else None
-        t = w.producer()
+        t = before_activation_qdq(w).producer()
         if t is not None and t.op_type == "DequantizeLinear" and t.inputs[0] is not None:
             t = t.inputs[0].producer()
         if t is not None and t.op_type == "Transpose" and self.param(t.inputs[0]) is not None \
-                and len(t.inputs[0].shape or ()) == 2 \
+                and len(self.param(t.inputs[0]).shape) == 2 \
                 and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
             return t.inputs[0], "out_in"
         return None

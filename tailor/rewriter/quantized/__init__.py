@@ -43,8 +43,9 @@ def read_quantized(model: ir.Model) -> dict[str, int]:
 def _read(node: ir.Node) -> bool:
     """Whether tailor reads this quantized op: a quantized linear, an activation's QDQ pair,
     a quantized table's lookup (quantize_dynamic: Gather then DequantizeLinear; QDQ:
-    DequantizeLinear then Gather) or its transpose (quantize_dynamic's tied lm head, Transpose
-    then DequantizeLinear), or a QDQ MatMul's weight."""
+    DequantizeLinear then Gather) or its transpose for a tied lm head (quantize_dynamic:
+    Transpose then DequantizeLinear; QDQ: DequantizeLinear then Transpose), or a QDQ MatMul's
+    weight."""
     if quantized_linear(node) is not None or activation_pair(node):
         return True
     if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
@@ -55,7 +56,7 @@ def _read(node: ir.Node) -> bool:
             and read.inputs[0].const_value is not None
     uses = list(node.outputs[0].uses())
     return node.inputs[0].const_value is not None and bool(uses) and all(
-        (u.node.op_type == "Gather" and u.idx == 0) or qdq_weight(u.node) is node for u in uses)
+        (u.node.op_type in ("Gather", "Transpose") and u.idx == 0) or qdq_weight(u.node) is node for u in uses)
 
 
 def unsupported(model: ir.Model) -> Counter:
