@@ -54,8 +54,8 @@ from tailor.cli.default_model import EVAL_MODULES, default_calibration, docstrin
 from tailor.core.errors import TailorError
 from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.quality.metrics import time_side_by_side
-from tailor.rewriter.quantized import QUANTIZED_OPS
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
+from tailor.rewriter.quantized import QUANTIZED_OPS
 from tailor.runtime.target_table import measure_cpu
 
 KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits", "optimum", "genai_fp32",
@@ -303,7 +303,8 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
         row |= clients(model, out, path, ids)
     return row | {"works": True, "compile_s": time.perf_counter() - t0,
                   "artifact_mb": (out / "model.onnx").stat().st_size / 2**20,
-                  "quantized_ops": {"input": quantized_ops(path), "artifact": quantized_ops(out / "model.onnx")},
+                  "quantized_ops": {"input": quantized_ops(path),
+                                    "artifact": quantized_ops(out / "model.onnx")},
                   "predicted": opt.plan.predicted["latency"],
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
                   "metric": "embedding cosine" if model.encoder else "perplexity",

@@ -34,8 +34,8 @@ from tailor.rewriter.onnx_check import InputShape, check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.onnx_kv_cache import check_caches, check_not_merged, has_cache
 from tailor.rewriter.onnx_surgery import region
-from tailor.rewriter.recognize import recognize
 from tailor.rewriter.quantized import read_quantized
+from tailor.rewriter.recognize import recognize
 from tailor.rewriter.unfuse import unfuse, unsupported_ops
 
 # files worth carrying into an artifact so the result stays HF-loadable; never pickles
@@ -542,8 +542,9 @@ def capture_onnx(path: Path) -> Captured:
             what = ("the Hugging Face model its builder read (onnxruntime-genai's genai_config.json is "
                     "beside it), or that model's Optimum ONNX export, whose artifact onnxruntime-genai runs")
         elif "quantized" in unsupported:
-            what = ("the float model, before quantization, or one quantized by onnxruntime's quantize_dynamic "
-                    "or its MatMulNBitsQuantizer (4 bits), which tailor rewrites as they are")
+            what = ("the float model, before quantization, or one quantized by onnxruntime's "
+                    "quantize_dynamic, quantize_static (QDQ) or MatMulNBitsQuantizer (4 bits), "
+                    "which tailor rewrites as they are")
         else:
             what = "the model as exported, before onnxruntime's fusions"
         raise TailorError(f"{path}: tailor cannot rewrite through {unsupported} yet; give it {what}")

@@ -215,4 +215,3 @@ class OnnxDataflow(Dataflow):
 
     def param_array(self, ref):
         return self.graph.initializers[ref.name].const_value.numpy().astype(np.float32)
-

@@ -41,7 +41,8 @@ def linear_output(node: ir.Node) -> ir.Value:
 
 
 # ops that pass a branch on as it is; a QDQ graph's quantization of an activation is one
-VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "QuantizeLinear", "DequantizeLinear"}
+VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze",
+            "QuantizeLinear", "DequantizeLinear"}
 
 
 def _residual_add(linear_out: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
@@ -100,7 +101,8 @@ class BlockValues:
     def output(self) -> ir.Value:
         output = self._ffn[0].outputs[0]
         if self._block.residual == "post_norm":  # the block ends with the norm after its second add
-            norm = next((u.node for u in after_activation_qdq(output).uses() if u.node.op_type in NORM_OPS), None)
+            norm = next((u.node for u in after_activation_qdq(output).uses()
+                         if u.node.op_type in NORM_OPS), None)
             if norm is not None:
                 output = norm.outputs[0]
         return output

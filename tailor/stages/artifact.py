@@ -178,8 +178,9 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
         runtime_ops = sorted({n.op_type for n in cap.source.model.graph
                               if n.domain == MICROSOFT and quantized_linear(n) is not None})
         if "tvm" in (formats or ()) and runtime_ops:
-            raise TailorError(f"format tvm: TVM's ONNX importer has no {' or '.join(runtime_ops)} (onnxruntime's "
-                              f"quantized ops, which this model's weights are in): --format onnx")
+            raise TailorError(f"format tvm: TVM's ONNX importer has no {' or '.join(runtime_ops)} "
+                              f"(onnxruntime's quantized ops, which this model's weights are in): "
+                              f"--format onnx")
         return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
     formats = tuple(formats or ("safetensors",))
     unknown = set(formats) - set(FORMATS)

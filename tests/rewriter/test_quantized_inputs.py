@@ -44,7 +44,8 @@ def quantize(float_path, form: str, out):
         from onnxruntime.quantization import QuantFormat, quantize_static
 
         names = [i.name for i in onnx.load(str(float_path)).graph.input]
-        quantize_static(str(float_path), str(out), _Feeds(names), quant_format=QuantFormat.QDQ, per_channel=True)
+        quantize_static(str(float_path), str(out), _Feeds(names), quant_format=QuantFormat.QDQ,
+                        per_channel=True)
         return out
     if form == "int4_blocks":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -75,7 +76,8 @@ def _projections(graph):
 
 def _plan(name: str) -> list[Option]:
     """A head and FFN channels pruned, a layer skipped (llama: KV head 1's two queries kept in layer 0)."""
-    heads = {"kv_heads": [1], "queries": [[0, 1]]} if name == "llama" else {"kv_heads": [0, 2], "queries": [[0], [0]]}
+    heads = {"kv_heads": [1], "queries": [[0, 1]]} if name == "llama" else \
+        {"kv_heads": [0, 2], "queries": [[0], [0]]}
     return [Option("head_prune", 0, heads, ()),
             Option("ffn_prune", 0, {"channels": list(range(0, 96, 2))}, ()),
             Option("ffn_prune", 2, {"channels": list(range(64))}, ()),
@@ -123,7 +125,8 @@ def test_a_cut_that_splits_blocks_is_quantized_again_in_the_inputs_scheme(quanti
     onnx_surgery.slice_projection(model, down, cols=cols)
     node = onnx_surgery.nodes_by_name(model)[down.node]
     assert node.op_type == "MatMulNBits" and node.attributes.get_int("K") == 48
-    assert node.inputs[1].const_value.shape == (64, 2, 16) and len(node.inputs) == 3  # no zero points: symmetric
+    # two blocks a row, and still no zero points: symmetric
+    assert node.inputs[1].const_value.shape == (64, 2, 16) and len(node.inputs) == 3
     again, _ = onnx_surgery.projection_arrays(model, down)
     # in the new blocks of 32 (the second one half full), one more 4-bit rounding: within an
     # eighth of the block's largest value (symmetric: scale = largest / 8, at most half a step off,
@@ -143,20 +146,24 @@ def test_a_plan_rewrites_the_quantized_model_as_it_rewrites_the_float_one(tiny_o
     ids = ids_for(batch=4, seq=24, seed=3)
     dense_error = np.abs(OrtModel(cap.source.model).run_numpy(ids.numpy())
                          - OrtModel(plain.source.model).run_numpy(ids.numpy())).max()
-    signals = {"float": collect_signals(backend_for(plain), ids), "quantized": collect_signals(backend_for(cap), ids)}
+    signals = {"float": collect_signals(backend_for(plain), ids),
+               "quantized": collect_signals(backend_for(cap), ids)}
     for compensated in (True, False):
         rewritten = {}
         for kind, c in (("float", plain), ("quantized", cap)):
-            backend = apply_options(backend_for(c).clone(), _plan(name), signals[kind] if compensated else None)
+            backend = apply_options(backend_for(c).clone(), _plan(name),
+                                    signals[kind] if compensated else None)
             backend.finish()
             rewritten[kind] = backend.model
         got = OrtModel(rewritten["quantized"]).run_numpy(ids.numpy())
         want = OrtModel(rewritten["float"]).run_numpy(ids.numpy())
-        assert np.abs(got - want).max() <= 2 * dense_error, (compensated, np.abs(got - want).max(), dense_error)
+        error = np.abs(got - want).max()
+        assert error <= 2 * dense_error, (compensated, error, dense_error)
         # 2 of 3 layers left, 6 (bert) or 7 (llama) projections each, and the llama's lm head
         assert sum(quantized_linear(n) is not None for n in rewritten["quantized"].graph) == \
             (15 if name == "llama" else 12)
-        assert not any(n.op_type == "MatMul" and n.inputs[1].is_initializer() for n in rewritten["quantized"].graph)
+        assert not any(n.op_type == "MatMul" and n.inputs[1].is_initializer()
+                       for n in rewritten["quantized"].graph)
 
 
 def test_a_quantized_model_compiles_into_a_quantized_artifact(quantized, tmp_path, monkeypatch):
@@ -183,14 +190,16 @@ def test_a_quantized_form_tailor_does_not_read_is_refused_in_one_line(tiny_onnx,
     out = tmp_path / "out"
     assert optimize_main([str(path), "--budget", "0.6", "--target", "cpu", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "quantized weights (MatMulNBits with 8-bit weights ×" in err[0] and "quantize_dynamic" in err[0]
+    assert len(err) == 1 and "quantized weights (MatMulNBits with 8-bit weights ×" in err[0]
+    assert "quantize_dynamic" in err[0]
     assert not out.exists()
 
 
 def test_a_tvm_build_of_onnxruntime_quantized_ops_is_refused_before_any_work(quantized, tmp_path, capsys):
     out = tmp_path / "out"
     path = quantized[("llama", "int4_blocks")]
-    assert optimize_main([str(path), "--budget", "0.6", "--target", "cpu", "--format", "onnx,tvm", "-o", str(out)]) == 2
+    argv = [str(path), "--budget", "0.6", "--target", "cpu", "--format", "onnx,tvm", "-o", str(out)]
+    assert optimize_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TVM's ONNX importer has no MatMulNBits" in err[0]
     assert not out.exists()

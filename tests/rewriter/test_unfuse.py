@@ -108,7 +108,7 @@ def test_quantized_graphs_tailor_does_not_read_are_refused_naming_the_ops(tiny_o
     path = tmp_path / "model.onnx"  # the QOperator format: QLinearMatMul and other integer ops
     quantize_static(str(tiny_onnx["llama"]), str(path), _Feeds([{"input_ids": RNG.integers(0, 96, (1, 12))}]),
                     quant_format=QuantFormat.QOperator)
-    with pytest.raises(TailorError, match=r"quantized weights \(.*QLinearMatMul ×\d+.*give it the float model"):
+    with pytest.raises(TailorError, match=r"quantized weights \(.*QLinearMatMul ×\d+.*the float model"):
         capture(path)
     # beside onnxruntime-genai's config: a builder's output, whose source model is what to give
     (tmp_path / "genai_config.json").write_text("{}")

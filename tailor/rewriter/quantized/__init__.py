@@ -56,7 +56,8 @@ def _read(node: ir.Node) -> bool:
             and read.inputs[0].const_value is not None
     uses = list(node.outputs[0].uses())
     return node.inputs[0].const_value is not None and bool(uses) and all(
-        (u.node.op_type in ("Gather", "Transpose") and u.idx == 0) or qdq_weight(u.node) is node for u in uses)
+        (u.node.op_type in ("Gather", "Transpose") and u.idx == 0) or qdq_weight(u.node) is node
+        for u in uses)
 
 
 def unsupported(model: ir.Model) -> Counter:

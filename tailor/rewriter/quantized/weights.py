@@ -160,7 +160,8 @@ class NBitsLinear(QuantizedLinear):
         if cols is not None:
             cols = np.asarray(cols)
             kept = np.unique(cols // self.block)
-            whole = np.concatenate([np.arange(b * self.block, min((b + 1) * self.block, self.k)) for b in kept])
+            whole = np.concatenate([np.arange(b * self.block, min((b + 1) * self.block, self.k))
+                                    for b in kept])
             if not np.array_equal(np.sort(cols), whole):
                 return None  # the cut splits a block: its scale served the values cut away too
             blocks = kept
