@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from tailor.core.errors import TailorError
 from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.quality.metrics import time_side_by_side
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
+from tailor.rewriter.quantized import QUANTIZED_OPS
 from tailor.runtime.target_table import measure_cpu
 
 KINDS = ("static", "fused", "fp16", "int8_dynamic", "qdq", "int4_nbits", "optimum", "genai_fp32",
@@ -80,7 +82,7 @@ class Model:
         path = out / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(load_hf_directory(self.folder), path, encoder=self.encoder, seq_len=self.prompt_len,
-                    batch=1, static_axes=(0, 1) if static else ())
+                    batch=1 if static else 2, static_axes=(0, 1) if static else ())
         for name in TOKENIZER_FILES:
             if (self.folder / name).is_file():
                 shutil.copy(self.folder / name, out / name)
@@ -270,6 +272,12 @@ def quality(model: Model, models: dict[str, OrtModel], base: Path) -> dict[str, 
     return {k: ppl[k] for k in models}
 
 
+def quantized_ops(path: Path) -> dict[str, int]:
+    """The quantized ops of an ONNX file, counted by type: whether an artifact stayed quantized."""
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node
+                        if n.op_type in QUANTIZED_OPS))
+
+
 def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int,
              passes: list[str] | None = None) -> dict | None:
     path, base = make_kind(model, kind, work)
@@ -294,6 +302,9 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     if kind == "optimum":
         row |= clients(model, out, path, ids)
     return row | {"works": True, "compile_s": time.perf_counter() - t0,
+                  "artifact_mb": (out / "model.onnx").stat().st_size / 2**20,
+                  "quantized_ops": {"input": quantized_ops(path),
+                                    "artifact": quantized_ops(out / "model.onnx")},
                   "predicted": opt.plan.predicted["latency"],
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
                   "metric": "embedding cosine" if model.encoder else "perplexity",

@@ -35,6 +35,7 @@ from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.onnx_quantize import quantized
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
+from tailor.rewriter.quantized.weights import quantized_linear
 
 
 class OnnxBackend(Backend):
@@ -176,6 +177,8 @@ class OnnxBackend(Backend):
             node = nodes.get(p.node)
             if node is None:
                 continue  # a rewrite removed it (a skipped branch): nothing to quantize
+            if quantized_linear(node) is not None:
+                return f"the model's projections are quantized already ({p.node} is a {node.op_type})"
             if node.op_type != "MatMul" or not node.inputs[1].is_initializer():
                 # quantize_dynamic's integer ops take MatMul with a constant weight, not Gemm
                 return f"INT8 runs MatMul projections on constant weights; {p.node} is a {node.op_type}"

@@ -34,6 +34,7 @@ from tailor.rewriter.onnx_check import InputShape, check_onnx_file
 from tailor.rewriter.onnx_dataflow import OnnxDataflow
 from tailor.rewriter.onnx_kv_cache import check_caches, check_not_merged, has_cache
 from tailor.rewriter.onnx_surgery import region
+from tailor.rewriter.quantized import read_quantized
 from tailor.rewriter.recognize import recognize
 from tailor.rewriter.unfuse import unfuse, unsupported_ops
 
@@ -534,13 +535,16 @@ def capture_onnx(path: Path) -> Captured:
     model, run_problem, data_files = _load_checked(path)
     check_not_merged(model, path)
     unfused = unfuse(model)  # onnxruntime's fused ops, read as the standard ops they stand for
+    unfused |= read_quantized(model)  # quantize_dynamic's linears, read as one op each
     unsupported = unsupported_ops(model)
     if unsupported:
         if (path.parent / "genai_config.json").exists():  # onnxruntime-genai's model builder wrote it
             what = ("the Hugging Face model its builder read (onnxruntime-genai's genai_config.json is "
                     "beside it), or that model's Optimum ONNX export, whose artifact onnxruntime-genai runs")
         elif "quantized" in unsupported:
-            what = "the float model, before quantization"
+            what = ("the float model, before quantization, or one quantized by onnxruntime's "
+                    "quantize_dynamic, quantize_static (QDQ) or MatMulNBitsQuantizer (4 bits), "
+                    "which tailor rewrites as they are")
         else:
             what = "the model as exported, before onnxruntime's fusions"
         raise TailorError(f"{path}: tailor cannot rewrite through {unsupported} yet; give it {what}")

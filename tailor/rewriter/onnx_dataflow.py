@@ -6,6 +6,8 @@ import onnx_ir as ir
 
 from tailor.rewriter import dataflow as df
 from tailor.rewriter.dataflow import AttentionInfo, Dataflow, LinearInfo, ParamRef
+from tailor.rewriter.quantized.qdq import after_activation_qdq, before_activation_qdq, dequantized_constant
+from tailor.rewriter.quantized.weights import MICROSOFT, NBitsLinear, quantized_linear
 
 _ONNX = {
     **dict.fromkeys(["Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity",
@@ -21,6 +23,9 @@ _ONNX = {
     "GreaterOrEqual": df.COMPARE, "Trilu": df.TRIANGLE,
 }
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+# integer tensors that are weights: quantized ones (a table looked up then dequantized, a
+# quantized linear's weight)
+_QUANTIZED = {ir.DataType.INT8, ir.DataType.UINT8}
 
 
 class OnnxDataflow(Dataflow):
@@ -35,8 +40,12 @@ class OnnxDataflow(Dataflow):
             self._ops[n] = self._classify(n)
 
     def _classify(self, n: ir.Node) -> str:
+        if n.domain == MICROSOFT and quantized_linear(n) is not None:
+            return df.LINEAR
         if n.domain not in ("", "ai.onnx"):
             return df.OTHER
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and self.is_dynamic(n.inputs[0]):
+            return df.VIEW  # an activation's quantization, or rows of a quantized table dequantized
         kind = _ONNX.get(n.op_type, df.OTHER)
         if kind == df.MATMUL and len(n.inputs) == 2 and self._matmul_weight(n) is not None:
             return df.LINEAR
@@ -48,15 +57,19 @@ class OnnxDataflow(Dataflow):
 
     def _matmul_weight(self, n: ir.Node) -> tuple[ir.Value, str] | None:
         """A MatMul's 2-D weight and its layout: an initializer [in, out], or one [out, in] read
-        through Transpose (how exporters write an lm_head tied to the embedding table)."""
+        through Transpose (how exporters write an lm_head tied to the embedding table; after
+        quantize_dynamic, the quantized table transposed then dequantized; in a QDQ graph, the
+        dequantized table transposed, then quantized and dequantized as an activation)."""
         w = n.inputs[1]
         if w is None:
             return None
         if self.param(w) is not None:
-            return (w, "in_out") if len(w.shape or ()) == 2 else None
-        t = w.producer()
+            return (w, "in_out") if len(self.param(w).shape) == 2 else None
+        t = before_activation_qdq(w).producer()
+        if t is not None and t.op_type == "DequantizeLinear" and t.inputs[0] is not None:
+            t = t.inputs[0].producer()
         if t is not None and t.op_type == "Transpose" and self.param(t.inputs[0]) is not None \
-                and len(t.inputs[0].shape or ()) == 2 \
+                and len(self.param(t.inputs[0]).shape) == 2 \
                 and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
             return t.inputs[0], "out_in"
         return None
@@ -65,12 +78,14 @@ class OnnxDataflow(Dataflow):
         """If `add` adds a 1-D weight to a linear's output, the weight value."""
         for i, v in enumerate(add.inputs[:2]):
             other = add.inputs[1 - i]
-            if v is None or other is None or self.param(v) is None or len(v.shape or ()) != 1:
+            if v is None or other is None or self.param(v) is None or len(self.param(v).shape) != 1:
                 continue
+            other = before_activation_qdq(other)
             prod = other.producer()
             if prod is not None and len(prod.inputs) > 1 and len(other.uses()) == 1 and (
                     (prod.op_type == "Gemm" and self.param(prod.inputs[1]) is not None)
-                    or (prod.op_type == "MatMul" and self._matmul_weight(prod) is not None)):
+                    or (prod.op_type == "MatMul" and self._matmul_weight(prod) is not None)
+                    or quantized_linear(prod) is not None):
                 return v
         return None
 
@@ -97,10 +112,13 @@ class OnnxDataflow(Dataflow):
         return node.name or f"{node.op_type}_{id(node)}"
 
     def param(self, value):
+        dequantized = dequantized_constant(value)
+        if dequantized is not None:  # a QDQ weight: the quantized tensor it is made of
+            value = dequantized.inputs[0]
         if value is None or not value.is_initializer() or value.const_value is None:
             return None
         t = value.const_value
-        if t.dtype not in _FLOAT or len(t.shape) == 0 or t.size <= 1:
+        if t.dtype not in _FLOAT | _QUANTIZED or len(t.shape) == 0 or t.size <= 1:
             return None
         return ParamRef(value.name, tuple(int(d) for d in t.shape))
 
@@ -141,11 +159,16 @@ class OnnxDataflow(Dataflow):
             layout = "out_in" if node.attributes.get_int("transB", 0) else "in_out"
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = self.param(node.inputs[2])
+        elif isinstance(quantized := quantized_linear(node), NBitsLinear):
+            # its packed blocks stand for a [N, K] matrix, whose shape recognition reads
+            w, layout = ParamRef(node.inputs[1].name, (quantized.n, quantized.k)), "out_in"
+        elif quantized is not None:
+            w, layout = self.param(node.inputs[1]), "in_out"
         else:
             value, layout = self._matmul_weight(node)
             w = self.param(value)
         if bias is None:
-            out = node.outputs[0]
+            out = after_activation_qdq(node.outputs[0])
             users = [u.node for u in out.uses()]
             if len(users) == 1 and users[0].op_type == "Add":
                 b = self._bias_of(users[0])

@@ -17,6 +17,8 @@ from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection, TransformerGraph
 from tailor.rewriter.least_squares import compensate
 from tailor.rewriter.onnx_kv_cache import drop_unread_caches, has_cache
+from tailor.rewriter.quantized.qdq import after_activation_qdq
+from tailor.rewriter.quantized.weights import QuantizedLinear, quantized_linear
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
@@ -26,8 +28,9 @@ def nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
 
 
 def linear_output(node: ir.Node) -> ir.Value:
-    """A projection's output, after its bias Add when the exporter split the bias off."""
-    out = node.outputs[0]
+    """A projection's output, after its bias Add when the exporter split the bias off (and a
+    QDQ graph's quantization of the product before it)."""
+    out = after_activation_qdq(node.outputs[0])
     uses = list(out.uses())
     if len(uses) == 1 and uses[0].node.op_type == "Add":
         add = uses[0].node
@@ -37,7 +40,9 @@ def linear_output(node: ir.Node) -> ir.Value:
     return out
 
 
-VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze"}
+# ops that pass a branch on as it is; a QDQ graph's quantization of an activation is one
+VIEW_OPS = {"Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze",
+            "QuantizeLinear", "DequantizeLinear"}
 
 
 def _residual_add(linear_out: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value]:
@@ -96,7 +101,8 @@ class BlockValues:
     def output(self) -> ir.Value:
         output = self._ffn[0].outputs[0]
         if self._block.residual == "post_norm":  # the block ends with the norm after its second add
-            norm = next((u.node for u in output.uses() if u.node.op_type in NORM_OPS), None)
+            norm = next((u.node for u in after_activation_qdq(output).uses()
+                         if u.node.op_type in NORM_OPS), None)
             if norm is not None:
                 output = norm.outputs[0]
         return output
@@ -158,10 +164,19 @@ def _set_initializer(model: ir.Model, name: str, array: np.ndarray, user: ir.Nod
             user.replace_input_with(i, new)
 
 
+def _quantized(model: ir.Model, p: Projection) -> QuantizedLinear | None:
+    return quantized_linear(nodes_by_name(model)[p.node])
+
+
 def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.ndarray | None]:
-    """(W [out, in], b [out] or None) of a projection, whatever its layout."""
-    w = _initializer(model, p.weight.name).const_value.numpy()
-    w = w if p.layout == "out_in" else w.T
+    """(W [out, in], b [out] or None) of a projection, whatever its layout; a quantized weight
+    dequantized."""
+    quantized = _quantized(model, p)
+    if quantized is not None:
+        w = quantized.dequantized()
+    else:
+        w = _initializer(model, p.weight.name).const_value.numpy()
+        w = w if p.layout == "out_in" else w.T
     bias = p.bias.name if p.bias is not None else _added_bias(p)  # its own, or one a rewrite added
     b = model.graph.initializers[bias].const_value.numpy() if bias in model.graph.initializers else None
     return w, b
@@ -169,7 +184,7 @@ def projection_arrays(model: ir.Model, p: Projection) -> tuple[np.ndarray, np.nd
 
 def _bias_user(model: ir.Model, p: Projection) -> ir.Node:
     node = nodes_by_name(model)[p.node]
-    out = node.outputs[0]
+    out = after_activation_qdq(node.outputs[0])
     uses = list(out.uses())
     return uses[0].node if len(uses) == 1 and uses[0].node.op_type == "Add" else node
 
@@ -180,10 +195,29 @@ def _added_bias(p: Projection) -> str:
 
 
 def set_projection(model: ir.Model, p: Projection, w: np.ndarray, b: np.ndarray | None) -> None:
-    """Write W [out, in] and b back in the projection's layout; a bias it had none of is added."""
+    """Write W [out, in] and b back in the projection's layout (a quantized weight quantized
+    again, in its own scheme); a bias it had none of is added."""
+    quantized = _quantized(model, p)
+    if quantized is not None:
+        _set_quantized(model, quantized, quantized.quantized(w), w.shape)
+    else:
+        w = np.ascontiguousarray(w if p.layout == "out_in" else w.T)
+        _set_initializer(model, p.weight.name, w, nodes_by_name(model)[p.node])
+    _set_bias(model, p, b)
+
+
+def _set_quantized(model: ir.Model, q: QuantizedLinear, arrays: dict[int, np.ndarray],
+                   shape: tuple[int, int]) -> None:
+    """A quantized linear's weight group, by input index, for a weight of `shape` [out, in]."""
+    for i, array in arrays.items():
+        _set_initializer(model, q.holder.inputs[i].name, array, q.holder)
+    for name, value in q.attributes(*shape).items():
+        q.node.attributes[name] = ir.AttrInt64(name, value)
+
+
+def _set_bias(model: ir.Model, p: Projection, b: np.ndarray | None) -> None:
+    """Write the projection's bias (None: leave it as it is); one it had none of is added."""
     node = nodes_by_name(model)[p.node]
-    w = np.ascontiguousarray(w if p.layout == "out_in" else w.T)
-    _set_initializer(model, p.weight.name, w, node)
     if b is None:
         return
     if p.bias is not None:
@@ -215,12 +249,27 @@ def drop_inputs(model: ir.Model, p: Projection, cols) -> None:
     """Keep input columns `cols` of a projection, with the bias reconstruct_inputs would give it
     (zero): the same program without calibration statistics (a variant timed for its shape)."""
     w, _ = projection_arrays(model, p)
+    if _quantized(model, p) is not None:
+        slice_projection(model, p, cols=cols)
+        _set_bias(model, p, np.zeros(w.shape[0], w.dtype))
+        return
     set_projection(model, p, w[:, cols], np.zeros(w.shape[0], w.dtype))
 
 
 def slice_projection(model: ir.Model, p: Projection, *, rows=None, cols=None) -> None:
-    """Keep output rows `rows` and input columns `cols` of a projection."""
+    """Keep output rows `rows` and input columns `cols` of a projection. A quantized weight is cut
+    as it is where the cut keeps whole quantization groups, else quantized again after the cut."""
     w, b = projection_arrays(model, p)
+    quantized = _quantized(model, p)
+    if quantized is not None:
+        shape = (len(rows) if rows is not None else w.shape[0], len(cols) if cols is not None else w.shape[1])
+        arrays = quantized.sliced(rows, cols)
+        if arrays is None:
+            cut = w if rows is None else w[rows]
+            arrays = quantized.quantized(cut if cols is None else cut[:, cols])
+        _set_quantized(model, quantized, arrays, shape)
+        _set_bias(model, p, b[rows] if b is not None and rows is not None else None)
+        return
     if rows is not None:
         w = w[rows]
         b = b[rows] if b is not None else None
@@ -417,6 +466,12 @@ def finish(model: ir.Model) -> ir.Model:
     keep = set(model.graph.inputs) | set(model.graph.outputs)
     before = {}
     for node in model.graph:
+        quantized = quantized_linear(node)
+        if quantized is not None and node.outputs[0].shape is not None:
+            # onnx's inference knows no onnxruntime op: their outputs are given, [..., out]
+            out = node.outputs[0]
+            out.shape = ir.Shape([*out.shape[:-1], quantized.out_features])
+            keep.add(out)
         for v in node.outputs:
             if v not in keep:
                 before[v], v.shape = v.shape, None

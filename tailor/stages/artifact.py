@@ -37,6 +37,7 @@ from tailor.rewriter.capture import (
 )
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.onnx_check import InputShape, is_past_input
+from tailor.rewriter.quantized.weights import MICROSOFT, quantized_linear
 from tailor.runtime.artifact import verify_artifact, write_artifact
 
 # tvm: a CPU build of model.onnx, so it implies onnx; hf: a standard transformers checkpoint in
@@ -174,6 +175,12 @@ def resolve_formats(formats, cap: Captured) -> tuple[str, ...]:
         if "tvm" in (formats or ()) and any(map(is_past_input, cap.source.input_names)):
             raise TailorError("format tvm builds a graph of token inputs only; this decoder has KV cache "
                               "inputs (past_key_values.N.*): --format onnx")
+        runtime_ops = sorted({n.op_type for n in cap.source.model.graph
+                              if n.domain == MICROSOFT and quantized_linear(n) is not None})
+        if "tvm" in (formats or ()) and runtime_ops:
+            raise TailorError(f"format tvm: TVM's ONNX importer has no {' or '.join(runtime_ops)} "
+                              f"(onnxruntime's quantized ops, which this model's weights are in): "
+                              f"--format onnx")
         return ("onnx", "tvm") if "tvm" in (formats or ()) else ("onnx",)
     formats = tuple(formats or ("safetensors",))
     unknown = set(formats) - set(FORMATS)

@@ -1,6 +1,6 @@
 """onnxruntime's fused ops written back as standard ONNX ops (tailor.rewriter.unfuse): each rule
 against the contrib op it replaces, run by onnxruntime; a BERT fused by onnxruntime's transformers
-optimizer captured as its unfused export is; quantized graphs refused in one line."""
+optimizer captured as its unfused export is; quantized graphs tailor does not read refused in one line."""
 from __future__ import annotations
 
 import numpy as np
@@ -102,17 +102,28 @@ def _named_weights(x):
     return [_named_weights(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def test_quantized_graphs_are_refused_naming_the_ops(tiny_onnx, tmp_path):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def test_quantized_graphs_tailor_does_not_read_are_refused_naming_the_ops(tiny_onnx, tmp_path):
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
-    path = tmp_path / "model.onnx"
-    quantize_dynamic(str(tiny_onnx["llama"]), str(path), weight_type=QuantType.QInt8)
-    with pytest.raises(TailorError, match=r"quantized weights \(MatMulInteger ×\d+.*give it the float model"):
+    path = tmp_path / "model.onnx"  # the QOperator format: QLinearMatMul and other integer ops
+    quantize_static(str(tiny_onnx["llama"]), str(path), _Feeds([{"input_ids": RNG.integers(0, 96, (1, 12))}]),
+                    quant_format=QuantFormat.QOperator)
+    with pytest.raises(TailorError, match=r"quantized weights \(.*QLinearMatMul ×\d+.*the float model"):
         capture(path)
     # beside onnxruntime-genai's config: a builder's output, whose source model is what to give
     (tmp_path / "genai_config.json").write_text("{}")
     with pytest.raises(TailorError, match=r"quantized weights.*the Hugging Face model its builder read"):
         capture(path)
+
+
+class _Feeds:
+    """quantize_static's calibration reader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self.rows = iter(feeds)
+
+    def get_next(self):
+        return next(self.rows, None)
 
 
 def test_the_checker_lets_pass_an_op_it_has_no_schema_for_but_not_a_broken_graph(tmp_path):

@@ -4,8 +4,9 @@ Graphs fused by onnxruntime's transformers optimizer, or written by the onnxrunt
 builder, hold `com.microsoft` contrib ops (SkipLayerNormalization, BiasGelu, FastGelu, ...) that
 recognition does not read. Each rule (one per file) computes what the op's definition says, so
 the rewrite is exact; onnxruntime fuses the standard ops again when it loads the artifact, so
-it costs no speed. Ops no rule writes back, and quantized weights, are named by
-`unsupported_ops`: the capture refuses such a graph in one line rather than misreading it.
+it costs no speed. Ops no rule writes back, and quantized ops tailor does not read
+(tailor.rewriter.quantized), are named by `unsupported_ops`: the capture refuses such a graph in
+one line rather than misreading it.
 """
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from tailor.rewriter.quantized import QUANTIZED_OPS, unsupported
 from tailor.rewriter.unfuse.base import UnfuseRule
 from tailor.rewriter.unfuse.gelu import GeluOps
 from tailor.rewriter.unfuse.skip_norm import SkipNorm
 
 RULES: dict[str, UnfuseRule] = {"skip_norm": SkipNorm(), "gelu": GeluOps()}
-
-# standard-domain ops that hold quantized weights or activations: the rewrites slice float weights
-QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-             "QLinearMatMul", "ConvInteger", "QLinearConv", "MatMulNBits"}
 
 
 def unfuse(model: ir.Model) -> dict[str, int]:
@@ -51,12 +49,10 @@ def unfuse(model: ir.Model) -> dict[str, int]:
 def unsupported_ops(model: ir.Model) -> str | None:
     """What tailor cannot rewrite through, counted ("quantized weights (MatMulNBits ×12)",
     "operators of com.microsoft (GroupQueryAttention ×2)"), or None."""
-    quantized, other = Counter(), Counter()
+    quantized, other = unsupported(model), Counter()
     for n in model.graph:
         domain = n.domain or ""
-        if n.op_type in QUANTIZED and domain in ("", "ai.onnx", "com.microsoft"):
-            quantized[n.op_type] += 1
-        elif domain not in ("", "ai.onnx"):
+        if domain not in ("", "ai.onnx") and not (domain == "com.microsoft" and n.op_type in QUANTIZED_OPS):
             other[f"{domain}:{n.op_type}"] += 1
     def counted(c: Counter) -> str:
         return ", ".join(f"{op} ×{n}" for op, n in c.most_common())
