@@ -176,6 +176,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             variant = apply_options(dense.clone(), chosen, prof.signals)
             kl = heldout.divergence(variant)
         report["search"] = {"measured_kl_heldout": kl}
+    # every rewrite is applied: the grams of its compensation (SmolLM2's 30 layers in float64:
+    # 0.65 GB) would otherwise stay through the refit, beside three models and its statistics
+    prof.signals.drop_grams()
     standard = _standard(graph, chosen, written_arch)  # refused here, before refit and evaluation
     if chosen and refit:
         with stages("refit"):

@@ -82,6 +82,11 @@ class Signals:
 
     GRAMS = ("o_gram", "down_gram")
 
+    def drop_grams(self) -> None:
+        """Frees the grams once the plan's rewrites are applied: nothing after reads them (the
+        refit gathers statistics of its own), and a profile is stored before, never after."""
+        self.o_gram, self.down_gram = [], []
+
 
 @dataclass
 class Profile:
