@@ -537,8 +537,8 @@ class TorchBranches(Branches):
         hooks = [blk.register_forward_pre_hook(keep(i), with_kwargs=True)
                  for i in range(self.graph.num_layers) if (blk := self._block(model, i)) is not None]
         try:
-            with torch.no_grad():
-                HFModel(model)(chunk)
+            with torch.no_grad():  # the head on one position: only the blocks' calls are kept
+                HFModel(model)(chunk, positions=torch.tensor([chunk.shape[1] - 1]))
         finally:
             for h in hooks:
                 h.remove()
