@@ -56,6 +56,20 @@ def compared_positions(graph, ids: Inputs) -> torch.Tensor | None:
     return None if stride <= 1 else torch.arange(ids.shape[1] - 1, -1, -stride).flip(0)
 
 
+class HeadInput(NamedTuple):
+    """A causal LM's logits not computed yet: the head's input [..., H] and the head, which maps
+    rows of it to logits [..., V] where the head's weights are. What a comparison keeps instead of
+    the logits where a backend can split its head off (Backend.stream's `head_inputs`): SmolLM2
+    holds 576 values a position instead of 49K, and `divergence` runs the head on a chunk of
+    positions at a time (a 4096-token window's logits at its compared positions took 0.5 GB)."""
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+    vocab_size: int
+
+    def to(self, device) -> "HeadInput":
+        return self._replace(hidden=self.hidden.to(device))
+
+
 # float64 elements one step of `divergence` holds per temporary (three at once: 96 MiB): a batch
 # of 2048 tokens of a 128K-token vocabulary (Llama 3) would otherwise take 2 GiB per temporary.
 # Small chunks also stay in the CPU's caches: 2^22 took half the time of 2^24 on 2048 positions
@@ -66,18 +80,33 @@ DIVERGENCE_CHUNK = 2 ** 22
 DIVERGENCE_CHUNK_GPU = 2 ** 25
 
 
-def divergence(reference: list[torch.Tensor], outputs: Iterable[torch.Tensor], is_lm: bool) -> float:
+def _as_logits(x: torch.Tensor) -> torch.Tensor:
+    """The head of logits already computed."""
+    return x
+
+
+def _positions(x: torch.Tensor | HeadInput) -> HeadInput:
+    """x as rows, one a position, of a head's input (logits already computed: with no head)."""
+    if isinstance(x, HeadInput):
+        return x._replace(hidden=x.hidden.reshape(-1, x.hidden.shape[-1]))
+    return HeadInput(x.reshape(-1, x.shape[-1]), _as_logits, x.shape[-1])
+
+
+def divergence(reference: list[torch.Tensor | HeadInput], outputs: Iterable[torch.Tensor | HeadInput],
+               is_lm: bool) -> float:
     """Mean per-token KL(reference || output) for LMs; 1 - cosine of hidden states otherwise.
-    In float64, on the outputs' device, a bounded number of tokens at a time, summed there (one
-    wait for the device a comparison, not one a step)."""
+    In float64, on the outputs' device, a bounded number of tokens at a time (logits given as
+    HeadInput are computed those tokens at a time), summed there (one wait for the device a
+    comparison, not one a step)."""
     total, count = 0.0, 0
     for ref, out in zip(reference, outputs):
-        ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
-        ref = ref.to(out.device)
-        chunk = DIVERGENCE_CHUNK if out.device.type == "cpu" else DIVERGENCE_CHUNK_GPU
-        rows = max(1, chunk // ref.shape[-1])
-        for start in range(0, len(ref), rows):
-            r, o = ref[start:start + rows], out[start:start + rows]
+        ref, out = _positions(ref), _positions(out)
+        device = out.hidden.device
+        chunk = DIVERGENCE_CHUNK if device.type == "cpu" else DIVERGENCE_CHUNK_GPU
+        rows = max(1, chunk // ref.vocab_size)
+        for start in range(0, len(ref.hidden), rows):
+            r = ref.head(ref.hidden[start:start + rows]).to(device)
+            o = out.head(out.hidden[start:start + rows]).to(device)
             if is_lm:
                 # in place where it can be: three chunks alive at once, not seven (the naive
                 # expression's temporaries held 1.8 GB at once on the CPU)
@@ -97,7 +126,7 @@ class ProfileBatch:
     ids: torch.Tensor                    # [B, T], every row the same length
     weight: float                        # of this batch's mean divergence in the loss
     answer_lens: list[int] | None        # retrieval: answers are the last tokens of each row
-    reference: torch.Tensor | None = None
+    reference: torch.Tensor | HeadInput | None = None
     block_outputs: list | None = None    # the dense blocks' outputs, where a backend replays them
     proxy: np.ndarray | None = None      # [layers, kv_heads, patterns], where the runner computes one
     positions: torch.Tensor | None = None  # text: the positions compared (compared_positions)
@@ -107,7 +136,7 @@ class ProfileBatch:
         """Logits needed: all for text, the answers' last few for retrieval (saves the head)."""
         return 0 if self.answer_lens is None else max(self.answer_lens) + 1
 
-    def divergence(self, out: torch.Tensor, is_lm: bool) -> float:
+    def divergence(self, out: torch.Tensor | HeadInput, is_lm: bool) -> float:
         """Over every token for text, over each row's answer tokens for retrieval."""
         ref = self.reference
         if self.answer_lens is None:
@@ -247,14 +276,16 @@ class Backend(abc.ABC):
         return [o.float() for o in self.stream(ids, batch)]
 
     def stream(self, ids: Inputs, batch: int = 4, replay: tuple[Any, int] | None = None,
-               positions: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+               positions: torch.Tensor | None = None,
+               head_inputs: bool = False) -> Iterator[torch.Tensor | HeadInput]:
         """`outputs` one batch at a time: what a comparison with a stored reference needs (one
         batch of a 128K vocabulary's logits alive, not all of them). `replay` = (a
         `record_blocks` of the dense model on the same ids, layer): the blocks before that layer,
         which an edit there leaves as they were, may return their recorded outputs instead of
         computing (a backend that cannot replay computes them: the outputs are the same).
-        `positions`: only those sequence positions' outputs (compared_positions). In the model's
-        dtype: `divergence` widens them a chunk at a time."""
+        `positions`: only those sequence positions' outputs (compared_positions). `head_inputs`:
+        a causal LM's logits as HeadInput where the backend can split its head off (this one
+        cannot: logits). In the model's dtype: `divergence` widens them a chunk at a time."""
         run = self.runnable()
         for b in self.input_batches(ids, batch):
             with torch.no_grad():

@@ -22,6 +22,7 @@ from tailor.backends.base import (
     BlockTrace,
     Branches,
     BranchSums,
+    HeadInput,
     PatternRunner,
     ProfileBatch,
     branch_projection,
@@ -29,7 +30,7 @@ from tailor.backends.base import (
 from tailor.backends.export import export_onnx
 from tailor.backends.runners import HFModel, kept_positions, takes_logits_to_keep
 from tailor.core.devices import module_device
-from tailor.core.dispatch import execution_device, shared_hook_state, tensor
+from tailor.core.dispatch import execution_device, is_dispatched, shared_hook_state, tensor
 from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
@@ -180,12 +181,18 @@ class TorchBackend(Backend):
         return record
 
     def stream(self, ids: Inputs, batch: int = 4, replay: tuple[list, int] | None = None,
-               positions: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+               positions: torch.Tensor | None = None,
+               head_inputs: bool = False) -> Iterator[torch.Tensor | HeadInput]:
+        split = split_head(self.model) if head_inputs and self.graph.task == "causal-lm" else None
+        run = self.runnable() if split is None else functools.partial(head_input, *split)
         if replay is None or replay[0] is None:
-            yield from super().stream(ids, batch, positions=positions)
+            for chunk in self.input_batches(ids, batch):
+                with torch.no_grad():
+                    out = run(chunk, positions=positions)
+                yield out
             return
         record, layer = replay
-        run, blocks = self.runnable(), self._blocks()
+        blocks = self._blocks()
         for outputs, chunk in zip(record, self.input_batches(ids, batch)):
             with torch.no_grad(), _frozen_prefix(blocks, layer, outputs):
                 out = run(chunk, positions=positions)
@@ -276,11 +283,49 @@ class TorchBackend(Backend):
             export_onnx(self.model, folder / "model.onnx", encoder=self.graph.task == "encoder")
 
 
+# config values of transformers models that change the logits after the head (Gemma 2's soft
+# capping, Cohere's scale, Granite's divisor): their logits are not the head's output alone
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(the base model, the LM head) of a transformers causal LM whose logits are the head of the
+    base model's last hidden state; None where that is not known to hold (a model dispatched by
+    accelerate, whose hooks move inputs from the top module down, included)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    config = getattr(model, "config", None)
+    if (not isinstance(head, nn.Linear) or not isinstance(base, nn.Module) or is_dispatched(model)
+            or any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS)):
+        return None
+    return base, head
+
+
+def _project(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return head(hidden.to(head.weight.device))
+
+
+def head_input(base: nn.Module, head: nn.Linear, ids: torch.Tensor,
+               positions: torch.Tensor | None = None) -> HeadInput:
+    """What the model's logits on ids [B, T] (at `positions` only, where given) would be computed
+    from: the base model's last hidden state there, and the head."""
+    hidden = base(input_ids=ids.to(module_device(base)), use_cache=False)[0]
+    if positions is not None:
+        hidden = hidden[:, positions.to(hidden.device)]
+    return HeadInput(hidden, functools.partial(_project, head), head.weight.shape[0])
+
+
 # ---- attention patterns, measured head by head -----------------------------------------------------
 
-def _run(model, batch: ProfileBatch) -> torch.Tensor:
-    """The outputs a batch compares: text at its compared positions, retrieval rows' last `keep`
-    (the head computes no more where the model takes logits_to_keep)."""
+def _run(model, batch: ProfileBatch, is_lm: bool) -> torch.Tensor | HeadInput:
+    """The outputs a batch compares: text at its compared positions (as HeadInput where the
+    model's head splits off), retrieval rows' last `keep` (the head computes no more where the
+    model takes logits_to_keep)."""
+    split = split_head(model) if is_lm and batch.answer_lens is None else None
+    if split is not None:
+        with torch.no_grad():
+            return head_input(*split, batch.ids, positions=batch.positions)
     device, takes = module_device(model), takes_logits_to_keep(type(model))
     keep = kept_positions(model, batch.positions) if batch.positions is not None else batch.keep or None
     kwargs = {"logits_to_keep": keep} if keep is not None and takes else {}
@@ -367,7 +412,7 @@ class TorchPatternRunner(PatternRunner):
     def record(self, batch: ProfileBatch, grid: list[Pattern] | None = None) -> None:
         proxy = _ProxyObserver(self, batch, grid) if grid is not None else contextlib.nullcontext()
         with _recorded_outputs(self.blocks) as outputs, proxy:
-            batch.reference = _run(self.model, batch)
+            batch.reference = _run(self.model, batch, self.is_lm)
         batch.block_outputs = outputs
         if grid is not None:
             batch.proxy = proxy.result(outputs[-1])
@@ -378,7 +423,7 @@ class TorchPatternRunner(PatternRunner):
             total = 0.0
             for b in batches:
                 with _frozen_prefix(self.blocks, layer, b.block_outputs):
-                    out = _run(self.model, b)
+                    out = _run(self.model, b, self.is_lm)
                 total += b.weight * b.divergence(out, self.is_lm)
             return total
         finally:
@@ -506,8 +551,8 @@ class TorchBranches(Branches):
         hooks = [blk.register_forward_pre_hook(keep(i), with_kwargs=True)
                  for i in range(self.graph.num_layers) if (blk := self._block(model, i)) is not None]
         try:
-            with torch.no_grad():
-                HFModel(model)(chunk)
+            with torch.no_grad():  # the head on one position: only the blocks' calls are kept
+                HFModel(model)(chunk, positions=torch.tensor([chunk.shape[1] - 1]))
         finally:
             for h in hooks:
                 h.remove()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tailor.backends.base import Backend, BlockTrace, compared_positions, divergence
+from tailor.backends.base import Backend, BlockTrace, HeadInput, compared_positions, divergence
 from tailor.core.devices import PeakMemory
 from tailor.core.digests import sha256_file
 from tailor.core.patterns import Pattern
@@ -81,6 +81,11 @@ class Signals:
     attention: AttentionInfluence | None = None
 
     GRAMS = ("o_gram", "down_gram")
+
+    def drop_grams(self) -> None:
+        """Frees the grams once the plan's rewrites are applied: nothing after reads them (the
+        refit gathers statistics of its own), and a profile is stored before, never after."""
+        self.o_gram, self.down_gram = [], []
 
 
 @dataclass
@@ -264,7 +269,7 @@ class OptionMeter:
 
     def __init__(self, backend: Backend, signals: Signals, ids: Inputs, progress: bool):
         self.backend, self.signals, self.ids, self.progress = backend, signals, ids, progress
-        self.reference: list[torch.Tensor] | None = None
+        self.reference: list[torch.Tensor | HeadInput] | None = None
         self.record = None
         self.positions = compared_positions(backend.graph, ids)
         head = None if self.positions is None else len(self.positions)
@@ -283,16 +288,16 @@ class OptionMeter:
         if not options:
             return {}
         if self.reference is None:
-            self.reference = list(self.backend.stream(self.ids, positions=self.positions))
+            self.reference = list(self.backend.stream(self.ids, positions=self.positions, head_inputs=True))
             self.record = self.backend.record_blocks(self.ids)
         is_lm = self.backend.graph.task == "causal-lm"
         result = {}
         for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):
             first = PASSES[o.pass_name].first_layer(o)
             variant = apply_options(self.backend.clone(from_layer=first), [o], self.signals)
-            replay = (self.record, first)
-            result[o.key] = divergence(self.reference, variant.stream(self.ids, replay=replay,
-                                                                      positions=self.positions), is_lm)
+            outputs = variant.stream(self.ids, replay=(self.record, first), positions=self.positions,
+                                     head_inputs=True)
+            result[o.key] = divergence(self.reference, outputs, is_lm)
         return result
 
     def close(self) -> None:

@@ -35,8 +35,9 @@ class HeldOut:
         self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
         self.positions = [compared_positions(dense.graph, t) for t in self.texts]
         # on the host: read a few dozen times in a search, and 14K validation tokens of a 49K
-        # vocabulary's logits took 3 GiB of a GPU
-        self.reference = [[o.cpu() for o in dense.stream(t, positions=p)]
+        # vocabulary's logits took 3 GiB of a GPU. As the head's inputs where the model's head
+        # splits off: SmolLM2's references at the compared positions were 2 × 0.5 GB of logits
+        self.reference = [[o.to("cpu") for o in dense.stream(t, positions=p, head_inputs=True)]
                           for t, p in zip(self.texts, self.positions)]
         # only the sequences the dense model answers: where it fails, a plan's distance from its
         # answer is noise, not retrieval lost
@@ -62,7 +63,7 @@ class HeldOut:
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
         retrieval answers' KL, weighted."""
-        kl = float(np.mean([divergence(ref, backend.stream(t, positions=p), self.is_lm)
+        kl = float(np.mean([divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
                             for ref, t, p in zip(self.reference, self.texts, self.positions)]))
         if not self.retrieval:
             return kl

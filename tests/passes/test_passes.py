@@ -453,6 +453,36 @@ def test_divergence_is_the_mean_kl_per_token_whatever_the_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["llama", "gpt2", "llama.onnx"])
+def test_divergence_from_head_inputs_is_the_divergence_of_the_logits(source, tiny_onnx, monkeypatch):
+    """Comparisons that keep the head's inputs (HeadInput) and run the head a chunk of positions
+    at a time give the KL of the whole logits, at compared positions and replayed; a backend
+    that cannot split its head off (ONNX) streams its logits as before."""
+    from tailor.backends import base
+    from tailor.backends.base import HeadInput, compared_positions
+
+    family, _, onnx = source.partition(".")
+    dense = backend_for(capture(tiny_onnx[family] if onnx else build_model(family)))
+    variant = dense.clone()
+    variant.remove_blocks([1])
+    ids = ids_for(seq=16, batch=6)
+    monkeypatch.setattr(base, "LOGIT_ELEMENTS", 96 * 16)
+    for positions in (None, compared_positions(dense.graph, ids)):
+        reference = list(dense.stream(ids, positions=positions))
+        expected = base.divergence(reference, variant.stream(ids, positions=positions), True)
+        assert expected > 1e-4
+        kept = [o.to("cpu") for o in dense.stream(ids, positions=positions, head_inputs=True)]
+        assert all(isinstance(o, HeadInput) for o in kept) == (not onnx)
+        for chunk in (2 ** 22, 3 * 96, 1):  # one chunk, a few positions, one position at a time
+            monkeypatch.setattr(base, "DIVERGENCE_CHUNK", chunk)
+            outputs = variant.stream(ids, positions=positions, head_inputs=True)
+            assert base.divergence(kept, outputs, True) == pytest.approx(expected, rel=1e-6)
+        record = dense.record_blocks(ids)
+        if record is not None:
+            replayed = dense.clone().stream(ids, replay=(record, 2), positions=positions, head_inputs=True)
+            assert base.divergence(reference, replayed, True) < 1e-9
+
+
+@pytest.mark.parametrize("source", ["llama", "gpt2", "llama.onnx"])
 def test_outputs_at_compared_positions_are_the_full_outputs_there(source, tiny_onnx, monkeypatch):
     """Past LOGIT_ELEMENTS, comparisons keep every k-th position of each window (the last one
     included): the head runs on those only (logits_to_keep) and gives what the full run gives
