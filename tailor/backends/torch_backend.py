@@ -185,16 +185,11 @@ class TorchBackend(Backend):
                head_inputs: bool = False) -> Iterator[torch.Tensor | HeadInput]:
         split = split_head(self.model) if head_inputs and self.graph.task == "causal-lm" else None
         run = self.runnable() if split is None else functools.partial(head_input, *split)
-        if replay is None or replay[0] is None:
-            for chunk in self.input_batches(ids, batch):
-                with torch.no_grad():
-                    out = run(chunk, positions=positions)
-                yield out
-            return
-        record, layer = replay
-        blocks = self._blocks()
-        for outputs, chunk in zip(record, self.input_batches(ids, batch)):
-            with torch.no_grad(), _frozen_prefix(blocks, layer, outputs):
+        record, layer = replay if replay is not None else (None, 0)
+        blocks = self._blocks() if record is not None else []
+        for i, chunk in enumerate(self.input_batches(ids, batch)):
+            frozen = contextlib.nullcontext() if record is None else _frozen_prefix(blocks, layer, record[i])
+            with torch.no_grad(), frozen:
                 out = run(chunk, positions=positions)
             yield out
 
