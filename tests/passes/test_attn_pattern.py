@@ -78,6 +78,40 @@ def test_attention_function_honours_each_heads_pattern(causal, scores, monkeypat
     assert (got - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("block_rows", [7, 256])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len", [30, 9, 1])
+def test_blocks_of_query_rows_attend_to_what_the_masked_path_does(block_rows, causal, q_len, monkeypatch):
+    """The eager path (each block of query rows over the keys its pattern can keep) against the
+    definition and against the traced path's whole mask, with a padding mask too: queries the
+    last q_len of 30 positions, patterns whose sinks fall inside and outside the window's span."""
+    from tailor.rewriter.modules import sparse_attention as sa
+
+    monkeypatch.setattr(sa, "BLOCK_ROWS", block_rows)
+    torch.manual_seed(0)
+    patterns = [Pattern(2, 5, 0.0), None, Pattern(0, 3, 0.1), Pattern(9, 2, 0.0), Pattern(1, 40, 0.0)]
+    q, k, v = torch.randn(2, 10, q_len, 8), torch.randn(2, 5, 30, 8), torch.randn(2, 5, 30, 8)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    module.tailor_spans = [None if p is None else p.to_json() for p in patterns]
+    got, _ = sa.sparse_attention_forward(module.eval(), q, k, v, None, scaling=0.3)
+    if q_len == 30:  # the definition writes the causal mask for queries at the end
+        want = _reference_attention(q, k, v, patterns, causal, 0.3)
+        assert (got - want).abs().max() < 1e-5
+    masked = sa._attend_masked(q, k, v, patterns, None, causal, 0.3, 0.0).transpose(1, 2)
+    assert (got - masked).abs().max() < 1e-5
+    # left padding: the second sequence's first 4 positions (a transformers-style additive mask);
+    # compared at the real queries (a padding query has no key to attend to: its output is unused)
+    allowed = torch.ones(2, 1, q_len, 30, dtype=torch.bool)
+    allowed &= sa._base_mask(None, q_len, 30, True, None) if causal else True
+    allowed[1, :, :, :4] = False
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    got, _ = sa.sparse_attention_forward(module.eval(), q, k, v, additive, scaling=0.3)
+    masked = sa._attend_masked(q, k, v, patterns, additive, causal, 0.3, 0.0).transpose(1, 2)
+    real = torch.arange(30 - q_len, 30) >= 4
+    assert (got - masked)[0].abs().max() < 1e-5 and (got - masked)[1, real].abs().max() < 1e-5
+
+
 def test_dense_plan_is_exact_and_a_pattern_changes_only_what_it_should():
     model = build_model("llama")
     ids = ids_for(seq=40)

@@ -64,18 +64,39 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    patterns = [Pattern.from_json(s) for s in spans]
+    dropout = dropout if module.training else 0.0
+    if _traced(query) or dropout:
+        out = _attend_masked(query, key, value, patterns, attention_mask, causal, scaling, dropout)
+    else:
+        groups = query.shape[1] // key.shape[1]
+        out = torch.cat([_attend_in_blocks(query[:, h * groups:(h + 1) * groups], key[:, h:h + 1],
+                                           value[:, h:h + 1], p, attention_mask, causal, scaling)
+                         for h, p in enumerate(patterns)], dim=1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _traced(query) -> bool:
+    """Under torch.compile or torch.export (shapes may be symbolic, tensors fake)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or isinstance(query.shape[2], torch.SymInt)
+
+
+def _attend_masked(query, key, value, patterns, attention_mask, causal: bool, scaling,
+                   dropout: float) -> torch.Tensor:
+    """Every head over every key, the patterns as a boolean mask: what torch.export traces (one
+    graph for any length, so the ONNX export runs the same pattern) and what training runs.
+    [B, Hq, Q, D]."""
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    patterns = [Pattern.from_json(s) for s in spans]
     keep = keep_mask(patterns, q_len, k_len, causal, query.device).repeat_interleave(groups, 0)[None]
     base = _base_mask(attention_mask, q_len, k_len, causal, query.device)
     key = key.repeat_interleave(groups, 1)
     value = value.repeat_interleave(groups, 1)
-    dropout = dropout if module.training else 0.0
     # a boolean mask sends SDPA down its math path, which holds every score: a few query rows at
     # a time (4 retrieval rows × 9 heads × 4096² scores took 2.4 GB of a 2-core CPU's memory);
-    # in one piece while traced (export, compile), where shapes are symbolic
-    if torch.compiler.is_compiling() or isinstance(q_len, torch.SymInt):
+    # in one piece while traced, where shapes are symbolic
+    if _traced(query):
         starts, rows = [0], q_len
     else:
         rows = max(1, MASKED_SCORES // (query.shape[0] * query.shape[1] * k_len))
@@ -86,8 +107,54 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         mask = mask if base is None else mask & base[..., s:s + rows, :]
         out.append(F.scaled_dot_product_attention(query[:, :, s:s + rows], key, value, attn_mask=mask,
                                                   scale=scaling, dropout_p=dropout))
-    out = out[0] if len(out) == 1 else torch.cat(out, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+# query rows of one block in `_attend_in_blocks`
+BLOCK_ROWS = 256
+
+
+def _attend_in_blocks(query, key, value, pattern: Pattern | None, attention_mask, causal: bool,
+                      scaling) -> torch.Tensor:
+    """The query heads of one KV head ([B, g, Q, D] over key/value [B, 1, K, D]), eagerly: each
+    block of query rows attends to the keys its pattern can keep (the sinks and the window's
+    span), so a window of w keys costs Q·(sink + w) scores rather than Q·K, and no [Q, K] mask is
+    built. A head without a pattern (or one dense at this length) goes to SDPA whole. The same
+    kept keys as `_attend_masked`, so the same result up to summation order."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, groups, q_len, _ = query.shape
+    k_len = key.shape[2]
+    key, value = key.expand(-1, groups, -1, -1), value.expand(-1, groups, -1, -1)
+    if pattern is None or pattern.is_dense_at(k_len):
+        if attention_mask is None and causal and q_len != k_len:  # queries are the last rows
+            attention_mask = _base_mask(None, q_len, k_len, True, query.device)
+        holder = torch.nn.Module()
+        holder.is_causal = causal
+        out, _ = sdpa_attention_forward(holder, query, key, value, attention_mask, scaling=scaling)
+        return out.transpose(1, 2)
+    base = None if attention_mask is None else _base_mask(attention_mask, q_len, k_len, causal, query.device)
+    window, offset = pattern.window(k_len), k_len - q_len  # query row r is position offset + r
+    reach = 1 if causal else window  # keys after the query that the pattern may keep
+    out = []
+    for s in range(0, q_len, BLOCK_ROWS):
+        first, last = offset + s, offset + min(q_len, s + BLOCK_ROWS) - 1
+        lo, hi = max(0, first - window + 1), min(k_len, last + reach)
+        if pattern.sink < lo:  # the sinks, then the window's span
+            keys = torch.cat([torch.arange(pattern.sink, device=query.device),
+                              torch.arange(lo, hi, device=query.device)])
+        else:  # one range (an encoder's sinks may lie past the window)
+            keys = torch.arange(min(k_len, max(hi, pattern.sink)), device=query.device)
+        dist = torch.arange(first, last + 1, device=query.device)[:, None] - keys[None, :]
+        keep = (keys[None, :] < pattern.sink) | ((dist if causal else dist.abs()) < window)
+        if base is not None:
+            keep = keep & base[..., s:s + last + 1 - first, :].index_select(-1, keys)
+        elif causal:
+            keep = keep & (dist >= 0)
+        out.append(F.scaled_dot_product_attention(query[:, :, s:s + last + 1 - first],
+                                                  key.index_select(2, keys), value.index_select(2, keys),
+                                                  attn_mask=keep, scale=scaling))
+    return torch.cat(out, dim=2)
 
 
 @torch.compiler.disable
