@@ -17,7 +17,6 @@ from tailor.backends.base import Backend
 from tailor.backends.hf_checkpoint import HF_DIR, StandardArchitecture, StandardShape, architecture
 from tailor.core.dispatch import resolve_max_memory
 from tailor.core.errors import TailorError
-from tailor.core.host_memory import return_large_frees
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
 from tailor.data.calibration import Calibration
 from tailor.passes.attention_profile import AttentionInfluence
@@ -84,10 +83,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     Format "hf" also writes a standard transformers checkpoint (tailor.backends.hf_checkpoint),
     refused where the plan has rewrites a standard config cannot say; `hf_compatible` searches
     only plans it can say (and adds "hf" to the default formats), measuring the unrestricted
-    plan too: report["hf_compatible"] compares the two. Where the C library is glibc, large
-    allocations are unmapped when freed from here on (tailor.core.host_memory.return_large_frees),
-    so that the process's RSS falls back after each stage's largest tensors."""
-    return_large_frees()
+    plan too: report["hf_compatible"] compares the two."""
     stages = stages or StageLog()
     given = _saved_plan(plan) if plan is not None else None
     if given is not None:
@@ -238,7 +234,6 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
     """What compile() does before it plans, with the same arguments (and the same profile cache):
     for tools that build plans of their own on the same model, data and prices (the baselines
     of benchmarks/real_llm.py)."""
-    return_large_frees()
     stages = stages or StageLog()
     budget = check_budget(budget)
     _check_request(objective, passes)

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from tailor.backends.base import Backend, ProfileBatch, compared_positions
+from tailor.core.host_memory import release_free_memory
 from tailor.core.patterns import Pattern
 from tailor.data.retrieval import RetrievalSample
 from tailor.passes.cost import Allowance, forward_flops
@@ -187,6 +188,7 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
                 loss[layer, head, k] = max(0.0, runner.loss(
                     layer, [grid[k] if h == head else None for h in range(kv_heads)], batches))  # clips noise
                 measured[layer, head, k] = True
+                release_free_memory()
             if proxy is not None:
                 _fill(loss, measured, proxy, grid, n)
                 out.proxy[n] = proxy

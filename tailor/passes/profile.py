@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tailor.backends.base import Backend, BlockTrace, HeadInput, compared_positions, divergence
 from tailor.core.devices import PeakMemory
 from tailor.core.digests import sha256_file
+from tailor.core.host_memory import release_free_memory
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Calibration, Inputs
 from tailor.passes.attention_profile import (
@@ -298,6 +299,7 @@ class OptionMeter:
             outputs = variant.stream(self.ids, replay=(self.record, first), positions=self.positions,
                                      head_inputs=True)
             result[o.key] = divergence(self.reference, outputs, is_lm)
+            release_free_memory()
         return result
 
     def close(self) -> None:

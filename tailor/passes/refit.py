@@ -24,6 +24,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from tailor.backends.base import BRANCHES, Backend
+from tailor.core.host_memory import release_free_memory
 from tailor.data.calibration import Inputs
 from tailor.rewriter.least_squares import REFIT_RIDGE, ridge_fit
 
@@ -39,5 +40,6 @@ def refit_sequentially(dense: Backend, rewritten: Backend, ids: Inputs, *, remov
     for layer, kind in tqdm(steps, desc="refitting in sequence", disable=not progress, unit="branch"):
         gram, cross = branches.statistics(layer, kind, ids, batch).means()
         branches.write(layer, kind, *ridge_fit(gram, cross, *branches.weights(layer, kind), REFIT_RIDGE))
+        release_free_memory()
     rewritten.finish()
     return rewritten

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tailor.backends.base import Backend, compared_positions, divergence
+from tailor.core.host_memory import release_free_memory
 from tailor.data.calibration import Calibration
 from tailor.passes.base import Option
 from tailor.passes.baselines import duo_attention, streaming_llm
@@ -65,10 +66,13 @@ class HeldOut:
         retrieval answers' KL, weighted."""
         kl = float(np.mean([divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
                             for ref, t, p in zip(self.reference, self.texts, self.positions)]))
+        release_free_memory()
         if not self.retrieval:
             return kl
         w = self.cal.retrieval_weight
-        return (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
+        kl = (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
+        release_free_memory()
+        return kl
 
 
 def published_rivals(options: list[Option], cost_model: CostModel, signals, budget: float,
