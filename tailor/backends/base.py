@@ -305,6 +305,14 @@ class Backend(abc.ABC):
         """What `stream(..., replay=...)` replays, or None where this backend does not replay."""
         return None
 
+    def reference_with_record(self, ids: Inputs, positions: torch.Tensor | None = None,
+                              batch: int = 4) -> tuple[list, Any]:
+        """What a comparison against this model on `ids` needs: `stream(ids, positions=positions,
+        head_inputs=True)` as a list, and `record_blocks(ids)`; one forward where the backend
+        records as it streams."""
+        reference = list(self.stream(ids, batch, positions=positions, head_inputs=True))
+        return reference, self.record_blocks(ids, batch)
+
     @abc.abstractmethod
     def block_traces(self, ids: Inputs, visit: Callable[[int, BlockTrace], None]) -> None:
         """visit(i, BlockTrace of block i) for every block of every batch, in the forward's order

@@ -169,28 +169,39 @@ class TorchBackend(Backend):
         return replayed_before(layer) if len(self._blocks()) == self.graph.num_layers else 0
 
     def record_blocks(self, ids: Inputs, batch: int = 4) -> list[list] | None:
-        """Per batch, the block outputs a replay starts from (`_recorded_outputs`)."""
-        blocks = self._blocks()
-        if len(blocks) != self.graph.num_layers:
+        """Per batch, the block outputs a replay starts from (`_recorded_outputs`): the base model
+        run, not the head (a 49K vocabulary's logits of 2048 tokens were a quarter of the work)."""
+        if len(self._blocks()) != self.graph.num_layers:
             return None
-        record = []
-        for chunk in self.input_batches(ids, batch):
-            with torch.no_grad(), _recorded_outputs(blocks) as outputs:
-                self.runnable()(chunk)
-            record.append(outputs)
+        record: list = []
+        for _ in self.stream(ids, batch, head_inputs=True, record=record):
+            pass
         return record
 
+    def reference_with_record(self, ids: Inputs, positions: torch.Tensor | None = None,
+                              batch: int = 4) -> tuple[list, list[list] | None]:
+        if len(self._blocks()) != self.graph.num_layers:
+            return super().reference_with_record(ids, positions, batch)
+        record: list = []
+        return list(self.stream(ids, batch, positions=positions, head_inputs=True, record=record)), record
+
     def stream(self, ids: Inputs, batch: int = 4, replay: tuple[list, int] | None = None,
-               positions: torch.Tensor | None = None,
-               head_inputs: bool = False) -> Iterator[torch.Tensor | HeadInput]:
+               positions: torch.Tensor | None = None, head_inputs: bool = False,
+               record: list | None = None) -> Iterator[torch.Tensor | HeadInput]:
+        """`record`: a list each batch's block outputs are appended to as they are computed
+        (what `record_blocks` gives), where the model's blocks are known."""
         split = split_head(self.model) if head_inputs and self.graph.task == "causal-lm" else None
         run = self.runnable() if split is None else functools.partial(head_input, *split)
-        record, layer = replay if replay is not None else (None, 0)
-        blocks = self._blocks() if record is not None else []
+        replayed, layer = replay if replay is not None else (None, 0)
+        blocks = self._blocks() if replayed is not None or record is not None else []
         for i, chunk in enumerate(self.input_batches(ids, batch)):
-            frozen = contextlib.nullcontext() if record is None else _frozen_prefix(blocks, layer, record[i])
-            with torch.no_grad(), frozen:
+            frozen = (contextlib.nullcontext() if replayed is None
+                      else _frozen_prefix(blocks, layer, replayed[i]))
+            recording = contextlib.nullcontext() if record is None else _recorded_outputs(blocks)
+            with torch.no_grad(), frozen, recording as outputs:
                 out = run(chunk, positions=positions)
+            if record is not None:
+                record.append(outputs)
             yield out
 
     def projection_weight(self, p: Projection) -> np.ndarray:

@@ -289,8 +289,7 @@ class OptionMeter:
         if not options:
             return {}
         if self.reference is None:
-            self.reference = list(self.backend.stream(self.ids, positions=self.positions, head_inputs=True))
-            self.record = self.backend.record_blocks(self.ids)
+            self.reference, self.record = self.backend.reference_with_record(self.ids, self.positions)
         is_lm = self.backend.graph.task == "causal-lm"
         result = {}
         for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):

@@ -423,7 +423,8 @@ def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family
     assert {"kv_share", "ffn_prune", "layer_skip"} <= {o.pass_name for o in options} or family == "gpt2"
     assert len(options) >= 6
     reference, record = dense.outputs(ids), dense.record_blocks(ids)
-    assert record is not None
+    streamed, recorded = dense.reference_with_record(ids)
+    assert record is not None and len(recorded) == len(record)
     for o in options:
         variant = apply_options(dense.clone(), [o], signals)
         is_lm = dense.graph.task == "causal-lm"
@@ -431,6 +432,10 @@ def test_options_measured_with_the_dense_prefix_replayed_equal_a_full_run(family
         full = divergence(reference, variant.stream(ids), is_lm)
         replayed = divergence(reference, variant.stream(ids, replay=replay), is_lm)
         assert replayed == pytest.approx(full, rel=1e-9, abs=1e-12), o.key
+        # the option meter's one forward: the reference as head inputs, recorded as it streams
+        outputs = variant.stream(ids, replay=(recorded, replay[1]), head_inputs=True)
+        together = divergence(streamed, outputs, is_lm)
+        assert together == pytest.approx(full, rel=1e-6, abs=1e-9), o.key
 
 
 def test_divergence_is_the_mean_kl_per_token_whatever_the_chunks(monkeypatch):
