@@ -141,8 +141,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             estimated = set(prof.option_estimate)
             same = one_cache_shape(graph) if cached_decoder else ()
             if hf_compatible:  # what the restriction costs: the unrestricted plan, measured alike
-                free, _, free_kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
-                                                 heldout, meter, estimated, prepared.settings["device"])
+                free, free_model, free_kl = searched_plan(dense, options, prof.signals, cost_model, budget,
+                                                          objective, heldout, meter, estimated,
+                                                          prepared.settings["device"])
+                free_model.close()
                 estimated -= set(free.refined)
                 options, same = sayable(options, hf_arch), uniform(graph)
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,

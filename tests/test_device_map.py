@@ -136,3 +136,34 @@ def test_max_memory_forms():
     assert resolve_max_memory("cpu=1GiB") == {"cpu": 2**30}
     assert resolve_max_memory({"cpu": 1000}) == resolve_max_memory("cpu=1000") == {"cpu": 1000}
     assert resolve_max_memory(None) is None
+
+
+def test_a_closed_copy_of_a_dispatched_model_is_freed_at_once(tmp_path):
+    """accelerate's forward on each module is a partial of the module itself: a copy let go would
+    wait, edited weights and all, for the garbage collector's full pass. close() frees it at once
+    and leaves the blocks it shares with the original as they were."""
+    import gc
+    import weakref
+
+    from tailor.backends import backend_for
+    from tailor.rewriter.capture import capture
+
+    model = dispatch_model(build_model("llama"), OFFLOADED, offload_dir=str(tmp_path / "offload"))
+    dense = backend_for(capture(model))
+    hooked, ids = hooked_forwards(model), ids_for(seq=8)
+    with torch.no_grad():
+        before = model(ids).logits
+    gc.collect()
+    gc.disable()
+    try:
+        variant = dense.clone(from_layer=2)
+        variant.set_ffn_width(2, 8)
+        copy, block = weakref.ref(variant.model), weakref.ref(variant._blocks()[2])
+        variant.close()
+        del variant
+        assert copy() is None and block() is None
+    finally:
+        gc.enable()
+    assert hooked_forwards(model) == hooked
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)

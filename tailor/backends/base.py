@@ -267,6 +267,10 @@ class Backend(abc.ABC):
         this model's own (what an option measured alone, which changes nothing before its
         `first_layer`, needs)."""
 
+    def close(self) -> None:
+        """Called on a copy (`clone`) no longer needed: whatever it holds that its last reference
+        would not free is let go now. The copy is not used after."""
+
     @abc.abstractmethod
     def runnable(self) -> torch.nn.Module:
         """model(input_ids [B, T]) -> logits or hidden states."""

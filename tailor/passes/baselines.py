@@ -237,6 +237,7 @@ def calibration_perplexity(dense: Backend, signals, ids: torch.Tensor, batch: in
             nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
                                                            reduction="sum"))
             count += target.numel()
+        variant.close()
         return float(np.exp(nll / count))
 
     return perplexity

@@ -298,6 +298,7 @@ class OptionMeter:
             outputs = variant.stream(self.ids, replay=(self.record, first), positions=self.positions,
                                      head_inputs=True)
             result[o.key] = divergence(self.reference, outputs, is_lm)
+            variant.close()
             release_free_memory()
         return result
 

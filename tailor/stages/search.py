@@ -122,7 +122,11 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
         variant = apply_options(dense.clone(), chosen, signals)
         kl = heldout.divergence(variant)
         if not best or kl < best["kl"]:
+            if best:
+                best["model"].close()
             best.update(kl=kl, keys=sorted(o.key for o in chosen), model=variant)
+        else:
+            variant.close()
         return kl
 
     result = search(options, cost_model, budget, objective, measure, max_checks=checks,
@@ -131,6 +135,8 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
                     uniform=uniform)
     if best.get("keys") == sorted(o.key for o in result.chosen):
         return result, best["model"], best["kl"]
+    if best:
+        best["model"].close()
     variant = apply_options(dense.clone(), result.chosen, signals)
     return result, variant, (heldout.divergence(variant) if result.chosen else 0.0)
 
@@ -144,6 +150,7 @@ def refitted(dense: Backend, variant: Backend, kl: float, chosen: list[Option], 
                                    progress=progress)
     after = heldout.divergence(candidate)
     kept = after < kl
+    (variant if kept else candidate).close()
     return (candidate if kept else variant), {"measured_kl_heldout_before": kl,
                                               "measured_kl_heldout_after": after, "kept": kept,
                                               "measured_kl_heldout": min(kl, after)}
