@@ -77,14 +77,23 @@ class GroupQueryAttention(UnfuseRule):
         present_k = tape.op("Concat", [node.inputs[PAST_KEY], k], attributes={"axis": 2})
         present_v = tape.op("Concat", [node.inputs[PAST_VALUE], _heads(tape, node, v, kv_heads, head)],
                             attributes={"axis": 2})
+        batch, length_dim = (node.inputs[QUERY].shape or [None, None])[:2]
+        for x in (present_k, present_v):
+            x.shape = ir.Shape([batch, kv_heads, None, head])
+        for past in (node.inputs[PAST_KEY], node.inputs[PAST_VALUE]):  # the builder names it kv_cache_dim
+            if past.shape is not None and len(past.shape) == 4 and not isinstance(past.shape[3], int):
+                past.shape = ir.Shape([*past.shape[:3], head])
         keys = _repeated(tape, node, present_k, heads, kv_heads, head)
         values = _repeated(tape, node, present_v, heads, kv_heads, head)
         scores = tape.op("Mul", [tape.op("MatMul", [q, tape.op("Transpose", [keys], attributes={"perm": [0, 1, 3, 2]})]),
                                  constant(tape, node, "scale", scale, node.inputs[QUERY])])
         scores = tape.op("Add", [scores, _causal(tape, node, past, total)])
         probs = tape.op("Softmax", [scores], attributes={"axis": -1})
-        out = tape.op("Transpose", [tape.op("MatMul", [probs, values])], attributes={"perm": [0, 2, 1, 3]})
+        attended = tape.op("MatMul", [probs, values])
+        attended.shape = ir.Shape([batch, heads, length_dim, head])  # recognition reads D here
+        out = tape.op("Transpose", [attended], attributes={"perm": [0, 2, 1, 3]})
         out = tape.op("Reshape", [out, _ints(tape, node, "merged", [0, 0, -1])])
+        out.shape = ir.Shape([batch, length_dim, heads * head])
         return [out, present_k, present_v, None][: len(node.outputs)]
 
 
@@ -111,9 +120,10 @@ def split_packed(tape: ir.tape.Tape, node: ir.Node, sizes: list[int]) -> list[ir
     w = weight.const_value.numpy()
     bounds = np.cumsum([0, *sizes])
     stem = (weight.name or "qkv").removesuffix(".weight")
-    names = [f"{stem}.{p}.weight" for p in ("q", "k", "v")]
-    return [tape.op("MatMul", [matmul.inputs[0], tape.initializer(ir.tensor(w[:, a:b].copy(), name=n))])
-            for a, b, n in zip(bounds[:-1], bounds[1:], names)]
+    names = [f"{stem}.{p}.weight" for p in "qkv"]
+    return [tape.op("MatMul", [matmul.inputs[0], tape.initializer(ir.tensor(w[:, a:b].copy(), name=n))],
+                    name=f"{matmul.name}_{p}")
+            for a, b, n, p in zip(bounds[:-1], bounds[1:], names, "qkv")]
 
 
 def _ints(tape: ir.tape.Tape, node: ir.Node, what: str, values) -> ir.Value:
@@ -137,7 +147,10 @@ def _rows(tape: ir.tape.Tape, node: ir.Node, cache: ir.Value, start: ir.Value, e
 def _heads(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, count: int, head: int) -> ir.Value:
     """[B, S, count·D] -> [B, count, S, D]."""
     split = tape.op("Reshape", [x, _ints(tape, node, f"heads{count}", [0, 0, count, head])])
-    return tape.op("Transpose", [split], attributes={"perm": [0, 2, 1, 3]})
+    out = tape.op("Transpose", [split], attributes={"perm": [0, 2, 1, 3]})
+    batch, length = (x.shape or [None, None])[:2]
+    out.shape = ir.Shape([batch, count, length, head])
+    return out
 
 
 def _rope(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value, head: int) -> ir.Value:
@@ -147,7 +160,9 @@ def _rope(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, cos: ir.Value, sin: ir
     second = tape.op("Slice", [x, _ints(tape, node, "half", [head // 2]), _ints(tape, node, "head", [head]),
                                _ints(tape, node, "last", [-1])])
     rotated = tape.op("Concat", [tape.op("Neg", [second]), first], attributes={"axis": -1})
-    return tape.op("Add", [tape.op("Mul", [x, cos]), tape.op("Mul", [rotated, sin])])
+    out = tape.op("Add", [tape.op("Mul", [x, cos]), tape.op("Mul", [rotated, sin])])
+    out.shape = x.shape
+    return out
 
 
 def _repeated(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, heads: int, kv_heads: int, head: int) -> ir.Value:
@@ -157,7 +172,9 @@ def _repeated(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, heads: int, kv_hea
     groups = heads // kv_heads
     wide = tape.op("Expand", [tape.op("Unsqueeze", [x, _ints(tape, node, "axis2", [2])]),
                               _ints(tape, node, "groups", [1, kv_heads, groups, 1, 1])])
-    return tape.op("Reshape", [wide, _ints(tape, node, "repeated", [0, heads, -1, head])])
+    out = tape.op("Reshape", [wide, _ints(tape, node, "repeated", [0, heads, -1, head])])
+    out.shape = ir.Shape([x.shape[0] if x.shape is not None else None, heads, None, head])
+    return out
 
 
 def _causal(tape: ir.tape.Tape, node: ir.Node, past: ir.Value, total: ir.Value) -> ir.Value:
