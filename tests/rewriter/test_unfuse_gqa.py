@@ -49,7 +49,7 @@ def _gqa_model(packed: bool, **attrs) -> onnx.ModelProto:
                                 "sin_cache"], ["out", "present_key", "present_value"], name="gqa",
         domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV_HEADS,
         **({"do_rotary": 1, "scale": 0.3, "local_window_size": -1, "softcap": 0.0} | attrs))
-    cache = ["batch", KV_HEADS, "past", D]
+    cache = ["batch", KV_HEADS, "past", "kv_cache_dim"]  # as the builder declares them
     graph = helper.make_graph(
         [*mask, *matmuls, gqa], "gqa",
         [helper.make_tensor_value_info("x", FLOAT, ["batch", "length", HIDDEN]),

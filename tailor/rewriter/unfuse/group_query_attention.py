@@ -80,9 +80,9 @@ class GroupQueryAttention(UnfuseRule):
         batch, length_dim = (node.inputs[QUERY].shape or [None, None])[:2]
         for x in (present_k, present_v):
             x.shape = ir.Shape([batch, kv_heads, None, head])
-        for past in (node.inputs[PAST_KEY], node.inputs[PAST_VALUE]):  # the builder names it kv_cache_dim
-            if past.shape is not None and len(past.shape) == 4 and not isinstance(past.shape[3], int):
-                past.shape = ir.Shape([*past.shape[:3], head])
+        for cache in (node.inputs[PAST_KEY], node.inputs[PAST_VALUE]):  # the builder names D kv_cache_dim
+            if cache.shape is not None and len(cache.shape) == 4 and not isinstance(cache.shape[3], int):
+                cache.shape = ir.Shape([*cache.shape[:3], head])
         keys = _repeated(tape, node, present_k, heads, kv_heads, head)
         values = _repeated(tape, node, present_v, heads, kv_heads, head)
         scores = tape.op("Mul", [tape.op("MatMul", [q, tape.op("Transpose", [keys], attributes={"perm": [0, 1, 3, 2]})]),
