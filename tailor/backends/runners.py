@@ -117,8 +117,8 @@ class OrtModel(NumpyModel):
         self.input_specs = input_specs(self.session)
         head_size = genai_head_size(self.path) if self.path is not None else None
         if head_size is not None:  # onnxruntime-genai's builder names the caches' head size
-            self.input_specs = [(n, shape if not is_past_input(n) or len(shape) != 4 else [*shape[:3], head_size], t)
-                                for n, shape, t in self.input_specs]
+            self.input_specs = [(n, [*s[:3], head_size] if is_past_input(n) and len(s) == 4 else s, t)
+                                for n, s, t in self.input_specs]
         self.input_shape = InputShape.of(self.input_specs, causal)
 
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -182,7 +182,8 @@ def genai_head_size(path: Path) -> int | None:
     import json
 
     try:
-        return int(json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
+        config = json.loads((path.parent / "genai_config.json").read_text())
+        return int(config["model"]["decoder"]["head_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -85,7 +85,8 @@ class GroupQueryAttention(UnfuseRule):
                 cache.shape = ir.Shape([*cache.shape[:3], head])
         keys = _repeated(tape, node, present_k, heads, kv_heads, head)
         values = _repeated(tape, node, present_v, heads, kv_heads, head)
-        scores = tape.op("Mul", [tape.op("MatMul", [q, tape.op("Transpose", [keys], attributes={"perm": [0, 1, 3, 2]})]),
+        keys_t = tape.op("Transpose", [keys], attributes={"perm": [0, 1, 3, 2]})
+        scores = tape.op("Mul", [tape.op("MatMul", [q, keys_t]),
                                  constant(tape, node, "scale", scale, node.inputs[QUERY])])
         scores = tape.op("Add", [scores, _causal(tape, node, past, total)])
         probs = tape.op("Softmax", [scores], attributes={"axis": -1})
@@ -153,7 +154,8 @@ def _heads(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, count: int, head: int
     return out
 
 
-def _rope(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value, head: int) -> ir.Value:
+def _rope(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, cos: ir.Value, sin: ir.Value,
+          head: int) -> ir.Value:
     """x·cos + rotate_half(x)·sin, rotate_half(x) = concat(-x[..., D/2:], x[..., :D/2])."""
     first = tape.op("Slice", [x, _ints(tape, node, "zero", [0]), _ints(tape, node, "half", [head // 2]),
                               _ints(tape, node, "last", [-1])])
@@ -165,7 +167,8 @@ def _rope(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, cos: ir.Value, sin: ir
     return out
 
 
-def _repeated(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, heads: int, kv_heads: int, head: int) -> ir.Value:
+def _repeated(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, heads: int, kv_heads: int,
+              head: int) -> ir.Value:
     """[B, kv, T, D] -> [B, heads, T, D], each KV head repeated over its group (repeat_kv)."""
     if heads == kv_heads:
         return x
