@@ -72,11 +72,8 @@ def test_the_unfused_attention_computes_what_onnxruntime_does(packed, past, leng
     assert unfuse(model) == {"group_query_attention": 1}
     assert unsupported_ops(model) is None
     unfused = ir.serde.serialize_model(model)
-    batch = 1 if past and length > 1 else 2  # onnxruntime's op takes a prompt after a past at batch 1
-    feeds = {"x": RNG.standard_normal((batch, length, HIDDEN)).astype(np.float32),
-             "attention_mask": np.ones((batch, past + length), np.int64),
-             "past_key": RNG.standard_normal((batch, KV_HEADS, past, D)).astype(np.float32),
-             "past_value": RNG.standard_normal((batch, KV_HEADS, past, D)).astype(np.float32)}
+    # onnxruntime's op takes a prompt after a past at batch 1 only
+    feeds = _feeds(1 if past and length > 1 else 2, past, length)
     fused = cpu_session(proto.SerializeToString(), 1).run(None, feeds)
     standard = cpu_session(unfused.SerializeToString(), 1).run(None, feeds)
     for theirs, ours in zip(fused, standard):
@@ -94,3 +91,55 @@ def test_attributes_the_form_does_not_compute_leave_the_op_named(attrs):
     model = ir.serde.deserialize_model(_gqa_model(True, **attrs))
     assert unfuse(model) == {}
     assert unsupported_ops(model) == "operators no rule writes back (com.microsoft:GroupQueryAttention ×1)"
+
+
+def _feeds(batch: int, past: int, length: int) -> dict[str, np.ndarray]:
+    return {"x": RNG.standard_normal((batch, length, HIDDEN)).astype(np.float32),
+            "attention_mask": np.ones((batch, past + length), np.int64),
+            "past_key": RNG.standard_normal((batch, KV_HEADS, past, D)).astype(np.float32),
+            "past_value": RNG.standard_normal((batch, KV_HEADS, past, D)).astype(np.float32)}
+
+
+def test_a_packed_4_bit_projection_is_cut_into_three_exactly():
+    """The int4 build: q, k and v packed in one MatMulNBits, cut into three by whole rows of blocks."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(_gqa_model(True), block_size=16, is_symmetric=True)
+    quantizer.process()
+    proto = quantizer.model.model
+    model = ir.serde.deserialize_model(proto)
+    assert unfuse(model) == {"group_query_attention": 1}
+    assert [n.attributes.get_int("N") for n in model.graph if n.op_type == "MatMulNBits"] == \
+        [HEADS * D, KV_HEADS * D, KV_HEADS * D]
+    feeds = _feeds(1, 4, 3)
+    fused = cpu_session(proto.SerializeToString(), 1).run(None, feeds)
+    standard = cpu_session(ir.serde.serialize_model(model).SerializeToString(), 1).run(None, feeds)
+    for theirs, ours in zip(fused, standard):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "zero points"])
+def test_a_4_bit_table_lookup_is_a_gather_of_the_dequantized_table(zero_points):
+    rows, width, block = 40, 64, 16
+    packed = RNG.integers(0, 256, (rows, width // 2), dtype=np.uint8)
+    scales = RNG.random((rows, width // block)).astype(np.float32)
+    weights = [helper.make_tensor("table", TensorProto.UINT8, packed.shape, packed.tobytes(), raw=True),
+               _tensor("scales", scales)]
+    inputs = ["table", "ids", "scales"]
+    if zero_points:
+        zeros = RNG.integers(0, 256, (rows, width // block // 2), dtype=np.uint8)
+        weights.append(helper.make_tensor("zeros", TensorProto.UINT8, zeros.shape, zeros.tobytes(), raw=True))
+        inputs.append("zeros")
+    node = helper.make_node("GatherBlockQuantized", inputs, ["out"], domain="com.microsoft", bits=4,
+                            block_size=block, gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph([node], "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("out", FLOAT, [2, 5, width])], weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    model = ir.serde.deserialize_model(proto)
+    assert unfuse(model) == {"gather_block_quantized": 1}
+    assert unsupported_ops(model) is None
+    feeds = {"ids": RNG.integers(0, rows, (2, 5))}
+    theirs = cpu_session(proto.SerializeToString(), 1).run(None, feeds)[0]
+    ours = cpu_session(ir.serde.serialize_model(model).SerializeToString(), 1).run(None, feeds)[0]
+    np.testing.assert_array_equal(ours, theirs)

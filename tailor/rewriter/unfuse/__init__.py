@@ -17,12 +17,14 @@ import onnx_ir.passes.common as common_passes
 
 from tailor.rewriter.quantized import QUANTIZED_OPS, unsupported
 from tailor.rewriter.unfuse.base import UnfuseRule
+from tailor.rewriter.unfuse.gather_block_quantized import GatherBlockQuantized
 from tailor.rewriter.unfuse.gelu import GeluOps
 from tailor.rewriter.unfuse.group_query_attention import GroupQueryAttention
 from tailor.rewriter.unfuse.skip_norm import SkipNorm
 
 RULES: dict[str, UnfuseRule] = {"skip_norm": SkipNorm(), "gelu": GeluOps(),
-                                "group_query_attention": GroupQueryAttention()}
+                                "group_query_attention": GroupQueryAttention(),
+                                "gather_block_quantized": GatherBlockQuantized()}
 
 
 def unfuse(model: ir.Model) -> dict[str, int]:

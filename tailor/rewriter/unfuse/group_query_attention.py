@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from tailor.rewriter.quantized.weights import NBitsLinear, quantized_linear
 from tailor.rewriter.unfuse.base import UnfuseRule, constant, given, used
 
 QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS_K, TOTAL_LENGTH, COS, SIN = range(9)
@@ -108,23 +109,41 @@ def _head_size(node: ir.Node) -> int | None:
 
 
 def split_packed(tape: ir.tape.Tape, node: ir.Node, sizes: list[int]) -> list[ir.Value]:
-    """q, k and v of a packed projection: where one MatMul of a weight [in, q+k+v] makes it and
-    nothing else reads it, three MatMuls of the weight's column blocks (the q, k and v projections
-    an export holds, which recognition and the rewrites read one by one); else a Split."""
+    """q, k and v of a packed projection: where one MatMul of a weight [in, q+k+v] (or one
+    MatMulNBits of a 4-bit weight [q+k+v, blocks, blob]) makes it and nothing else reads it, three
+    of the weight's output blocks (the q, k and v projections an export holds, which recognition
+    and the rewrites read one by one); else a Split."""
     packed = node.inputs[QUERY]
     matmul = packed.producer()
-    weight = matmul.inputs[1] if matmul is not None and matmul.op_type == "MatMul" and \
-        matmul.domain in ("", "ai.onnx") else None
-    if weight is None or weight.const_value is None or len(weight.shape) != 2 or len(packed.uses()) != 1:
-        return list(tape.op_multi_out("Split", [packed, _ints(tape, node, "sizes", sizes)],
-                                      attributes={"axis": -1}, num_outputs=3))
-    w = weight.const_value.numpy()
     bounds = np.cumsum([0, *sizes])
-    stem = (weight.name or "qkv").removesuffix(".weight")
-    names = [f"{stem}.{p}.weight" for p in "qkv"]
-    return [tape.op("MatMul", [matmul.inputs[0], tape.initializer(ir.tensor(w[:, a:b].copy(), name=n))],
-                    name=f"{matmul.name}_{p}")
-            for a, b, n, p in zip(bounds[:-1], bounds[1:], names, "qkv")]
+    parts = list(zip(bounds[:-1], bounds[1:], "qkv"))
+    if matmul is not None and len(packed.uses()) == 1:
+        nbits = quantized_linear(matmul)
+        if isinstance(nbits, NBitsLinear) and matmul.inputs[1].name:
+            return [_nbits_part(tape, matmul, nbits, a, b, p) for a, b, p in parts]
+        weight = matmul.inputs[1] if matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx") else None
+        if weight is not None and weight.const_value is not None and len(weight.shape) == 2:
+            w = weight.const_value.numpy()
+            stem = (weight.name or "qkv").removesuffix(".weight")
+            return [tape.op("MatMul", [matmul.inputs[0], tape.initializer(
+                        ir.tensor(w[:, a:b].copy(), name=f"{stem}.{p}.weight"))], name=f"{matmul.name}_{p}")
+                    for a, b, p in parts]
+    return list(tape.op_multi_out("Split", [packed, _ints(tape, node, "sizes", sizes)],
+                                  attributes={"axis": -1}, num_outputs=3))
+
+
+def _nbits_part(tape: ir.tape.Tape, matmul: ir.Node, nbits: NBitsLinear, start: int, stop: int,
+                part: str) -> ir.Value:
+    """Output channels start..stop-1 of a MatMulNBits, as one of its own (whole rows of blocks:
+    exact)."""
+    arrays = nbits.sliced(np.arange(start, stop), None)
+    names = {i: f"{matmul.inputs[i].name}.{part}" for i in arrays}
+    weights = [tape.initializer(ir.tensor(arrays[i], name=names[i])) if i in arrays else None
+               for i in range(1, len(matmul.inputs))]
+    inputs = [matmul.inputs[0], *weights]
+    attributes = {a.name: a.value for a in matmul.attributes.values()} | {"N": int(stop - start)}
+    return tape.op("MatMulNBits", inputs, attributes=attributes, domain=matmul.domain,
+                   name=f"{matmul.name}_{part}")
 
 
 def _ints(tape: ir.tape.Tape, node: ir.Node, what: str, values) -> ir.Value:
