@@ -133,8 +133,8 @@ def test_a_4_bit_table_lookup_is_a_gather_of_the_dequantized_table(zero_points):
     node = helper.make_node("GatherBlockQuantized", inputs, ["out"], domain="com.microsoft", bits=4,
                             block_size=block, gather_axis=0, quantize_axis=1)
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])
-    graph = helper.make_graph([node], "lookup", [ids], [helper.make_tensor_value_info("out", FLOAT, [2, 5, width])],
-                              weights)
+    out = helper.make_tensor_value_info("out", FLOAT, [2, 5, width])
+    graph = helper.make_graph([node], "lookup", [ids], [out], weights)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     model = ir.serde.deserialize_model(proto)

@@ -23,8 +23,9 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     reads the lm_head's [N, blocks, blob] weight as the table's [vocab, hidden / 2] bytes)."""
     if value is None:
         return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
+    const = ir.convenience.get_const_tensor(value)  # an initializer, or a Constant node's value
+    if const is not None:
+        return const.numpy()
     reshape = value.producer()
     if reshape is None or reshape.op_type != "Reshape":
         return None
