@@ -48,7 +48,7 @@ class GroupQueryAttention(UnfuseRule):
         if extra:
             return "position_ids, attention_bias or head_sink inputs"
         if any(given(node, i) is None for i in (PAST_KEY, PAST_VALUE, TOTAL_LENGTH, COS, SIN)):
-            return "no past key/value caches"
+            return "no past key/value caches, total_sequence_length or cos/sin caches"
         if (given(node, KEY) is None) != (given(node, VALUE) is None):
             return "a key without a value"
         cos = node.inputs[COS].shape
