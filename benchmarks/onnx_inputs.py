@@ -55,6 +55,7 @@ from tailor.core.errors import TailorError
 from tailor.data.text import load_tokenizer, read_text, token_windows
 from tailor.quality.metrics import time_side_by_side
 from tailor.rewriter.capture import TOKENIZER_FILES, load_hf_directory
+from tailor.rewriter.onnx_check import genai_head_size
 from tailor.rewriter.quantized import QUANTIZED_OPS
 from tailor.runtime.target_table import measure_cpu
 
@@ -203,7 +204,9 @@ def kv_cache_bytes(path: Path, tokens: int = KV_TOKENS) -> int:
     total = 0
     for i in onnx.load(str(path), load_external_data=False).graph.input:
         if i.name.startswith("past_key_values."):
+            # the builder's input names the head size (kv_cache_dim): its genai_config gives it
             dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            dims[3] = dims[3] or genai_head_size(path) or 0
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).itemsize
             total += dims[1] * dims[3] * tokens * itemsize
     return total
@@ -228,16 +231,24 @@ def clients(model: Model, out: Path, path: Path, ids: torch.Tensor) -> dict:
         except RuntimeError as e:
             return {"optimum": client_failure(e)}
         return {"optimum": "loads", "optimum_max_abs_diff": float(np.abs(theirs - ours).max())}
+    row = genai_client(out, path, ids)
+    try:
+        optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
+                                            str(CONTINUATION)).splitlines()[-1])
+        row |= {"optimum": "loads", "optimum_equal": optimum == row["tailor_continuation"]}
+    except RuntimeError as e:
+        row["optimum"] = client_failure(e)
+    return row
+
+
+def genai_client(out: Path, path: Path, ids: torch.Tensor) -> dict:
+    """Whether onnxruntime-genai loads a decoder's artifact (its genai_config.json written or
+    updated), checked against tailor's own runtime on it; the KV cache's size before and after."""
+    prompt = ids[0, :32].tolist()
     ours = tailor.load(out).generate([prompt], CONTINUATION)[0]
     row = {"tailor_continuation": ours, "kv_bytes_input": kv_cache_bytes(path),
            "kv_bytes_artifact": kv_cache_bytes(out / "model.onnx"),
            "genai": "no genai_config.json (KV heads differ between layers)"}
-    try:
-        optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
-                                            str(CONTINUATION)).splitlines()[-1])
-        row |= {"optimum": "loads", "optimum_equal": optimum == ours}
-    except RuntimeError as e:
-        row["optimum"] = client_failure(e)
     if (out / "genai_config.json").is_file():
         try:
             row |= {"genai": "loads", "genai_equal": genai_continuation(out, prompt, CONTINUATION) == ours}
@@ -301,6 +312,8 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     q = quality(model, models, path)
     if kind == "optimum":
         row |= clients(model, out, path, ids)
+    elif kind.startswith("genai_"):
+        row |= genai_client(out, path, ids)
     return row | {"works": True, "compile_s": time.perf_counter() - t0,
                   "artifact_mb": (out / "model.onnx").stat().st_size / 2**20,
                   "quantized_ops": {"input": quantized_ops(path),

@@ -113,7 +113,7 @@ def write_export_configs(model: ir.Model, graph: TransformerGraph, skipped: set[
     `out` from the export folder `source`; what was written and what the config cannot say (None:
     the source has no config.json, it is no exporter's folder)."""
     if not (source / CONFIG).is_file():
-        return None
+        return write_builder_config(model, graph, skipped, source, out)
     shape = rewritten_shape(model, graph, skipped)
     config, unsaid = updated_config(read_json(source / CONFIG), shape)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -126,6 +126,34 @@ def write_export_configs(model: ir.Model, graph: TransformerGraph, skipped: set[
         (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
         written.append(GENAI_CONFIG)
     return {"written": written, "shape": shape, "config_cannot_say": unsaid}
+
+
+def write_builder_config(model: ir.Model, graph: TransformerGraph, skipped: set[int], source: Path,
+                         out: Path) -> dict[str, Any] | None:
+    """onnxruntime-genai's model builder's genai_config.json, updated to the rewritten decoder,
+    into `out` (None: `source` holds none). Its layers and KV heads are the caches left; the
+    caches now grow by concatenation (the unfused attention appends to past), so no shared
+    past/present buffer. Where the KV heads differ between layers no config sizes the cache: none
+    is written, and the report says so."""
+    if not (source / GENAI_CONFIG).is_file():
+        return None
+    shape = rewritten_shape(model, graph, skipped)
+    heads = set(shape["cache_kv_heads"])
+    if len(heads) != 1:
+        return {"written": [], "shape": shape, "config_cannot_say": [
+            f"KV heads per layer {shape['cache_kv_heads']}: onnxruntime-genai sizes one cache for every "
+            f"layer, so {GENAI_CONFIG} is not written"]}
+    genai = read_json(source / GENAI_CONFIG)
+    try:
+        decoder = genai["model"]["decoder"]
+        decoder["num_hidden_layers"] = len(shape["cache_kv_heads"])
+        decoder["num_key_value_heads"] = heads.pop()
+        genai.setdefault("search", {})["past_present_share_buffer"] = False
+    except (KeyError, TypeError):
+        raise TailorError(f"{source / GENAI_CONFIG}: no model.decoder section, not onnxruntime-genai's "
+                          f"config") from None
+    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n")
+    return {"written": [GENAI_CONFIG], "shape": shape, "config_cannot_say": []}
 
 
 def genai_continuation(folder: Path, prompt: list[int], n: int) -> list[int]:

@@ -18,7 +18,7 @@ from tailor.core.devices import module_device
 from tailor.core.dispatch import is_dispatched
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import is_onnx_export, load_gguf, load_hf_directory, load_onnx
-from tailor.rewriter.onnx_check import InputShape, input_specs
+from tailor.rewriter.onnx_check import InputShape, genai_head_size, input_specs, is_past_input
 
 
 class HFModel(torch.nn.Module):
@@ -115,6 +115,10 @@ class OrtModel(NumpyModel):
             raise TailorError(f"onnxruntime cannot run {self.path or 'the rewritten model'}: "
                               f"{str(e).splitlines()[0]}") from None
         self.input_specs = input_specs(self.session)
+        head_size = genai_head_size(self.path) if self.path is not None else None
+        if head_size is not None:  # onnxruntime-genai's builder names the caches' head size
+            self.input_specs = [(n, [*s[:3], head_size] if is_past_input(n) and len(s) == 4 else s, t)
+                                for n, s, t in self.input_specs]
         self.input_shape = InputShape.of(self.input_specs, causal)
 
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:

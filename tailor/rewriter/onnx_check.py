@@ -35,25 +35,30 @@ def is_past_input(name: str) -> bool:
     return name.startswith("past_key_values.")
 
 
-def empty_past(shape, batch: int, dtype) -> np.ndarray:
+def empty_past(shape, batch: int, dtype, head_size: int | None = None) -> np.ndarray:
     """A KV cache input holding no position: the declared head counts and sizes (numbers), the
     batch first, and 0 for the past length (the one other named dimension). Every position is
-    then computed from the token inputs, as when the decoder starts a sequence."""
-    dims = [batch if axis == 0 else d if isinstance(d, int) else 0 for axis, d in enumerate(shape or [])]
+    then computed from the token inputs, as when the decoder starts a sequence. `head_size`
+    stands for a head size declared as a name (onnxruntime-genai's builder writes kv_cache_dim)."""
+    shape = list(shape or [])
+    if head_size is not None and len(shape) == 4 and not isinstance(shape[3], int):
+        shape[3] = head_size
+    dims = [batch if axis == 0 else d if isinstance(d, int) else 0 for axis, d in enumerate(shape)]
     if dims.count(0) != 1:
         raise TailorError(f"a KV cache input of shape {list(shape or [])}: expected one named past "
                           f"length beside fixed head counts and sizes")
     return np.zeros(dims, dtype)
 
 
-def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray,
+               head_size: int | None = None) -> dict[str, np.ndarray]:
     """Inputs for an exported transformer from token ids; names as HF exporters write them. A
-    decoder's KV cache inputs are fed empty (past length 0)."""
+    decoder's KV cache inputs are fed empty (past length 0; `head_size`: empty_past)."""
     b, t = input_ids.shape
     feeds = {}
     for name, shape, dtype in model_inputs:
         if is_past_input(name):
-            feeds[name] = empty_past(shape, b, dtype)
+            feeds[name] = empty_past(shape, b, dtype, head_size)
             continue
         if "input_ids" in name:
             arr = input_ids
@@ -171,6 +176,18 @@ def checker_problem(path: str, full_check: bool) -> str | None:
     return None
 
 
+def genai_head_size(path: Path) -> int | None:
+    """The head size onnxruntime-genai's genai_config.json beside the model gives (its builder
+    declares the caches' head size as a name), or None."""
+    import json
+
+    try:
+        config = json.loads((path.parent / "genai_config.json").read_text())
+        return int(config["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _check(path: str, full_check: bool) -> tuple[int, str] | None:
     """In the child: (exit code, what is wrong with the file), or None."""
     import onnxruntime as ort
@@ -184,7 +201,7 @@ def _check(path: str, full_check: bool) -> tuple[int, str] | None:
         session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         specs = input_specs(session)
         sample = np.zeros(InputShape.of(specs).example(), np.int64)  # the graph's fixed dims, if any
-        outputs = session.run(None, onnx_feeds(specs, sample))
+        outputs = session.run(None, onnx_feeds(specs, sample, genai_head_size(Path(path))))
         bad = [o.name for o, v in zip(session.get_outputs(), outputs)
                if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
         if bad:

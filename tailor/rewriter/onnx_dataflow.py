@@ -204,6 +204,8 @@ class OnnxDataflow(Dataflow):
         # Slice(data, starts, ends, axes, steps)
         consts = [self.constant(v) if v is not None else None for v in node.inputs[1:5]]
         starts, ends = consts[0], consts[1]
+        if starts is None or ends is None:  # bounds computed at run time (rows of a rope cache)
+            return None
         axes = consts[2] if len(consts) > 2 and consts[2] is not None else np.arange(len(starts))
         steps = consts[3] if len(consts) > 3 and consts[3] is not None else np.ones(len(starts))
         if starts is None or ends is None or len(axes) != 1 or int(steps[0]) != 1 \

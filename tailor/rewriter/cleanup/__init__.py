@@ -10,8 +10,9 @@ from onnxscript.rewriter import RewriteRuleSet
 
 from tailor.rewriter.cleanup.nan_guard_after_product import NanGuardAfterProduct
 from tailor.rewriter.cleanup.shared_parameters import SharedParameters
+from tailor.rewriter.cleanup.table_read_transposed import TableReadTransposed
 
-PASSES = {"shared_parameters": SharedParameters}
+PASSES = {"shared_parameters": SharedParameters, "table_read_transposed": TableReadTransposed}
 RULES = {"nan_guard_after_product": NanGuardAfterProduct}
 
 

@@ -13,13 +13,18 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from tailor.rewriter.quantized import QUANTIZED_OPS, unsupported
 from tailor.rewriter.unfuse.base import UnfuseRule
+from tailor.rewriter.unfuse.gather_block_quantized import GatherBlockQuantized
 from tailor.rewriter.unfuse.gelu import GeluOps
+from tailor.rewriter.unfuse.group_query_attention import GroupQueryAttention
 from tailor.rewriter.unfuse.skip_norm import SkipNorm
 
-RULES: dict[str, UnfuseRule] = {"skip_norm": SkipNorm(), "gelu": GeluOps()}
+RULES: dict[str, UnfuseRule] = {"skip_norm": SkipNorm(), "gelu": GeluOps(),
+                                "group_query_attention": GroupQueryAttention(),
+                                "gather_block_quantized": GatherBlockQuantized()}
 
 
 def unfuse(model: ir.Model) -> dict[str, int]:
@@ -43,6 +48,9 @@ def unfuse(model: ir.Model) -> dict[str, int]:
         done[name] += 1
     if done:
         model.opset_imports[""] = max(model.opset_imports.get("", 20), 20)  # the Gelu op
+        # what fed only the fused ops: a packed projection cut in three, GroupQueryAttention's
+        # seqlens_k (recognition must not meet a MatMul or a mask subgraph nothing reads)
+        common_passes.RemoveUnusedNodesPass()(model)
     return dict(done)
 
 
