@@ -66,7 +66,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     patterns = [Pattern.from_json(s) for s in spans]
     dropout = dropout if module.training else 0.0
-    if _traced(query) or dropout:
+    # on the host the masked path computes every score and then drops most (12x the work of the
+    # blocks at 4096 tokens); on a GPU it is a few large kernels where the blocks would be hundreds
+    # of small launches a layer (not measured there: it stays as it was)
+    if _traced(query) or dropout or query.device.type != "cpu":
         out = _attend_masked(query, key, value, patterns, attention_mask, causal, scaling, dropout)
     else:
         groups = query.shape[1] // key.shape[1]
@@ -85,8 +88,8 @@ def _traced(query) -> bool:
 def _attend_masked(query, key, value, patterns, attention_mask, causal: bool, scaling,
                    dropout: float) -> torch.Tensor:
     """Every head over every key, the patterns as a boolean mask: what torch.export traces (one
-    graph for any length, so the ONNX export runs the same pattern) and what training runs.
-    [B, Hq, Q, D]."""
+    graph for any length, so the ONNX export runs the same pattern), what training runs, and
+    what runs on a GPU. [B, Hq, Q, D]."""
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     keep = keep_mask(patterns, q_len, k_len, causal, query.device).repeat_interleave(groups, 0)[None]
@@ -116,14 +119,15 @@ BLOCK_ROWS = 256
 
 def _attend_in_blocks(query, key, value, pattern: Pattern | None, attention_mask, causal: bool,
                       scaling) -> torch.Tensor:
-    """The query heads of one KV head ([B, g, Q, D] over key/value [B, 1, K, D]), eagerly: each
+    """The query heads of one KV head ([B, g, Q, D] over key/value [B, 1, K, D]), eagerly on the
+    host: each
     block of query rows attends to the keys its pattern can keep (the sinks and the window's
     span), so a window of w keys costs Q·(sink + w) scores rather than Q·K, and no [Q, K] mask is
     built. A head without a pattern (or one dense at this length) goes to SDPA whole. The same
     kept keys as `_attend_masked`, so the same result up to summation order."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    batch, groups, q_len, _ = query.shape
+    groups, q_len = query.shape[1], query.shape[2]
     k_len = key.shape[2]
     key, value = key.expand(-1, groups, -1, -1), value.expand(-1, groups, -1, -1)
     if pattern is None or pattern.is_dense_at(k_len):
