@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tailor.backends.base import Backend, BlockTrace, HeadInput, compared_positions, divergence
+from tailor.backends.base import Backend, BlockTrace, HeadInput, compared_positions, divergence, with_logits
 from tailor.core.devices import PeakMemory
 from tailor.core.digests import sha256_file
 from tailor.core.host_memory import release_free_memory
@@ -289,7 +289,8 @@ class OptionMeter:
         if not options:
             return {}
         if self.reference is None:
-            self.reference, self.record = self.backend.reference_with_record(self.ids, self.positions)
+            reference, self.record = self.backend.reference_with_record(self.ids, self.positions)
+            self.reference = with_logits(reference)
         is_lm = self.backend.graph.task == "causal-lm"
         result = {}
         for o in tqdm(options, desc="measuring options", disable=not self.progress, unit="opt"):

@@ -480,7 +480,16 @@ def test_divergence_from_head_inputs_is_the_divergence_of_the_logits(source, tin
         for chunk in (2 ** 22, 3 * 96, 1):  # one chunk, a few positions, one position at a time
             monkeypatch.setattr(base, "DIVERGENCE_CHUNK", chunk)
             outputs = variant.stream(ids, positions=positions, head_inputs=True)
-            assert base.divergence(kept, outputs, True) == pytest.approx(expected, rel=1e-6)
+            once = base.divergence(kept, outputs, True)
+            assert once == pytest.approx(expected, rel=1e-6)
+            # the reference's head run once for every batch, the first only, none: the same KL
+            first = kept[0].hidden[..., 0].numel() * kept[0].vocab_size * 4 if not onnx else 0
+            for budget in (1 << 30, first, 0):
+                cached = base.with_logits(kept, budget)
+                assert sum(isinstance(r, HeadInput) for r in cached) == (
+                    0 if budget > first or onnx else len(kept) - 1 if budget else len(kept))
+                outputs = variant.stream(ids, positions=positions, head_inputs=True)
+                assert base.divergence(cached, outputs, True) == once
         record = dense.record_blocks(ids)
         if record is not None:
             replayed = dense.clone().stream(ids, replay=(record, 2), positions=positions, head_inputs=True)
