@@ -13,6 +13,7 @@ heap stays, and its free pages are given back between units of work instead.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 
@@ -23,12 +24,20 @@ def release_free_memory() -> bool:
     does not stay in the RSS under the next; cheaper than a low mmap threshold, which maps and
     zero-faults every large tensor afresh (a SmolLM2 forward 1.3x slower). False where there is
     no glibc."""
-    if not sys.platform.startswith("linux"):
+    trim = _malloc_trim() if sys.platform.startswith("linux") else None
+    if trim is None:
         return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    """The C library's malloc_trim, looked up once (it is called hundreds of times a compile), or
+    None where it has none (musl)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True
+    return trim

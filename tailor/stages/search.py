@@ -66,11 +66,9 @@ class HeldOut:
         retrieval answers' KL, weighted."""
         kl = float(np.mean([divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
                             for ref, t, p in zip(self.reference, self.texts, self.positions)]))
-        release_free_memory()
-        if not self.retrieval:
-            return kl
-        w = self.cal.retrieval_weight
-        kl = (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
+        if self.retrieval:
+            w = self.cal.retrieval_weight
+            kl = (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
         release_free_memory()
         return kl
 

@@ -120,10 +120,9 @@ BLOCK_ROWS = 256
 def _attend_in_blocks(query, key, value, pattern: Pattern | None, attention_mask, causal: bool,
                       scaling) -> torch.Tensor:
     """The query heads of one KV head ([B, g, Q, D] over key/value [B, 1, K, D]), eagerly on the
-    host: each
-    block of query rows attends to the keys its pattern can keep (the sinks and the window's
-    span), so a window of w keys costs Q·(sink + w) scores rather than Q·K, and no [Q, K] mask is
-    built. A head without a pattern (or one dense at this length) goes to SDPA whole. The same
+    host: each block of query rows attends to the keys its pattern can keep (the sinks and the
+    window's span), so a window of w keys costs Q·(sink + w) scores rather than Q·K, and no [Q, K]
+    mask is built. A head without a pattern (or one dense at this length) goes to SDPA whole. The same
     kept keys as `_attend_masked`, so the same result up to summation order."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -142,7 +141,8 @@ def _attend_in_blocks(query, key, value, pattern: Pattern | None, attention_mask
     reach = 1 if causal else window  # keys after the query that the pattern may keep
     out = []
     for s in range(0, q_len, BLOCK_ROWS):
-        first, last = offset + s, offset + min(q_len, s + BLOCK_ROWS) - 1
+        rows = min(q_len, s + BLOCK_ROWS) - s
+        first, last = offset + s, offset + s + rows - 1
         lo, hi = max(0, first - window + 1), min(k_len, last + reach)
         if pattern.sink < lo:  # the sinks, then the window's span
             keys = torch.cat([torch.arange(pattern.sink, device=query.device),
@@ -152,10 +152,10 @@ def _attend_in_blocks(query, key, value, pattern: Pattern | None, attention_mask
         dist = torch.arange(first, last + 1, device=query.device)[:, None] - keys[None, :]
         keep = (keys[None, :] < pattern.sink) | ((dist if causal else dist.abs()) < window)
         if base is not None:
-            keep = keep & base[..., s:s + last + 1 - first, :].index_select(-1, keys)
+            keep = keep & base[..., s:s + rows, :].index_select(-1, keys)
         elif causal:
             keep = keep & (dist >= 0)
-        out.append(F.scaled_dot_product_attention(query[:, :, s:s + last + 1 - first],
+        out.append(F.scaled_dot_product_attention(query[:, :, s:s + rows],
                                                   key.index_select(2, keys), value.index_select(2, keys),
                                                   attn_mask=keep, scale=scaling))
     return torch.cat(out, dim=2)
