@@ -139,6 +139,22 @@ def test_loads_as_the_model_it_was_written_from(family, tiny_gguf):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
 
 
+def test_a_load_parses_the_file_once(tiny_gguf, monkeypatch):
+    """transformers alone parses a file for its config and again for its weights, and builds
+    gguf's name table once a module: the load hands it one parse and one table, then puts gguf
+    back as it was."""
+    parses, tables = [], []
+    parse, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or parse(*a, **k))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a: tables.append(a) or name_map(*a))
+    counting = gguf.GGUFReader, gguf.get_tensor_name_map
+    model, path, _ = tiny_gguf["qwen2"]
+    loaded = load_gguf(path)
+    assert len(parses) == 1 and len(tables) == 1
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == counting
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
 def test_quantized_blocks_are_dequantized(tiny_gguf, tmp_path):
     model, _, tok = tiny_gguf["llama"]
     path = tmp_path / "q8.gguf"
