@@ -221,6 +221,11 @@ class PatternRunner(abc.ABC):
     def loss(self, layer: int, patterns: list[Pattern | None], batches: list[ProfileBatch]) -> float:
         """Σ weight × divergence with `layer` on `patterns`, the other layers dense."""
 
+    def fit_gates(self, samples: list, pattern: Pattern, steps: int, progress: bool):
+        """[layers, kv_heads] retrieval gates (tailor.backends.retrieval_gates) fitted on the
+        retrieval samples, or None where the runner cannot take gradients (onnxruntime)."""
+        return None
+
 
 class BranchSums:
     """E[x̃x̃ᵀ] and E[t x̃ᵀ] over batches (x̃ = [x; 1]): what a least-squares refit needs. Summed in

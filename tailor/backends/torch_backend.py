@@ -28,6 +28,7 @@ from tailor.backends.base import (
     branch_projection,
 )
 from tailor.backends.export import export_onnx
+from tailor.backends.retrieval_gates import fit_gates
 from tailor.backends.runners import HFModel, kept_positions, takes_logits_to_keep
 from tailor.core.devices import module_device
 from tailor.core.dispatch import execution_device, is_dispatched, shared_hook_state, tensor
@@ -448,6 +449,11 @@ class TorchPatternRunner(PatternRunner):
             return total
         finally:
             self.attns[layer].tailor_spans = None
+
+
+    def fit_gates(self, samples: list, pattern: Pattern, steps: int, progress: bool) -> np.ndarray:
+        return fit_gates(self.model, self.attns, self.kv_heads, samples, pattern, steps,
+                         split=split_head(self.model) if self.is_lm else None, progress=progress)
 
 
 class _ProxyObserver:

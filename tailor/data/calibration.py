@@ -75,6 +75,9 @@ class Calibration:
     retrieval: dict[int, list] = field(default_factory=dict)
     heldout_retrieval: list = field(default_factory=list)
     retrieval_weight: float = 0.0
+    # retrieval sequences of the longest profiled length that the retrieval gates are fitted on
+    # (tailor.backends.retrieval_gates)
+    gate_retrieval: list = field(default_factory=list)
 
 
 def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool = False) -> torch.Tensor:
@@ -246,7 +249,7 @@ def text_of_length(cal: Calibration, length: int) -> torch.Tensor:
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
                        template=None, windows_tokens: int = 2048, samples: int = 4,
-                       retrieval_weight: float = 0.25, seed: int = 0) -> None:
+                       gate_samples: int = 16, retrieval_weight: float = 0.25, seed: int = 0) -> None:
     """Windows of each profiled length spread over the calibration tokens, and synthetic
     retrieval sequences (when there is a tokenizer to write them with)."""
     from tailor.data.retrieval import RetrievalTemplate, make_samples
@@ -267,4 +270,6 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
         cal.heldout_retrieval = [
             s for n in sorted({validation_len, max(lengths)})
             for s in make_samples(tokenizer, n, samples, seed + 7919 + n, template, stream)]
+        cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, template,
+                                          stream)
         cal.retrieval_weight = retrieval_weight

@@ -50,6 +50,13 @@ MEASURED_PER_LENGTH = 48
 # least MIN_MEASURED_PER_LENGTH a length (the points of the map), at most MEASURED_PER_LENGTH
 ATTENTION_SECONDS = 160
 MIN_MEASURED_PER_LENGTH = 4
+# the retrieval gates: DuoAttention's streaming heads (64 sink tokens + the 256 most recent), fitted
+# in at most GATE_STEPS steps (one sequence each; 48 rank refllama-16m's retrieval head first, 33 s
+# at 1024 tokens on 2 CPU cores) within GATE_SECONDS of work, not at all below MIN_GATE_STEPS
+GATE_PATTERN = Pattern(64, 256, 0.0)
+GATE_STEPS = 48
+MIN_GATE_STEPS = 16
+GATE_SECONDS = 30
 # proxies are compared in log: a floor for the exact zeros
 TINY = 1e-30
 
@@ -65,13 +72,19 @@ class AttentionInfluence:
     proxy: dict[int, np.ndarray] = field(default_factory=dict)
     was_measured: dict[int, np.ndarray] = field(default_factory=dict)
     spearman: dict[int, float | None] = field(default_factory=dict)
+    # where the backend fits them: the retrieval gates [layers, kv_heads] of every KV head mixed
+    # with `gate_pattern` (tailor.backends.retrieval_gates): near 1, a head retrieval needs whole
+    gates: np.ndarray | None = None
+    gate_pattern: Pattern | None = None
 
     def to_json(self) -> dict:
         arrays = lambda d: {str(n): v.tolist() for n, v in d.items()}  # noqa: E731
         return {"lengths": self.lengths, "grid": [p.to_json() for p in self.grid], "measured": self.measured,
                 "loss": arrays(self.loss), "proxy": arrays(self.proxy),
                 "was_measured": arrays(self.was_measured),
-                "spearman": {str(n): r for n, r in self.spearman.items()}}
+                "spearman": {str(n): r for n, r in self.spearman.items()},
+                "gates": None if self.gates is None else self.gates.tolist(),
+                "gate_pattern": None if self.gate_pattern is None else self.gate_pattern.to_json()}
 
     @classmethod
     def unmeasured(cls, graph: TransformerGraph, lengths: list[int],
@@ -85,7 +98,9 @@ class AttentionInfluence:
         arrays = lambda key, dtype: {int(n): np.asarray(v, dtype) for n, v in d.get(key, {}).items()}  # noqa: E731
         return cls([int(n) for n in d["lengths"]], [Pattern.from_json(p) for p in d["grid"]],
                    arrays("loss", float), int(d["measured"]), arrays("proxy", float),
-                   arrays("was_measured", bool), {int(n): r for n, r in d.get("spearman", {}).items()})
+                   arrays("was_measured", bool), {int(n): r for n, r in d.get("spearman", {}).items()},
+                   None if d.get("gates") is None else np.asarray(d["gates"], float),
+                   None if d.get("gate_pattern") is None else Pattern.from_json(d["gate_pattern"]))
 
 
 def contains(outer: Pattern, inner: Pattern, n: int) -> bool:
@@ -142,16 +157,27 @@ def cells_measured(graph: TransformerGraph, sequences: dict[int, int], device_ki
                            MEASURED_PER_LENGTH)) for n, k in sequences.items()}
 
 
+def gate_steps(graph: TransformerGraph, length: int, device_kind: str) -> int:
+    """Steps of the retrieval gates' fit at `length` within GATE_SECONDS of work (a step: a
+    forward and a backward, ~3 forwards); 0 below MIN_GATE_STEPS, or where GATE_PATTERN is dense."""
+    if GATE_PATTERN.is_dense_at(length):
+        return 0
+    affordable = Allowance(GATE_SECONDS, device_kind).total // (3 * forward_flops(graph, length))
+    steps = min(GATE_STEPS, int(affordable))
+    return steps if steps >= MIN_GATE_STEPS else 0
+
+
 def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
                       retrieval: dict[int, list[RetrievalSample]], grid: list[Pattern], *,
                       retrieval_weight: float, progress: bool,
-                      measured_per_length: int | dict[int, int] | None = MEASURED_PER_LENGTH
-                      ) -> AttentionInfluence:
+                      measured_per_length: int | dict[int, int] | None = MEASURED_PER_LENGTH,
+                      gate_samples: list[RetrievalSample] = (), gate_steps: int = 0) -> AttentionInfluence:
     """texts: length -> [n, length] token windows; retrieval: length -> samples of that length.
     Loss = (1 - w)·mean text KL + w·mean answer KL (w = retrieval_weight, when there are both).
     Where the backend computes a proxy, at most `measured_per_length` cells a length are measured
     (one number, or one per length; None: all) and the rest follow from the proxy through a
-    monotone map fitted on those."""
+    monotone map fitted on those. With `gate_samples` and `gate_steps`, and where the backend
+    takes gradients, the retrieval gates are fitted on them too."""
     lengths = sorted(set(texts) | set(retrieval))
     budget = measured_per_length if isinstance(measured_per_length, dict) else \
         {n: measured_per_length for n in lengths}
@@ -195,6 +221,10 @@ def profile_attention(backend: Backend, texts: dict[int, torch.Tensor],
                 out.spearman[n] = rank_correlation(proxy[measured], loss[measured])
             out.loss[n], out.was_measured[n] = loss, measured
             out.measured += int(measured.sum())
+        if gate_samples and gate_steps:
+            out.gates = runner.fit_gates(list(gate_samples), GATE_PATTERN, gate_steps, progress)
+            out.gate_pattern = GATE_PATTERN if out.gates is not None else None
+            release_free_memory()
     return out
 
 

@@ -5,8 +5,8 @@ method cannot reach the budget under `objective`.
 
 - StreamingLLM (Xiao et al. 2023): every KV head on one sink + static window;
 - DuoAttention (Xiao et al. 2024): retrieval heads dense, the others on a streaming pattern; heads
-  ranked by the attention profile's measured loss on that pattern (where DuoAttention trains a
-  gate per head on synthetic retrieval data);
+  ranked by DuoAttention's gates fitted on synthetic retrieval data where the profile has them
+  (tailor.backends.retrieval_gates), else by the attention profile's measured loss on the pattern;
 - ShortGPT (Men et al. 2024): layers of lowest block influence removed;
 - SLEB (Song et al. 2024): blocks removed one at a time, each time the one whose removal raises
   calibration perplexity least;
@@ -81,10 +81,19 @@ def streaming_llm(cost_model: CostModel, budget: float, objective: str,
 
 
 def duo_attention(cost_model: CostModel, signals, budget: float, objective: str) -> list[Option] | None:
-    """KV heads moved to a streaming pattern in order of their measured loss on it (the least
-    hurt first) until the budget is met; the others stay dense. The streaming pattern: the widest
-    static (sink + window) one of the profile's grid with which the budget can be reached."""
-    graph = cost_model.graph
+    """KV heads moved to a streaming pattern until the budget is met; the others stay dense. Where
+    the profile fitted retrieval gates (tailor.backends.retrieval_gates: DuoAttention's own
+    method), in order of the gate, lowest first, on the pattern they were fitted with; else in
+    order of the profile's measured loss on a pattern (the least hurt first), the widest static
+    (sink + window) one of the profile's grid with which the budget can be reached."""
+    graph, influence = cost_model.graph, signals.attention
+    if influence is not None and influence.gates is not None:
+        gates = influence.gates
+        order = sorted((float(gates[i, h]), i, h) for i, h in zip(*np.nonzero(np.isfinite(gates))))
+        options = _stream_in_order(cost_model, [(i, h) for _, i, h in order], influence.gate_pattern,
+                                   budget, objective)
+        if options is not None:
+            return options
     grid, loss = head_losses(graph, signals)
     static = sorted((k for k, p in enumerate(grid) if p.beta == 0),
                     key=lambda k: -(grid[k].sink + grid[k].alpha))
@@ -94,14 +103,26 @@ def duo_attention(cost_model: CostModel, signals, budget: float, objective: str)
         kv_heads = graph.blocks[0].attn.num_kv_heads
         order = sorted(((float(loss[i, h, k]), i, h) for i in range(graph.num_layers) for h in range(kv_heads)
                         if np.isfinite(loss[i, h, k])))
-        streaming: dict[int, set[int]] = {}
-        for _, i, h in order:
-            streaming.setdefault(i, set()).add(h)
-            options = [PASSES["attn_pattern"].from_plan(
-                graph, i, {"spans": [grid[k].to_json() if h in heads else None for h in range(kv_heads)]})
-                for i, heads in sorted(streaming.items())]
-            if within(cost_model, options, budget, objective):
-                return options
+        options = _stream_in_order(cost_model, [(i, h) for _, i, h in order], grid[k], budget, objective)
+        if options is not None:
+            return options
+    return None
+
+
+def _stream_in_order(cost_model: CostModel, heads: list[tuple[int, int]], pattern: Pattern, budget: float,
+                     objective: str) -> list[Option] | None:
+    """attn_pattern's options putting the (layer, KV head)s on `pattern` in order, as few as meet
+    the budget; None where all of them do not."""
+    graph = cost_model.graph
+    kv_heads = graph.blocks[0].attn.num_kv_heads
+    streaming: dict[int, set[int]] = {}
+    for i, h in heads:
+        streaming.setdefault(i, set()).add(h)
+        options = [PASSES["attn_pattern"].from_plan(
+            graph, i, {"spans": [pattern.to_json() if h in chosen else None for h in range(kv_heads)]})
+            for i, chosen in sorted(streaming.items())]
+        if within(cost_model, options, budget, objective):
+            return options
     return None
 
 

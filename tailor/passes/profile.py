@@ -431,7 +431,9 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
             grid = [Pattern.from_json(p) for p in settings["attn"]["grid"]]
             signals.attention = profile_attention(backend, calib.attn_texts, calib.retrieval, grid,
                                                   progress=progress, retrieval_weight=calib.retrieval_weight,
-                                                  measured_per_length=_per_length(settings["attn"]))
+                                                  measured_per_length=_per_length(settings["attn"]),
+                                                  gate_samples=calib.gate_retrieval,
+                                                  gate_steps=settings["attn"].get("gate_steps", 0))
     with _phase("options", seconds, peaks):
         candidates = candidates_for(graph, signals, passes)
         meter = OptionMeter(backend, signals, calib.profile_ids, progress)

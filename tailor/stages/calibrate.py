@@ -24,7 +24,7 @@ from tailor.data.calibration import (
 )
 from tailor.data.retrieval import RetrievalTemplate, choose_template
 from tailor.data.text import has_tokenizer, load_tokenizer, read_text_pieces
-from tailor.passes.attention_profile import cells_measured
+from tailor.passes.attention_profile import cells_measured, gate_steps
 from tailor.passes.profile import Profile
 from tailor.rewriter.capture import OnnxSource, TorchSource
 from tailor.runtime.generate import generate, new_state
@@ -142,9 +142,11 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
         return {}
     sequences = {n: len(cal.attn_texts.get(n, [])) + len(cal.retrieval.get(n, [])) for n in lengths}
     measured = None if measure_all else list(cells_measured(graph, sequences, device_kind).values())
+    gates = gate_steps(graph, max(lengths), device_kind) if cal.gate_retrieval else 0
     return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid],
                      "template": asdict(template) if template is not None else None,
-                     "dense_answered": answered, "retrieval": cal.retrieval_weight, "measured": measured}}
+                     "dense_answered": answered, "retrieval": cal.retrieval_weight, "measured": measured,
+                     "gate_steps": gates}}
 
 
 def profile_report(prof: Profile, cal: Calibration) -> dict[str, Any]:

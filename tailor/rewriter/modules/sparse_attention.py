@@ -9,7 +9,8 @@ ONNX export runs the same pattern. While tailor's generation runtime drives the 
 implementation "tailor_runtime": the same function with no mask function, so transformers builds
 no attention mask for it (the runtime masks by its own lengths and patterns). A module's
 `tailor_observer`, when set (the attention profile's dense recording pass), is shown the query, key
-and value first; nothing sets it in an exported or rewritten model.
+and value first; a module's `tailor_gates`, when set (while retrieval gates are fitted), mixes
+dense and streaming attention per KV head; nothing sets either in an exported or rewritten model.
 """
 from __future__ import annotations
 
@@ -60,23 +61,36 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     observe = getattr(module, "tailor_observer", None)
     if observe is not None:  # set only while the attention profile records the dense model
         observe(query, key, value, attention_mask, scaling, causal)
+    gates = getattr(module, "tailor_gates", None)
+    if gates is not None:  # set only while retrieval gates are fitted (tailor.backends.retrieval_gates)
+        alpha, pattern = gates
+        dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          is_causal=is_causal, **kwargs)
+        streaming = _attend(query, key, value, [pattern] * key.shape[1], attention_mask, causal, scaling, 0.0)
+        groups = query.shape[1] // key.shape[1]
+        a = alpha.to(dense.device, dense.dtype).repeat_interleave(groups)[:, None]  # per query head
+        return a * dense + (1 - a) * streaming.transpose(1, 2), None
     spans = getattr(module, "tailor_spans", None)
     if not spans or all(s is None for s in spans):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    patterns = [Pattern.from_json(s) for s in spans]
-    dropout = dropout if module.training else 0.0
+    out = _attend(query, key, value, [Pattern.from_json(s) for s in spans], attention_mask, causal, scaling,
+                  dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, patterns, attention_mask, causal: bool, scaling,
+            dropout: float) -> torch.Tensor:
+    """Each KV head on its own pattern (None: dense). [B, Hq, Q, D]."""
     # on the host the masked path computes every score and then drops most (12x the work of the
     # blocks at 4096 tokens); on a GPU it is a few large kernels where the blocks would be hundreds
     # of small launches a layer (not measured there: it stays as it was)
     if _traced(query) or dropout or query.device.type != "cpu":
-        out = _attend_masked(query, key, value, patterns, attention_mask, causal, scaling, dropout)
-    else:
-        groups = query.shape[1] // key.shape[1]
-        out = torch.cat([_attend_in_blocks(query[:, h * groups:(h + 1) * groups], key[:, h:h + 1],
-                                           value[:, h:h + 1], p, attention_mask, causal, scaling)
-                         for h, p in enumerate(patterns)], dim=1)
-    return out.transpose(1, 2).contiguous(), None
+        return _attend_masked(query, key, value, patterns, attention_mask, causal, scaling, dropout)
+    groups = query.shape[1] // key.shape[1]
+    return torch.cat([_attend_in_blocks(query[:, h * groups:(h + 1) * groups], key[:, h:h + 1],
+                                        value[:, h:h + 1], p, attention_mask, causal, scaling)
+                      for h, p in enumerate(patterns)], dim=1)
 
 
 def _traced(query) -> bool:
