@@ -322,7 +322,9 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
                   "metric": "embedding cosine" if model.encoder else "perplexity",
                   "quality_input": q["input"], "quality_artifact": q["artifact"],
-                  "rewrites": len(opt.plan.rewrites), "clean_ups": opt.report.get("clean_ups")}
+                  "rewrites": len(opt.plan.rewrites), "clean_ups": opt.report.get("clean_ups"),
+                  # whether the prediction came from a fitted cost model (scales, variants left out)
+                  "cost_model": opt.report.get("cost_model")}
 
 
 def main() -> None:

@@ -130,6 +130,7 @@ class CostModel:
         self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
         self.measured_ratios: dict[str, float] = {}
         self.fit_skipped: str | None = None
+        self.fit_left_out: dict[str, str] = {}  # fit variants that could not be built: why
         # latency of the dense model the passes rewrite (an ONNX input after its lossless
         # clean-ups, tailor.rewriter.cleanup) / the input's as given: timed with the fit, 1 unmeasured
         self.baseline = 1.0
@@ -137,6 +138,7 @@ class CostModel:
     def to_json(self) -> dict:
         out = {"target": self.target.name, "scales": dict(self.scales),
                "measured_ratios": self.measured_ratios, "baseline": self.baseline}
+        out |= {"fit_left_out": self.fit_left_out} if self.fit_left_out else {}
         return out | ({"fit_skipped": self.fit_skipped} if self.fit_skipped else {})
 
     def fit_to_measured(self, measured: dict[str, tuple[Structure, float]]) -> dict[str, float]:

@@ -63,42 +63,50 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
     ratios = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         if use_cache:
-            ratios = {name: float(r) for name, r in json.loads(cached.read_text())["ratios"].items()}
-            if set(ratios) != timed or not all(0 < r < 10 for r in ratios.values()):
+            entry = json.loads(cached.read_text())
+            ratios = {name: float(r) for name, r in entry["ratios"].items()}
+            left_out = {name: str(why) for name, why in entry["left_out"].items()}
+            if set(ratios) | set(left_out) != timed or not all(0 < r < 10 for r in ratios.values()):
                 ratios = None
     if ratios is None:
-        try:
-            ratios = _time_variants(cap, dense, variants, workload)
-        except TailorError as e:  # priced unfitted rather than not at all; the report says why
-            cost_model.fit_skipped = str(e)
-            return cost_model
+        ratios, left_out = _time_variants(cap, dense, variants, workload)
         if use_cache:
             with contextlib.suppress(OSError):
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"ratios": ratios}))
+                tmp.write_text(json.dumps({"ratios": ratios, "left_out": left_out}))
                 os.replace(tmp, cached)
-    cost_model.fit_to_measured({n: (structure_of(graph, o), ratios[n]) for n, o in variants.items()})
+    # a variant the rewrites cannot build leaves its parts at the roofline's price (the search
+    # cannot choose what it would have measured either); none built: priced unfitted, the report says why
+    cost_model.fit_left_out = left_out
+    if set(left_out) == set(variants):
+        cost_model.fit_skipped = "; ".join(f"the variant {n} could not be built: {why}"
+                                           for n, why in left_out.items())
+        return cost_model
+    cost_model.fit_to_measured({n: (structure_of(graph, o), ratios[n]) for n, o in variants.items()
+                                if n in ratios})
     cost_model.baseline = ratios.get(CLEAN_UP, 1.0)
     return cost_model
 
 
 def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list],
-                   workload: Workload) -> dict[str, float]:
-    """Each variant's latency / the dense model's, all timed side by side (TailorError: a variant
-    could not be built); and where lossless clean-ups changed an ONNX input, the dense model's /
-    the input's as given (CLEAN_UP)."""
-    runnables = {"original": dense.runnable()}
+                   workload: Workload) -> tuple[dict[str, float], dict[str, str]]:
+    """Each variant's latency / the dense model's, all timed side by side, and where lossless
+    clean-ups changed an ONNX input, the dense model's / the input's as given (CLEAN_UP); beside
+    them, why each variant that could not be built was left out."""
+    runnables, left_out = {"original": dense.runnable()}, {}
     if clean_ups(cap):
         runnables["input"] = OrtModel(cap.source.path)
     for name, options in variants.items():
         try:
             runnables[name] = apply_options(dense.clone(), options, None).runnable()
         except TailorError as e:
-            raise TailorError(f"the variant {name} could not be built: {e}") from None
+            left_out[name] = str(e)
+    if len(left_out) == len(variants):
+        return {}, left_out
     t = time_on_workload(runnables, cap.graph, workload, repeats=FIT_REPEATS)
-    ratios = {name: t[name] / t["original"] for name in variants}
-    return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {})
+    ratios = {name: t[name] / t["original"] for name in variants if name not in left_out}
+    return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {}), left_out
 
 
 def fit_variants(graph: TransformerGraph, workload: Workload, int8: bool = False) -> dict[str, list]:

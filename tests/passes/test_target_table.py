@@ -118,3 +118,32 @@ def test_a_fit_that_cannot_build_its_variant_is_skipped_and_said(tiny_models, tm
     cap = capture(tiny_models["llama"])
     cm = tailor.stages.cost.cost_model_for(cap, backend_for(cap), Workload(1, 32, 0), str(table))
     assert set(cm.scales.values()) == {1.0} and "no residual Add" in cm.to_json()["fit_skipped"]
+
+
+def test_a_variant_that_cannot_be_built_is_left_out_and_the_others_fit(tiny_models, tmp_path, monkeypatch):
+    """One unbuildable variant (an ONNX decoder with a KV cache cannot take patterns) once left
+    the whole fit out, and the refllama int4 builder decoder's plan measured 0.620 for a
+    predicted 0.494; now the variants that build are fitted and the report names the one left out."""
+    import tailor.stages.cost
+
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    table = tmp_path / "cpu.json"
+    table.write_text(json.dumps({"kind": "tailor-target", "name": "t", "flops_per_s": 1e11,
+                                 "bytes_per_s": 2e10, "bytes_per_element": 4,
+                                 "matmul": [[1e6, 1e10], [1e9, 1e11]]}))
+    build = tailor.stages.cost.apply_options
+
+    def no_ffn_slices(backend, options, signals):
+        if any(o.pass_name == "ffn_prune" for o in options):
+            raise TailorError("no FFN here can be sliced")
+        return build(backend, options, signals)
+
+    monkeypatch.setattr(tailor.stages.cost, "apply_options", no_ffn_slices)
+    cap = capture(tiny_models["llama"])
+    cm = tailor.stages.cost.cost_model_for(cap, backend_for(cap), Workload(1, 32, 0), str(table))
+    said = cm.to_json()
+    assert "fit_skipped" not in said and set(said["fit_left_out"]) == {"ffn_half"}
+    assert set(cm.measured_ratios) == {"heads_half"} and 0 < cm.measured_ratios["heads_half"] < 10
+    # cached as fitted: the same model again reads the cache, the variant still left out
+    again = tailor.stages.cost.cost_model_for(cap, backend_for(cap), Workload(1, 32, 0), str(table))
+    assert again.measured_ratios == cm.measured_ratios and again.fit_left_out == cm.fit_left_out
