@@ -11,7 +11,7 @@ import transformers as tf
 from tailor.backends.retrieval_gates import fit_gates
 from tailor.backends.torch_backend import split_head
 from tailor.core.patterns import Pattern
-from tailor.data.retrieval import RetrievalTemplate, make_samples
+from tailor.data.retrieval import RetrievalSample, RetrievalTemplate, make_samples
 from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, register
 from tests.conftest import REFLLAMA, family_config, needs_shared
 
@@ -52,12 +52,12 @@ def test_fit_leaves_the_model_as_it_was():
     model = tf.LlamaForCausalLM(family_config("llama")).eval()
     attns = _gated(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from tailor.data.retrieval import RetrievalSample
     samples = [RetrievalSample(torch.randint(0, 96, (40,)), 37, 3) for _ in range(2)]
     gates = fit_gates(model, attns, 2, samples, STREAMING, 4, split=split_head(model))
     assert gates.shape == (3, 2) and np.all((gates >= 0) & (gates <= 1))
     assert all(not hasattr(a, "tailor_gates") for a in attns)
-    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    params = list(model.parameters())
+    assert all(p.requires_grad for p in params) and all(p.grad is None for p in params)
     torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
 
 
