@@ -450,7 +450,6 @@ class TorchPatternRunner(PatternRunner):
         finally:
             self.attns[layer].tailor_spans = None
 
-
     def fit_gates(self, samples: list, pattern: Pattern, steps: int, progress: bool) -> np.ndarray:
         return fit_gates(self.model, self.attns, self.kv_heads, samples, pattern, steps,
                          split=split_head(self.model) if self.is_lm else None, progress=progress)

@@ -116,11 +116,13 @@ def _stream_in_order(cost_model: CostModel, heads: list[tuple[int, int]], patter
     graph = cost_model.graph
     kv_heads = graph.blocks[0].attn.num_kv_heads
     streaming: dict[int, set[int]] = {}
+    by_layer: dict[int, Option] = {}  # only the layer a head joins is built again
     for i, h in heads:
-        streaming.setdefault(i, set()).add(h)
-        options = [PASSES["attn_pattern"].from_plan(
-            graph, i, {"spans": [pattern.to_json() if h in chosen else None for h in range(kv_heads)]})
-            for i, chosen in sorted(streaming.items())]
+        chosen = streaming.setdefault(i, set())
+        chosen.add(h)
+        by_layer[i] = PASSES["attn_pattern"].from_plan(
+            graph, i, {"spans": [pattern.to_json() if k in chosen else None for k in range(kv_heads)]})
+        options = [by_layer[layer] for layer in sorted(by_layer)]
         if within(cost_model, options, budget, objective):
             return options
     return None
