@@ -112,6 +112,26 @@ def test_blocks_of_query_rows_attend_to_what_the_masked_path_does(block_rows, ca
     assert (got - masked)[0].abs().max() < 1e-5 and (got - masked)[1, real].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("t", [1, 5, 63, 100])
+@pytest.mark.parametrize("sink,window", [(0, 1), (4, 16), (3, 7), (40, 10)])
+def test_streaming_in_window_blocks_matches_the_masked_path_and_its_gradient(t, sink, window):
+    """The retrieval gates' streaming branch (the rows in blocks of the window, one batched call)
+    against the whole-mask path: output and the gradient the gates' fit takes through it; sinks
+    inside and past the window, a sequence shorter than a block, one token."""
+    from tailor.rewriter.modules import sparse_attention as sa
+
+    torch.manual_seed(0)
+    p = Pattern(sink, window, 0.0)
+    q, k, v = (torch.randn(1, h, t, 8, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
+    weight = torch.randn(1, 6, t, 8, dtype=torch.float64)
+    want = sa._attend_masked(q, k, v, [p, p], None, True, 0.3, 0.0)
+    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    got = sa.attend_streaming(q, k, v, p, 0.3)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-10
+    assert all((g - w).abs().max() < 1e-10 for g, w in zip(grads, want_grads))
+
+
 def test_dense_plan_is_exact_and_a_pattern_changes_only_what_it_should():
     model = build_model("llama")
     ids = ids_for(seq=40)

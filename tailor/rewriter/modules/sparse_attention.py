@@ -66,7 +66,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         alpha, pattern = gates
         dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           is_causal=is_causal, **kwargs)
-        streaming = _attend(query, key, value, [pattern] * key.shape[1], attention_mask, causal, scaling, 0.0)
+        if causal and query.shape[0] == 1 and query.shape[2] == key.shape[2]:  # one whole sequence
+            streaming = attend_streaming(query, key, value, pattern, scaling)
+        else:
+            streaming = _attend(query, key, value, [pattern] * key.shape[1], attention_mask, causal, scaling,
+                                0.0)
         groups = query.shape[1] // key.shape[1]
         a = alpha.to(dense.device, dense.dtype).repeat_interleave(groups)[:, None]  # per query head
         return a * dense + (1 - a) * streaming.transpose(1, 2), None
@@ -125,6 +129,44 @@ def _attend_masked(query, key, value, patterns, attention_mask, causal: bool, sc
         out.append(F.scaled_dot_product_attention(query[:, :, s:s + rows], key, value, attn_mask=mask,
                                                   scale=scaling, dropout_p=dropout))
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def attend_streaming(query, key, value, pattern: Pattern, scaling) -> torch.Tensor:
+    """Causal attention of every head on one sink + window pattern, for one whole unpadded
+    sequence (query and key of the same length, batch 1): [B, Hq, T, D]. The rows go in blocks of
+    the window's size; block c attends to the sinks and to blocks c − 1 and c, all blocks in one
+    batched product, so the scores are T·(sink + 2·window) rather than T², and the gradient (the
+    retrieval gates' fit differentiates through it) keeps that much. Matches `_attend_masked`."""
+    b, heads, t, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    size = max(1, min(pattern.window(t), t))
+    sink = min(pattern.sink, t)
+    blocks = -(-t // size)
+    pad = blocks * size - t
+    # keys: one block of zeros in front (block 0's "previous"), then the sequence padded to whole blocks
+    padded = [F.pad(x, (0, 0, size, pad)) for x in (key, value)]
+    band = [x.unfold(2, 2 * size, size).transpose(-1, -2) for x in padded]  # [B, Hkv, blocks, 2·size, D]
+    sinks = [x[:, :, None, :sink].expand(-1, -1, blocks, -1, -1) for x in (key, value)]
+    k, v = (torch.cat([s, w], dim=3) for s, w in zip(sinks, band))
+    # which of those keys each row keeps: a sink at or before it; a band key inside the window,
+    # past the sinks (counted once) and in the sequence
+    pos = torch.arange(blocks * size, device=query.device).view(blocks, size, 1)
+    sink_keys = torch.arange(sink, device=query.device)
+    band_keys = (torch.arange(blocks, device=query.device).view(blocks, 1, 1) - 1) * size \
+        + torch.arange(2 * size, device=query.device)
+    dist = pos - band_keys
+    in_window = (dist >= 0) & (dist < pattern.window(t))
+    keep = torch.cat([sink_keys <= pos, in_window & (band_keys >= sink)], dim=-1)
+    # one SDPA call, a (KV head, block) pair per batch entry: on a GPU its fused kernels keep no
+    # scores for the backward pass
+    q = F.pad(query, (0, 0, 0, pad)).view(b, kv_heads, groups, blocks, size, d).transpose(2, 3)
+    q = q.reshape(b * kv_heads * blocks, groups, size, d)
+    k, v = (x.reshape(b * kv_heads * blocks, 1, -1, d).expand(-1, groups, -1, -1) for x in (k, v))
+    mask = keep[:, None].expand(b * kv_heads, -1, -1, -1, -1).reshape(b * kv_heads * blocks, 1, size, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    out = out.view(b, kv_heads, blocks, groups, size, d).transpose(2, 3)
+    return out.reshape(b, heads, blocks * size, d)[:, :, :t]
 
 
 # query rows of one block in `_attend_in_blocks`
