@@ -2,6 +2,8 @@
 option builders (tailor.passes.baselines) on a tiny model."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,7 +26,7 @@ from tailor.passes import baselines
 from tailor.passes.attn_pattern import head_losses
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel, Workload
-from tailor.passes.registry import apply_options
+from tailor.passes.registry import PASSES, apply_options
 from tailor.passes.search import structure_of
 from tailor.pipeline import prepare
 from tailor.quality.long_context import repeat_accuracy
@@ -131,6 +133,25 @@ def test_duo_attention_streams_the_heads_that_lose_least(tiny):
     streamed = {(o.layer, h) for o in chosen for h, s in enumerate(o.choice["spans"]) if s is not None}
     dense = {(i, h) for i in range(3) for h in range(2)} - streamed
     assert dense and max(loss[i, h, k] for i, h in streamed) <= min(loss[i, h, k] for i, h in dense)
+
+
+def test_wide_window_plan_keeps_the_highest_gates_dense_and_the_rest_on_the_widest_window(tiny):
+    assert baselines.duo_attention_wide(tiny.cost_model, tiny.profile.signals, 0.5, "kv_memory", 0.3) is None
+    signals = copy.copy(tiny.profile.signals)
+    gates = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.0]])
+    signals.attention = dataclasses.replace(signals.attention, gates=gates, gate_pattern=Pattern(2, 4, 0.0))
+    chosen = baselines.duo_attention_wide(tiny.cost_model, signals, 0.5, "kv_memory", 1 / 3)
+    streamed = {(o.layer, h): Pattern.from_json(s) for o in chosen for h, s in enumerate(o.choice["spans"])
+                if s is not None}
+    assert set(streamed) == {(0, 1), (1, 0), (2, 0), (2, 1)}  # the two highest gates stay dense
+    (pattern,) = set(streamed.values())
+    assert pattern.sink == 2 and pattern.beta == 0 and ratio(tiny, chosen, "kv_memory") <= 0.5
+    wider = Pattern(2, pattern.alpha + 1, 0.0).to_json()
+    widened = [PASSES["attn_pattern"].from_plan(tiny.cost_model.graph, o.layer,
+                                                {"spans": [s and wider for s in o.choice["spans"]]})
+               for o in chosen]
+    assert ratio(tiny, widened, "kv_memory") > 0.5
+    assert runs(tiny, chosen)
 
 
 def test_shortgpt_removes_the_layers_of_least_block_influence(tiny):

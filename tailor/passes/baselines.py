@@ -68,12 +68,17 @@ def streaming_llm(cost_model: CostModel, budget: float, objective: str,
     """Every KV head on `sink` sink tokens + the widest static window that meets the budget."""
     graph, longest = cost_model.graph, cost_model.workload.prompt_len + cost_model.workload.gen_len
 
-    def plan(window: int) -> list[Option]:
-        return every_head_on(Pattern(sink, window, 0.0), graph)
+    return _widest(lambda window: every_head_on(Pattern(sink, window, 0.0), graph), longest - sink - 1,
+                   cost_model, budget, objective)
 
+
+def _widest(plan: Callable[[int], list[Option]], widest: int, cost_model: CostModel, budget: float,
+            objective: str) -> list[Option] | None:
+    """`plan(window)` for the widest window in [1, widest] that meets the budget; None where even
+    a window of 1 does not."""
     if not within(cost_model, plan(1), budget, objective):
         return None
-    low, high = 1, max(1, longest - sink - 1)  # the widest window that is not dense at the workload
+    low, high = 1, max(1, widest)
     while low < high:  # the cost grows with the window: bisect for the widest within budget
         mid = (low + high + 1) // 2
         low, high = (mid, high) if within(cost_model, plan(mid), budget, objective) else (low, mid - 1)
@@ -88,10 +93,8 @@ def duo_attention(cost_model: CostModel, signals, budget: float, objective: str)
     (sink + window) one of the profile's grid with which the budget can be reached."""
     graph, influence = cost_model.graph, signals.attention
     if influence is not None and influence.gates is not None:
-        gates = influence.gates
-        order = sorted((float(gates[i, h]), i, h) for i, h in zip(*np.nonzero(np.isfinite(gates))))
-        options = _stream_in_order(cost_model, [(i, h) for _, i, h in order], influence.gate_pattern,
-                                   budget, objective)
+        options = _stream_in_order(cost_model, _by_gate(influence.gates), influence.gate_pattern, budget,
+                                   objective)
         if options is not None:
             return options
     grid, loss = head_losses(graph, signals)
@@ -107,6 +110,40 @@ def duo_attention(cost_model: CostModel, signals, budget: float, objective: str)
         if options is not None:
             return options
     return None
+
+
+def duo_attention_wide(cost_model: CostModel, signals, budget: float, objective: str,
+                       share: float) -> list[Option] | None:
+    """DuoAttention's ranking with StreamingLLM's window: the `share` of KV heads the retrieval
+    gates rank highest dense, every other on the gates' sinks + the widest static window that meets
+    the budget. DuoAttention's short streaming window loses what many heads carry together where
+    half the cache must go: SmolLM2-135M at kv_memory 0.5 and 8K tokens answered 0.62 / 0.10 of
+    4K / 8K passkeys with 48% of its heads dense and the rest on 64 + 256 tokens, 0.84 / 0.40 with
+    20% dense and the rest on 64 + 3,008 (dense 0.82 / 0.34; benchmarks/retrieval_gates.py). None without
+    gates, or where no window meets the budget."""
+    influence = signals.attention
+    if influence is None or influence.gates is None:
+        return None
+    graph = cost_model.graph
+    kv_heads = graph.blocks[0].attn.num_kv_heads
+    order = _by_gate(influence.gates)
+    streamed = order[:len(order) - round(share * len(order))]
+    sink = influence.gate_pattern.sink
+    longest = cost_model.workload.prompt_len + cost_model.workload.gen_len
+
+    def plan(window: int) -> list[Option]:
+        spans = {i: [None] * kv_heads for i, _ in streamed}
+        for i, h in streamed:
+            spans[i][h] = Pattern(sink, window, 0.0).to_json()
+        return [PASSES["attn_pattern"].from_plan(graph, i, {"spans": spans[i]}) for i in sorted(spans)]
+
+    return _widest(plan, longest - sink - 1, cost_model, budget, objective) if streamed else None
+
+
+def _by_gate(gates: np.ndarray) -> list[tuple[int, int]]:
+    """The (layer, KV head)s with a gate, lowest gate (the first to stream) first."""
+    ranked = sorted((float(gates[i, h]), i, h) for i, h in zip(*np.nonzero(np.isfinite(gates))))
+    return [(i, h) for _, i, h in ranked]
 
 
 def _stream_in_order(cost_model: CostModel, heads: list[tuple[int, int]], pattern: Pattern, budget: float,

@@ -11,7 +11,7 @@ from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.core.host_memory import release_free_memory
 from tailor.data.calibration import Calibration
 from tailor.passes.base import Option
-from tailor.passes.baselines import duo_attention, streaming_llm
+from tailor.passes.baselines import duo_attention, duo_attention_wide, streaming_llm
 from tailor.passes.cost import Allowance, CostModel, forward_flops
 from tailor.passes.profile import OptionMeter, input_lengths
 from tailor.passes.refit import refit_sequentially
@@ -24,6 +24,9 @@ from tailor.passes.search import SearchResult, Uniform, price, search
 PLAN_CHECK_SECONDS = 120
 MIN_PLAN_CHECKS = 2
 REFINE_SECONDS = 60
+# shares of KV heads kept dense in the whole plans that rank heads by the retrieval gates and give
+# the others the widest window the budget allows (baselines.duo_attention_wide); the check picks
+WIDE_WINDOW_SHARES = (0.1, 0.2, 0.3)
 
 
 class HeldOut:
@@ -77,13 +80,17 @@ def published_rivals(options: list[Option], cost_model: CostModel, signals, budg
                      objective: str) -> dict[str, list[Option]]:
     """Whole plans of published attention methods, built from the same profile, that the search
     measures beside its own (where attention patterns are among the options): DuoAttention-style
-    (whole KV heads dense, the rest streaming on one wide window) and StreamingLLM. Each option
+    (whole KV heads dense, the rest streaming), StreamingLLM, and DuoAttention's ranking with a
+    share of the heads dense and the others on the widest window. Each option
     carries the estimate and price of the same rewrite among `options`, else its own price."""
     if cost_model.graph.task != "causal-lm" or not any(o.pass_name == "attn_pattern" for o in options):
         return {}
     known = {o.key: o for o in options}
     plans = {"DuoAttention-style": duo_attention(cost_model, signals, budget, objective),
              "StreamingLLM": streaming_llm(cost_model, budget, objective)}
+    for share in WIDE_WINDOW_SHARES:
+        plans[f"DuoAttention ranking, {share:.0%} dense, wide window"] = duo_attention_wide(
+            cost_model, signals, budget, objective, share)
     rivals = {}
     for name, plan in plans.items():
         if plan:
