@@ -142,7 +142,7 @@ def duo_attention_wide(cost_model: CostModel, signals, budget: float, objective:
 
 def _by_gate(gates: np.ndarray) -> list[tuple[int, int]]:
     """The (layer, KV head)s with a gate, lowest gate (the first to stream) first."""
-    ranked = sorted((float(gates[i, h]), i, h) for i, h in zip(*np.nonzero(np.isfinite(gates))))
+    ranked = sorted((float(gates[i, h]), int(i), int(h)) for i, h in zip(*np.nonzero(np.isfinite(gates))))
     return [(i, h) for _, i, h in ranked]
 
 
