@@ -85,14 +85,15 @@ def _widest(plan: Callable[[int], list[Option]], widest: int, cost_model: CostMo
     return plan(low)
 
 
-def duo_attention(cost_model: CostModel, signals, budget: float, objective: str) -> list[Option] | None:
+def duo_attention(cost_model: CostModel, signals, budget: float, objective: str,
+                  by_gates: bool = True) -> list[Option] | None:
     """KV heads moved to a streaming pattern until the budget is met; the others stay dense. Where
     the profile fitted retrieval gates (tailor.backends.retrieval_gates: DuoAttention's own
-    method), in order of the gate, lowest first, on the pattern they were fitted with; else in
-    order of the profile's measured loss on a pattern (the least hurt first), the widest static
-    (sink + window) one of the profile's grid with which the budget can be reached."""
+    method) and `by_gates`, in order of the gate, lowest first, on the pattern they were fitted
+    with; else in order of the profile's measured loss on a pattern (the least hurt first), the
+    widest static (sink + window) one of the profile's grid with which the budget can be reached."""
     graph, influence = cost_model.graph, signals.attention
-    if influence is not None and influence.gates is not None:
+    if by_gates and influence is not None and influence.gates is not None:
         options = _stream_in_order(cost_model, _by_gate(influence.gates), influence.gate_pattern, budget,
                                    objective)
         if options is not None:
