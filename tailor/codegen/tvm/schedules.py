@@ -9,6 +9,7 @@ parallel over the cores.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
@@ -99,3 +100,8 @@ class Elementwise(CPUScheduleRule):
             return None
         _parallel_vectorized(sch, infos[-1].block_rv, _lanes(target))
         return sch
+
+
+def hand_rules() -> list:
+    """The rules of an untuned build, in the order dlight tries them on each kernel."""
+    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise()]
