@@ -112,3 +112,23 @@ def test_tune_trials_need_format_tvm(tiny_onnx, tmp_path, capsys):
     with pytest.raises(SystemExit):   # argparse: not an integer
         optimize_main([str(tiny_onnx["llama"]), "-o", str(tmp_path / "o"), "--tune-trials", "many"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_records_of_another_cpu_or_tvm_are_not_reused(tmp_path):
+    import tvm
+
+    from tailor.codegen.tvm.build import host_target
+    from tailor.codegen.tvm.tune import read_records, write_records
+
+    target, path = host_target(), tmp_path / "tvm-tune.json"
+    kernels = {"ab12": {"task": "matmul", "record": None, "ms": 1.0, "hand_ms": 1.0}}
+    write_records(path, kernels, target)
+    assert read_records(path, target) == kernels
+    stored = json.loads(path.read_text())
+    for key, other in (("target", "skylake-avx512"), ("tvm", "0.26.0")):
+        path.write_text(json.dumps(stored | {key: other}))
+        assert read_records(path, target) == {}
+    assert stored["tvm"] == tvm.__version__
+    path.write_text("{not json")
+    with pytest.raises(TailorError, match="unreadable tuning records"):
+        read_records(path, target)

@@ -82,10 +82,10 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
     from tailor.codegen.tvm.schedules import hand_rules
     from tailor.codegen.tvm.tune import TUNE_DB, check_trials, read_records, tune, write_records
 
-    stored = read_records(records)
-    tuned = check_trials(tune_trials) > 0 or bool(stored)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # it logs each value it cannot fold
     target = host_target()
+    stored = read_records(records, target)
+    tuned = check_trials(tune_trials) > 0 or bool(stored)
     try:
         proto, inputs = static_onnx(onnx_path, batch, seq_len)
         mod = from_onnx(proto, shape_dict={n: [batch, seq_len] for n, _ in inputs},

@@ -38,12 +38,17 @@ def check_trials(trials) -> int:
     return trials
 
 
-def read_records(path: Path | None) -> dict:
-    """The kernels of an earlier tuning, {structural hash: entry}; empty where there is none."""
+def read_records(path: Path | None, target) -> dict:
+    """The kernels of an earlier tuning, {structural hash: entry}; empty where there is none, or
+    where it was tuned by another TVM or for another CPU (its timings do not hold here)."""
+    import tvm
+
     if path is None or not path.is_file():
         return {}
     try:
-        return dict(json.loads(path.read_text())["kernels"])
+        stored = json.loads(path.read_text())
+        same = stored["tvm"] == tvm.__version__ and stored["target"] == str(target.export()["mcpu"])
+        return dict(stored["kernels"]) if same else {}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TailorError(f"{path}: unreadable tuning records ({e})") from None
 
