@@ -94,6 +94,9 @@ def main() -> None:
     # read when TVM starts its thread pool; no spinning after a call, as for onnxruntime
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
+    # the code timed: read before the run, which takes minutes
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     rows = []
     if "minilm" in args.models:
         rows += run_model("MiniLM", "minilm", minilm_onnx(), 128, default_calibration(), None, None, args)
@@ -102,8 +105,6 @@ def main() -> None:
 
         calib = SHARED / "data" / "code-calib.txt"
         rows += run_model("refllama-16m", "refllama", refllama_onnx(), 512, calib, 512, 16, args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     print(f"\n{date.today()} · commit {commit} · {platform.machine()} · {os.cpu_count()} cores · "
           f"{args.threads} threads · {args.trials} trials\n")
     print("| model | budget | onnxruntime ms | TVM hand ms | TVM tuned ms | hand / ort | tuned / ort "
