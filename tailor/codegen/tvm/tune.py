@@ -10,8 +10,10 @@ at its first task. What runs: random samples of each kernel's design space (stra
 paths only), records in memory, written to the artifact by this module as JSON traces keyed by
 each kernel's structural hash.
 
-Every kernel is seeded with its hand schedule (tailor.codegen.tvm.schedules), timed by the same
-runner, so tuning can only replace a schedule with a faster one.
+Every sampled kernel is seeded with its hand schedule (tailor.codegen.tvm.schedules), timed by
+the same runner, and a sample replaces it only if it is faster again when the two are re-timed in
+turn. Records do not know the hand rules they beat: after a change to those rules, tune afresh
+(delete tvm-tune.json).
 """
 from __future__ import annotations
 
