@@ -15,6 +15,7 @@ from typing import Any
 from tailor.backends import backend_for
 from tailor.backends.base import Backend
 from tailor.backends.hf_checkpoint import HF_DIR, StandardArchitecture, StandardShape, architecture
+from tailor.codegen.tvm.tune import check_trials
 from tailor.core.dispatch import resolve_max_memory
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, Plan, check_budget
@@ -58,7 +59,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             attn_lengths: list[int] | None = None, validation_len: int | None = None,
             retrieval_template: dict | None = None, plan: str | Path | Plan | None = None,
             refit: bool = True, use_cache: bool = True, progress: bool = False,
-            hf_compatible: bool = False, stages: StageLog | None = None) -> Compiled:
+            hf_compatible: bool = False, tune_trials: int = 0, stages: StageLog | None = None) -> Compiled:
     """Compile `model` (an HF model, an HF directory or an .onnx path) to cost at most `budget`
     of the original under `objective` (latency | flops | kv_memory | attention) for a workload
     of `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens on `target`
@@ -69,7 +70,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     prompt_len) and plans validated at `validation_len` (default 3/4 prompt_len), with synthetic
     retrieval sequences written from `retrieval_template` (default: of tailor.data.retrieval.
     TEMPLATES, the form the model answers most). `refit` False leaves out the sequential refit
-    after the search (tailor.passes.refit).
+    after the search (tailor.passes.refit). `tune_trials` > 0 (format tvm) tunes the TVM build's
+    heavy kernels with that many MetaSchedule samples in all (tailor.codegen.tvm.tune).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
     budget, objective, workload and target replace those given; calibration still runs, since
     the rewrites' compensation is fitted on this model's activations. A torch model is compiled
@@ -99,6 +101,8 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                           "searched; format hf writes it as a standard checkpoint where that can be said")
     if hf_compatible and formats is None:
         formats = ("safetensors", "hf")
+    if check_trials(tune_trials) and "tvm" not in (formats or ()):
+        raise TailorError("tune_trials (--tune-trials) tunes the TVM build: add format tvm")
 
     with stages("capture"):
         cap = capture(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
@@ -127,7 +131,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
         result.predicted = cost_model.ratios(structure_of(graph, [])) if replayed is not None else \
             {o: 1.0 for o in OBJECTIVES}
         return _compiled(dense, dense, result, report, cap, formats, stages,
-                         _standard(graph, [], written_arch))
+                         _standard(graph, [], written_arch), tune_trials)
 
     prepared = _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
                          shapes=shapes, passes=passes, replayed=replayed, calib=calib,
@@ -200,7 +204,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
             report["quality"] = evaluate_pair(dense.runnable(), variant.runnable(), Path(eval_text),
                                               tokenizer_path(cap.source, tokenizer), graph.task,
                                               max_len=min(lengths, default=None))
-    return _compiled(dense, variant, result, report, cap, formats, stages, standard)
+    return _compiled(dense, variant, result, report, cap, formats, stages, standard, tune_trials)
 
 
 def _standard(graph, chosen: list[Option], arch: StandardArchitecture | None) -> StandardShape | None:
@@ -348,7 +352,8 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
 
 
 def _compiled(dense: Backend, rewritten: Backend, plan: Plan, report: dict, cap: Captured,
-              formats: tuple[str, ...], stages: StageLog, standard: StandardShape | None = None) -> Compiled:
+              formats: tuple[str, ...], stages: StageLog, standard: StandardShape | None = None,
+              tune_trials: int = 0) -> Compiled:
     report["plan"] = {"rewrites": plan.rewrites, "predicted_cost_ratio": plan.predicted}
     report["stages"] = stages.to_json()
     if standard is not None:
@@ -359,4 +364,4 @@ def _compiled(dense: Backend, rewritten: Backend, plan: Plan, report: dict, cap:
                                    "num_attention_heads": standard.heads,
                                    "num_key_value_heads": standard.kv_heads}
     return Compiled(rewritten.runnable(), plan, report, cap.graph, cap.source, formats, rewritten=rewritten,
-                    standard=standard)
+                    standard=standard, tune_trials=tune_trials)

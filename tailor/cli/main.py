@@ -29,7 +29,7 @@ OPTIMIZE_DEFAULTS: dict[str, Any] = {
     "calib_windows": None, "calib_len": None, "eval": None, "seed": 0, "format": None,
     "force": False, "trust_remote_code": False, "sweep": None, "attn_lengths": None,
     "validation_len": None, "retrieval_template": None, "plan": None, "device": "auto", "dtype": "auto",
-    "max_memory": None, "hf_compatible": False,
+    "max_memory": None, "hf_compatible": False, "tune_trials": 0,
 }
 
 
@@ -89,6 +89,9 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "(for batch × prompt-len inputs); hf: a standard transformers checkpoint in OUT/hf "
                    "(AutoModelForCausalLM.from_pretrained, vLLM, SGLang, TGI), refused for plans a "
                    "standard config cannot say")
+    p.add_argument("--tune-trials", type=int, help="MetaSchedule samples for the TVM build's heavy "
+                   "kernels, in all (default 0: tailor's hand schedules only); the records are kept "
+                   "in OUT/tvm-tune.json and reused when the artifact is written again (--force)")
     p.add_argument("--hf-compatible", action="store_true", default=None,
                    help="search only plans a standard transformers config can say (whole layers "
                    "removed, one FFN width, one head count) and write them with --format hf (added "
@@ -292,7 +295,8 @@ def _optimize_one(cfg: dict, model: str, out: Path, budget: float, *, dry_run: b
                               attn_lengths=cfg["attn_lengths"], validation_len=cfg["validation_len"],
                               retrieval_template=cfg["retrieval_template"], plan=cfg["plan"],
                               device=cfg["device"], dtype=cfg["dtype"], max_memory=cfg["max_memory"],
-                              hf_compatible=bool(cfg["hf_compatible"]), stages=stages)
+                              hf_compatible=bool(cfg["hf_compatible"]), tune_trials=cfg["tune_trials"],
+                              stages=stages)
     if dry_run or verbose:
         print_structure(compiled.report["model"])
     if dry_run:

@@ -56,6 +56,7 @@ class Compiled:
     run_config: dict[str, Any] | None = None
     rewritten: Backend | None = field(default=None, repr=False)   # the rewritten model in its backend
     standard: StandardShape | None = None   # the plan as a standard config says it (format hf)
+    tune_trials: int = 0   # MetaSchedule samples for the TVM build's kernels (tailor.codegen.tvm.tune)
 
     def generate(self, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
         """Continue token-id prompts with the per-head KV cache (tailor.runtime.generate): Triton
@@ -98,13 +99,13 @@ class Compiled:
         check(tmp_dir), if given, validates the written artifact before it is moved into place."""
         if self.source is None:
             raise TailorError("this Compiled was loaded from an artifact; copy the folder instead")
-        return write_artifact(Path(out), self._write, force=force, check=check)
+        return write_artifact(Path(out), lambda tmp: self._write(tmp, Path(out)), force=force, check=check)
 
-    def _write(self, tmp: Path) -> None:
+    def _write(self, tmp: Path, out: Path) -> None:
         (tmp / "plan.json").write_text(self.plan.dumps())
         self._write_model(tmp)
         if "tvm" in self.formats:
-            self._build_tvm(tmp)
+            self._build_tvm(tmp, out)
         (tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         if self.plan.rewrites and self.graph is not None:
             plan_picture(self.graph, self.plan.rewrites, tmp / "plan.png",
@@ -141,13 +142,16 @@ class Compiled:
             elif tokenizer is not None:
                 _copy_tokenizer(tokenizer, folder)
 
-    def _build_tvm(self, tmp: Path) -> None:
-        """model.so + weights from the written model.onnx, for the plan's workload shape."""
+    def _build_tvm(self, tmp: Path, out: Path) -> None:
+        """model.so + weights from the written model.onnx, for the plan's workload shape; the
+        tuning records of the artifact it replaces, if any, are reused."""
         from tailor.codegen.tvm.build import build
+        from tailor.codegen.tvm.tune import TUNE_DB
 
         w = self.plan.workload
         info = build(tmp / "model.onnx", tmp, batch=w.get("batch", 1), seq_len=w.get("prompt_len", 1024),
-                     causal=self.graph.task == "causal-lm", vocab_size=self.graph.vocab_size)
+                     causal=self.graph.task == "causal-lm", vocab_size=self.graph.vocab_size,
+                     tune_trials=self.tune_trials, records=out / TUNE_DB, progress=True)
         info = {k: v for k, v in info.items() if k != "params"}
         if any(r["pass"] == "attn_pattern" for r in self.plan.rewrites):
             info["attention"] = (

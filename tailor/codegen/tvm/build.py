@@ -3,6 +3,7 @@
     model.so                  the compiled Relax VM executable (`export_library`)
     model.tvm.safetensors     its weights, in the order of `params` in tvm.json
     tvm.json                  inputs, the static shape, target, weights order, TVM version
+    tvm-tune.json             with tune_trials: the kernels' MetaSchedule records (tailor.codegen.tvm.tune)
 
 The build is for one static input shape, the plan's workload (batch × prompt length): TVM's ONNX
 importer cannot follow the shape arithmetic of exported transformers with symbolic sizes, so the
@@ -66,19 +67,25 @@ def static_onnx(path: Path, batch: int, seq_len: int) -> tuple[onnx.ModelProto, 
 
 
 def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
-          vocab_size: int) -> dict:
+          vocab_size: int, tune_trials: int = 0, records: Path | None = None,
+          progress: bool = False) -> dict:
     """Compile `onnx_path` for inputs of [batch, seq_len] into `out`, check it against
-    onnxruntime on sample token ids; returns tvm.json's content."""
+    onnxruntime on sample token ids; returns tvm.json's content. With tune_trials > 0 or an
+    earlier build's `records` file, kernels take MetaSchedule's schedules (tailor.codegen.tvm.tune):
+    the stored ones reused, the others tuned for tune_trials samples in all."""
     import tvm
     import tvm.s_tir.dlight as dl
     from safetensors.numpy import save_file
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from tailor.codegen.tvm.schedules import Elementwise, Matmul
+    from tailor.codegen.tvm.schedules import hand_rules
+    from tailor.codegen.tvm.tune import TUNE_DB, check_trials, read_records, tune, write_records
 
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # it logs each value it cannot fold
     target = host_target()
+    stored = read_records(records, target)
+    tuned = check_trials(tune_trials) > 0 or bool(stored)
     try:
         proto, inputs = static_onnx(onnx_path, batch, seq_len)
         mod = from_onnx(proto, shape_dict={n: [batch, seq_len] for n, _ in inputs},
@@ -91,7 +98,11 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
             # within RTOL of onnxruntime, which the check below enforces)
             mod = relax.transform.FastMathTransform()(mod)
             mod = relax.get_pipeline("zero")(mod)
-            mod = dl.ApplyDefaultSchedule(Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise())(mod)
+            if tuned:
+                db, kernels, tuning = tune(mod, target, tune_trials, stored, progress=progress)
+                with db:
+                    mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+            mod = dl.ApplyDefaultSchedule(*hand_rules())(mod)   # kernels without a record
             executable = tvm.compile(mod, target=target)
     except TailorError:  # static_onnx's own, already clear
         raise
@@ -104,6 +115,9 @@ def build(onnx_path: Path, out: Path, *, batch: int, seq_len: int, causal: bool,
     manifest = {"shape": [batch, seq_len], "inputs": [list(i) for i in inputs], "params": names,
                 "causal": causal, "vocab_size": vocab_size, "target": str(target.export()["mcpu"]),
                 "tvm": tvm.__version__}
+    if tuned:
+        write_records(out / TUNE_DB, kernels, target)
+        manifest["tuning"] = tuning
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     diff, tol = _check(onnx_path, out, batch, seq_len, vocab_size)
     manifest.update(max_abs_diff_vs_onnxruntime=diff, tolerance=tol)
