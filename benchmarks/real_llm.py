@@ -58,9 +58,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / "../shared").resolve()
 EVAL_LEN = 512
 # SLEB last: it measures the most (a perplexity per block left, per block removed)
-BASELINES = ("streaming_llm", "duo_attention", "shortgpt", "flap_uniform", "kv_sharer", "sleb")
+BASELINES = ("streaming_llm", "duo_attention", "duo_attention_profile", "shortgpt", "flap_uniform",
+             "kv_sharer", "sleb")
 TITLES = {"tailor": "**tailor**", "streaming_llm": "StreamingLLM (sink 4 + window)",
           "duo_attention": "DuoAttention-style (retrieval heads dense)",
+          "duo_attention_profile": "DuoAttention-style, heads by the profile's loss",
           "shortgpt": "ShortGPT (layers by block influence)", "sleb": "SLEB (blocks by perplexity)",
           "flap_uniform": "FLAP-style uniform heads/channels", "kv_sharer": "KVSharer-style KV sharing"}
 
@@ -149,8 +151,8 @@ def baseline_options(name: str, prepared, budget: float, objective: str, sleb_wi
     cm, signals = prepared.cost_model, prepared.profile.signals
     if name == "streaming_llm":
         return baselines.streaming_llm(cm, budget, objective)
-    if name == "duo_attention":
-        return baselines.duo_attention(cm, signals, budget, objective)
+    if name in ("duo_attention", "duo_attention_profile"):
+        return baselines.duo_attention(cm, signals, budget, objective, by_gates=name == "duo_attention")
     if name == "shortgpt":
         return baselines.shortgpt(cm, signals, budget, objective)
     if name == "sleb":
