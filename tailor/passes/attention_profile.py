@@ -35,6 +35,7 @@ from tqdm import tqdm
 from tailor.backends.base import Backend, ProfileBatch, compared_positions
 from tailor.core.host_memory import release_free_memory
 from tailor.core.patterns import Pattern
+from tailor.data.calibration import batches
 from tailor.data.retrieval import RetrievalSample
 from tailor.passes.cost import Allowance, forward_flops
 from tailor.rewriter.graph import TransformerGraph
@@ -52,7 +53,7 @@ ATTENTION_SECONDS = 160
 MIN_MEASURED_PER_LENGTH = 4
 # tokens one profile batch runs at most (a row at least): on 2 CPU cores SmolLM2's four retrieval
 # sequences of 4096 tokens in one forward set the compile's peak memory
-BATCH_TOKENS = 8192
+PROFILE_BATCH_TOKENS = 8192
 # the retrieval gates: DuoAttention's streaming heads (64 sink tokens + the 256 most recent), fitted
 # in at most GATE_STEPS steps (one sequence each; 48 rank refllama-16m's retrieval head first, 33 s
 # at 1024 tokens on 2 CPU cores) within GATE_SECONDS of work, not at all below MIN_GATE_STEPS
@@ -114,26 +115,23 @@ def contains(outer: Pattern, inner: Pattern, n: int) -> bool:
 def _batches(graph: TransformerGraph, texts: torch.Tensor | None, samples: list[RetrievalSample],
              retrieval_weight: float) -> list[ProfileBatch]:
     """The text windows and the retrieval sequences of one length, each in batches of at most
-    BATCH_TOKENS tokens (at least a row), weighted by their share of the rows: a batch's divergence
-    is the mean over its rows (over every token of a text row, over the answer of a retrieval
-    row), so the weighted sum is the loss of one batch of them all."""
-    def rows(n: int, length: int) -> list[slice]:
-        size = max(1, BATCH_TOKENS // length)
-        return [slice(s, min(n, s + size)) for s in range(0, n, size)]
-
+    PROFILE_BATCH_TOKENS tokens (at least a row), weighted by their share of the rows: a batch's
+    divergence is the mean over its rows (over every token of a text row, over the answer of a
+    retrieval row), so the weighted sum is the loss of one batch of them all."""
     out = []
-    text_weight = 1 - retrieval_weight if samples else 1.0
     if texts is not None and len(texts):
+        weight = 1 - retrieval_weight if samples else 1.0
         positions = compared_positions(graph, texts)  # those of one batch of them all
-        for r in rows(len(texts), texts.shape[1]):
-            out.append(ProfileBatch(texts[r], text_weight * len(texts[r]) / len(texts), None,
-                                    positions=positions))
+        out += [ProfileBatch(b, weight * len(b) / len(texts), None, positions=positions)
+                for b in batches(texts, len(texts), PROFILE_BATCH_TOKENS)]
     if samples:
         weight = retrieval_weight if out else 1.0
-        for r in rows(len(samples), len(samples[0].ids)):  # make_samples: all of one length
-            group = samples[r]
-            out.append(ProfileBatch(torch.stack([s.ids for s in group]), weight * len(group) / len(samples),
-                                    [s.answer_len for s in group]))
+        ids = torch.stack([s.ids for s in samples])  # make_samples: all of one length
+        first = 0
+        for b in batches(ids, len(ids), PROFILE_BATCH_TOKENS):
+            out.append(ProfileBatch(b, weight * len(b) / len(ids),
+                                    [s.answer_len for s in samples[first:first + len(b)]]))
+            first += len(b)
     return out
 
 

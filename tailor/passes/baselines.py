@@ -133,9 +133,9 @@ def duo_attention_wide(cost_model: CostModel, signals, budget: float, objective:
     longest = cost_model.workload.prompt_len + cost_model.workload.gen_len
 
     def plan(window: int) -> list[Option]:
-        spans = {i: [None] * kv_heads for i, _ in streamed}
+        spans, pattern = {i: [None] * kv_heads for i, _ in streamed}, Pattern(sink, window, 0.0).to_json()
         for i, h in streamed:
-            spans[i][h] = Pattern(sink, window, 0.0).to_json()
+            spans[i][h] = pattern
         return [PASSES["attn_pattern"].from_plan(graph, i, {"spans": spans[i]}) for i in sorted(spans)]
 
     return _widest(plan, longest - sink - 1, cost_model, budget, objective) if streamed else None
