@@ -21,7 +21,12 @@ Measured on each row:
   --lengths, --samples prompts each (seed --seed + length), greedy replies over tailor's per-head
   KV cache (tailor.runtime.generate);
 - repeated random tokens at each length, --samples sequences: next-token accuracy on the second
-  copy, teacher-forced.
+  copy, teacher-forced;
+- the synthetic retrieval forms tailor's calibration may draw (tailor.data.retrieval: a
+  `key = value` line or a code-word sentence in a window of the evaluation text, the code-word
+  sentence in repeated filler, and that filler asked about through the chat template),
+  --form-samples sequences a form and length, exact match teacher-forced: whether a plan keeps
+  retrieval in forms other than the one it was fitted on.
 
     python benchmarks/real_llm.py --configs kv_memory:0.5,attention:0.25,latency:0.9 \
         --lengths 1024,2048,4096,8192 --samples 50 --device cuda --out results.json
@@ -46,6 +51,7 @@ import tailor
 from tailor.cli.default_model import EVAL_MODULES, docstring_sentences
 from tailor.core.cache import cache_dir
 from tailor.data.long_context import passkey_samples, repeated_tokens
+from tailor.data.retrieval import TEMPLATES, answered, make_samples
 from tailor.data.text import load_tokenizer
 from tailor.passes import baselines
 from tailor.passes.registry import apply_options
@@ -60,6 +66,9 @@ EVAL_LEN = 512
 # SLEB last: it measures the most (a perplexity per block left, per block removed)
 BASELINES = ("streaming_llm", "duo_attention", "duo_attention_profile", "shortgpt", "flap_uniform",
              "kv_sharer", "sleb")
+# tailor.data.retrieval's forms that a pretrained LM can answer
+FORMS = {"needle": TEMPLATES[1], "code word": TEMPLATES[2], "code word in filler": TEMPLATES[3],
+         "code word in chat": TEMPLATES[4]}
 TITLES = {"tailor": "**tailor**", "streaming_llm": "StreamingLLM (sink 4 + window)",
           "duo_attention": "DuoAttention-style (retrieval heads dense)",
           "duo_attention_profile": "DuoAttention-style, heads by the profile's loss",
@@ -94,6 +103,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch", type=int, default=8, help="passkey prompts decoded together")
+    ap.add_argument("--form-samples", type=int, default=16, help="sequences a retrieval form and length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -119,6 +129,10 @@ class Probes:
                       "prose": text_windows(prose, tokenizer, EVAL_LEN, args.eval_windows)}
         self.passkey = {n: passkey_samples(tokenizer, n, args.samples, args.seed + n) for n in args.lengths}
         self.repeat = {n: repeated_tokens(tokenizer, n, args.samples, args.seed + n) for n in args.lengths}
+        eval_ids = torch.tensor(tokenizer(args.eval_text.read_text(), add_special_tokens=False)["input_ids"])
+        eval_ids = eval_ids.repeat(-(-max(args.lengths) // len(eval_ids)))
+        self.forms = {name: {n: make_samples(tokenizer, n, args.form_samples, args.seed + 31 * n, t, eval_ids)
+                             for n in args.lengths} for name, t in FORMS.items()} if args.form_samples else {}
         self.reference: dict[str, list[torch.Tensor]] | None = None
 
     def measure(self, model, name: str) -> dict:
@@ -138,6 +152,8 @@ class Probes:
                 out[k] = windowed_lm_metrics(model, ids, self.reference[k])
             steps.update()
         out["passkey"], out["repeat"] = {}, {}
+        out["forms"] = {name: {n: answered(model, samples[n]) for n in self.lengths}
+                        for name, samples in self.forms.items()}
         for n in self.lengths:
             out["passkey"][n] = passkey_accuracy(model, self.tokenizer, self.passkey[n], self.batch)
             steps.update()
@@ -169,12 +185,13 @@ def search_summary(report: dict) -> dict:
     the single-pass plans) and what that check holds: why tailor's plan was chosen over the rows."""
     search, cal = report.get("search", {}), report.get("calibration", {})
     return {"heldout_windows": cal.get("heldout_windows"),
-            "heldout_retrieval_sequences": cal.get("heldout_retrieval_sequences"),
+            "heldout_retrieval_candidates": cal.get("heldout_retrieval_candidates"),
             "retrieval_weight": cal.get("retrieval_weight"),
             "retrieval_template": cal.get("retrieval_template"), "dense_answered": cal.get("dense_answered"),
             "heldout_retrieval_answered": cal.get("heldout_retrieval_answered"),
             "plans": [{"plan": it["iteration"], "rewrites": len(it["options"]),
-                       "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"]}
+                       "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"],
+                       **{k: it[k] for k in ("text_kl", "retrieval_kl", "retrieval_answered") if k in it}}
                       for it in search.get("iterations", [])]}
 
 
@@ -239,7 +256,9 @@ def table(rows: list[dict], lengths: list[int]) -> str:
     dense = rows[0]
     head = ["config", "method", "cost ratio", "code ppl", "code ppl / dense", "code KL", "code top-1",
             "prose ppl", "prose ppl / dense", "prose KL", "prose top-1"]
-    head += [f"passkey {n}" for n in lengths] + [f"repeat {n}" for n in lengths] + ["rewrites"]
+    forms = list(dense.get("forms", {}))
+    head += [f"passkey {n}" for n in lengths] + [f"repeat {n}" for n in lengths]
+    head += [f"{f} {n}" for f in forms for n in lengths] + ["rewrites"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], TITLES.get(r["method"], r["method"])]
@@ -252,6 +271,7 @@ def table(rows: list[dict], lengths: list[int]) -> str:
             cells += [f"{m['perplexity']:.3f}", f"{m['perplexity'] / dense[k]['perplexity']:.3f}",
                       f"{m.get('kl_to_reference', 0.0):.4f}", f"{m.get('top1_agreement', 1.0):.3f}"]
         cells += [f"{r['passkey'][n]:.2f}" for n in lengths] + [f"{r['repeat'][n]:.3f}" for n in lengths]
+        cells += [f"{r['forms'][f][n]:.2f}" for f in forms for n in lengths]
         lines.append("| " + " | ".join(cells + [r["rewrites"]]) + " |")
     return "\n".join(lines)
 

@@ -73,7 +73,10 @@ class Calibration:
     attn_texts: dict[int, torch.Tensor] = field(default_factory=dict)
     heldout_long_ids: torch.Tensor | None = None    # text windows at the validation length
     retrieval: dict[int, list] = field(default_factory=dict)
+    # candidates at each held-out length, in order; the search keeps the first
+    # heldout_retrieval_per_length of each length that the dense model answers (stages.search.HeldOut)
     heldout_retrieval: list = field(default_factory=list)
+    heldout_retrieval_per_length: int = 0
     retrieval_weight: float = 0.0
     # retrieval sequences of the longest profiled length that the retrieval gates are fitted on
     # (tailor.backends.retrieval_gates)
@@ -249,9 +252,13 @@ def text_of_length(cal: Calibration, length: int) -> torch.Tensor:
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
                        template=None, windows_tokens: int = 2048, samples: int = 4,
-                       gate_samples: int = 16, retrieval_weight: float = 0.25, seed: int = 0) -> None:
+                       gate_samples: int = 16, retrieval_weight: float = 0.25, seed: int = 0,
+                       heldout_forms: list | None = None, heldout_draws: int = 4) -> None:
     """Windows of each profiled length spread over the calibration tokens, and synthetic
-    retrieval sequences (when there is a tokenizer to write them with)."""
+    retrieval sequences (when there is a tokenizer to write them with) of `template`: `samples`
+    a profiled length; and, for the held-out check, `heldout_draws` × `samples` candidates of each
+    of `heldout_forms` (default: `template`) a held-out length, the forms taking turns, of which
+    the check keeps the first `samples` × the forms that the dense model answers."""
     from tailor.data.retrieval import RetrievalTemplate, make_samples
 
     template = template or RetrievalTemplate()
@@ -266,10 +273,17 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     if tokenizer is not None:
         cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
         # held out: at the validation length and at the longest profiled one (the workload's), so
-        # that a plan which reads far enough at the one but not at the other is seen
+        # that a plan which reads far enough at the one but not at the other is seen. More are
+        # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, and the check's retrieval part was
+        # 2 sequences of 8, too few to tell a plan that keeps the 4K passkey (0.88) from one that
+        # loses it (0.28): it ranked them the wrong way round
+        forms = heldout_forms or [template]
         cal.heldout_retrieval = [
             s for n in sorted({validation_len, max(lengths)})
-            for s in make_samples(tokenizer, n, samples, seed + 7919 + n, template, stream)]
+            for turn in zip(*(make_samples(tokenizer, n, samples * heldout_draws, seed + 7919 + n + 613 * i,
+                                           form, stream) for i, form in enumerate(forms)))
+            for s in turn]
+        cal.heldout_retrieval_per_length = samples * len(forms)
         cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, template,
                                           stream)
         cal.retrieval_weight = retrieval_weight

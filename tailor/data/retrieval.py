@@ -19,13 +19,17 @@ at every answer position must be the answer's token; this equals greedy decoding
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from tailor.core.errors import TailorError
 
-CONTEXTS = ("lines", "text")
+CONTEXTS = ("lines", "text", "filler", "chat")
+# the "filler" context: the haystack of passkey tests, these sentences over and over
+FILLER_SENTENCES = ("The morning was quiet.", "A bird sang outside.", "The kettle began to boil.",
+                    "Someone closed a door.", "The clock ticked on.")
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -37,12 +41,16 @@ class RetrievalTemplate:
     answer: str = " {value}"
     max_value: int = 99999
     # "lines": the context is more lines of the template; "text": the queried line alone, inside
-    # a window of the calibration text
+    # a window of the calibration text; "filler": alone, inside repeated FILLER_SENTENCES; "chat":
+    # that filler and the query as the user's turn of the tokenizer's chat template, `reply` the
+    # start of the assistant's (the answer follows it)
     context: str = "lines"
+    reply: str = ""
 
     @classmethod
     def parse(cls, spec: dict) -> "RetrievalTemplate":
-        t = cls(**{k: spec[k] for k in ("line", "query", "answer", "max_value", "context") if k in spec})
+        fields = ("line", "query", "answer", "max_value", "context", "reply")
+        t = cls(**{k: spec[k] for k in fields if k in spec})
         if t.context not in CONTEXTS:
             raise TailorError(f"retrieval template: context {t.context!r} is one of {', '.join(CONTEXTS)}")
         for field, names in (("line", ("key", "value")), ("query", ("key",)), ("answer", ("value",))):
@@ -76,14 +84,28 @@ class RetrievalSample:
         return bool((predicted == self.ids[self.answer_start:self.answer_start + self.answer_len]).all())
 
 
+_CODE_WORD_QUERY = "\nWhat is the code word for {key}? The code word for {key} is"
 # the forms choose_template tries, in order: refllama-16m's own, then one line in the calibration
-# text, code-shaped and in prose
+# text, code-shaped and in prose, then the prose line in filler (passkey tests' haystack), and
+# that filler asked about through the chat template (how an instruct model is deployed)
 TEMPLATES = (
     RetrievalTemplate(),
     RetrievalTemplate(line="\n{key} = {value}\n", query="\nassert {key} ==", context="text"),
-    RetrievalTemplate(line="\nThe code word for {key} is {value}. Remember it.\n",
-                      query="\nWhat is the code word for {key}? The code word for {key} is", context="text"),
+    RetrievalTemplate(line="\nThe code word for {key} is {value}. Remember it.\n", query=_CODE_WORD_QUERY,
+                      context="text"),
+    RetrievalTemplate(line=" The code word for {key} is {value}. Remember it.", query=_CODE_WORD_QUERY,
+                      context="filler"),
+    RetrievalTemplate(line=" The code word for {key} is {value}. Remember it.",
+                      query="\n\nWhat is the code word for {key}?", context="chat",
+                      reply="The code word for {key} is"),
 )
+# a form the dense model answers at least this often (choose_template's share) is one the
+# held-out check measures plans on
+ANSWERED_FORM_SHARE = 0.5
+
+
+def form_name(template: RetrievalTemplate) -> str:
+    return f"{template.context}: {template.line.strip()}"
 
 
 def make_samples(tokenizer, length: int, count: int, seed: int,
@@ -95,8 +117,15 @@ def make_samples(tokenizer, length: int, count: int, seed: int,
     rng = random.Random(seed)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
-    if template.context == "text":
-        return [_in_text(encode, bos, length, rng, template, text) for _ in range(count)]
+    head, tail = bos, ""
+    if template.context == "chat":
+        head, tail = _chat_turns(tokenizer)
+        head = encode(head)
+    if template.context in ("filler", "chat"):
+        sentences = encode(" " + " ".join(FILLER_SENTENCES))
+        text = torch.tensor(sentences * (length // len(sentences) + 2))
+    if template.context != "lines":
+        return [_in_text(encode, head, tail, length, rng, template, text) for _ in range(count)]
     samples = []
     for _ in range(count):
         keys: dict[str, int] = {}
@@ -123,13 +152,24 @@ def make_samples(tokenizer, length: int, count: int, seed: int,
     return samples
 
 
-def _in_text(encode, bos: list[int], length: int, rng: random.Random, template: RetrievalTemplate,
+def _chat_turns(tokenizer) -> tuple[str, str]:
+    """The chat template's text before and after the user's message (the assistant's turn opened)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TailorError("retrieval probe: the \"chat\" context needs a tokenizer with a chat template")
+    mark = "\x00MESSAGE\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": mark}], add_generation_prompt=True,
+                                             tokenize=False)
+    head, tail = rendered.split(mark)
+    return head, tail
+
+
+def _in_text(encode, bos: list[int], tail: str, length: int, rng: random.Random, template: RetrievalTemplate,
              text) -> RetrievalSample:
     if text is None or len(text) < length:
         raise TailorError(f"retrieval probe: the {template.context!r} context needs {length} tokens of text")
     key, value = _name(rng), rng.randint(0, template.max_value)
     line = encode(template.line.format(key=key, value=value))
-    query = encode(template.query.format(key=key))
+    query = encode(template.query.format(key=key) + tail + template.reply.format(key=key))
     answer = encode(template.answer.format(value=value))
     room = length - len(bos) - len(line) - len(query) - len(answer)
     if room <= 0:
@@ -155,7 +195,8 @@ def choose_template(run, tokenizer, length: int, text, seed: int,
     answers most (the earlier on a tie); None where it answers none (then retrieval calibrates
     nothing). Also each form's share, by its context and line. The most answered, not the first
     answered well enough: SmolLM2-135M answered the code line 3 of 4 times at 1K, yet 1 of the 8
-    held-out sequences of 6K and 8K tokens; the prose line 4 of 4 at 1K, and 2 of those 8."""
+    held-out sequences of 6K and 8K tokens; the prose line 4 of 4 at 1K, and 2 of those 8.
+    (Several forms answered: the others are held out, tailor.stages.calibrate.)"""
     shares: dict[str, float] = {}
     best, best_share = None, 0.0
     for i, template in enumerate(TEMPLATES):
@@ -164,7 +205,7 @@ def choose_template(run, tokenizer, length: int, text, seed: int,
         except TailorError:  # too short for this form
             continue
         share = answered(run, drawn)
-        shares[f"{template.context}: {template.line.strip()}"] = share
+        shares[form_name(template)] = share
         if share > best_share:
             best, best_share = template, share
     return best, shares
@@ -185,3 +226,21 @@ def retrieval_accuracy(model, tokenizer, lengths: list[int], samples: int = 32, 
                     for s in make_samples(tokenizer, n, samples, seed + n, template)]
             out[n] = sum(hits) / len(hits)
     return out
+
+
+def answered_sequences(run, candidates: list[RetrievalSample], per_length: int = 0
+                       ) -> tuple[list[RetrievalSample], list[torch.Tensor]]:
+    """The first `per_length` of `candidates` of each length (0: all) whose answer `run` gets
+    exactly right, and its answer logits [1, answer_len, V] for each; candidates past a length's
+    quota are never run."""
+    kept, answers, counts = [], [], Counter()
+    with torch.no_grad():
+        for s in candidates:
+            if per_length and counts[len(s.ids)] >= per_length:
+                continue
+            answer = run(s.ids[None], positions=s.answer_positions).float()
+            if s.answered_by(answer[0]):
+                kept.append(s)
+                answers.append(answer)
+                counts[len(s.ids)] += 1
+    return kept, answers

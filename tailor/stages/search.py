@@ -10,6 +10,7 @@ import torch
 from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.core.host_memory import release_free_memory
 from tailor.data.calibration import Calibration
+from tailor.data.retrieval import answered_sequences
 from tailor.passes.base import Option
 from tailor.passes.baselines import duo_attention, duo_attention_wide, streaming_llm
 from tailor.passes.cost import Allowance, CostModel, forward_flops
@@ -32,7 +33,8 @@ WIDE_WINDOW_SHARES = (0.1, 0.2, 0.3)
 class HeldOut:
     """What the search's refine loop measures a plan on: next-token KL on held-out calibration
     windows (and on windows of the validation length, not profiled, when attention is profiled)
-    and, weighted, the KL at the answers of held-out retrieval sequences of that length."""
+    and, weighted, the KL at the answers of held-out retrieval sequences of that length. Each
+    measurement's parts are kept in `measured` (the report's plans show them)."""
 
     def __init__(self, dense: Backend, cal: Calibration):
         self.cal, self.graph, self.is_lm = cal, dense.graph, dense.graph.task == "causal-lm"
@@ -43,13 +45,10 @@ class HeldOut:
         # splits off: SmolLM2's references at the compared positions were 2 × 0.5 GB of logits
         self.reference = [[o.to("cpu") for o in dense.stream(t, positions=p, head_inputs=True)]
                           for t, p in zip(self.texts, self.positions)]
-        # only the sequences the dense model answers: where it fails, a plan's distance from its
-        # answer is noise, not retrieval lost
-        self.retrieval = cal.heldout_retrieval
-        answers = self._answers(dense)
-        kept = [i for i, (a, s) in enumerate(zip(answers, self.retrieval)) if s.answered_by(a[0])]
-        self.retrieval = [self.retrieval[i] for i in kept]
-        self.ret_reference = [answers[i] for i in kept]
+        # where the dense model fails, a plan's distance from its answer is noise, not retrieval lost
+        self.retrieval, self.ret_reference = answered_sequences(dense.runnable(), cal.heldout_retrieval,
+                                                                cal.heldout_retrieval_per_length)
+        self.measured: list[dict[str, Any]] = []
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
         run = backend.runnable()
@@ -67,11 +66,18 @@ class HeldOut:
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
         retrieval answers' KL, weighted."""
-        kl = float(np.mean([divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
-                            for ref, t, p in zip(self.reference, self.texts, self.positions)]))
+        texts = [divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
+                 for ref, t, p in zip(self.reference, self.texts, self.positions)]
+        kl = float(np.mean(texts))
+        parts: dict[str, Any] = {"text_kl": texts}
         if self.retrieval:
+            answers = self._answers(backend)
+            retrieval = divergence(self.ret_reference, answers, self.is_lm)
             w = self.cal.retrieval_weight
-            kl = (1 - w) * kl + w * divergence(self.ret_reference, self._answers(backend), self.is_lm)
+            kl = (1 - w) * kl + w * retrieval
+            parts |= {"retrieval_kl": retrieval,
+                      "retrieval_answered": sum(s.answered_by(a[0]) for s, a in zip(self.retrieval, answers))}
+        self.measured.append(parts)
         release_free_memory()
         return kl
 
@@ -138,10 +144,13 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
             variant.close()
         return kl
 
+    first = len(heldout.measured)
     result = search(options, cost_model, budget, objective, measure, max_checks=checks,
                     refine=refine if meter is not None and estimated else None,
                     rivals=published_rivals(options, cost_model, signals, budget, objective),
                     uniform=uniform)
+    for it, parts in zip(result.iterations, heldout.measured[first:]):  # one measurement each, in order
+        it |= parts
     if best.get("keys") == sorted(o.key for o in result.chosen):
         return result, best["model"], best["kl"]
     if best:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailor.core.errors import TailorError
-from tailor.data.retrieval import TEMPLATES, answered, choose_template, make_samples
+from tailor.data.retrieval import TEMPLATES, answered, answered_sequences, choose_template, make_samples
 from tailor.data.text import load_tokenizer
 from tests.conftest import REFLLAMA, needs_shared
 
@@ -33,7 +33,7 @@ class Oracle(torch.nn.Module):
 def test_needle_in_text_holds_its_line_once_at_the_length():
     tok = load_tokenizer(REFLLAMA)
     text = torch.tensor(tok((REFLLAMA / "MODEL.md").read_text() * 3, add_special_tokens=False)["input_ids"])
-    for template in TEMPLATES[1:]:
+    for template in (t for t in TEMPLATES if t.context in ("text", "filler")):
         query = re.escape(template.query.strip()).replace(re.escape("{key}"), r"(\w+)", 1)
         query = query.replace(re.escape("{key}"), r"\w+")
         for s in make_samples(tok, 400, 5, seed=2, template=template, text=text):
@@ -45,6 +45,56 @@ def test_needle_in_text_holds_its_line_once_at_the_length():
     # too little text for the window: a clear error
     with pytest.raises(TailorError, match="needs 400 tokens of text"):
         make_samples(tok, 400, 1, seed=0, template=TEMPLATES[1], text=text[:100])
+
+
+@needs_shared
+def test_the_chat_form_asks_through_the_chat_template():
+    tok = load_tokenizer(REFLLAMA)
+    chat = next(t for t in TEMPLATES if t.context == "chat")
+    with pytest.raises(TailorError, match="needs a tokenizer with a chat template"):
+        make_samples(tok, 300, 1, seed=0, template=chat)
+    tok.chat_template = ("{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}"
+                         "{% if add_generation_prompt %}<bot>{% endif %}")
+    for s in make_samples(tok, 300, 3, seed=4, template=chat):
+        assert len(s.ids) == 300
+        prompt, answer = tok.decode(s.ids[:s.answer_start]), tok.decode(s.ids[s.answer_start:]).strip()
+        key = re.search(r"What is the code word for (\w+)\?", prompt).group(1)
+        assert prompt.startswith("<user>") and prompt.count(f"The code word for {key} is {answer}.") == 1
+        assert prompt.endswith(f"?</user><bot>The code word for {key} is")
+
+
+@needs_shared
+def test_held_out_sequences_are_the_first_answered_of_each_length():
+    tok = load_tokenizer(REFLLAMA)
+    candidates = make_samples(tok, 200, 8, seed=1) + make_samples(tok, 300, 8, seed=2)
+    # the model answers every other candidate of the first length and only the last of the second
+    oracle = Oracle(candidates[0:8:2] + candidates[15:], answers=True)
+    runs = []
+    run = lambda ids, positions: (runs.append(len(ids[0])), oracle(ids, positions))[1]  # noqa: E731
+    kept, answers = answered_sequences(run, candidates, per_length=2)
+    assert kept == [candidates[0], candidates[2], candidates[15]]
+    assert all(s.answered_by(a[0]) for s, a in zip(kept, answers))
+    # past the quota of 2 at length 200 nothing more is run; every candidate of 300 is
+    assert runs == [200] * 3 + [300] * 8
+    assert answered_sequences(run, candidates, per_length=0)[0] == candidates[0:8:2] + candidates[15:]
+
+
+@needs_shared
+def test_the_check_draws_every_answered_form_in_turn():
+    from tailor.data.calibration import Calibration, add_attention_data
+
+    tok = load_tokenizer(REFLLAMA)
+    stream = torch.tensor(tok((REFLLAMA / "MODEL.md").read_text() * 3, add_special_tokens=False)["input_ids"])
+    cal = Calibration(stream[None, :256], stream[None, 256:512], "test", "0", stream=stream)
+    add_attention_data(cal, [256, 512], 384, tok, template=TEMPLATES[0], samples=2,
+                       heldout_forms=[TEMPLATES[0], TEMPLATES[3]], heldout_draws=3)
+    # 2 × 3 candidates of each form at the validation length and at the longest, forms alternating
+    assert [len(s.ids) for s in cal.heldout_retrieval] == [384] * 12 + [512] * 12
+    filler = [tok.decode(s.ids).count("The kettle began to boil.") > 3 for s in cal.heldout_retrieval]
+    assert filler == [False, True] * 12
+    assert cal.heldout_retrieval_per_length == 4
+    # the profile and the gates keep to the one template
+    assert all("kettle" not in tok.decode(s.ids) for n in (256, 512) for s in cal.retrieval[n])
 
 
 @needs_shared
@@ -61,10 +111,11 @@ def test_the_form_the_dense_model_answers_is_chosen():
     assert template == TEMPLATES[0] and list(shares.values())[0] >= 0.75, shares
 
     # a model that answers only the prose needle gets it (the earlier forms measured, and passed by)
-    samples = {i: make_samples(tok, 512, 4, 0 + i, t, text) for i, t in enumerate(TEMPLATES)}
+    samples = {i: make_samples(tok, 512, 4, 0 + i, t, text) for i, t in enumerate(TEMPLATES[:4])}
     prose_only = Oracle(samples[2], answers=True)
     template, shares = choose_template(prose_only, tok, 512, text, seed=0)
-    assert template == TEMPLATES[2] and list(shares.values()) == [0.0, 0.0, 1.0], shares
+    # no chat form: the tokenizer has no chat template
+    assert template == TEMPLATES[2] and list(shares.values()) == [0.0, 0.0, 1.0, 0.0], shares
     # one that answers nothing calibrates no retrieval
     assert choose_template(Oracle([], answers=False), tok, 512, text, seed=0)[0] is None
     assert answered(prose_only, samples[0]) == 0.0 and answered(prose_only, samples[2]) == 1.0
