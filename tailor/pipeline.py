@@ -293,7 +293,8 @@ def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict
         prof, options, meter = run_profile(dense, cal, passes if replayed is None else [],
                                            model_hash=cap.model_hash, settings=settings, progress=progress,
                                            use_cache=use_cache)
-        heldout = HeldOut(dense, cal)  # the dense model's outputs the plans are checked against
+        # the dense model's outputs the plans are checked against
+        heldout = HeldOut(dense, cal, settings["device"])
     for o in options:  # measured alone, or estimated from its proxy; the pass's own estimate
         o.loss = prof.loss(o)
     price(options, cost_model)

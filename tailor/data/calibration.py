@@ -77,6 +77,9 @@ class Calibration:
     # heldout_retrieval_per_length of each length that the dense model answers (stages.search.HeldOut)
     heldout_retrieval: list = field(default_factory=list)
     heldout_retrieval_per_length: int = 0
+    # candidates a length always run for the dense model, however costly (more where the device
+    # affords them: stages.search.HeldOut)
+    heldout_retrieval_runs: int = 0
     retrieval_weight: float = 0.0
     # retrieval sequences of the longest profiled length that the retrieval gates are fitted on
     # (tailor.backends.retrieval_gates)
@@ -258,7 +261,8 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     retrieval sequences (when there is a tokenizer to write them with) of `template`: `samples`
     a profiled length; and, for the held-out check, `heldout_draws` × `samples` candidates of each
     of `heldout_forms` (default: `template`) a held-out length, the forms taking turns, of which
-    the check keeps the first `samples` × the forms that the dense model answers."""
+    the check keeps the first `samples` × the forms that the dense model answers (running at
+    least `samples` of them, more where the device affords it)."""
     from tailor.data.retrieval import RetrievalTemplate, make_samples
 
     template = template or RetrievalTemplate()
@@ -284,6 +288,7 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
                                            form, stream) for i, form in enumerate(forms)))
             for s in turn]
         cal.heldout_retrieval_per_length = samples * len(forms)
+        cal.heldout_retrieval_runs = samples
         cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, template,
                                           stream)
         cal.retrieval_weight = retrieval_weight

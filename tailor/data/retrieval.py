@@ -228,19 +228,22 @@ def retrieval_accuracy(model, tokenizer, lengths: list[int], samples: int = 32, 
     return out
 
 
-def answered_sequences(run, candidates: list[RetrievalSample], per_length: int = 0
+def answered_sequences(run, candidates: list[RetrievalSample], per_length: int = 0,
+                       max_runs: dict[int, int] | None = None
                        ) -> tuple[list[RetrievalSample], list[torch.Tensor]]:
     """The first `per_length` of `candidates` of each length (0: all) whose answer `run` gets
-    exactly right, and its answer logits [1, answer_len, V] for each; candidates past a length's
-    quota are never run."""
-    kept, answers, counts = [], [], Counter()
+    exactly right, and its answer logits [1, answer_len, V] for each; at most `max_runs[length]`
+    candidates of a length are run (where given), none past a length's quota."""
+    kept, answers, counts, runs = [], [], Counter(), Counter()
     with torch.no_grad():
         for s in candidates:
-            if per_length and counts[len(s.ids)] >= per_length:
+            n = len(s.ids)
+            if (per_length and counts[n] >= per_length) or (max_runs and runs[n] >= max_runs.get(n, 0)):
                 continue
+            runs[n] += 1
             answer = run(s.ids[None], positions=s.answer_positions).float()
             if s.answered_by(answer[0]):
                 kept.append(s)
                 answers.append(answer)
-                counts[len(s.ids)] += 1
+                counts[n] += 1
     return kept, answers

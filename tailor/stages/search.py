@@ -28,6 +28,10 @@ REFINE_SECONDS = 60
 # shares of KV heads kept dense in the whole plans that rank heads by the retrieval gates and give
 # the others the widest window the budget allows (baselines.duo_attention_wide); the check picks
 WIDE_WINDOW_SHARES = (0.1, 0.2, 0.3)
+# seconds of work (cost.MEASURE_RATE) the dense model may spend finding held-out retrieval
+# sequences it answers, beyond the few a length it always runs: on a GPU enough for every form's
+# quota at 8K tokens; on 2 CPU cores at 4K, the few (each candidate there is seconds of forward)
+HELDOUT_RETRIEVAL_SECONDS = 30
 
 
 class HeldOut:
@@ -36,7 +40,7 @@ class HeldOut:
     and, weighted, the KL at the answers of held-out retrieval sequences of that length. Each
     measurement's parts are kept in `measured` (the report's plans show them)."""
 
-    def __init__(self, dense: Backend, cal: Calibration):
+    def __init__(self, dense: Backend, cal: Calibration, device_kind: str = "cpu"):
         self.cal, self.graph, self.is_lm = cal, dense.graph, dense.graph.task == "causal-lm"
         self.texts = [t for t in (cal.heldout_ids, cal.heldout_long_ids) if t is not None]
         self.positions = [compared_positions(dense.graph, t) for t in self.texts]
@@ -46,8 +50,12 @@ class HeldOut:
         self.reference = [[o.to("cpu") for o in dense.stream(t, positions=p, head_inputs=True)]
                           for t, p in zip(self.texts, self.positions)]
         # where the dense model fails, a plan's distance from its answer is noise, not retrieval lost
+        lengths = sorted({len(s.ids) for s in cal.heldout_retrieval})
+        share = Allowance(HELDOUT_RETRIEVAL_SECONDS, device_kind).total / max(1, len(lengths))
+        runs = {n: max(cal.heldout_retrieval_runs, int(share / forward_flops(self.graph, n)))
+                for n in lengths}
         self.retrieval, self.ret_reference = answered_sequences(dense.runnable(), cal.heldout_retrieval,
-                                                                cal.heldout_retrieval_per_length)
+                                                                cal.heldout_retrieval_per_length, runs)
         self.measured: list[dict[str, Any]] = []
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:

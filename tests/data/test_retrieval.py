@@ -77,6 +77,10 @@ def test_held_out_sequences_are_the_first_answered_of_each_length():
     # past the quota of 2 at length 200 nothing more is run; every candidate of 300 is
     assert runs == [200] * 3 + [300] * 8
     assert answered_sequences(run, candidates, per_length=0)[0] == candidates[0:8:2] + candidates[15:]
+    # a device that affords 2 runs of length 200 and 7 of 300 finds 1 and none
+    runs.clear()
+    kept, _ = answered_sequences(run, candidates, per_length=2, max_runs={200: 2, 300: 7})
+    assert kept == [candidates[0]] and runs == [200] * 2 + [300] * 7
 
 
 @needs_shared
