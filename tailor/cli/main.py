@@ -437,7 +437,12 @@ def print_summary(compiled, out: Path) -> None:
     if measured:
         best = min(measured, key=lambda it: it["measured_kl"])
         source = best["iteration"] if isinstance(best["iteration"], str) else "the solver's"
-        t.add_row("plans measured whole", f"{len(measured)} (closest: {source} plan)")
+        kept = ""
+        if best.get("retrieval_answered") is not None:  # of the held-out sequences the dense model answers
+            answered = compiled.report.get("calibration", {}).get("heldout_retrieval_answered")
+            kept = (f"; it answers {best['retrieval_answered']} of the {answered} retrieval sequences the "
+                    f"original does")
+        t.add_row("plans measured whole", f"{len(measured)} (closest: {source} plan{kept})")
     cal = compiled.report.get("calibration", {})
     answered = cal.get("dense_answered")
     if answered:

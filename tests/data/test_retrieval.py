@@ -136,8 +136,14 @@ def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
     for form, warned in ((chosen, False), (None, True)):
         report = {"calibration": {"dense_answered": shares, "retrieval_template": form,
                                   "heldout_retrieval_answered": 3 if form else 0}}
+        if form:  # two plans measured: the closer one's retrieval is said
+            report["search"] = {"iterations": [
+                {"iteration": 0, "options": [], "measured_kl": 0.2, "retrieval_answered": 1},
+                {"iteration": "StreamingLLM", "options": [], "measured_kl": 0.1, "retrieval_answered": 2}]}
         print_summary(SimpleNamespace(plan=plan, report=report), tmp_path)
         out = capsys.readouterr().out
+        words = " ".join(re.sub("[│┃]", " ", out).split())  # the cell may wrap
+        assert ("it answers 2 of the 3 retrieval sequences the original does" in words) == bool(form)
         assert "retrieval calibrated on" in out
         assert ("The code word for" in out) == (form is not None)
         assert ("answered none of the synthetic retrieval forms" in out) == warned
