@@ -278,9 +278,8 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
         cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
         # held out: at the validation length and at the longest profiled one (the workload's), so
         # that a plan which reads far enough at the one but not at the other is seen. More are
-        # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, and the check's retrieval part was
-        # 2 sequences of 8, too few to tell a plan that keeps the 4K passkey (0.88) from one that
-        # loses it (0.28): it ranked them the wrong way round
+        # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, which left the check's retrieval
+        # part 2 sequences of the 8 drawn
         forms = heldout_forms or [template]
         cal.heldout_retrieval = [
             s for n in sorted({validation_len, max(lengths)})

@@ -77,6 +77,11 @@ class RetrievalSample:
         """The positions whose next-token logits predict the answer."""
         return torch.arange(self.answer_start - 1, self.answer_start - 1 + self.answer_len)
 
+    def answer_logits(self, run) -> torch.Tensor:
+        """run(ids [1, T], positions=P) -> logits [1, |P|, V] at the answer positions, in float32."""
+        with torch.no_grad():
+            return run(self.ids[None], positions=self.answer_positions).float()
+
     def answered_by(self, answer_logits: torch.Tensor) -> bool:
         """answer_logits [answer_len, V], at answer_positions: does their argmax give every answer
         token (teacher-forced exact match)?"""
@@ -163,7 +168,7 @@ def _chat_turns(tokenizer) -> tuple[str, str]:
     return head, tail
 
 
-def _in_text(encode, bos: list[int], tail: str, length: int, rng: random.Random, template: RetrievalTemplate,
+def _in_text(encode, head: list[int], tail: str, length: int, rng: random.Random, template: RetrievalTemplate,
              text) -> RetrievalSample:
     if text is None or len(text) < length:
         raise TailorError(f"retrieval probe: the {template.context!r} context needs {length} tokens of text")
@@ -171,21 +176,20 @@ def _in_text(encode, bos: list[int], tail: str, length: int, rng: random.Random,
     line = encode(template.line.format(key=key, value=value))
     query = encode(template.query.format(key=key) + tail + template.reply.format(key=key))
     answer = encode(template.answer.format(value=value))
-    room = length - len(bos) - len(line) - len(query) - len(answer)
+    room = length - len(head) - len(line) - len(query) - len(answer)
     if room <= 0:
         raise TailorError(f"retrieval probe: length {length} is too short for the template")
     start = rng.randrange(len(text) - room + 1)
     body = torch.as_tensor(text[start:start + room]).tolist()
     at = rng.randrange(room + 1)
-    prompt = bos + body[:at] + line + body[at:] + query
+    prompt = head + body[:at] + line + body[at:] + query
     return RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer))
 
 
 def answered(run, samples: list[RetrievalSample]) -> float:
     """Share of `samples` whose answer run(ids [1, T], positions=P) -> logits [1, |P|, V] gets
     exactly right (teacher-forced), the head run at the answer positions only."""
-    with torch.no_grad():
-        hits = sum(s.answered_by(run(s.ids[None], positions=s.answer_positions)[0]) for s in samples)
+    hits = sum(s.answered_by(s.answer_logits(run)[0]) for s in samples)
     return hits / max(1, len(samples))
 
 
@@ -235,15 +239,14 @@ def answered_sequences(run, candidates: list[RetrievalSample], per_length: int =
     exactly right, and its answer logits [1, answer_len, V] for each; at most `max_runs[length]`
     candidates of a length are run (where given), none past a length's quota."""
     kept, answers, counts, runs = [], [], Counter(), Counter()
-    with torch.no_grad():
-        for s in candidates:
-            n = len(s.ids)
-            if (per_length and counts[n] >= per_length) or (max_runs and runs[n] >= max_runs.get(n, 0)):
-                continue
-            runs[n] += 1
-            answer = run(s.ids[None], positions=s.answer_positions).float()
-            if s.answered_by(answer[0]):
-                kept.append(s)
-                answers.append(answer)
-                counts[n] += 1
+    for s in candidates:
+        n = len(s.ids)
+        if (per_length and counts[n] >= per_length) or (max_runs and runs[n] >= max_runs.get(n, 0)):
+            continue
+        runs[n] += 1
+        answer = s.answer_logits(run)
+        if s.answered_by(answer[0]):
+            kept.append(s)
+            answers.append(answer)
+            counts[n] += 1
     return kept, answers

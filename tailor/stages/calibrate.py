@@ -144,9 +144,7 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
         text = text_of_length(cal, length)
         template, answered = choose_template(backend.runnable(), tok, length, text, seed)
         # the check draws every form the model answers, not only the one the profile and the
-        # retrieval gates are fitted on: on SmolLM2-135M the gates' plan answered all 8 held-out
-        # sequences of the fitted form and 0.28 of the passkeys at 4K, the profile's plan 4 of 8
-        # and 0.88
+        # retrieval gates are fitted on, so that it measures retrieval the fit did not see
         forms = [t for t in TEMPLATES if answered.get(form_name(t), 0.0) >= ANSWERED_FORM_SHARE] or [template]
     add_attention_data(cal, lengths, validation_len, tok if template is not None else None,
                        template=template, heldout_forms=forms, seed=seed)

@@ -60,8 +60,7 @@ class HeldOut:
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
         run = backend.runnable()
-        with torch.no_grad():
-            return [run(s.ids[None], positions=s.answer_positions).float() for s in self.retrieval]
+        return [s.answer_logits(run) for s in self.retrieval]
 
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
