@@ -187,7 +187,7 @@ def search_summary(report: dict) -> dict:
     return {"heldout_windows": cal.get("heldout_windows"),
             "heldout_retrieval_candidates": cal.get("heldout_retrieval_candidates"),
             "retrieval_weight": cal.get("retrieval_weight"),
-            "retrieval_template": cal.get("retrieval_template"), "dense_answered": cal.get("dense_answered"),
+            "retrieval_forms": cal.get("retrieval_forms"), "dense_answered": cal.get("dense_answered"),
             "heldout_retrieval_answered": cal.get("heldout_retrieval_answered"),
             "plans": [{"plan": it["iteration"], "rewrites": len(it["options"]),
                        "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"],

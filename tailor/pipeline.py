@@ -69,7 +69,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     of them). Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and
     prompt_len) and plans validated at `validation_len` (default 3/4 prompt_len), with synthetic
     retrieval sequences written from `retrieval_template` (default: of tailor.data.retrieval.
-    TEMPLATES, the form the model answers most). `refit` False leaves out the sequential refit
+    TEMPLATES, every form the model answers, in turn). `refit` False leaves out the sequential refit
     after the search (tailor.passes.refit). `tune_trials` > 0 (format tvm) tunes the TVM build's
     heavy kernels with that many MetaSchedule samples in all (tailor.codegen.tvm.tune).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
@@ -193,7 +193,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     result.predicted = cost_model.ratios(structure_of(graph, chosen))
     report |= profile_report(prof, cal)
     attn = prepared.settings.get("attn", {})
-    report["calibration"] |= {"retrieval_template": attn.get("template"),
+    report["calibration"] |= {"retrieval_forms": attn.get("forms", []),
                               "dense_answered": attn.get("dense_answered"),
                               "heldout_retrieval_answered": len(heldout.retrieval)}
     if cost_model.measured_ratios:  # priced for this machine: check it here, against the input as given

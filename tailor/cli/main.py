@@ -17,6 +17,7 @@ from rich.table import Table
 
 from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, check_budget
+from tailor.data.retrieval import RetrievalTemplate, form_name
 
 # piped output gets a fixed wide layout instead of rich's 80-column default
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -446,11 +447,13 @@ def print_summary(compiled, out: Path) -> None:
     cal = compiled.report.get("calibration", {})
     answered = cal.get("dense_answered")
     if answered:
-        form = cal.get("retrieval_template")
+        forms = cal.get("retrieval_forms")
+        named = [form_name(RetrievalTemplate(**f)) for f in forms or []]
         t.add_row("retrieval calibrated on",
-                  "nothing: the model answered none of the forms" if form is None else
-                  f"{form['context']}: {form['line'].strip()} (answered {max(answered.values()):.0%} at "
-                  f"≤ 1K tokens; held-out sequences answered: {cal.get('heldout_retrieval_answered')})")
+                  "nothing: the model answered none of the forms" if not forms else
+                  "; ".join(f"{name} (answered {answered.get(name, 0.0):.0%} at ≤ 1K tokens)"
+                            for name in named)
+                  + f"; held-out sequences answered: {cal.get('heldout_retrieval_answered')}")
     quality = compiled.report.get("quality")
     if quality:
         for k in ("perplexity", "reference_perplexity", "kl_to_reference", "top1_agreement",
@@ -465,7 +468,7 @@ def print_summary(compiled, out: Path) -> None:
         console.print(f"[yellow]warning: KL {kl:.3f} to the original on held-out calibration data: at "
                       f"this budget the model's predictions change a lot; a higher --budget or fewer "
                       f"passes may be the better trade[/yellow]")
-    if answered and cal.get("retrieval_template") is None:
+    if answered and not cal.get("retrieval_forms"):
         console.print("[yellow]warning: the model answered none of the synthetic retrieval forms, so no "
                       "plan was checked for reading far back in the context: check the artifact on long "
                       "inputs of your own task[/yellow]")

@@ -254,18 +254,19 @@ def text_of_length(cal: Calibration, length: int) -> torch.Tensor:
 
 
 def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int, tokenizer, *,
-                       template=None, windows_tokens: int = 2048, samples: int = 4,
+                       forms: list | None = None, windows_tokens: int = 2048, samples: int = 4,
                        gate_samples: int = 16, retrieval_weight: float = 0.25, seed: int = 0,
-                       heldout_forms: list | None = None, heldout_draws: int = 4) -> None:
+                       heldout_draws: int = 4) -> None:
     """Windows of each profiled length spread over the calibration tokens, and synthetic
-    retrieval sequences (when there is a tokenizer to write them with) of `template`: `samples`
-    a profiled length; and, for the held-out check, `heldout_draws` × `samples` candidates of each
-    of `heldout_forms` (default: `template`) a held-out length, the forms taking turns, of which
-    the check keeps the first `samples` × the forms that the dense model answers (running at
-    least `samples` of them, more where the device affords it)."""
-    from tailor.data.retrieval import RetrievalTemplate, make_samples
+    retrieval sequences (when there is a tokenizer to write them with) of the retrieval `forms`
+    (default: the first of TEMPLATES), the forms taking turns: `samples` a profiled length (at
+    least one of each form), `gate_samples` for the retrieval gates, and for the held-out check
+    `heldout_draws` × `samples` candidates of each form a held-out length, of which the check
+    keeps the first `samples` × the forms that the dense model answers (running at least
+    `samples` of them, more where the device affords it)."""
+    from tailor.data.retrieval import TEMPLATES
 
-    template = template or RetrievalTemplate()
+    forms = forms or [TEMPLATES[0]]
     stream = text_of_length(cal, max(*lengths, validation_len))
     def count(n: int) -> int:
         return max(1, min(windows_tokens // n, len(stream) // n))
@@ -275,19 +276,29 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     # validation windows sit between the profiled ones
     cal.heldout_long_ids = spread_windows(stream, validation_len, count(validation_len), between=True)
     if tokenizer is not None:
-        cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, template, stream) for n in lengths}
+        # every form in the fit too, not the most answered one alone: fitted on one form, the
+        # gates of SmolLM2-135M kept the heads of that form and lost the passkey at 4K
+        cal.retrieval = {n: _forms_in_turn(tokenizer, n, max(samples, len(forms)), seed + n, forms, stream)
+                         for n in lengths}
         # held out: at the validation length and at the longest profiled one (the workload's), so
         # that a plan which reads far enough at the one but not at the other is seen. More are
         # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, which left the check's retrieval
         # part 2 sequences of the 8 drawn
-        forms = heldout_forms or [template]
-        cal.heldout_retrieval = [
-            s for n in sorted({validation_len, max(lengths)})
-            for turn in zip(*(make_samples(tokenizer, n, samples * heldout_draws, seed + 7919 + n + 613 * i,
-                                           form, stream) for i, form in enumerate(forms)))
-            for s in turn]
+        cal.heldout_retrieval = [s for n in sorted({validation_len, max(lengths)})
+                                 for s in _forms_in_turn(tokenizer, n, samples * heldout_draws * len(forms),
+                                                         seed + 7919 + n, forms, stream)]
         cal.heldout_retrieval_per_length = samples * len(forms)
         cal.heldout_retrieval_runs = samples
-        cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, template,
-                                          stream)
+        cal.gate_retrieval = _forms_in_turn(tokenizer, max(lengths), gate_samples, seed + 104729, forms,
+                                            stream)
         cal.retrieval_weight = retrieval_weight
+
+
+def _forms_in_turn(tokenizer, length: int, count: int, seed: int, forms: list, stream) -> list:
+    """`count` retrieval sequences of `length` tokens, one of each of `forms` in turn."""
+    from tailor.data.retrieval import make_samples
+
+    each = -(-count // len(forms))
+    drawn = [make_samples(tokenizer, length, each, seed + 613 * i, form, stream)
+             for i, form in enumerate(forms)]
+    return [s for turn in zip(*drawn) for s in turn][:count]

@@ -53,7 +53,9 @@ class RetrievalTemplate:
         t = cls(**{k: spec[k] for k in fields if k in spec})
         if t.context not in CONTEXTS:
             raise TailorError(f"retrieval template: context {t.context!r} is one of {', '.join(CONTEXTS)}")
-        for field, names in (("line", ("key", "value")), ("query", ("key",)), ("answer", ("value",))):
+        # a key tells the queried line from the others: a "lines" context needs one
+        keyed = ("key",) if t.context == "lines" else ()
+        for field, names in (("line", keyed + ("value",)), ("query", keyed), ("answer", ("value",))):
             text = getattr(t, field)
             if any("{" + n + "}" not in text for n in names):
                 raise TailorError(f"retrieval template: {field} {text!r} must contain "
@@ -103,6 +105,14 @@ TEMPLATES = (
     RetrievalTemplate(line=" The code word for {key} is {value}. Remember it.",
                       query="\n\nWhat is the code word for {key}?", context="chat",
                       reply="The code word for {key} is"),
+    # the passkey test's shape: one number in filler, said twice, no name to look it up by, asked
+    # for through the chat template; what the field probes long context with and DuoAttention
+    # calibrates on. SmolLM2-135M answers it at 4K (8 of 8) where it answers the named code word
+    # above 1 in 8: a plan that keeps the one may lose the other
+    RetrievalTemplate(line=" The secret number is {value}. Remember it. {value} is the secret number.",
+                      query="\n\nThere is a secret number hidden in the text above. "
+                            "What is the secret number?",
+                      context="chat", reply="The secret number is"),
 )
 # a form the dense model answers at least this often (choose_template's share) is one the
 # held-out check measures plans on

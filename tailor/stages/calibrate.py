@@ -133,28 +133,26 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
     # retrieval sequences need the model's tokenizer: given, or beside the model
     usable = tok is not None and (tokenizer is not None or has_tokenizer(tok))
     tok = load_tokenizer(tok) if usable and graph.task == "causal-lm" else None
-    template, answered, forms = None, None, []
+    answered, forms = None, []
     if retrieval_template is not None:
-        template = RetrievalTemplate.parse(retrieval_template)
-        forms = [template]
+        forms = [RetrievalTemplate.parse(retrieval_template)]
     elif tok is not None:
         # chosen at a short length (a few forwards): sequences of the profiled lengths that the
         # dense model does not answer are dropped from the held-out check (stages.search.HeldOut)
         length = min(CHOOSE_LEN, *lengths)
         text = text_of_length(cal, length)
         template, answered = choose_template(backend.runnable(), tok, length, text, seed)
-        # the check draws every form the model answers, not only the one the profile and the
-        # retrieval gates are fitted on, so that it measures retrieval the fit did not see
-        forms = [t for t in TEMPLATES if answered.get(form_name(t), 0.0) >= ANSWERED_FORM_SHARE] or [template]
-    add_attention_data(cal, lengths, validation_len, tok if template is not None else None,
-                       template=template, heldout_forms=forms, seed=seed)
+        # every form the model answers, in the fit and in the check, the most answered first
+        forms = sorted((t for t in TEMPLATES if answered.get(form_name(t), 0.0) >= ANSWERED_FORM_SHARE),
+                       key=lambda t: -answered[form_name(t)]) or ([template] if template is not None else [])
+    add_attention_data(cal, lengths, validation_len, tok if forms else None, forms=forms, seed=seed)
     if "attn_pattern" not in passes:
         return {}
     sequences = {n: len(cal.attn_texts.get(n, [])) + len(cal.retrieval.get(n, [])) for n in lengths}
     measured = None if measure_all else list(cells_measured(graph, sequences, device_kind).values())
     gates = gate_steps(graph, max(lengths), device_kind) if cal.gate_retrieval else 0
     return {"attn": {"lengths": lengths, "grid": [g.to_json() for g in grid],
-                     "template": asdict(template) if template is not None else None,
+                     "forms": [asdict(t) for t in forms],
                      "dense_answered": answered, "retrieval": cal.retrieval_weight, "measured": measured,
                      "gate_steps": gates}}
 

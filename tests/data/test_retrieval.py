@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from tailor.core.errors import TailorError
-from tailor.data.retrieval import TEMPLATES, answered, answered_sequences, choose_template, make_samples
+from tailor.data.retrieval import (
+    TEMPLATES,
+    RetrievalTemplate,
+    answered,
+    answered_sequences,
+    choose_template,
+    make_samples,
+)
 from tailor.data.text import load_tokenizer
 from tests.conftest import REFLLAMA, needs_shared
 
@@ -61,6 +68,18 @@ def test_the_chat_form_asks_through_the_chat_template():
         key = re.search(r"What is the code word for (\w+)\?", prompt).group(1)
         assert prompt.startswith("<user>") and prompt.count(f"The code word for {key} is {answer}.") == 1
         assert prompt.endswith(f"?</user><bot>The code word for {key} is")
+    # the passkey-shaped form: one number, said twice, no key to look it up by
+    secret = TEMPLATES[-1]
+    for s in make_samples(tok, 300, 3, seed=4, template=secret):
+        prompt, answer = tok.decode(s.ids[:s.answer_start]), tok.decode(s.ids[s.answer_start:]).strip()
+        assert len(s.ids) == 300 and answer.isdigit()
+        line = f"The secret number is {answer}. Remember it. {answer} is the secret number."
+        assert prompt.count(line) == 1
+        assert prompt.endswith("What is the secret number?</user><bot>The secret number is")
+    # a key is needed only where the context is more lines of the form
+    assert RetrievalTemplate.parse({"line": "X is {value}.", "query": "X?", "context": "filler"}).line
+    with pytest.raises(TailorError, match="must contain"):
+        RetrievalTemplate.parse({"line": "X is {value}.", "query": "X?"})
 
 
 @needs_shared
@@ -90,15 +109,19 @@ def test_the_check_draws_every_answered_form_in_turn():
     tok = load_tokenizer(REFLLAMA)
     stream = torch.tensor(tok((REFLLAMA / "MODEL.md").read_text() * 3, add_special_tokens=False)["input_ids"])
     cal = Calibration(stream[None, :256], stream[None, 256:512], "test", "0", stream=stream)
-    add_attention_data(cal, [256, 512], 384, tok, template=TEMPLATES[0], samples=2,
-                       heldout_forms=[TEMPLATES[0], TEMPLATES[3]], heldout_draws=3)
+    add_attention_data(cal, [256, 512], 384, tok, forms=[TEMPLATES[0], TEMPLATES[3]], samples=2,
+                       gate_samples=5, heldout_draws=3)
     # 2 × 3 candidates of each form at the validation length and at the longest, forms alternating
     assert [len(s.ids) for s in cal.heldout_retrieval] == [384] * 12 + [512] * 12
-    filler = [tok.decode(s.ids).count("The kettle began to boil.") > 3 for s in cal.heldout_retrieval]
-    assert filler == [False, True] * 12
+    def in_filler(samples):
+        return [tok.decode(s.ids).count("The kettle began to boil.") > 3 for s in samples]
+
+    assert in_filler(cal.heldout_retrieval) == [False, True] * 12
     assert cal.heldout_retrieval_per_length == 4
-    # the profile and the gates keep to the one template
-    assert all("kettle" not in tok.decode(s.ids) for n in (256, 512) for s in cal.retrieval[n])
+    # the profile and the gates draw both forms too, in turn
+    assert in_filler(cal.retrieval[256]) == in_filler(cal.retrieval[512]) == [False, True]
+    assert in_filler(cal.gate_retrieval) == [False, True, False, True, False]
+    assert [len(s.ids) for s in cal.gate_retrieval] == [512] * 5
 
 
 @needs_shared
@@ -134,7 +157,7 @@ def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
     shares = {"lines: {key} = {value}": 0.0, "text: The code word for {key} is {value}. Remember it.": 1.0}
     chosen = {"line": TEMPLATES[2].line, "context": "text"}
     for form, warned in ((chosen, False), (None, True)):
-        report = {"calibration": {"dense_answered": shares, "retrieval_template": form,
+        report = {"calibration": {"dense_answered": shares, "retrieval_forms": [form] if form else [],
                                   "heldout_retrieval_answered": 3 if form else 0}}
         if form:  # two plans measured: the closer one's retrieval is said
             report["search"] = {"iterations": [
