@@ -68,7 +68,7 @@ BASELINES = ("streaming_llm", "duo_attention", "duo_attention_profile", "shortgp
              "kv_sharer", "sleb")
 # tailor.data.retrieval's forms that a pretrained LM can answer
 FORMS = {"needle": TEMPLATES[1], "code word": TEMPLATES[2], "code word in filler": TEMPLATES[3],
-         "code word in chat": TEMPLATES[4]}
+         "code word in chat": TEMPLATES[4], "secret number in chat": TEMPLATES[5]}
 TITLES = {"tailor": "**tailor**", "streaming_llm": "StreamingLLM (sink 4 + window)",
           "duo_attention": "DuoAttention-style (retrieval heads dense)",
           "duo_attention_profile": "DuoAttention-style, heads by the profile's loss",

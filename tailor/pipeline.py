@@ -69,9 +69,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     of them). Attention patterns are profiled at `attn_lengths` (default prompt_len/2 and
     prompt_len) and plans validated at `validation_len` (default 3/4 prompt_len), with synthetic
     retrieval sequences written from `retrieval_template` (default: of tailor.data.retrieval.
-    TEMPLATES, every form the model answers, in turn). `refit` False leaves out the sequential refit
-    after the search (tailor.passes.refit). `tune_trials` > 0 (format tvm) tunes the TVM build's
-    heavy kernels with that many MetaSchedule samples in all (tailor.codegen.tvm.tune).
+    TEMPLATES, the form the model answers most; the check draws every form it answers). `refit`
+    False leaves out the sequential refit after the search (tailor.passes.refit). `tune_trials` > 0
+    (format tvm) tunes the TVM build's heavy kernels with that many MetaSchedule samples in all
+    (tailor.codegen.tvm.tune).
     `plan` (a plan.json or Plan made for this model) replays that plan instead of searching: its
     budget, objective, workload and target replace those given; calibration still runs, since
     the rewrites' compensation is fitted on this model's activations. A torch model is compiled

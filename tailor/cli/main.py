@@ -449,10 +449,10 @@ def print_summary(compiled, out: Path) -> None:
     if answered:
         forms = cal.get("retrieval_forms")
         named = [form_name(RetrievalTemplate(**f)) for f in forms or []]
+        shares = [f"{name} (answered {answered.get(name, 0.0):.0%} at ≤ 1K tokens)" for name in named]
         t.add_row("retrieval calibrated on",
                   "nothing: the model answered none of the forms" if not forms else
-                  "; ".join(f"{name} (answered {answered.get(name, 0.0):.0%} at ≤ 1K tokens)"
-                            for name in named)
+                  shares[0] + "".join(f"; checked also on {s}" for s in shares[1:])
                   + f"; held-out sequences answered: {cal.get('heldout_retrieval_answered')}")
     quality = compiled.report.get("quality")
     if quality:

@@ -142,7 +142,9 @@ def attention_data(cal: Calibration, backend: Backend, source: TorchSource | Onn
         length = min(CHOOSE_LEN, *lengths)
         text = text_of_length(cal, length)
         template, answered = choose_template(backend.runnable(), tok, length, text, seed)
-        # every form the model answers, in the fit and in the check, the most answered first
+        # the check draws every form the model answers, not only the one the profile and the
+        # retrieval gates are fitted on (the most answered, first), so that it measures retrieval
+        # the fit did not see
         forms = sorted((t for t in TEMPLATES if answered.get(form_name(t), 0.0) >= ANSWERED_FORM_SHARE),
                        key=lambda t: -answered[form_name(t)]) or ([template] if template is not None else [])
     add_attention_data(cal, lengths, validation_len, tok if forms else None, forms=forms, seed=seed)

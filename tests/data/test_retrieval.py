@@ -118,9 +118,9 @@ def test_the_check_draws_every_answered_form_in_turn():
 
     assert in_filler(cal.heldout_retrieval) == [False, True] * 12
     assert cal.heldout_retrieval_per_length == 4
-    # the profile and the gates draw both forms too, in turn
-    assert in_filler(cal.retrieval[256]) == in_filler(cal.retrieval[512]) == [False, True]
-    assert in_filler(cal.gate_retrieval) == [False, True, False, True, False]
+    # the profile and the gates keep to the first form
+    assert in_filler(cal.retrieval[256]) == in_filler(cal.retrieval[512]) == [False, False]
+    assert in_filler(cal.gate_retrieval) == [False] * 5
     assert [len(s.ids) for s in cal.gate_retrieval] == [512] * 5
 
 
