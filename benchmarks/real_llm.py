@@ -191,7 +191,8 @@ def search_summary(report: dict) -> dict:
             "heldout_retrieval_answered": cal.get("heldout_retrieval_answered"),
             "plans": [{"plan": it["iteration"], "rewrites": len(it["options"]),
                        "predicted_kl": it["predicted_kl"], "measured_kl": it["measured_kl"],
-                       **{k: it[k] for k in ("text_kl", "retrieval_kl", "retrieval_answered") if k in it}}
+                       **{k: it[k] for k in ("text_kl", "retrieval_kl", "retrieval_kl_by_form",
+                                             "retrieval_answered") if k in it}}
                       for it in search.get("iterations", [])]}
 
 

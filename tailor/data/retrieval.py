@@ -73,6 +73,7 @@ class RetrievalSample:
     ids: torch.Tensor          # [T] prompt + answer tokens
     answer_start: int          # first answer token's position
     answer_len: int
+    form: str = ""             # form_name of the template it was written from
 
     @property
     def answer_positions(self) -> torch.Tensor:
@@ -163,7 +164,8 @@ def make_samples(tokenizer, length: int, count: int, seed: int,
         else:
             raise TailorError(f"retrieval probe: length {length} is too short for the template")
         prompt = bos + body[len(body) - room:] + query
-        samples.append(RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer)))
+        samples.append(RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer),
+                                       form_name(template)))
     return samples
 
 
@@ -193,7 +195,7 @@ def _in_text(encode, head: list[int], tail: str, length: int, rng: random.Random
     body = torch.as_tensor(text[start:start + room]).tolist()
     at = rng.randrange(room + 1)
     prompt = head + body[:at] + line + body[at:] + query
-    return RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer))
+    return RetrievalSample(torch.tensor(prompt + answer), len(prompt), len(answer), form_name(template))
 
 
 def answered(run, samples: list[RetrievalSample]) -> float:

@@ -72,17 +72,25 @@ class HeldOut:
 
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
-        retrieval answers' KL, weighted."""
+        retrieval answers' KL, weighted: that of the form a plan keeps worst. Averaged over the
+        sequences, a plan could trade one form whole for a little on the others: on SmolLM2-135M
+        at attention 0.25 the check so preferred a plan that kept four code-word forms and
+        answered none of the secret-number one, nor the passkey (0.29 at 4K, against 0.89)."""
         texts = [divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
                  for ref, t, p in zip(self.reference, self.texts, self.positions)]
         kl = float(np.mean(texts))
         parts: dict[str, Any] = {"text_kl": texts}
         if self.retrieval:
             answers = self._answers(backend)
-            retrieval = divergence(self.ret_reference, answers, self.is_lm)
+            by_form: dict[str, list[int]] = {}
+            for i, s in enumerate(self.retrieval):
+                by_form.setdefault(s.form, []).append(i)
+            forms = {form: divergence([self.ret_reference[i] for i in seqs], [answers[i] for i in seqs],
+                                      self.is_lm) for form, seqs in by_form.items()}
+            retrieval = max(forms.values())
             w = self.cal.retrieval_weight
             kl = (1 - w) * kl + w * retrieval
-            parts |= {"retrieval_kl": retrieval,
+            parts |= {"retrieval_kl": retrieval, "retrieval_kl_by_form": forms,
                       "retrieval_answered": sum(s.answered_by(a[0]) for s, a in zip(self.retrieval, answers))}
         self.measured.append(parts)
         release_free_memory()
