@@ -72,10 +72,9 @@ class HeldOut:
 
     def divergence(self, backend: Backend) -> float:
         """Text KL (the mean over the calibration length and the validation length) and the
-        retrieval answers' KL, weighted: that of the form a plan keeps worst. Averaged over the
-        sequences, a plan could trade one form whole for a little on the others: on SmolLM2-135M
-        at attention 0.25 the check so preferred a plan that kept four code-word forms and
-        answered none of the secret-number one, nor the passkey (0.29 at 4K, against 0.89)."""
+        retrieval answers' KL, weighted: that of the form a plan keeps worst. The forms stand for
+        different retrieval tasks; averaged over the sequences, a plan could trade one of them
+        whole for a little on the others."""
         texts = [divergence(ref, backend.stream(t, positions=p, head_inputs=True), self.is_lm)
                  for ref, t, p in zip(self.reference, self.texts, self.positions)]
         kl = float(np.mean(texts))
