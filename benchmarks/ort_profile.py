@@ -3,7 +3,10 @@ turn, medians), the kernels' time by op type (onnxruntime's profiler) and node c
 rewritten artifact against its input: whether a miss of the cost model is in the kernels (what
 the cost model prices) or around them (what it does not).
 
-    python benchmarks/ort_profile.py INPUT.onnx ARTIFACT.onnx --tokens 512 --threads 2
+    python benchmarks/ort_profile.py INPUT.onnx ARTIFACT.onnx --tokens 512 --threads 2 [--rounds 3]
+
+Sessions are made as tailor makes its own (idle threads not spinning) unless --spinning is given
+(onnxruntime's default); --rounds times the wall that many times, each with fresh sessions.
 
 Feeds: input_ids of 1 × --tokens, an all-ones attention_mask, and an empty KV cache for every
 past_key_values input (its fixed dims read from whichever of the two files fixes them).
@@ -23,9 +26,11 @@ import onnx
 import onnxruntime as ort
 
 
-def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile_prefix: str | None = None,
+            spinning: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if profile_prefix:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -68,9 +73,10 @@ def feeds(sessions: list[ort.InferenceSession], tokens: int) -> list[dict[str, n
     return out
 
 
-def kernel_ms(path: Path, feed: dict, threads: int, runs: int, work: Path) -> collections.Counter:
+def kernel_ms(path: Path, feed: dict, threads: int, runs: int, work: Path,
+              spinning: bool) -> collections.Counter:
     """Mean kernel milliseconds per call by op type, from onnxruntime's profiler."""
-    s = session(path, threads, str(work / path.stem))
+    s = session(path, threads, str(work / path.stem), spinning)
     for _ in range(runs):
         s.run(None, feed)
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -88,22 +94,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=1, help="wall timings, each with fresh sessions")
+    ap.add_argument("--spinning", action="store_true",
+                    help="idle intra-op threads spin (onnxruntime's default)")
     args = ap.parse_args()
     paths = {"input": args.input, "artifact": args.artifact}
-    sessions = {k: session(p, args.threads) for k, p in paths.items()}
-    feed = dict(zip(paths, feeds(list(sessions.values()), args.tokens)))
-    for k, s in sessions.items():
-        for _ in range(10):
-            s.run(None, feed[k])
-    walls: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.repeats):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feed[k])
-            walls[k].append(time.perf_counter() - t0)
-    wall = {k: statistics.median(v) * 1e3 for k, v in walls.items()}
+    for round_ in range(args.rounds):
+        wall, feed = wall_ms(paths, args)
+        print(f"round {round_ + 1}: wall input {wall['input']:.2f} ms, artifact {wall['artifact']:.2f} ms, "
+              f"ratio {wall['artifact'] / wall['input']:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
-        kernels = {k: kernel_ms(p, feed[k], args.threads, args.repeats // 2, Path(tmp))
+        kernels = {k: kernel_ms(p, feed[k], args.threads, args.repeats // 2, Path(tmp), args.spinning)
                    for k, p in paths.items()}
     nodes = {k: collections.Counter(n.op_type for n in onnx.load(p, load_external_data=False).graph.node)
              for k, p in paths.items()}
@@ -119,6 +120,23 @@ def main() -> None:
     print(f"| **wall per call** | {wall['input']:.2f} | | {wall['artifact']:.2f} | |")
     print(f"\nwall ratio {wall['artifact'] / wall['input']:.3f}; kernel ratio {kb / ka:.3f}; outside the "
           f"kernels {wall['input'] - ka:.1f} ms (input) and {wall['artifact'] - kb:.1f} ms (artifact)")
+
+
+def wall_ms(paths: dict[str, Path], args) -> tuple[dict[str, float], dict[str, dict]]:
+    """Median wall milliseconds per call of fresh sessions of each model, timed in turn after 10
+    warm-up calls each; and the feeds."""
+    sessions = {k: session(p, args.threads, spinning=args.spinning) for k, p in paths.items()}
+    feed = dict(zip(paths, feeds(list(sessions.values()), args.tokens)))
+    for k, s in sessions.items():
+        for _ in range(10):
+            s.run(None, feed[k])
+    walls: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(args.repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feed[k])
+            walls[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in walls.items()}, feed
 
 
 if __name__ == "__main__":
