@@ -154,10 +154,13 @@ def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
     from tailor.cli.main import print_summary
 
     plan = SimpleNamespace(rewrites=[], predicted={"kv_memory": 1.0}, objective="kv_memory")
-    shares = {"lines: {key} = {value}": 0.0, "text: The code word for {key} is {value}. Remember it.": 1.0}
+    secret = {"line": TEMPLATES[-1].line, "context": "chat"}
+    shares = {"lines: {key} = {value}": 0.0, "text: The code word for {key} is {value}. Remember it.": 1.0,
+              f"chat: {secret['line'].strip()}": 0.75}
     chosen = {"line": TEMPLATES[2].line, "context": "text"}
     for form, warned in ((chosen, False), (None, True)):
-        report = {"calibration": {"dense_answered": shares, "retrieval_forms": [form] if form else [],
+        forms = [form, secret] if form else []
+        report = {"calibration": {"dense_answered": shares, "retrieval_forms": forms,
                                   "heldout_retrieval_answered": 3 if form else 0}}
         if form:  # two plans measured: the closer one's retrieval is said
             report["search"] = {"iterations": [
@@ -169,4 +172,8 @@ def test_the_summary_says_what_retrieval_was_calibrated_on(tmp_path, capsys):
         assert ("it answers 2 of the 3 retrieval sequences the original does" in words) == bool(form)
         assert "retrieval calibrated on" in out
         assert ("The code word for" in out) == (form is not None)
+        # the form fitted on first, then those the check also draws, each with its share
+        assert ("(answered 100% at ≤ 1K tokens); checked also on chat: The secret number is" in words) \
+            == (form is not None)
+        assert ("(answered 75% at" in words) == (form is not None)
         assert ("answered none of the synthetic retrieval forms" in out) == warned
