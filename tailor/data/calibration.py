@@ -284,21 +284,13 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
         # that a plan which reads far enough at the one but not at the other is seen. More are
         # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, which left the check's retrieval
         # part 2 sequences of the 8 drawn
-        cal.heldout_retrieval = [s for n in sorted({validation_len, max(lengths)})
-                                 for s in _forms_in_turn(tokenizer, n, samples * heldout_draws * len(forms),
-                                                         seed + 7919 + n, forms, stream)]
+        cal.heldout_retrieval = [
+            s for n in sorted({validation_len, max(lengths)})
+            for turn in zip(*(make_samples(tokenizer, n, samples * heldout_draws, seed + 7919 + n + 613 * i,
+                                           form, stream) for i, form in enumerate(forms)))
+            for s in turn]
         cal.heldout_retrieval_per_length = samples * len(forms)
         cal.heldout_retrieval_runs = samples
         cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, forms[0],
                                           stream)
         cal.retrieval_weight = retrieval_weight
-
-
-def _forms_in_turn(tokenizer, length: int, count: int, seed: int, forms: list, stream) -> list:
-    """`count` retrieval sequences of `length` tokens, one of each of `forms` in turn."""
-    from tailor.data.retrieval import make_samples
-
-    each = -(-count // len(forms))
-    drawn = [make_samples(tokenizer, length, each, seed + 613 * i, form, stream)
-             for i, form in enumerate(forms)]
-    return [s for turn in zip(*drawn) for s in turn][:count]

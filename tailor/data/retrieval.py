@@ -108,8 +108,8 @@ TEMPLATES = (
                       reply="The code word for {key} is"),
     # the passkey test's shape: one number in filler, said twice, no name to look it up by, asked
     # for through the chat template; what the field probes long context with and DuoAttention
-    # calibrates on. SmolLM2-135M answers it at 4K (0.94) where it answers the named code word
-    # above 0.06: a plan that keeps the one may lose the other
+    # calibrates on. SmolLM2-135M answers it at 4K (0.94) where it answers the named code word in
+    # chat 0.06: a plan that keeps the one may lose the other
     RetrievalTemplate(line=" The secret number is {value}. Remember it. {value} is the secret number.",
                       query="\n\nThere is a secret number hidden in the text above. "
                             "What is the secret number?",

@@ -56,6 +56,9 @@ class HeldOut:
                 for n in lengths}
         self.retrieval, self.ret_reference = answered_sequences(dense.runnable(), cal.heldout_retrieval,
                                                                 cal.heldout_retrieval_per_length, runs)
+        self.by_form: dict[str, list[int]] = {}  # the retrieval sequences of each form
+        for i, s in enumerate(self.retrieval):
+            self.by_form.setdefault(s.form, []).append(i)
         self.measured: list[dict[str, Any]] = []
 
     def _answers(self, backend: Backend) -> list[torch.Tensor]:
@@ -81,11 +84,8 @@ class HeldOut:
         parts: dict[str, Any] = {"text_kl": texts}
         if self.retrieval:
             answers = self._answers(backend)
-            by_form: dict[str, list[int]] = {}
-            for i, s in enumerate(self.retrieval):
-                by_form.setdefault(s.form, []).append(i)
             forms = {form: divergence([self.ret_reference[i] for i in seqs], [answers[i] for i in seqs],
-                                      self.is_lm) for form, seqs in by_form.items()}
+                                      self.is_lm) for form, seqs in self.by_form.items()}
             retrieval = max(forms.values())
             w = self.cal.retrieval_weight
             kl = (1 - w) * kl + w * retrieval
