@@ -69,7 +69,7 @@ class Calibration:
     digest: str
     stream: torch.Tensor | None = None   # all calibration tokens, for longer windows
     # attention profiling: windows per length, retrieval sequences per length (profile) and at
-    # the validation length (the refine loop), and the weight of retrieval in every loss
+    # the held-out lengths (the refine loop), and the weight of retrieval in every loss
     attn_texts: dict[int, torch.Tensor] = field(default_factory=dict)
     heldout_long_ids: torch.Tensor | None = None    # text windows at the validation length
     retrieval: dict[int, list] = field(default_factory=dict)
@@ -280,12 +280,14 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
         # SmolLM2-135M answers, in turn, both rankings lost more of the passkey at 4K (the
         # profile's 0.88 -> 0.28 at attention 0.25; docs/BENCHMARKS.md, thirteenth session)
         cal.retrieval = {n: make_samples(tokenizer, n, samples, seed + n, forms[0], stream) for n in lengths}
-        # held out: at the validation length and at the longest profiled one (the workload's), so
-        # that a plan which reads far enough at the one but not at the other is seen. More are
+        # held out: at the shortest profiled length, the validation length and the longest
+        # profiled one (the workload's), so that a plan which reads far enough at one but not at
+        # another is seen (SmolLM2-135M at attention 0.25: a plan kept the 4K passkey, 0.89, that
+        # a check at 6K and 8K only, where every plan had lost it, could not tell apart). More are
         # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, which left the check's retrieval
         # part 2 sequences of the 8 drawn
         cal.heldout_retrieval = [
-            s for n in sorted({validation_len, max(lengths)})
+            s for n in sorted({min(lengths), validation_len, max(lengths)})
             for turn in zip(*(make_samples(tokenizer, n, samples * heldout_draws, seed + 7919 + n + 613 * i,
                                            form, stream) for i, form in enumerate(forms)))
             for s in turn]

@@ -111,12 +111,13 @@ def test_the_check_draws_every_answered_form_in_turn():
     cal = Calibration(stream[None, :256], stream[None, 256:512], "test", "0", stream=stream)
     add_attention_data(cal, [256, 512], 384, tok, forms=[TEMPLATES[0], TEMPLATES[3]], samples=2,
                        gate_samples=5, heldout_draws=3)
-    # 2 × 3 candidates of each form at the validation length and at the longest, forms alternating
-    assert [len(s.ids) for s in cal.heldout_retrieval] == [384] * 12 + [512] * 12
+    # 2 × 3 candidates of each form at the shortest profiled length, the validation length and
+    # the longest, forms alternating
+    assert [len(s.ids) for s in cal.heldout_retrieval] == [256] * 12 + [384] * 12 + [512] * 12
     def in_filler(samples):
         return [tok.decode(s.ids).count("The kettle began to boil.") > 3 for s in samples]
 
-    assert in_filler(cal.heldout_retrieval) == [False, True] * 12
+    assert in_filler(cal.heldout_retrieval) == [False, True] * 18
     assert cal.heldout_retrieval_per_length == 4
     # the profile and the gates keep to the first form
     assert in_filler(cal.retrieval[256]) == in_filler(cal.retrieval[512]) == [False, False]
