@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from tailor.backends.base import Backend, compared_positions, divergence
 from tailor.core.host_memory import release_free_memory
 from tailor.data.calibration import Calibration
-from tailor.data.retrieval import answered_sequences
+from tailor.data.retrieval import answer_logits, answered_sequences
 from tailor.passes.base import Option
 from tailor.passes.baselines import duo_attention, duo_attention_wide, streaming_llm
 from tailor.passes.cost import Allowance, CostModel, forward_flops
@@ -55,15 +54,13 @@ class HeldOut:
         runs = {n: max(cal.heldout_retrieval_runs, int(share / forward_flops(self.graph, n)))
                 for n in lengths}
         self.retrieval, self.ret_reference = answered_sequences(dense.runnable(), cal.heldout_retrieval,
-                                                                cal.heldout_retrieval_per_length, runs)
+                                                                cal.heldout_retrieval_per_length, runs,
+                                                                split=dense.input_batches)
         self.by_form: dict[str, list[int]] = {}  # the retrieval sequences of each form
         for i, s in enumerate(self.retrieval):
             self.by_form.setdefault(s.form, []).append(i)
         self.measured: list[dict[str, Any]] = []
 
-    def _answers(self, backend: Backend) -> list[torch.Tensor]:
-        run = backend.runnable()
-        return [s.answer_logits(run) for s in self.retrieval]
 
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
@@ -83,7 +80,7 @@ class HeldOut:
         kl = float(np.mean(texts))
         parts: dict[str, Any] = {"text_kl": texts}
         if self.retrieval:
-            answers = self._answers(backend)
+            answers = answer_logits(backend.runnable(), self.retrieval, split=backend.input_batches)
             forms = {form: divergence([self.ret_reference[i] for i in seqs], [answers[i] for i in seqs],
                                       self.is_lm) for form, seqs in self.by_form.items()}
             retrieval = max(forms.values())

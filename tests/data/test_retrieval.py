@@ -12,6 +12,7 @@ from tailor.core.errors import TailorError
 from tailor.data.retrieval import (
     TEMPLATES,
     RetrievalTemplate,
+    answer_logits,
     answered,
     answered_sequences,
     choose_template,
@@ -27,13 +28,13 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, samples, answers: bool, vocab: int = 8192):
         super().__init__()
-        self.known = {tuple(s.ids[:s.answer_start].tolist()): s for s in samples} if answers else {}
+        self.known = {tuple(s.ids.tolist()) for s in samples} if answers else set()
         self.vocab = vocab
 
     def forward(self, ids, positions):
-        s = self.known.get(tuple(ids[0, :positions[0] + 1].tolist()))
-        target = ids[0, positions + 1] if s is not None else (ids[0, positions + 1] + 1) % self.vocab
-        return torch.nn.functional.one_hot(target, self.vocab).float()[None]
+        rows = [row[positions + 1] if tuple(row.tolist()) in self.known
+                else (row[positions + 1] + 1) % self.vocab for row in ids]
+        return torch.nn.functional.one_hot(torch.stack(rows), self.vocab).float()
 
 
 @needs_shared
@@ -91,7 +92,8 @@ def test_held_out_sequences_are_the_first_answered_of_each_length():
     runs = []
     run = lambda ids, positions: (runs.append(len(ids[0])), oracle(ids, positions))[1]  # noqa: E731
     kept, answers = answered_sequences(run, candidates, per_length=2)
-    assert kept == [candidates[0], candidates[2], candidates[15]]
+    kept_all = [candidates[0], candidates[2], candidates[15]]
+    assert kept == kept_all
     assert all(s.answered_by(a[0]) for s, a in zip(kept, answers))
     # past the quota of 2 at length 200 nothing more is run; every candidate of 300 is
     assert runs == [200] * 3 + [300] * 8
@@ -100,6 +102,30 @@ def test_held_out_sequences_are_the_first_answered_of_each_length():
     runs.clear()
     kept, _ = answered_sequences(run, candidates, per_length=2, max_runs={200: 2, 300: 7})
     assert kept == [candidates[0]] and runs == [200] * 2 + [300] * 7
+    # in batches of 3 rows: the same kept, and the batch that fills a quota is the last run
+    batched = []
+    run3 = lambda ids, positions: (batched.append(ids.shape), oracle(ids, positions))[1]  # noqa: E731
+    kept3, answers3 = answered_sequences(run3, candidates, per_length=2, split=lambda ids: list(ids.split(3)))
+    assert kept3 == kept_all[:2] + kept_all[-1:] and batched == [(3, 200), (3, 300), (3, 300), (2, 300)]
+    assert all(torch.equal(a, b) for a, b in zip(answers3, answers))
+
+
+@needs_shared
+def test_answer_logits_in_batches_match_one_at_a_time():
+    from tailor.backends import backend_for
+    from tailor.rewriter.capture import capture
+
+    tok = load_tokenizer(REFLLAMA)
+    backend = backend_for(capture(REFLLAMA))
+    # two lengths, interleaved: each sample's logits come back in its own place
+    samples = [*make_samples(tok, 96, 3, seed=1), *make_samples(tok, 128, 2, seed=2),
+               *make_samples(tok, 96, 2, seed=3)]
+    run = backend.runnable()
+    one = [s.answer_logits(run) for s in samples]
+    batched = answer_logits(run, samples, split=lambda ids: list(ids.split(2)))
+    assert [b.shape for b in batched] == [o.shape for o in one]
+    for a, b in zip(one, batched):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 @needs_shared
