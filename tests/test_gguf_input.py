@@ -148,11 +148,17 @@ def test_a_load_parses_the_file_once(tiny_gguf, monkeypatch):
     monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or parse(*a, **k))
     monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a: tables.append(a) or name_map(*a))
     counting = gguf.GGUFReader, gguf.get_tensor_name_map
-    model, path, _ = tiny_gguf["qwen2"]
+    model, path, tok = tiny_gguf["qwen2"]
     loaded = load_gguf(path)
     assert len(parses) == 1 and len(tables) == 1
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == counting
     torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    # the tokenizer was built on the same parse, and is kept for the file as it is
+    text = "def f(x):\n    return x"
+    assert load_tokenizer(path)(text)["input_ids"] == tok.encode(text).ids and len(parses) == 1
+    path.touch()
+    load_tokenizer(path)
+    assert len(parses) == 2
 
 
 def test_quantized_blocks_are_dequantized(tiny_gguf, tmp_path):

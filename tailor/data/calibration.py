@@ -262,8 +262,8 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
     (default: the first of TEMPLATES): of the first form, `samples` a profiled length and
     `gate_samples` for the retrieval gates; for the held-out check, `heldout_draws` × `samples`
     candidates of each form a held-out length, the forms taking turns, of which the check keeps
-    the first `samples` × the forms that the dense model answers (running at least `samples` of
-    them, more where the device affords it)."""
+    the first `samples` × the forms that the dense model answers (running at least 2 × `samples`
+    of them over the held-out lengths, more where the device affords it)."""
     from tailor.data.retrieval import TEMPLATES, make_samples
 
     forms = forms or [TEMPLATES[0]]
@@ -286,13 +286,17 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
         # a check at 6K and 8K only, where every plan had lost it, could not tell apart). More are
         # drawn than kept: SmolLM2-135M answers 1 in 3 at 8K, which left the check's retrieval
         # part 2 sequences of the 8 drawn
+        heldout_lengths = sorted({min(lengths), validation_len, max(lengths)})
         cal.heldout_retrieval = [
-            s for n in sorted({min(lengths), validation_len, max(lengths)})
+            s for n in heldout_lengths
             for turn in zip(*(make_samples(tokenizer, n, samples * heldout_draws, seed + 7919 + n + 613 * i,
                                            form, stream) for i, form in enumerate(forms)))
             for s in turn]
         cal.heldout_retrieval_per_length = samples * len(forms)
-        cal.heldout_retrieval_runs = samples
+        # the few always run, however costly: 2 × samples in all, as when two lengths were held
+        # out (a third length at 4 each took SmolLM2-135M's compile on 2 CPU cores from 833 to
+        # 960 s, against 15 minutes allowed)
+        cal.heldout_retrieval_runs = -(-2 * samples // len(heldout_lengths))
         cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, forms[0],
                                           stream)
         cal.retrieval_weight = retrieval_weight

@@ -3,6 +3,7 @@ by line, and the model's own tokenizer (never another model's)."""
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def load_tokenizer(path: Path):
-    """The tokenizer in a folder, or the one (with its chat template) a GGUF file carries."""
+    """The tokenizer in a folder, or the one (with its chat template) a GGUF file carries (built
+    once a file and version of it: see _gguf_tokenizer)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -98,8 +100,20 @@ def load_tokenizer(path: Path):
         raise TailorError(f"{path}: no tokenizer files; pass --tokenizer DIR")
     if path.suffix != ".gguf":
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    stat = path.stat()
+    return _gguf_tokenizer(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: Path, size: int, mtime_ns: int):
+    """A GGUF's tokenizer, kept for the file as it is (its size and time of change in the key):
+    transformers parses the whole file's metadata for it, 11 of a SmolLM2-135M compile's 99 s on
+    an H100 host, and a compile wants it for calibration, retrieval probes and the artifact
+    (tailor.rewriter.capture builds it while its own parse of the file is at hand)."""
+    from transformers import AutoTokenizer
+
     try:  # the absolute path: transformers looks a relative gguf_file up in the working directory first
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path.resolve()),
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path),
                                              local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for files it cannot read
         raise TailorError(f"{path}: no tokenizer could be built from the GGUF ({first_line(e)}); "

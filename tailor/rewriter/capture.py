@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from tailor.core.dispatch import (
     stored_state,
 )
 from tailor.core.errors import TailorError, first_line
+from tailor.data.text import load_tokenizer
 from tailor.rewriter.cleanup import clean
 from tailor.rewriter.fx_dataflow import FxDataflow
 from tailor.rewriter.graph import TransformerGraph
@@ -468,6 +469,10 @@ def load_gguf(path: Path, *, device="cpu", dtype="auto",
         with _gguf_parsed_once(path, reader):
             module = from_pretrained(transformers.AutoModelForCausalLM, path, path.parent, dtype=dtype,
                                      **placed, **options)
+            # kept by load_tokenizer for the calibration and the artifact, built while this parse
+            # of the file is at hand (parsed again for it: 11 s of a 99 s compile on an H100 host)
+            with suppress(TailorError):  # --tokenizer DIR may stand in for it
+                load_tokenizer(path)
     except TailorError:
         spelled = {a.replace("_", "").replace("-", "") for a in gguf_architectures()}
         if header.architecture.replace("_", "").replace("-", "") not in spelled:

@@ -145,6 +145,7 @@ def test_the_check_draws_every_answered_form_in_turn():
 
     assert in_filler(cal.heldout_retrieval) == [False, True] * 18
     assert cal.heldout_retrieval_per_length == 4
+    assert cal.heldout_retrieval_runs == 2  # 2 × 2 over three lengths, rounded up
     # the profile and the gates keep to the first form
     assert in_filler(cal.retrieval[256]) == in_filler(cal.retrieval[512]) == [False, False]
     assert in_filler(cal.gate_retrieval) == [False] * 5
