@@ -235,7 +235,8 @@ def clients(model: Model, out: Path, path: Path, ids: torch.Tensor) -> dict:
     try:
         optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
                                             str(CONTINUATION)).splitlines()[-1])
-        row |= {"optimum": "loads", "optimum_equal": optimum == row["tailor_continuation"]}
+        row |= {"optimum": "loads", "optimum_equal": optimum == row["tailor_continuation"],
+                "optimum_continuation": optimum}
     except RuntimeError as e:
         row["optimum"] = client_failure(e)
     return row
@@ -251,7 +252,8 @@ def genai_client(out: Path, path: Path, ids: torch.Tensor) -> dict:
            "genai": "no genai_config.json (KV heads differ between layers)"}
     if (out / "genai_config.json").is_file():
         try:
-            row |= {"genai": "loads", "genai_equal": genai_continuation(out, prompt, CONTINUATION) == ours}
+            theirs = genai_continuation(out, prompt, CONTINUATION)
+            row |= {"genai": "loads", "genai_equal": theirs == ours, "genai_continuation": theirs}
         except Exception as e:  # onnxruntime-genai raises its own types
             row["genai"] = client_failure(e)
     return row
