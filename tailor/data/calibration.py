@@ -294,8 +294,8 @@ def add_attention_data(cal: Calibration, lengths: list[int], validation_len: int
             for s in turn]
         cal.heldout_retrieval_per_length = samples * len(forms)
         # the few always run, however costly: 2 × samples in all, as when two lengths were held
-        # out (a third length at 4 each took SmolLM2-135M's compile on 2 CPU cores from 833 to
-        # 960 s, against 15 minutes allowed)
+        # out. On 2 CPU cores these are what a length costs (SmolLM2-135M's compile: 833 s with
+        # two lengths, 880 with three, against 15 minutes allowed; docs/BENCHMARKS.md)
         cal.heldout_retrieval_runs = -(-2 * samples // len(heldout_lengths))
         cal.gate_retrieval = make_samples(tokenizer, max(lengths), gate_samples, seed + 104729, forms[0],
                                           stream)
