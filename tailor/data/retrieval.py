@@ -82,8 +82,7 @@ class RetrievalSample:
 
     def answer_logits(self, run) -> torch.Tensor:
         """run(ids [1, T], positions=P) -> logits [1, |P|, V] at the answer positions, in float32."""
-        with torch.no_grad():
-            return run(self.ids[None], positions=self.answer_positions).float()
+        return _batch_answers(run, [self])[0]
 
     def answered_by(self, answer_logits: torch.Tensor) -> bool:
         """answer_logits [answer_len, V], at answer_positions: does their argmax give every answer
@@ -201,7 +200,7 @@ def _in_text(encode, head: list[int], tail: str, length: int, rng: random.Random
 def answered(run, samples: list[RetrievalSample]) -> float:
     """Share of `samples` whose answer run(ids [1, T], positions=P) -> logits [1, |P|, V] gets
     exactly right (teacher-forced), the head run at the answer positions only."""
-    hits = sum(s.answered_by(s.answer_logits(run)[0]) for s in samples)
+    hits = sum(s.answered_by(a[0]) for s, a in zip(samples, answer_logits(run, samples)))
     return hits / max(1, len(samples))
 
 

@@ -61,7 +61,6 @@ class HeldOut:
             self.by_form.setdefault(s.form, []).append(i)
         self.measured: list[dict[str, Any]] = []
 
-
     def work(self) -> float:
         """FLOPs of measuring one plan (its forwards of the dense model's size)."""
         texts = sum(forward_flops(self.graph, n, head_tokens=None if p is None else len(p))
