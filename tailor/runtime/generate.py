@@ -43,7 +43,8 @@ class PrefillStep:
     slots: torch.Tensor
     rows: torch.Tensor
     every: bool
-    first: int              # the cache row of the first of the prompts
+    first: int                  # the cache row of the first of the prompts (eagerly)
+    batch_rows: torch.Tensor    # the prompts' cache rows on the device (under torch.compile)
     sinks: torch.Tensor
     windows: torch.Tensor
 
@@ -52,7 +53,9 @@ class PrefillStep:
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] (rotary applied) -> [B, T, Hq, D]."""
         if self.cache is not None:
             c = self.cache
-            write_prompt_rows(c.k, c.v, k, v, self.slots, self.rows, self.first, self.every)
+            # self.first is not read under torch.compile: its guard would recompile the model per row
+            batch_rows = self.batch_rows if torch.compiler.is_compiling() else self.first
+            write_prompt_rows(c.k, c.v, k, v, self.slots, self.rows, batch_rows, self.every)
         # eagerly without the custom op's dispatch (~40 µs a call)
         attend = ops.sparse_prefill if torch.compiler.is_compiling() else ops.sparse_prefill_direct
         return attend(q, k, v, self.sinks, self.windows, causal, scale).transpose(1, 2)
@@ -87,7 +90,8 @@ class DecodeState:
             slots, rows, every = prompt_indices(cache.layout, n, str(device))
             writes = cache if key in self.writers else None
             sinks, windows = self.prefill_spans(key, n, device)
-            self._steps[at] = PrefillStep(writes, slots, rows, every, self.first, sinks, windows)
+            batch_rows = torch.arange(self.first, self.first + count, device=device)
+            self._steps[at] = PrefillStep(writes, slots, rows, every, self.first, batch_rows, sinks, windows)
         return self._steps[at]
 
     def attend(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -112,22 +112,27 @@ def prompt_indices(layout: HeadLayout, n: int, device: str) -> tuple[torch.Tenso
 
 
 def write_prompt_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      slots: torch.Tensor, rows: torch.Tensor, first: int, every: bool) -> None:
-    """k/v [B, kv_heads, N, D] of B prompts of N tokens into rows first .. first + B - 1 of a
-    layer's caches [batch, slots, D], at the slots and from the rows of prompt_indices. Plain torch
-    ops, so torch.compile traces them into its graph (in-place writes into graph inputs); eagerly
-    the gather lands straight in the cache."""
+                      slots: torch.Tensor, rows: torch.Tensor, batch_rows: int | torch.Tensor,
+                      every: bool) -> None:
+    """k/v [B, kv_heads, N, D] of B prompts of N tokens into B rows of a layer's caches
+    [batch, slots, D], at the slots and from the rows of prompt_indices. The cache rows: eagerly
+    from the int `batch_rows` on (the gather lands straight in the cache); under torch.compile a
+    device tensor of the B row numbers, which the graph takes as an input (an int would be
+    specialised: one graph per first row, a whole-model compile each). Plain torch ops, so
+    torch.compile traces them into its graph (in-place writes into graph inputs)."""
     d = k.shape[-1]
-    traced = torch.compiler.is_compiling()
     for cache, x in ((k_cache, k), (v_cache, v)):
         flat = x.transpose(1, 2).reshape(x.shape[0], -1, d)   # [B, N * kv_heads, D]
-        into = cache[first:first + x.shape[0]]
-        if every and not traced:
-            torch.index_select(flat, 1, rows, out=into)
+        if isinstance(batch_rows, int):
+            into = cache[batch_rows:batch_rows + x.shape[0]]
+            if every:
+                torch.index_select(flat, 1, rows, out=into)
+            else:
+                into.index_copy_(1, slots, flat.index_select(1, rows))
         elif every:
-            cache[first:first + x.shape[0]] = flat.index_select(1, rows)
+            cache.index_copy_(0, batch_rows, flat.index_select(1, rows))
         else:
-            into.index_copy_(1, slots, flat.index_select(1, rows))
+            cache.index_put_((batch_rows[:, None], slots[None]), flat.index_select(1, rows))
 
 
 class LayerCache:

@@ -82,6 +82,34 @@ def test_compiled_prefill_is_one_graph():
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == graphs == 1
 
 
+def test_compiled_prefill_in_runs_reuses_its_graph(monkeypatch):
+    """Prompts prefilled in two forwards (rows 0-1, then rows 2-3: PREFILL_TOKENS bounds a forward)
+    run one graph: the cache rows written are a tensor input of it, not a constant (each first row
+    was a whole-model compile). The caches and logits equal the eager runtime's, for layers whose
+    prompt fills every slot (layer 3) and layers where it does not (layer 0's dense head)."""
+    from torch._dynamo.utils import counters
+
+    import tailor.runtime.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "PREFILL_TOKENS", 20)
+    model = _model(PLAN[:3] + PLAN[4:])
+    prompts = [[5, 17, 3, 88, 41, 9, 60, 2, 33, 71], [1, 30, 62, 9, 14, 5, 77, 20, 3, 48],
+               [12, 4, 90, 7, 56, 23, 8, 1, 1, 1], [6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    eager = Generator(model, 4, 16)
+    eager_logits = eager.prefill(prompts)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Generator(model, 4, 16, compiled=True)
+    compiled_logits = compiled.prefill(prompts)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    assert {c.every for c in compiled.state._steps.values()} == {True, False}
+    for key in eager.state.writers:
+        for a, b in ((compiled.state.caches[key].k, eager.state.caches[key].k),
+                     (compiled.state.caches[key].v, eager.state.caches[key].v)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_shrinks_with_the_plan():
     prompts = [[1, 2, 3, 4]]
     _, dense = generate(_model([]), prompts, max_new_tokens=60, return_state=True)
