@@ -32,7 +32,6 @@ from tailor.passes.standard import one_cache_shape, sayable, standard_shape, uni
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
 from tailor.rewriter.onnx_kv_cache import has_cache
-from tailor.rewriter.onnx_quantize import METHOD as QUANTIZATION_METHOD
 from tailor.stages.artifact import Compiled, describe, load, placement, resolve_formats
 from tailor.stages.calibrate import attention_data, calibration, input_len, profile_report, tokenizer_path
 from tailor.stages.cost import (
@@ -190,7 +189,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     result.rewrites = [o.to_json() for o in chosen]
     int8 = [o.label for o in chosen if o.pass_name == "int8"]
     if int8:
-        report["int8"] = {"branches": int8, "method": QUANTIZATION_METHOD}
+        report["int8"] = {"branches": int8, "method": dense.int8_method}
     result.predicted = cost_model.ratios(structure_of(graph, chosen))
     report |= profile_report(prof, cal)
     attn = prepared.settings.get("attn", {})

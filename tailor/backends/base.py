@@ -292,8 +292,11 @@ class Backend(abc.ABC):
     # the attention profile replays the layers before the one measured (else it runs the whole
     # model per layer, head and pattern, and is offered only where patterns can pay for it)
     profiles_patterns_cheaply: ClassVar[bool]
-    # projections run on INT8 weights with dynamically quantized activations (the int8 pass)
+    # projections run on INT8 weights with dynamically quantized activations (the int8 pass): by
+    # which method (for the report), and which artifact formats then hold the INT8 model
     quantizes_int8: ClassVar[bool] = False
+    int8_method: ClassVar[str] = ""
+    int8_formats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: Any, graph: TransformerGraph):
         self.model, self.graph = model, graph
@@ -407,7 +410,7 @@ class Backend(abc.ABC):
 
     def int8_refusal(self, projections: list[Projection]) -> str | None:
         """Why these projections cannot run on INT8 weights here (None: they can)."""
-        return f"INT8 runs ONNX models in onnxruntime only, not {self.format} models"
+        return f"INT8 is not offered for {self.format} models"
 
     def int8_projections(self, projections: list[Projection]) -> None:
         """Run these projections on INT8 weights with dynamically quantized activations, once

@@ -33,6 +33,7 @@ from tailor.data.calibration import Inputs, batches
 from tailor.rewriter import onnx_kv_cache, onnx_surgery
 from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.onnx_quantize import METHOD as QUANTIZATION_METHOD
 from tailor.rewriter.onnx_quantize import quantized
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 from tailor.rewriter.quantized.weights import quantized_linear
@@ -44,6 +45,8 @@ class OnnxBackend(Backend):
     profiles_patterns_cheaply = False
     slices_in_out_layout = True
     quantizes_int8 = True
+    int8_method = QUANTIZATION_METHOD
+    int8_formats = ("onnx",)
 
     def __init__(self, model: ir.Model, graph: TransformerGraph, source: OnnxSource | None = None, *,
                  edited: bool = False, int8: frozenset[str] = frozenset()):

@@ -36,6 +36,8 @@ from tailor.core.errors import TailorError
 from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
 from tailor.rewriter.graph import Projection, TransformerGraph
+from tailor.rewriter.modules.int8_linear import METHOD as INT8_METHOD
+from tailor.rewriter.modules.int8_linear import Int8Linear
 from tailor.rewriter.modules.shared_kv import SharedKVAttention
 from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, install, register
 from tailor.rewriter.torch_surgery import (
@@ -51,6 +53,7 @@ from tailor.rewriter.torch_surgery import (
     replace_with_constant,
     set_module,
     slice_linear,
+    to_int8,
 )
 
 # the original architecture of a rewritten model: tailor.load rebuilds it and replays the plan
@@ -70,6 +73,9 @@ class TorchBackend(Backend):
     edits_post_norm_branches = False
     profiles_patterns_cheaply = True
     slices_in_out_layout = False
+    quantizes_int8 = True
+    int8_method = INT8_METHOD
+    int8_formats = ("safetensors",)   # float weights, quantized again by tailor.load (plan.json)
 
     def __init__(self, model: nn.Module, graph: TransformerGraph, *, edited: bool = False):
         super().__init__(model, graph)
@@ -282,6 +288,41 @@ class TorchBackend(Backend):
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         model = self._edit()
         install(model, model.get_submodule(attention_path(model, self.graph.blocks[layer])), patterns)
+
+    def int8_refusal(self, projections: list[Projection]) -> str | None:
+        engine = torch.backends.quantized.engine
+        if engine not in ("x86", "fbgemm", "onednn"):
+            return f"PyTorch's INT8 kernels run on x86 CPUs (engine x86, fbgemm or onednn), not {engine}"
+        device = module_device(self.model)
+        if is_dispatched(self.model):
+            device = "the devices accelerate spreads it over"
+        if device != torch.device("cpu"):
+            return f"INT8 runs torch models on the CPU (PyTorch's dynamic quantization), not on {device}"
+        for p, module in self._present(projections):
+            if not isinstance(module, nn.Linear):
+                path, kind = module_path(p.weight.name), type(module).__name__
+                return f"INT8 runs nn.Linear projections; {path} is a {kind}"
+            if module.weight.dtype != torch.float32:
+                return f"INT8 quantizes float32 weights; this model is in {module.weight.dtype}"
+        return None
+
+    def _present(self, projections: list[Projection]) -> list[tuple[Projection, nn.Module]]:
+        """The projections still in the model, with their modules (a rewrite removed the others:
+        a skipped layer, a branch made constant)."""
+        out = []
+        for p in projections:
+            with contextlib.suppress(AttributeError):
+                out.append((p, self.model.get_submodule(module_path(p.weight.name))))
+        return out
+
+    def int8_projections(self, projections: list[Projection]) -> None:
+        refusal = self.int8_refusal(projections)
+        if refusal is not None:
+            raise TailorError(refusal)
+        model = self._edit()
+        for p, module in self._present(projections):
+            if not isinstance(module, Int8Linear):
+                to_int8(model, p)
 
     # ---- measuring and refitting ----
 

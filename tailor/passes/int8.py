@@ -1,7 +1,8 @@
 """int8: a branch's projections (attention q/k/v/o, or the FFN's up/gate/down) on INT8 weights
-with dynamically quantized activations, by onnxruntime's quantize_dynamic (per output channel:
-tailor.rewriter.onnx_quantize), on ONNX models run on a CPU whose INT8 products a measured
-target table prices (`tailor calibrate-target`).
+with dynamically quantized activations, per output channel, by the model's own runtime: ONNX
+models through onnxruntime's quantize_dynamic (tailor.rewriter.onnx_quantize), torch models on
+the CPU through PyTorch's dynamic quantization (tailor.rewriter.modules.int8_linear). Offered
+where a measured target table prices INT8 products (`tailor calibrate-target`).
 
 Quantization changes how a branch's products run, not its shape, so it combines with the
 structural options of the same branch: a pruned FFN can be INT8 too. Its options claim a
@@ -31,6 +32,11 @@ def int8_refusal(backend: Backend, cost_model: CostModel, formats: tuple[str, ..
     `formats` (None: they are)."""
     if "tvm" in formats:  # TVM's ONNX importer fails on DynamicQuantizeLinear + MatMulInteger
         return "the TVM build (format tvm) runs no INT8 yet; leave format tvm out for INT8"
+    # hf: a standard config cannot say INT8 (passes.standard refuses the plan, or leaves it out)
+    unheld = [f for f in formats if f not in backend.int8_formats and f != "hf"]
+    if unheld:
+        return (f"INT8 of a {backend.format} model is written in format {', '.join(backend.int8_formats)}, "
+                f"not {', '.join(unheld)}; leave {', '.join(unheld)} out for INT8")
     if not cost_model.prices_int8:
         return (f"the target {cost_model.target.name} has no measured INT8 figure (GPU targets and "
                 f"vendor peaks: none yet); measure this CPU with `tailor calibrate-target -o cpu.json` "
@@ -59,7 +65,7 @@ class Int8(Pass):
     def from_plan(self, graph: TransformerGraph, layer: int, choice: dict) -> Option:
         exact_keys(choice, {"branch"})
         if not BACKENDS[graph.backend].quantizes_int8:
-            raise ValueError(f"INT8 runs ONNX models in onnxruntime only, not {graph.backend} models")
+            raise ValueError(f"INT8 is not offered for {graph.backend} models")
         if choice["branch"] not in BRANCHES:
             raise ValueError(f"branch must be one of {', '.join(BRANCHES)}")
         return _int8(layer, choice["branch"])

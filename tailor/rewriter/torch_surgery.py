@@ -26,6 +26,7 @@ from tailor.core.errors import TailorError
 from tailor.rewriter.graph import Block, Projection
 from tailor.rewriter.least_squares import compensate
 from tailor.rewriter.modules.constant_branch import ConstantBranch
+from tailor.rewriter.modules.int8_linear import Int8Linear
 
 
 def module_path(weight_name: str) -> str:
@@ -103,10 +104,11 @@ def replace_with_constant(model: nn.Module, path: str, hidden: int, returns_tupl
 
 # ---- linear layers -----------------------------------------------------------------------------
 
-def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding new Parameters `weight` [out, in] and `bias`: built on the meta device,
-    so that no initialisation is computed only to be overwritten."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None,
+                cls: type[nn.Linear] = nn.Linear) -> nn.Linear:
+    """An nn.Linear (or `cls`) holding new Parameters `weight` [out, in] and `bias`: built on the
+    meta device, so that no initialisation is computed only to be overwritten."""
+    lin = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     lin.weight = nn.Parameter(weight)
     if bias is not None:
         lin.bias = nn.Parameter(bias)
@@ -127,8 +129,10 @@ def _weights(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _put_linear(model: nn.Module, path: str, old: nn.Module, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> nn.Linear:
-    new = place_like(_new_linear(weight, bias), old)
+                bias: torch.Tensor | None, cls: type[nn.Linear] | None = None) -> nn.Linear:
+    # an INT8 projection stays INT8 when a refit gives it new weights
+    cls = cls or (Int8Linear if isinstance(old, Int8Linear) else nn.Linear)
+    new = place_like(_new_linear(weight, bias, cls), old)
     set_module(model, path, new)
     return new
 
@@ -155,6 +159,14 @@ def add_bias(model: nn.Module, p: Projection, delta: torch.Tensor) -> None:
     bias = w.new_zeros(lin.out_features) if b is None else b
     delta = torch.as_tensor(delta).to(bias.device, bias.dtype)
     _put_linear(model, module_path(p.weight.name), lin, w, bias + delta)
+
+
+def to_int8(model: nn.Module, p: Projection) -> None:
+    """The projection runs on INT8 weights (Int8Linear), holding the same float weights: a new
+    module, since a clone's modules may be its original's."""
+    old = _linear(model, p)
+    if not isinstance(old, Int8Linear):
+        _put_linear(model, module_path(p.weight.name), old, *_weights(old), cls=Int8Linear)
 
 
 def replace_weights(model: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
