@@ -119,8 +119,10 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                         attn_lengths=attn_lengths, validation_len=validation_len)
     workload = shapes.workload
     replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
+    int8 = (any(o.pass_name == "int8" for o in replayed) if replayed is not None
+            else "int8" in (passes if passes is not None else PASSES))
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
-                                use_cache=use_cache)
+                                use_cache=use_cache, int8=int8, formats=formats)
     result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
     report: dict[str, Any] = {"model": describe(graph, workload) | placement(cap),
                               "cost_model": cost_model.to_json(),
@@ -249,7 +251,8 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
         dense = backend_for(cap)
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
                         attn_lengths=attn_lengths, validation_len=validation_len)
-    cost_model = cost_model_for(cap, dense, shapes.workload, target, fit=budget < 1.0, use_cache=use_cache)
+    cost_model = cost_model_for(cap, dense, shapes.workload, target, fit=budget < 1.0, use_cache=use_cache,
+                                int8="int8" in (passes if passes is not None else PASSES))
     report = {"model": describe(cap.graph, shapes.workload) | placement(cap),
               "cost_model": cost_model.to_json()}
     return _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,

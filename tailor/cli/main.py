@@ -66,7 +66,8 @@ def _optimize_args(p: argparse.ArgumentParser) -> None:
                    "so only where the weights do not fit the GPU)")
     p.add_argument("--passes", help="comma list of rewrite passes the search may use "
                    "(default all: layer_skip,ffn_skip,ffn_prune,head_prune,kv_share,attn_pattern, and "
-                   "int8 on an ONNX model priced by a CPU table from calibrate-target)")
+                   "int8 on a CPU table from calibrate-target: ONNX models, float32 torch models on "
+                   "the CPU)")
     p.add_argument("--attn-lengths", help="comma list of lengths attention patterns are profiled at "
                    "(default prompt-len/2,prompt-len)")
     p.add_argument("--validation-len", type=int, help="length plans are validated at, with held-out "

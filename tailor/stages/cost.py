@@ -42,16 +42,17 @@ def clean_ups(cap: Captured) -> dict[str, int]:
 
 
 def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: str, *, fit: bool = True,
-                   use_cache: bool = True) -> CostModel:
+                   use_cache: bool = True, int8: bool = True, formats: tuple[str, ...] = ()) -> CostModel:
     """The cost model for `target`; for a table measured on this machine, fitted to this model
     here (CostModel.fit_to_measured): the dense model and the variants of `fit_variants` timed
-    side by side. The measured ratios are cached (keyed by the model, the table and the
-    workload) so that compiling again reaches the same plan."""
+    side by side (an all-INT8 one where `int8`, the pass asked for, can run into `formats`). The
+    measured ratios are cached (keyed by the model, the table and the workload) so that compiling
+    again reaches the same plan."""
     cost_model = CostModel(cap.graph, workload, get_target(target))
     if not fit or not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
     graph = cap.graph
-    variants = fit_variants(graph, workload, int8=int8_refusal(dense, cost_model) is None)
+    variants = fit_variants(graph, workload, int8=int8 and int8_refusal(dense, cost_model, formats) is None)
     if not variants:
         cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model
