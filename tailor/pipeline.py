@@ -122,7 +122,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     int8 = (any(o.pass_name == "int8" for o in replayed) if replayed is not None
             else "int8" in (passes if passes is not None else PASSES))
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
-                                use_cache=use_cache, int8=int8, formats=formats)
+                                use_cache=use_cache, int8=int8, formats=formats, progress=progress)
     result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
     report: dict[str, Any] = {"model": describe(graph, workload) | placement(cap),
                               "cost_model": cost_model.to_json(),
@@ -199,7 +199,7 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                               "dense_answered": attn.get("dense_answered"),
                               "heldout_retrieval_answered": len(heldout.retrieval)}
     if cost_model.measured_ratios:  # priced for this machine: check it here, against the input as given
-        report["measured_latency"] = measured_latency(cap, dense, variant, workload)
+        report["measured_latency"] = measured_latency(cap, dense, variant, workload, progress)
     if eval_text is not None and chosen:
         with stages("evaluate"):
             lengths = [n for n in (graph.max_positions, input_shape(cap).length) if n is not None]
@@ -252,7 +252,7 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
                         attn_lengths=attn_lengths, validation_len=validation_len)
     cost_model = cost_model_for(cap, dense, shapes.workload, target, fit=budget < 1.0, use_cache=use_cache,
-                                int8="int8" in (passes if passes is not None else PASSES))
+                                int8="int8" in (passes if passes is not None else PASSES), progress=progress)
     report = {"model": describe(cap.graph, shapes.workload) | placement(cap),
               "cost_model": cost_model.to_json()}
     return _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,

@@ -32,8 +32,8 @@ def int8_refusal(backend: Backend, cost_model: CostModel, formats: tuple[str, ..
     `formats` (None: they are)."""
     if "tvm" in formats:  # TVM's ONNX importer fails on DynamicQuantizeLinear + MatMulInteger
         return "the TVM build (format tvm) runs no INT8 yet; leave format tvm out for INT8"
-    # hf: a standard config cannot say INT8 (passes.standard refuses the plan, or leaves it out)
-    unheld = [f for f in formats if f not in backend.int8_formats and f != "hf"]
+    # hf included: a standard config cannot say INT8 (passes.standard would refuse the plan)
+    unheld = [f for f in formats if f not in backend.int8_formats]
     if unheld:
         return (f"INT8 of a {backend.format} model is written in format {', '.join(backend.int8_formats)}, "
                 f"not {', '.join(unheld)}; leave {', '.join(unheld)} out for INT8")

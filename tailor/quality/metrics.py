@@ -146,19 +146,25 @@ def _evaluate_lines(reference, candidate, text: Path, tokenizer, count: int, lim
 
 
 def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int = 20,
-                      warmup: int = 1) -> dict:
+                      warmup: int = 1, progress: str | None = None) -> dict:
     """Median seconds per call of each model on `ids`, timed in turn in one process (so that
-    machine noise hits them alike), after `warmup` calls each."""
+    machine noise hits them alike), after `warmup` calls each; `progress`: a bar of that title
+    where the timing lasts more than a few seconds (a 135M model's fit on two cores: minutes)."""
+    from tqdm import tqdm
+
     times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=(warmup + repeats) * len(models), desc=progress, unit="call",
+                               disable=progress is None, delay=2.0) as bar:
         for m in models.values():
             for _ in range(warmup):
                 m(ids)
+                bar.update()
         for _ in range(repeats):
             for name, m in models.items():
                 t0 = time.perf_counter()
                 synchronize(m(ids).device)  # a GPU model returns before its kernels finish
                 times[name].append(time.perf_counter() - t0)
+                bar.update()
     return {name: statistics.median(t) for name, t in times.items()}
 
 

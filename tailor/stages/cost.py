@@ -42,7 +42,8 @@ def clean_ups(cap: Captured) -> dict[str, int]:
 
 
 def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: str, *, fit: bool = True,
-                   use_cache: bool = True, int8: bool = True, formats: tuple[str, ...] = ()) -> CostModel:
+                   use_cache: bool = True, int8: bool = True, formats: tuple[str, ...] = (),
+                   progress: bool = False) -> CostModel:
     """The cost model for `target`; for a table measured on this machine, fitted to this model
     here (CostModel.fit_to_measured): the dense model and the variants of `fit_variants` timed
     side by side (an all-INT8 one where `int8`, the pass asked for, can run into `formats`). The
@@ -70,7 +71,7 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
             if set(ratios) | set(left_out) != timed or not all(0 < r < 10 for r in ratios.values()):
                 ratios = None
     if ratios is None:
-        ratios, left_out = _time_variants(cap, dense, variants, workload)
+        ratios, left_out = _time_variants(cap, dense, variants, workload, progress)
         if use_cache:
             with contextlib.suppress(OSError):
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,8 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
     return cost_model
 
 
-def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list],
-                   workload: Workload) -> tuple[dict[str, float], dict[str, str]]:
+def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list], workload: Workload,
+                   progress: bool = False) -> tuple[dict[str, float], dict[str, str]]:
     """Each variant's latency / the dense model's, all timed side by side, and where lossless
     clean-ups changed an ONNX input, the dense model's / the input's as given (CLEAN_UP); beside
     them, why each variant that could not be built was left out."""
@@ -105,7 +106,8 @@ def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list],
             left_out[name] = str(e)
     if len(left_out) == len(variants):
         return {}, left_out
-    t = time_on_workload(runnables, cap.graph, workload, repeats=FIT_REPEATS)
+    t = time_on_workload(runnables, cap.graph, workload, repeats=FIT_REPEATS,
+                         progress="timing the cost fit's variants" if progress else None)
     ratios = {name: t[name] / t["original"] for name in variants if name not in left_out}
     return ratios | ({CLEAN_UP: t["original"] / t["input"]} if "input" in t else {}), left_out
 
@@ -147,12 +149,12 @@ def fit_variants(graph: TransformerGraph, workload: Workload, int8: bool = False
 
 
 def time_on_workload(models: dict, graph: TransformerGraph, workload: Workload,
-                     repeats: int = 20) -> dict[str, float]:
+                     repeats: int = 20, progress: str | None = None) -> dict[str, float]:
     """Median seconds of each model on the workload's prompt, timed in turn after 20 warm-up
     calls each (onnxruntime's first dozens of calls run ~10% slower)."""
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
-    return time_side_by_side(models, ids, repeats=repeats, warmup=20)
+    return time_side_by_side(models, ids, repeats=repeats, warmup=20, progress=progress)
 
 
 def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[Pattern],
@@ -167,9 +169,10 @@ def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[
 
 
 def measured_latency(cap: Captured, dense: Backend, rewritten: Backend,
-                     workload: Workload) -> dict[str, float]:
+                     workload: Workload, progress: bool = False) -> dict[str, float]:
     """The rewritten model timed beside the input as given (an ONNX file before its clean-ups)."""
     given = OrtModel(cap.source.path) if isinstance(cap.source, OnnxSource) else dense.runnable()
-    t = time_on_workload({"original": given, "rewritten": rewritten.runnable()}, cap.graph, workload)
+    t = time_on_workload({"original": given, "rewritten": rewritten.runnable()}, cap.graph, workload,
+                         progress="timing the result beside the original" if progress else None)
     return {"ratio": t["rewritten"] / t["original"], "original_ms": t["original"] * 1e3,
             "rewritten_ms": t["rewritten"] * 1e3}

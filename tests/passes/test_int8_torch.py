@@ -77,6 +77,7 @@ def test_int8_refused_where_torch_cannot_run_it(table):
     cost_model = CostModel(cap.graph, workload, get_target(table))
     assert int8_refusal(dense, cost_model) is None
     assert "format safetensors, not onnx" in int8_refusal(dense, cost_model, ("safetensors", "onnx"))
+    assert "not hf" in int8_refusal(dense, cost_model, ("safetensors", "hf"))  # no standard config says it
     assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("cpu")))
     half = capture(build_model("llama").to(torch.bfloat16))
     assert "float32" in int8_refusal(backend_for(half), cost_model)
