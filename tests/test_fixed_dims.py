@@ -62,12 +62,52 @@ def test_batches_run_a_row_at_a_time_and_short_inputs_padded_exactly(fixed, tiny
     assert np.abs(model.run_numpy(ids.numpy()) - want).max() <= 1e-4
     with pytest.raises(TailorError, match=f"1 × {LENGTH} tokens exactly; got 1 × 100"):
         OrtModel(fixed["llama"]).run_numpy(ids[:1].numpy())  # not known to be causal: no padding
-    with pytest.raises(TailorError, match="unpadded inputs of 128 tokens; got 100"):
-        model.run_all(ids.numpy())
+    # intermediate values too come back at the inputs' length (here the graph's output)
+    assert np.abs(next(iter(model.run_all(ids.numpy()).values())) - want).max() <= 1e-4
+    with pytest.raises(TailorError, match=f"1 × {LENGTH} tokens exactly; got 100 tokens"):
+        OrtModel(fixed["llama"]).run_all(ids[:1].numpy())
     bert = OrtModel(fixed["bert"])  # an attention_mask masks the padding out
     with torch.no_grad():
         want = tiny_models["bert"](ids[:, :20]).last_hidden_state.numpy()
     assert np.abs(bert.run_numpy(ids[:, :20].numpy()) - want).max() <= 1e-4
+
+
+def test_a_padded_encoder_traces_only_its_real_positions(fixed, tiny_onnx):
+    """Block traces (signals, refits) of lines shorter than a fixed-length encoder's input: run
+    padded, the padded positions cut off, they equal the dynamic export's on the lines as they
+    are, flattened layouts included; so such an encoder calibrates on its lines whole."""
+    from tailor.backends import backend_for
+    from tailor.stages.shapes import shapes_for
+
+    ids = ids_for(batch=3, seq=20, seed=5)
+
+    def traces(path):
+        out = {}
+        backend_for(capture_onnx(path)).block_traces(ids, lambda i, t: out.setdefault(i, t))
+        return out
+
+    got, want = traces(fixed["bert"]), traces(tiny_onnx["bert"])
+    assert got.keys() == want.keys()
+    for i in want:
+        for a, b in zip(got[i], want[i]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    shape = {"batch": None, "prompt_len": None, "gen_len": 0, "calib_len": None, "attn_lengths": None,
+             "validation_len": None}
+    assert shapes_for(capture_onnx(fixed["bert"]), **shape).calib_len is None   # its lines whole
+    assert shapes_for(capture_onnx(fixed["llama"]), **shape).calib_len == LENGTH  # a decoder: windows
+
+
+def test_lines_are_cut_at_a_fixed_length():
+    from tailor.cli.default_model import minilm_directory
+    from tailor.data.calibration import calibration_from_text
+    from tailor.data.text import load_tokenizer
+
+    text = "\n".join(("word " * (3 + 4 * (i % 9))).strip() for i in range(40))
+    lines = calibration_from_text(text, load_tokenizer(minilm_directory()), None, lambda n: 400 // n, "t",
+                                  per_line=True, max_line=16)
+    lengths = {len(r) for r in lines.profile_ids.rows + lines.heldout_ids.rows}
+    assert max(lengths) == 16 and min(lengths) < 16
 
 
 def test_optimize_a_decoder_of_fixed_batch_and_length(fixed, tmp_path, monkeypatch, capsys):

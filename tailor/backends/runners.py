@@ -122,13 +122,19 @@ class OrtModel(NumpyModel):
         self.input_shape = InputShape.of(self.input_specs, causal)
 
     def run_all(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output by name (profiling adds intermediate values as outputs, whose
-        layouts vary: inputs must have the graph's fixed length, if any, as calibration's do)."""
-        if self.input_shape.length not in (None, input_ids.shape[1]):
-            raise TailorError(f"intermediate values of {self.path or 'the model'} are read on unpadded "
-                              f"inputs of {self.input_shape.length} tokens; got {input_ids.shape[1]}")
+        """Every graph output by name. Profiling adds intermediate values as outputs, which are
+        position-wise ([B, T, ...] or flattened [B·T, ...]): inputs shorter than a fixed length run
+        padded where that is exact, and the values come back at the inputs' length, the padded
+        positions cut off (they would bias every statistic taken over positions)."""
+        length, fixed = input_ids.shape[1], self.input_shape.length
+        if not self.input_shape.takes(length):
+            raise TailorError(f"{self.path or 'the model'} takes inputs of {self.input_shape.describe()}; "
+                              f"got {length} tokens")
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self._run(names, input_ids)))
+        out = self._run(names, input_ids)
+        if fixed in (None, length):
+            return dict(zip(names, out))
+        return {n: _unpadded(o, len(input_ids), fixed, length, n) for n, o in zip(names, out)}
 
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         out, length = self._run(None, input_ids)[0], input_ids.shape[1]
@@ -151,6 +157,17 @@ class OrtModel(NumpyModel):
             raise TailorError(f"onnxruntime failed on {self.path or 'the rewritten model'} with an input of "
                               f"shape {list(input_ids.shape)}: {str(e).splitlines()[0]}") from None
         return out if len(input_ids) == rows else [o[:len(o) * len(input_ids) // rows] for o in out]
+
+
+def _unpadded(value: np.ndarray, rows: int, fixed: int, length: int, name: str) -> np.ndarray:
+    """A position-wise value of `rows` inputs padded from `length` to `fixed` positions, at `length`."""
+    rest = value.shape[1:]
+    if value.shape[0] == rows * fixed:
+        return value.reshape(rows, fixed, *rest)[:, :length].reshape(rows * length, *rest)
+    if value.ndim >= 2 and value.shape[:2] == (rows, fixed):
+        return value[:, :length]
+    raise TailorError(f"the value {name} {list(value.shape)} is not laid out by position; it cannot be read "
+                      f"on inputs shorter than the graph's fixed {fixed} tokens")
 
 
 def as_runnable(model) -> torch.nn.Module:

@@ -97,14 +97,15 @@ def spread_windows(stream: torch.Tensor, length: int, count: int, between: bool 
 
 
 def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | None, windows, name: str, *,
-                          per_line: bool = False) -> Calibration:
+                          per_line: bool = False, max_line: int | None = None) -> Calibration:
     """Windows of `window` tokens spread over the tokenized text (a string, or pieces of a long
     file: tailor.quality.metrics.read_text_pieces); `windows` is a count or a function of the
     window length. With `per_line` (encoders, whose inputs are single sentences or passages),
     each line is tokenized on its own, with the special tokens the tokenizer adds (BERT's
     [CLS] … [SEP]); then with `window` None every input is a whole line, as the model will see
     them ([CLS] at position 0, [SEP] at its end, every length), about count(median) × median
-    tokens of lines spread over the text; with a `window`, windows that begin where a line does.
+    tokens of lines spread over the text, each cut at `max_line` tokens (a graph's fixed length) or
+    the tokenizer's limit; with a `window`, windows that begin where a line does.
     On MiniLM at budget 0.75 (nominal cpu target; benchmarks/encoder_calibration.py), windows of
     the median length gave an embedding cosine of 0.949, whole lines 0.951 on as many tokens and
     0.956 on twice as many (0.951 / 0.953 / 0.960 refitted in sequence); windows of 32 tokens cut
@@ -119,7 +120,7 @@ def calibration_from_text(pieces: str | Iterable[str], tokenizer, window: int | 
             lengths = np.diff(np.append(starts, len(ids)))
             median = max(2, int(np.median(lengths))) if len(lengths) else 2
             return _calibration_from_lines(ids, starts, count(median) * median, name,
-                                           _max_len(tokenizer))
+                                           min(_max_len(tokenizer), max_line or MAX_LINE_TOKENS))
         return _calibration_from_stream(ids, window, count(window), name, "calibration text", starts=starts)
     window = window or DEFAULT_CALIB_LEN
     ids = tokenize_pieces(pieces, tokenizer)

@@ -98,7 +98,8 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
     fewer positions), or for an encoder given text, its lines whole (windows × their median length
     tokens of them, by default ENCODER_CALIB_TOKENS)."""
     graph = backend.graph
-    default_len = min(DEFAULT_CALIB_LEN, graph.max_positions or DEFAULT_CALIB_LEN)
+    fixed = source.input_shape.length if isinstance(source, OnnxSource) else None
+    default_len = fixed or min(DEFAULT_CALIB_LEN, graph.max_positions or DEFAULT_CALIB_LEN)
     if calib is not None and Path(calib).suffix != ".json":
         tok_path = tokenizer_path(source, tokenizer)
         if tok_path is None:
@@ -109,7 +110,7 @@ def calibration(backend: Backend, source: TorchSource | OnnxSource, calib, token
         return calibration_from_text(read_text_pieces(Path(calib)), load_tokenizer(tok_path),
                                      length or (None if encoder else default_len),
                                      lambda n: calibration_windows(windows, n, tokens), str(calib),
-                                     per_line=encoder)
+                                     per_line=encoder, max_line=fixed)
     length = length or default_len
     windows = calibration_windows(windows, length)
     if calib is None:

@@ -31,8 +31,8 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
                calib_len: int | None, attn_lengths: list[int] | None,
                validation_len: int | None) -> Shapes:
     """The shapes asked for, or the defaults: batch 1 and DEFAULT_PROMPT_LEN tokens, or those the
-    graph fixes; calibration windows of the fixed length (intermediate values are read on
-    unpadded inputs); attention lengths prompt_len/2 and prompt_len and validation at 3/4 of it
+    graph fixes; calibration windows of the fixed length, or for an encoder padded exactly, its
+    lines whole (padded); attention lengths prompt_len/2 and prompt_len and validation at 3/4 of it
     where the graph takes them, else at the fixed length. TailorError for any the graph cannot
     take."""
     fixed = input_shape(cap)
@@ -65,7 +65,10 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
         return n if fixed.takes(n) else fixed.length
 
     lengths = attn_lengths or sorted({taken(max(MIN_ATTN_LEN, prompt // 2)), prompt})
-    return Shapes(workload, calib_len or fixed.length, sorted(lengths),
+    # an encoder whose graph pads shorter inputs exactly calibrates on its lines whole, padded
+    # (tailor.stages.calibrate), as it will run them; other fixed graphs on windows of its length
+    calib_default = None if fixed.paddable and cap.graph.task == "encoder" else fixed.length
+    return Shapes(workload, calib_len or calib_default, sorted(lengths),
                   validation_len or taken(max(MIN_ATTN_LEN, 3 * prompt // 4)))
 
 
