@@ -150,11 +150,14 @@ def fit_variants(graph: TransformerGraph, workload: Workload, int8: bool = False
 
 def time_on_workload(models: dict, graph: TransformerGraph, workload: Workload,
                      repeats: int = 20, progress: str | None = None) -> dict[str, float]:
-    """Median seconds of each model on the workload's prompt, timed in turn after 20 warm-up
-    calls each (onnxruntime's first dozens of calls run ~10% slower)."""
+    """Median seconds of each model on the workload's prompt, timed in turn after warm-up calls:
+    20 each where onnxruntime runs one (its first dozens of calls run ~10% slower), else 3 (a
+    135M torch model's call is ~1 s on two cores, and 17 more warm-ups of each fit variant were
+    a minute of its compile)."""
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
-    return time_side_by_side(models, ids, repeats=repeats, warmup=20, progress=progress)
+    warmup = 20 if any(isinstance(m, OrtModel) for m in models.values()) else 3
+    return time_side_by_side(models, ids, repeats=repeats, warmup=warmup, progress=progress)
 
 
 def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[Pattern],
