@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import subprocess
 import tempfile
@@ -58,18 +59,18 @@ def run_model(name: str, source: str, dense: torch.nn.Module, budgets: list[floa
         models[key] = HFModel(m)
         info[key] = {"method": key, "budget": None, "predicted": None}
     for b in budgets:
-        with_int8 = None
+        skipped: set[str] = set()
         for method in ("tailor + INT8", "tailor, no INT8"):
             passes = None
             if method == "tailor, no INT8":  # the passes the default compile searched, less int8
-                skipped = {"attn_pattern"} if "attn_pattern_skipped" in with_int8.report else set()
                 passes = [p for p in PASSES if p not in skipped | {"int8"}]
             t0 = time.perf_counter()
             opt = tailor.compile(source, b, objective="latency", target=target, prompt_len=prompt_len,
                                  calib=str(CALIB), passes=passes, progress=True)
-            with_int8 = with_int8 or opt
+            if method == "tailor + INT8" and "attn_pattern_skipped" in opt.report:
+                skipped = {"attn_pattern"}
             key = f"{method} {b:g}"
-            models[key] = opt.model
+            models[key] = opt.model   # the rest of the compile (profile, backends) is dropped below
             rewrites = opt.plan.rewrites
             info[key] = {"method": method, "budget": b, "predicted": opt.plan.predicted["latency"],
                          "compile_s": round(time.perf_counter() - t0, 1), "rewrites": len(rewrites),
@@ -78,20 +79,33 @@ def run_model(name: str, source: str, dense: torch.nn.Module, budgets: list[floa
                          "int8_skipped": opt.report.get("int8_skipped"),
                          "kl_heldout": opt.report.get("search", {}).get("measured_kl_heldout")}
             print(json.dumps({"model": name, key: info[key]}), flush=True)
+            del opt
     ids = torch.randint(0, dense.config.vocab_size, (1, prompt_len),
                         generator=torch.Generator().manual_seed(0))
     times = time_side_by_side(models, ids, repeats, warmup=5)
-    tok = load_tokenizer(source)
-    windows = token_windows(tok(read_text(EVAL))["input_ids"], prompt_len, eval_windows)
-    with torch.no_grad():
-        logits = {k: torch.cat([m(w[None]) for w in windows]) for k, m in models.items()}
+    quality = window_quality(models, load_tokenizer(source), prompt_len, eval_windows)
     rows = []
     for k in models:
-        q = lm_metrics(logits[k], windows, logits["original"])
         rows.append({"model": name, "variant": k, **info[k], "measured": times[k] / times["original"],
-                     "ms": times[k] * 1e3, "perplexity": q["perplexity"], "kl": q["kl_to_reference"]})
+                     "ms": times[k] * 1e3, **quality[k]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def window_quality(models: dict, tok, length: int, count: int) -> dict[str, dict]:
+    """Perplexity and KL to the original on `count` windows of code-eval.txt, one window at a
+    time (all the models' logits of all windows at once are gigabytes for a 49K vocabulary)."""
+    windows = token_windows(tok(read_text(EVAL))["input_ids"], length, count)
+    nll = {k: 0.0 for k in models}
+    kl = {k: 0.0 for k in models}
+    with torch.no_grad():
+        for w in windows:
+            ref = models["original"](w[None])
+            for k, m in models.items():
+                q = lm_metrics(m(w[None]), w[None], ref)
+                nll[k] += math.log(q["perplexity"]) / len(windows)
+                kl[k] += q["kl_to_reference"] / len(windows)
+    return {k: {"perplexity": math.exp(nll[k]), "kl": kl[k]} for k in models}
 
 
 def table(rows: list[dict]) -> str:
