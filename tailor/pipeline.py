@@ -119,10 +119,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                         attn_lengths=attn_lengths, validation_len=validation_len)
     workload = shapes.workload
     replayed = _replayed_options(given, plan, cap, dense) if given is not None else None
-    int8 = (any(o.pass_name == "int8" for o in replayed) if replayed is not None
-            else "int8" in (passes if passes is not None else PASSES))
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
-                                use_cache=use_cache, int8=int8, formats=formats, progress=progress)
+                                use_cache=use_cache, int8="int8" in _pass_names(passes, replayed),
+                                formats=formats, progress=progress)
     result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
     report: dict[str, Any] = {"model": describe(graph, workload) | placement(cap),
                               "cost_model": cost_model.to_json(),
@@ -252,13 +251,18 @@ def prepare(model: Any, budget: float, *, objective: str = "latency", prompt_len
     shapes = shapes_for(cap, batch=batch, prompt_len=prompt_len, gen_len=gen_len, calib_len=calib_len,
                         attn_lengths=attn_lengths, validation_len=validation_len)
     cost_model = cost_model_for(cap, dense, shapes.workload, target, fit=budget < 1.0, use_cache=use_cache,
-                                int8="int8" in (passes if passes is not None else PASSES), progress=progress)
+                                int8="int8" in _pass_names(passes, None), progress=progress)
     report = {"model": describe(cap.graph, shapes.workload) | placement(cap),
               "cost_model": cost_model.to_json()}
     return _prepared(cap, dense, cost_model, report, stages, budget=budget, objective=objective,
                      shapes=shapes, passes=passes, replayed=None, calib=calib,
                      tokenizer=tokenizer, calib_windows=calib_windows, seed=seed,
                      retrieval_template=retrieval_template, use_cache=use_cache, progress=progress)
+
+
+def _pass_names(passes: list[str] | None, replayed: list | None) -> list[str]:
+    """The passes a compile searches (all by default), or those of the plan it replays."""
+    return sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
 
 
 def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict, stages: StageLog, *,
@@ -270,7 +274,7 @@ def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict
     price their options. `restricted`: the budget must be reachable by what a standard config of
     that architecture can say; `formats`: what the artifact will hold (INT8 where it can run)."""
     passes_given = passes is not None
-    passes = sorted({o.pass_name for o in replayed}) if replayed is not None else list(passes or PASSES)
+    passes = _pass_names(passes, replayed)
     if replayed is not None and "int8" in passes:
         refusal = int8_refusal(dense, cost_model, formats)
         if refusal is not None:

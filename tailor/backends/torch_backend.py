@@ -37,7 +37,6 @@ from tailor.core.patterns import Pattern
 from tailor.data.calibration import Inputs, batches
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.modules.int8_linear import METHOD as INT8_METHOD
-from tailor.rewriter.modules.int8_linear import Int8Linear
 from tailor.rewriter.modules.shared_kv import SharedKVAttention
 from tailor.rewriter.modules.sparse_attention import IMPLEMENTATION, dispatching_module, install, register
 from tailor.rewriter.torch_surgery import (
@@ -293,10 +292,10 @@ class TorchBackend(Backend):
         engine = torch.backends.quantized.engine
         if engine not in ("x86", "fbgemm", "onednn"):
             return f"PyTorch's INT8 kernels run on x86 CPUs (engine x86, fbgemm or onednn), not {engine}"
-        device = module_device(self.model)
         if is_dispatched(self.model):
-            device = "the devices accelerate spreads it over"
-        if device != torch.device("cpu"):
+            return "INT8 runs torch models on the CPU (PyTorch's dynamic quantization), not dispatched ones"
+        device = module_device(self.model)
+        if device.type != "cpu":
             return f"INT8 runs torch models on the CPU (PyTorch's dynamic quantization), not on {device}"
         for p, module in self._present(projections):
             if not isinstance(module, nn.Linear):
@@ -320,9 +319,8 @@ class TorchBackend(Backend):
         if refusal is not None:
             raise TailorError(refusal)
         model = self._edit()
-        for p, module in self._present(projections):
-            if not isinstance(module, Int8Linear):
-                to_int8(model, p)
+        for p, _ in self._present(projections):
+            to_int8(model, p)
 
     # ---- measuring and refitting ----
 
