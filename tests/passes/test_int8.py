@@ -127,13 +127,12 @@ def test_compile_with_int8_and_pruning_runs_in_onnxruntime(tiny_onnx, table, tmp
     """A measured CPU table with an INT8 figure: INT8 is on by default, a plan mixing it with
     pruning is found within budget, validated and saved, and the artifact runs quantized."""
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
-    # INT8 priced by the table alone: the fit's INT8 variant times this tiny model's products,
-    # which onnxruntime may run slower quantized than in float (then no plan has INT8, rightly)
+    # priced by the table alone, no fit: timing this tiny model's variants is noise (under load
+    # the fitted prices once left no pruning in the plan), and its INT8 products may run slower
+    # quantized than in float (then no plan has INT8, rightly)
     from tailor.stages import cost
 
-    fit_variants = cost.fit_variants
-    monkeypatch.setattr(cost, "fit_variants",
-                        lambda graph, workload, int8=False: fit_variants(graph, workload))
+    monkeypatch.setattr(cost, "fit_variants", lambda graph, workload, int8=False: {})
     path = tiny_onnx["llama"]
     compiled = tailor.compile(path, 0.45, target=table, prompt_len=64, calib_windows=4, calib_len=32,
                               refit=False)

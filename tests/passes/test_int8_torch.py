@@ -87,14 +87,12 @@ def test_int8_refused_where_torch_cannot_run_it(table):
 
 def test_compile_with_int8_saves_float_weights_that_load_quantized(table, tmp_path, monkeypatch):
     """A measured CPU table with an INT8 figure: a torch model's plan takes INT8 (priced by the
-    table: this tiny model's products are too small to time), is refitted with its INT8 branches
+    table alone, no fit: this tiny model's variants are too small to time), is refitted with its INT8 branches
     kept, saved as float safetensors, and tailor.load runs the same quantized model."""
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     from tailor.stages import cost
 
-    fit_variants = cost.fit_variants
-    monkeypatch.setattr(cost, "fit_variants",
-                        lambda graph, workload, int8=False: fit_variants(graph, workload))
+    monkeypatch.setattr(cost, "fit_variants", lambda graph, workload, int8=False: {})
     model = build_model("llama")
     compiled = tailor.compile(model, 0.45, target=table, prompt_len=64, calib_windows=4, calib_len=32)
     int8 = [r for r in compiled.plan.rewrites if r["pass"] == "int8"]
