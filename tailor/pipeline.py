@@ -26,7 +26,7 @@ from tailor.passes.base import Option
 from tailor.passes.cost import CostModel
 from tailor.passes.int8 import int8_refusal
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
-from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
+from tailor.passes.registry import PASSES, apply_options, offered, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
 from tailor.passes.standard import one_cache_shape, sayable, standard_shape, uniform
 from tailor.quality.metrics import evaluate_pair
@@ -351,7 +351,7 @@ def _searchable(dense: Backend, passes: list[str], *, asked: bool, cost_model: C
         if refusal is not None:
             passes = [p for p in passes if p != "int8"]
             report["int8_skipped"] = refusal
-    structural = candidates_for(graph, neutral, passes)
+    structural = offered(dense, neutral, passes)
     price(structural, cost_model)
     if restricted is not None:
         check_reachable(sayable(structural, restricted), cost_model, budget, objective, uniform(graph))

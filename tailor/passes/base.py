@@ -32,7 +32,7 @@ def edits_post_norm_branches(graph: TransformerGraph) -> bool:
 @dataclass
 class Option:
     pass_name: str
-    layer: int
+    layer: int                  # the block it changes; the number of blocks: the LM head after them
     choice: dict[str, Any]
     claims: tuple[str, ...]
     cost: dict[str, float] = field(default_factory=dict)   # change per objective (< 0: saves)
@@ -81,6 +81,8 @@ class Pass(abc.ABC):
     # options on the same layer, whose joint cost is not the sum of theirs: the search prices
     # each such pair jointly (tailor.passes.search.pair_costs)
     composes: ClassVar[bool] = False
+    # its options may name the LM head (Option.layer = the number of blocks)
+    reaches_head: ClassVar[bool] = False
 
     @abc.abstractmethod
     def candidates(self, graph: TransformerGraph, signals) -> list[Option]:

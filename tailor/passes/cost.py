@@ -10,14 +10,15 @@ the time and the passes over materialised scores about 15%; a roofline of produc
 predicted 0.50 for a plan that measured 0.60.
 
 A model's shape after rewriting is a `Structure`: per layer, whether it is kept, whether its FFN
-is kept, which KV groups and how many query heads per group its attention keeps, each KV
-head's attention pattern (attention work and KV cache ∝ the keys a head keeps), and which of its
-branches' projections run on INT8 weights (priced at the target's measured INT8 rates). The
-cost of a structure is a sum over layers, so an option's cost is the difference between the
-structure with that one change and the dense one, exactly, and a plan's cost is the dense cost
-plus the sum of its options' deltas (options of one layer are combined by the search's
-constraints), plus, for an option that scales what other options leave of a part (INT8 on a
-pruned FFN), the joint correction the search prices pair by pair (tailor.passes.search).
+is kept, which KV groups and how many query heads per group its attention keeps, each KV head's
+attention pattern (attention work and KV cache ∝ the keys a head keeps), and which of its
+branches' projections run on INT8 weights (priced at the target's measured INT8 rates); and
+whether the LM head does. The cost of a structure is a sum over layers and the head, so an
+option's cost is the difference between the structure with that one change and the dense one,
+exactly, and a plan's cost is the dense cost plus the sum of its options' deltas (options of one
+layer are combined by the search's constraints), plus, for an option that scales what other
+options leave of a part (INT8 on a pruned FFN), the joint correction the search prices pair by
+pair (tailor.passes.search).
 """
 from __future__ import annotations
 
@@ -57,8 +58,15 @@ class LayerShape:
 
 
 @dataclass
+class HeadShape:
+    """The LM head after the last block: the one option it has changes how it runs."""
+    int8: tuple[str, ...] = ()       # ("lm_head",): on INT8 weights
+
+
+@dataclass
 class Structure:
     layers: list[LayerShape] = field(default_factory=list)
+    head: HeadShape = field(default_factory=HeadShape)
 
     @classmethod
     def dense(cls, graph: TransformerGraph) -> "Structure":
@@ -66,7 +74,12 @@ class Structure:
                     for b in graph.blocks])
 
     def copy(self) -> "Structure":
-        return Structure([replace(s) for s in self.layers])
+        return Structure([replace(s) for s in self.layers], replace(self.head))
+
+    def part(self, index: int) -> LayerShape | HeadShape:
+        """Layer `index`'s shape; index = the number of layers: the head's (what an option's
+        `layer` names, tailor.passes.base.Option)."""
+        return self.layers[index] if index < len(self.layers) else self.head
 
 
 @dataclass
@@ -367,13 +380,19 @@ class CostModel:
     def layer(self, layer: int, shape: LayerShape) -> Cost:
         return self.attention(layer, shape) + self.ffn(layer, shape) + self.elementwise(layer, shape)
 
-    def fixed(self) -> Cost:
-        """What no rewrite removes: the head (the embedding is a lookup)."""
+    def head(self, shape: HeadShape) -> Cost:
+        """The LM head, over every position the workload runs (an exported decoder computes the
+        logits of each; the embedding is a lookup, not priced)."""
         head: Projection | None = self.graph.lm_head
-        return self.projections([(head.in_features, head.out_features)]) if head else Cost()
+        return self.projections([(head.in_features, head.out_features)], "lm_head" in shape.int8) \
+            if head else Cost()
+
+    def part(self, index: int, shape: LayerShape | HeadShape) -> Cost:
+        """Layer `index`'s cost, or the head's (index = the number of layers: Structure.part)."""
+        return self.layer(index, shape) if index < self.graph.num_layers else self.head(shape)
 
     def total(self, structure: Structure) -> Cost:
-        total = self.fixed()
+        total = self.head(structure.head)
         for i, shape in enumerate(structure.layers):
             total = total + self.layer(i, shape)
         return total

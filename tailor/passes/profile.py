@@ -49,7 +49,7 @@ from tailor.passes.attention_profile import (
 from tailor.passes.base import Option
 from tailor.passes.cost import Allowance, forward_flops
 from tailor.passes.obs import removal_importance
-from tailor.passes.registry import PASSES, apply_options, candidates_for
+from tailor.passes.registry import PASSES, apply_options, offered
 from tailor.rewriter.graph import TransformerGraph
 from tailor.rewriter.least_squares import COMPENSATION_RIDGE, add_gram
 
@@ -276,7 +276,7 @@ class OptionMeter:
         head = None if self.positions is None else len(self.positions)
         lengths = input_lengths(ids)  # an encoder's thousands of lines: priced once per first layer
         self.work_from = [float(sum(forward_flops(backend.graph, n, first, head) for n in lengths))
-                          for first in range(backend.graph.num_layers)]
+                          for first in range(backend.graph.num_layers + 1)]  # + 1: the head's option
 
     def work(self, option: Option) -> float:
         """FLOPs of measuring it: the blocks the backend computes, from where its replay of the
@@ -435,7 +435,7 @@ def run_profile(backend: Backend, calib: Calibration, passes: list[str], *, mode
                                                   gate_samples=calib.gate_retrieval,
                                                   gate_steps=settings["attn"].get("gate_steps", 0))
     with _phase("options", seconds, peaks):
-        candidates = candidates_for(graph, signals, passes)
+        candidates = offered(backend, signals, passes)
         meter = OptionMeter(backend, signals, calib.profile_ids, progress)
         missing = [o for o in candidates if PASSES[o.pass_name].measured and
                    o.key not in prof.option_kl and o.key not in prof.option_estimate]

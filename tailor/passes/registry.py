@@ -27,6 +27,21 @@ def candidates_for(graph: TransformerGraph, signals, passes: list[str]) -> list[
     return out
 
 
+def takes(backend: Backend, option: Option) -> bool:
+    """Whether this backend's model can take the option (Pass.check: beyond what the graph says,
+    e.g. an LM head held as a Gemm, which INT8 does not run)."""
+    try:
+        PASSES[option.pass_name].check(backend, option)
+    except ValueError:
+        return False
+    return True
+
+
+def offered(backend: Backend, signals, passes: list[str]) -> list[Option]:
+    """The options of `passes` this backend's model can take."""
+    return [o for o in candidates_for(backend.graph, signals, passes) if takes(backend, o)]
+
+
 def apply_options(backend: Backend, options: list[Option], signals) -> Backend:
     """Apply options of several passes to `backend` in place, in the order that keeps indices
     valid; returns it."""
@@ -48,8 +63,10 @@ def options_from_plan(graph: TransformerGraph, rewrites: list[dict], where: str 
         what = f"{where}: rewrite {n} ({r.get('pass')!r} on layer {r.get('layer')!r})"
         if r["pass"] not in PASSES:
             raise TailorError(f"{what}: unknown pass; known: {', '.join(PASSES)}")
-        if not 0 <= r["layer"] < graph.num_layers:
-            raise TailorError(f"{what}: the model has layers 0..{graph.num_layers - 1}; "
+        head = graph.num_layers if PASSES[r["pass"]].reaches_head and graph.lm_head is not None else None
+        if not (0 <= r["layer"] < graph.num_layers or r["layer"] == head):
+            also = f" ({head}: its LM head)" if head is not None else ""
+            raise TailorError(f"{what}: the model has layers 0..{graph.num_layers - 1}{also}; "
                               f"is the plan for another model?")
         try:
             option = PASSES[r["pass"]].from_plan(graph, r["layer"], r["choice"])

@@ -76,19 +76,19 @@ def keeps_uniform(chosen: list[Option], uniform: tuple[Uniform, ...]) -> bool:
 def structure_of(graph, options: list[Option]) -> Structure:
     s = Structure.dense(graph)
     for o in options:
-        PASSES[o.pass_name].reshape(o, s.layers[o.layer])
+        PASSES[o.pass_name].reshape(o, s.part(o.layer))
     return s
 
 
 def price(options: list[Option], cost_model: CostModel) -> None:
     """Fill each option's cost change per objective, exactly under the cost model (the cost is a
-    sum over layers, so only the option's own layer changes)."""
+    sum over layers and the head, so only the option's own part changes)."""
     dense = Structure.dense(cost_model.graph)
-    base = [cost_model.layer(i, s) for i, s in enumerate(dense.layers)]
+    base = [cost_model.part(i, dense.part(i)) for i in range(len(dense.layers) + 1)]
     for o in options:
-        shape = dense.copy().layers[o.layer]
+        shape = dense.copy().part(o.layer)
         PASSES[o.pass_name].reshape(o, shape)
-        delta = cost_model.layer(o.layer, shape) - base[o.layer]
+        delta = cost_model.part(o.layer, shape) - base[o.layer]
         o.cost = {k: delta.get(k) for k in OBJECTIVES}
 
 
@@ -107,16 +107,16 @@ def pair_costs(options: list[Option], cost_model: CostModel) -> Pairs:
         by_layer.setdefault(o.layer, []).append(o)
     out: Pairs = {}
     for layer, here in by_layer.items():
-        base = cost_model.layer(layer, dense.layers[layer])
+        base = cost_model.part(layer, dense.part(layer))
         for q in (o for o in here if PASSES[o.pass_name].composes):
             for o in here:
                 both_compose = PASSES[o.pass_name].composes
                 if o is q or set(o.claims) & set(q.claims) or (both_compose and o.key < q.key):
                     continue  # the same part, or a pair of composing options already seen
-                shape = dense.copy().layers[layer]
+                shape = dense.copy().part(layer)
                 PASSES[q.pass_name].reshape(q, shape)
                 PASSES[o.pass_name].reshape(o, shape)
-                joint = cost_model.layer(layer, shape) - base
+                joint = cost_model.part(layer, shape) - base
                 correction = {k: joint.get(k) - q.cost[k] - o.cost[k] for k in OBJECTIVES}
                 if any(abs(v) > 1e-9 * scale[k] for k, v in correction.items()):
                     out[(q.key, o.key)] = correction

@@ -19,7 +19,7 @@ def plan_picture(graph: TransformerGraph, rewrites: list[dict], path: Path, leng
 
     heads = max(b.attn.num_heads for b in graph.blocks)
     grid = np.ones((graph.num_layers, heads + 1))
-    for r in rewrites:
+    for r in (r for r in rewrites if r["layer"] < graph.num_layers):  # not the LM head's INT8
         layer, b = r["layer"], graph.blocks[r["layer"]]
         q_per = b.attn.num_heads // b.attn.num_kv_heads
         if r["pass"] == "layer_skip":

@@ -19,7 +19,7 @@ from tailor.core.targets import get_target
 from tailor.passes.attn_pattern import default_grid
 from tailor.passes.cost import CostModel, Structure, Workload
 from tailor.passes.int8 import int8_refusal
-from tailor.passes.registry import PASSES, apply_options
+from tailor.passes.registry import PASSES, apply_options, takes
 from tailor.passes.search import structure_of
 from tailor.quality.metrics import time_side_by_side
 from tailor.rewriter.capture import Captured, OnnxSource
@@ -54,6 +54,8 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
         return cost_model
     graph = cap.graph
     variants = fit_variants(graph, workload, int8=int8 and int8_refusal(dense, cost_model, formats) is None)
+    if "int8_all" in variants:  # less an LM head the model holds in a form INT8 does not run
+        variants["int8_all"] = [o for o in variants["int8_all"] if takes(dense, o)]
     if not variants:
         cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model

@@ -52,7 +52,7 @@ def test_quantized_branches_stay_close_to_float_in_onnxruntime(llama):
     variant = apply_options(dense.clone(), PASSES["int8"].candidates(cap.graph, None), None)
     ops = [n.op_type for n in variant.deployed().graph]
     assert ops.count("MatMulInteger") == sum(len(b.attn.projections) + len(b.ffn.projections)
-                                             for b in cap.graph.blocks)
+                                             for b in cap.graph.blocks) + 1  # and the LM head
     assert "MatMulInteger" not in [n.op_type for n in variant.model.graph]
     ids = ids_for(cap.graph.vocab_size, batch=2, seq=16)
     ref, out = dense.runnable()(ids).double(), variant.runnable()(ids).double()
@@ -78,6 +78,31 @@ def test_int8_option_cost_comes_from_the_tables_int8_rate(llama, table):
     assert option.cost["flops"] == 0.0  # the same products, only faster
     with pytest.raises(ValueError, match="no INT8 figure"):
         CostModel(cap.graph, Workload(1, 64, 0), get_target("cpu")).ffn(0, shape)
+
+
+def test_lm_head_int8_is_an_option_after_the_last_block(llama, table):
+    """The head's option names the layer after the last block: priced at the INT8 rate over the
+    head's products, named by a plan there and only there, and applied alone it quantizes the
+    head's one product."""
+    cap, dense = llama
+    graph, n = cap.graph, cap.graph.num_layers
+    head = [o for o in PASSES["int8"].candidates(graph, None) if o.layer == n]
+    assert [o.choice for o in head] == [{"branch": "lm_head"}]
+    cm = CostModel(graph, Workload(1, 64, 0), get_target(table))
+    price(head, cm)
+    whole = cm.head(Structure.dense(graph).head).latency
+    assert head[0].cost["latency"] == pytest.approx(whole * (FLOAT_RATE / INT8_RATE - 1))
+    assert cm.ratio(structure_of(graph, head), "latency") < 1
+    assert options_from_plan(graph, [{"pass": "int8", "layer": n, "choice": {"branch": "lm_head"}}])
+    with pytest.raises(TailorError, match="after the last block"):
+        options_from_plan(graph, [{"pass": "int8", "layer": 0, "choice": {"branch": "lm_head"}}])
+    with pytest.raises(TailorError, match=f"layers 0..{n - 1}; is the plan"):  # no head for ffn_prune
+        options_from_plan(graph, [{"pass": "ffn_prune", "layer": n, "choice": {"channels": [0]}}])
+    variant = apply_options(dense.clone(), head, None)
+    assert [n.op_type for n in variant.deployed().graph].count("MatMulInteger") == 1
+    ids = ids_for(graph.vocab_size, batch=2, seq=16)
+    ref, out = dense.runnable()(ids).double(), variant.runnable()(ids).double()
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
 
 
 def test_int8_and_pruning_of_one_ffn_combine_and_are_priced_jointly(llama, table):
@@ -180,6 +205,7 @@ def test_fit_prices_int8_products_as_the_model_ran_them(llama, table):
     assert "int8_all" not in fit_variants(graph, workload)
     variants = {n: structure_of(graph, o) for n, o in fit_variants(graph, workload, int8=True).items()}
     assert all(s.int8 == ("attn", "ffn") for s in variants["int8_all"].layers)
+    assert variants["int8_all"].head.int8 == ("lm_head",)
     truth = CostModel(graph, workload, get_target(table))
     truth.scales |= {"branch_passes": 3.0, "attention_core": 1.5, "int8_products": 0.6}
     fitted = CostModel(graph, workload, get_target(table))

@@ -85,6 +85,26 @@ def test_int8_refused_where_torch_cannot_run_it(table):
         apply_options(backend_for(half), PASSES["int8"].candidates(half.graph, None)[:1], None)
 
 
+def test_lm_head_int8_keeps_the_tied_embedding_float():
+    """The head's option alone: the head runs INT8 while the embedding it is tied to stays a float
+    lookup of the same Parameter; measured as an option, only the head is copied (from the layer
+    after the last block)."""
+    model = build_model("llama")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    cap = capture(model)
+    dense = backend_for(cap)
+    head = [o for o in PASSES["int8"].candidates(cap.graph, None) if o.choice["branch"] == "lm_head"]
+    variant = apply_options(dense.clone(from_layer=cap.graph.num_layers), head, None)
+    m = variant.model
+    assert isinstance(m.lm_head, Int8Linear) and type(m.model.embed_tokens) is torch.nn.Embedding
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()  # one float copy
+    assert all(a is b for a, b in zip(m.model.layers, model.model.layers))  # blocks not copied
+    ids = ids_for(cap.graph.vocab_size, batch=2, seq=16)
+    ref, out = dense.runnable()(ids).double(), variant.runnable()(ids).double()
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+
+
 def test_compile_with_int8_saves_float_weights_that_load_quantized(table, tmp_path, monkeypatch):
     """A measured CPU table with an INT8 figure: a torch model's plan takes INT8 (priced by the
     table alone, no fit: this tiny model's variants are too small to time), is refitted with its INT8 branches
