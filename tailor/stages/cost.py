@@ -60,7 +60,10 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
         cost_model.fit_skipped = "neither the FFNs nor the heads of this model can be sliced"
         return cost_model
     key = hashlib.sha256(json.dumps({"model": cap.model_hash, "target": asdict(cost_model.target),
-                                     "workload": asdict(workload), "variants": sorted(variants)},
+                                     "workload": asdict(workload),
+                                     # what each variant changes, not only its name (int8_all took
+                                     # in the LM head: ratios timed without it are another variant's)
+                                     "variants": {n: sorted(o.key for o in v) for n, v in variants.items()}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_dir() / "fits" / f"{key}.json"
     timed = set(variants) | ({CLEAN_UP} if clean_ups(cap) else set())
