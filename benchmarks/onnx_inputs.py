@@ -1,5 +1,5 @@
 """ONNX files as users have them (issue 25): each kind made here from a real model, compiled at
-budget 0.5 (objective latency, target: this CPU measured first), and either it works — measured
+--budget (0.5; objective latency, target: this CPU measured first), and either it works — measured
 latency against the input file, side by side in onnxruntime, and quality against the input —
 or it is refused, with the one line tailor said.
 
@@ -292,14 +292,14 @@ def quantized_ops(path: Path) -> dict[str, int]:
 
 
 def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, repeats: int,
-             passes: list[str] | None = None) -> dict | None:
+             passes: list[str] | None = None, budget: float = 0.5) -> dict | None:
     path, base = make_kind(model, kind, work)
     if not path.is_file():
         return None
     row = {"model": model.name, "kind": kind, "input_mb": path.stat().st_size / 2**20}
     t0 = time.perf_counter()
     try:
-        opt = tailor.compile(path, 0.5, objective="latency", target=target, prompt_len=model.prompt_len,
+        opt = tailor.compile(path, budget, objective="latency", target=target, prompt_len=model.prompt_len,
                              calib=model.calib, calib_len=model.calib_len, progress=True, formats=("onnx",),
                              passes=passes)
     except TailorError as e:
@@ -308,9 +308,12 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
     causal = not model.encoder
     models = {"input": OrtModel(path, threads, causal=causal),
               "artifact": OrtModel(out / "model.onnx", threads, causal=causal)}
+    # the float export the kind was made from, timed beside: a budget is a fraction of the input's
+    # own time, and a quantized input's is a fraction of a faster (or slower) model's
+    timed = models | ({"float": OrtModel(base, threads, causal=causal)} if base != path else {})
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, opt.graph.vocab_size, (1, model.prompt_len), generator=gen)
-    times = time_side_by_side(models, ids, repeats, warmup=10)
+    times = time_side_by_side(timed, ids, repeats, warmup=10)
     q = quality(model, models, path)
     if kind == "optimum":
         row |= clients(model, out, path, ids)
@@ -321,7 +324,9 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
                   "quantized_ops": {"input": quantized_ops(path),
                                     "artifact": quantized_ops(out / "model.onnx")},
                   "predicted": opt.plan.predicted["latency"],
+                  "budget": budget, "predicted_flops": opt.plan.predicted["flops"],
                   "measured": times["artifact"] / times["input"], "input_ms": times["input"] * 1e3,
+                  "float_ms": times.get("float", times["input"]) * 1e3,
                   "metric": "embedding cosine" if model.encoder else "perplexity",
                   "quality_input": q["input"], "quality_artifact": q["artifact"],
                   "rewrites": len(opt.plan.rewrites), "clean_ups": opt.report.get("clean_ups"),
@@ -337,6 +342,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, help="write the rows here (.json), after every row")
     ap.add_argument("--passes", help="comma list of passes the search may use (default all)")
+    ap.add_argument("--budget", type=float, default=0.5)
     args = ap.parse_args()
     models = []
     if "minilm" in args.models:
@@ -351,7 +357,7 @@ def main() -> None:
         for model in models:
             for kind in args.kinds.split(","):
                 row = run_kind(model, kind, work, target, args.threads, args.repeats,
-                               args.passes.split(",") if args.passes else None)
+                               args.passes.split(",") if args.passes else None, args.budget)
                 if row is None:
                     continue
                 rows.append(row)
@@ -359,7 +365,8 @@ def main() -> None:
                 if args.out:
                     args.out.write_text(json.dumps(rows, indent=1))
     print(f"\n{date.today()} · {platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
-          f"onnxruntime {args.threads} threads · budget 0.5, objective latency, target this CPU measured\n")
+          f"onnxruntime {args.threads} threads · budget {args.budget:g}, objective latency, target this CPU "
+          f"measured\n")
     print("| model | input kind | works | measured latency vs input | predicted | quality vs input "
           "| rewrites |")
     print("|---|---|---|---|---|---|---|")
