@@ -7,8 +7,9 @@ per tensor, its default, and per channel). All run in PyTorch.
 Models: refllama-16m from its HF folder (../shared/models), SmolLM2-135M-Instruct from its GGUF
 (--smollm2 FILE). Objective latency at --prompt-len, target this CPU measured first (as
 `tailor calibrate-target` does, INT8 figure included), calibration on code-calib.txt. Latency:
-medians of alternating runs of every model in one process on 1 × prompt-len tokens, torch on
---threads threads. Quality on text no calibration reads: perplexity and KL to the dense model on
+medians of alternating runs of every model in one process on 1 × prompt-len tokens, the head on
+the last position only (as generation serves a model, and as tailor prices a torch causal LM),
+torch on --threads threads. Quality on text no calibration reads: perplexity and KL to the dense model on
 --eval-windows windows of code-eval.txt.
 
     python benchmarks/torch_int8_cpu.py [--models refllama,smollm2] [--smollm2 FILE]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import platform
@@ -82,7 +84,10 @@ def run_model(name: str, source: str, dense: torch.nn.Module, budgets: list[floa
             del opt
     ids = torch.randint(0, dense.config.vocab_size, (1, prompt_len),
                         generator=torch.Generator().manual_seed(0))
-    times = time_side_by_side(models, ids, repeats, warmup=5)
+    # served: the head on each prompt's last position only (logits_to_keep=1), as tailor prices it
+    last = torch.tensor([prompt_len - 1])
+    times = time_side_by_side({k: functools.partial(m, positions=last) for k, m in models.items()}, ids,
+                              repeats, warmup=5)
     quality = window_quality(models, load_tokenizer(source), prompt_len, eval_windows)
     rows = []
     for k in models:

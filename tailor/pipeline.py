@@ -8,7 +8,7 @@ instead of the search.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from tailor.backends.hf_checkpoint import HF_DIR, StandardArchitecture, Standard
 from tailor.codegen.tvm.tune import check_trials
 from tailor.core.dispatch import resolve_max_memory
 from tailor.core.errors import TailorError
-from tailor.core.plan import OBJECTIVES, Plan, check_budget
+from tailor.core.plan import OBJECTIVES, WORKLOAD_KEYS, Plan, check_budget
 from tailor.data.calibration import Calibration
 from tailor.passes.attention_profile import AttentionInfluence
 from tailor.passes.attn_pattern import default_grid
@@ -122,7 +122,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
     cost_model = cost_model_for(cap, dense, workload, target, fit=replayed is not None or budget < 1.0,
                                 use_cache=use_cache, int8="int8" in _pass_names(passes, replayed),
                                 formats=formats, progress=progress)
-    result = Plan(cap.model_hash, budget, objective, asdict(workload), target=target)
+    # the plan says what the user asked; whether the head keeps the last logits follows the model
+    result = Plan(cap.model_hash, budget, objective, {k: getattr(workload, k) for k in WORKLOAD_KEYS},
+                  target=target)
     report: dict[str, Any] = {"model": describe(graph, workload) | placement(cap),
                               "cost_model": cost_model.to_json(),
                               "clean_ups": clean_ups(cap)}

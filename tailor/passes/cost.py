@@ -39,6 +39,10 @@ class Workload:
     batch: int = 1
     prompt_len: int = 1024
     gen_len: int = 0          # generated tokens after the prompt (decode steps)
+    # the prefill computes the head at each sequence's last position only, as generation serves
+    # a model (transformers' logits_to_keep=1, vLLM, TGI); False: at every position (an ONNX
+    # export's graph computes every position's logits)
+    last_logits: bool = False
 
     @property
     def seq_len(self) -> int:  # tokens a prefill processes
@@ -231,18 +235,19 @@ class CostModel:
         t = max(calls * seconds(flops / calls), by / self.target.bytes_per_s)
         return Cost(flops, by, 0.0, t)
 
-    def _phases(self):
-        """(tokens processed, matmul passes over the weights, mean keys per query) per phase."""
+    def _phases(self, head: bool = False):
+        """(tokens processed, matmul passes over the weights, mean keys per query) per phase; for
+        the `head`, the prefill's tokens are those whose logits it keeps."""
         w = self.workload
-        yield w.batch * w.prompt_len, 1, None
+        yield w.batch * (1 if head and w.last_logits else w.prompt_len), 1, None
         for step in range(w.gen_len) if w.gen_len <= 64 else []:
             yield w.batch, 1, w.prompt_len + step + 1
         if w.gen_len > 64:  # decode steps differ only in context length: one pass at the mean
             yield w.batch * w.gen_len, w.gen_len, w.prompt_len + (w.gen_len + 1) / 2
 
-    def projections(self, projs: list[tuple[int, int]], int8: bool = False) -> Cost:
+    def projections(self, projs: list[tuple[int, int]], int8: bool = False, head: bool = False) -> Cost:
         total = Cost()
-        for tokens, reads, _ in self._phases():
+        for tokens, reads, _ in self._phases(head):
             for n_in, n_out in projs:
                 total = total + self._matmul(tokens, n_in, n_out, reads, int8)
         return total.scaled(self.scales["int8_products"]) if int8 else total
@@ -381,11 +386,11 @@ class CostModel:
         return self.attention(layer, shape) + self.ffn(layer, shape) + self.elementwise(layer, shape)
 
     def head(self, shape: HeadShape) -> Cost:
-        """The LM head, over every position the workload runs (an exported decoder computes the
-        logits of each; the embedding is a lookup, not priced)."""
+        """The LM head, over the positions whose logits the workload keeps (Workload.last_logits;
+        the embedding is a lookup, not priced)."""
         head: Projection | None = self.graph.lm_head
-        return self.projections([(head.in_features, head.out_features)], "lm_head" in shape.int8) \
-            if head else Cost()
+        return self.projections([(head.in_features, head.out_features)], "lm_head" in shape.int8,
+                                head=True) if head else Cost()
 
     def part(self, index: int, shape: LayerShape | HeadShape) -> Cost:
         """Layer `index`'s cost, or the head's (index = the number of layers: Structure.part)."""

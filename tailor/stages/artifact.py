@@ -290,7 +290,8 @@ def describe(graph: TransformerGraph, workload: Workload) -> dict[str, Any]:
         "hidden_size": graph.hidden_size, "vocab_size": graph.vocab_size,
         "positional": graph.positional, "tied_embeddings": graph.tied_embeddings,
         "max_positions": graph.max_positions, "params": graph.params,
-        "workload": {"batch": workload.batch, "prompt_len": workload.prompt_len, "gen_len": workload.gen_len},
+        "workload": {"batch": workload.batch, "prompt_len": workload.prompt_len, "gen_len": workload.gen_len,
+                     "logits": "last position" if workload.last_logits else "every position"},
         "flops": model_flops(graph, workload),
         "blocks": [{
             "layer": b.index, "heads": b.attn.num_heads, "kv_heads": b.attn.num_kv_heads,

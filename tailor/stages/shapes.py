@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tailor.backends.runners import takes_logits_to_keep
 from tailor.core.errors import TailorError
 from tailor.passes.cost import Workload
-from tailor.rewriter.capture import Captured, OnnxSource
+from tailor.rewriter.capture import Captured, OnnxSource, TorchSource
 from tailor.rewriter.onnx_check import InputShape
 
 DEFAULT_PROMPT_LEN = 1024
@@ -59,7 +60,8 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
             raise TailorError(f"{_name(cap)} takes input_ids of fixed length {fixed.length}{shorter}; "
                               f"{flag} {bad[0]} is not possible")
     prompt = prompt_len or fixed.length or min(DEFAULT_PROMPT_LEN, limit or DEFAULT_PROMPT_LEN)
-    workload = Workload(batch=batch or fixed.batch or 1, prompt_len=prompt, gen_len=gen_len)
+    workload = Workload(batch=batch or fixed.batch or 1, prompt_len=prompt, gen_len=gen_len,
+                        last_logits=serves_last_logits(cap))
 
     def taken(n: int) -> int:
         return n if fixed.takes(n) else fixed.length
@@ -70,6 +72,17 @@ def shapes_for(cap: Captured, *, batch: int | None, prompt_len: int | None, gen_
     calib_default = None if fixed.paddable and cap.graph.task == "encoder" else fixed.length
     return Shapes(workload, calib_len or calib_default, sorted(lengths),
                   validation_len or taken(max(MIN_ATTN_LEN, 3 * prompt // 4)))
+
+
+def serves_last_logits(cap: Captured) -> bool:
+    """Whether the model, served, computes its head at each prompt's last position only: a torch
+    causal LM whose class takes logits_to_keep (transformers' generate passes 1; vLLM and TGI
+    compute sampled positions only). Priced at every position, SmolLM2-135M's 49K-vocabulary head
+    was a fifth of its modelled prefill at 1K tokens, a cost no rewrite touches, which raised every
+    plan's predicted ratio toward 1 (measured on an H100 without it: 0.443 for a predicted 0.500).
+    An ONNX export's graph computes every position's logits, and is priced so."""
+    return isinstance(cap.source, TorchSource) and cap.graph.task == "causal-lm" and \
+        takes_logits_to_keep(type(cap.source.module))
 
 
 def _name(cap: Captured) -> str:

@@ -30,6 +30,31 @@ def test_dense_ratio_is_one_and_skips_are_exact(llama_graph):
     assert cm.ratio(skip, "kv_memory") == pytest.approx(2 / 3)
 
 
+def test_a_served_causal_lm_prices_its_head_at_the_last_position(tiny_models, tiny_onnx, llama_graph):
+    """A torch causal LM is served keeping each prompt's last logits only (logits_to_keep=1): its
+    workload says so, the head's prefill FLOPs are one position's per sequence, and the fit and
+    the final check time it so; an ONNX export computes every position's logits and is priced so."""
+    from tailor.rewriter.capture import capture_onnx
+    from tailor.stages.cost import time_on_workload
+    from tailor.stages.shapes import shapes_for
+
+    kw = dict(batch=None, prompt_len=64, gen_len=0, calib_len=None, attn_lengths=None, validation_len=None)
+    assert shapes_for(capture(tiny_models["llama"]), **kw).workload.last_logits
+    assert not shapes_for(capture_onnx(tiny_onnx["llama"]), **kw).workload.last_logits
+    target, dense = get_target("h100"), Structure.dense(llama_graph)
+    every = CostModel(llama_graph, Workload(2, 64, 0), target).head(dense.head)
+    last = CostModel(llama_graph, Workload(2, 64, 0, last_logits=True), target).head(dense.head)
+    assert last.flops == pytest.approx(every.flops / 64) and last.flops > 0
+    seen = []
+
+    def model(ids, positions=None):
+        seen.append(positions)
+        return ids.float()
+
+    time_on_workload({"m": model}, llama_graph, Workload(1, 16, 0, last_logits=True), repeats=1)
+    assert seen and all(p is not None and p.tolist() == [15] for p in seen)
+
+
 def test_kv_memory_follows_kv_heads(llama_graph):
     cm = CostModel(llama_graph, Workload(2, 128, 64), get_target("a100"))
     half = Structure.dense(llama_graph)
