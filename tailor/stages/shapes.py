@@ -78,8 +78,9 @@ def serves_last_logits(cap: Captured) -> bool:
     """Whether the model, served, computes its head at each prompt's last position only: a torch
     causal LM whose class takes logits_to_keep (transformers' generate passes 1; vLLM and TGI
     compute sampled positions only). Priced at every position, SmolLM2-135M's 49K-vocabulary head
-    was a fifth of its modelled prefill at 1K tokens, a cost no rewrite touches, which raised every
-    plan's predicted ratio toward 1 (measured on an H100 without it: 0.443 for a predicted 0.500).
+    was 18% of its modelled 1K-token prefill on a CPU table (10% on the H100's; 0.2% and 3% at the
+    last position), a cost no structural rewrite touches, which pulled every plan's predicted
+    ratio toward 1 (end_to_end_gpu.py, timing prefills so, measured 0.443 for a predicted 0.500).
     An ONNX export's graph computes every position's logits, and is priced so."""
     return isinstance(cap.source, TorchSource) and cap.graph.task == "causal-lm" and \
         takes_logits_to_keep(type(cap.source.module))
