@@ -83,9 +83,12 @@ def quality(name: str, onnx: Path, models: dict[str, OrtModel], prompt_len: int)
     return out
 
 
+METHODS = ("tailor + INT8", "tailor, no INT8")
+
+
 def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, calib: Path,
               calib_len: int | None, calib_windows: int | None, threads: int, repeats: int, work: Path,
-              target: str) -> list[dict]:
+              target: str, methods: tuple[str, ...] = METHODS) -> list[dict]:
     models = {"original": OrtModel(onnx, threads)}
     info: dict[str, dict] = {"original": {"method": "original", "budget": None, "predicted": 1.0}}
     for variant, per_channel, reduce_range in ORT_VARIANTS:
@@ -94,7 +97,7 @@ def run_model(name: str, onnx: Path, budgets: list[float], prompt_len: int, cali
         info[variant] = {"method": variant, "budget": None, "predicted": None}
     for b in budgets:
         with_int8 = None
-        for method in ("tailor + INT8", "tailor, no INT8"):
+        for method in methods:
             passes = None
             if method == "tailor, no INT8":  # the passes the default compile searched, less int8
                 skipped = {"attn_pattern"} if "attn_pattern_skipped" in with_int8.report else set()
@@ -184,6 +187,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the rows here (.json)")
     ap.add_argument("--plot", type=Path, help="write the Pareto plot here (.png)")
     ap.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
+    ap.add_argument("--int8-only", action="store_true",
+                    help="compile each budget with the default passes only (not also without int8)")
     ap.add_argument("--retime", type=Path, help="a kept --work folder: time its models (the rows of --out) "
                     "again and rewrite --out")
     args = ap.parse_args()
@@ -201,11 +206,12 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         target = str(work / "target.json")
         Path(target).write_text(json.dumps(measure_cpu(args.threads)))
+        methods = METHODS[:1] if args.int8_only else METHODS
         runs = {"minilm": lambda: run_model("MiniLM", minilm_onnx(), budgets, 128, default_calibration(),
-                                            None, None, args.threads, args.repeats, work, target),
+                                            None, None, args.threads, args.repeats, work, target, methods),
                 "refllama": lambda: run_model("refllama-16m", refllama_onnx(), budgets, 512,
                                               SHARED / "data" / "code-calib.txt", 512, 16, args.threads,
-                                              args.repeats, work, target)}
+                                              args.repeats, work, target, methods)}
         for name in args.models.split(","):
             if name == "refllama" and not REFLLAMA.is_dir():
                 continue

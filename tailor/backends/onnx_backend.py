@@ -34,7 +34,7 @@ from tailor.rewriter import onnx_kv_cache, onnx_surgery
 from tailor.rewriter.capture import OnnxSource, is_causal
 from tailor.rewriter.graph import Projection, TransformerGraph
 from tailor.rewriter.onnx_quantize import METHOD as QUANTIZATION_METHOD
-from tailor.rewriter.onnx_quantize import quantized
+from tailor.rewriter.onnx_quantize import has_constant_weight, quantized
 from tailor.rewriter.onnx_sparse_attention import sparse_core, substitute
 from tailor.rewriter.quantized.weights import quantized_linear
 
@@ -182,7 +182,7 @@ class OnnxBackend(Backend):
                 continue  # a rewrite removed it (a skipped branch): nothing to quantize
             if quantized_linear(node) is not None:
                 return f"the model's projections are quantized already ({p.node} is a {node.op_type})"
-            if node.op_type != "MatMul" or not node.inputs[1].is_initializer():
+            if node.op_type != "MatMul" or not has_constant_weight(node):
                 # quantize_dynamic's integer ops take MatMul with a constant weight, not Gemm
                 return f"INT8 runs MatMul projections on constant weights; {p.node} is a {node.op_type}"
         return None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 
 from tailor.core.errors import TailorError
 
@@ -39,6 +40,41 @@ def _quiet():
         root.setLevel(level)
 
 
+def has_constant_weight(node: ir.Node) -> bool:
+    """Whether a MatMul's weight is constant for quantize_dynamic: an initializer, or the
+    transpose of one (a head tied to the embedding table, which the Gather reads as it is:
+    `with_transposes_folded` gives the head a transposed copy of its own)."""
+    weight = node.inputs[1]
+    if weight is None or weight.is_initializer():
+        return weight is not None
+    producer = weight.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.inputs[0] is None:
+        return False
+    perm = list(producer.attributes.get_ints("perm", [1, 0]))
+    return producer.inputs[0].is_initializer() and perm == [1, 0]
+
+
+def with_transposes_folded(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
+    """`model` (changed in place) with each of `nodes` that reads its weight through a Transpose
+    of an initializer reading a transposed initializer instead, which quantize_dynamic can
+    quantize; a Transpose left unread goes."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    transposes = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    for node in graph.node:
+        if node.name in nodes and node.op_type == "MatMul" and node.input[1] in transposes:
+            source = inits[transposes[node.input[1]].input[0]]
+            folded = numpy_helper.from_array(numpy_helper.to_array(source).T.copy(),
+                                             f"{source.name}.transposed.{node.name}")
+            graph.initializer.append(folded)
+            node.input[1] = folded.name
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for name, t in transposes.items():
+        if name not in read:
+            graph.node.remove(t)
+    return model
+
+
 def quantize_proto(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     """`model` with the MatMul nodes named in `nodes` (those still in the graph) on INT8 weights
     and dynamically quantized activations; every other node as it was."""
@@ -48,6 +84,7 @@ def quantize_proto(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     wanted = sorted(set(nodes) & present)
     if not wanted:
         return model
+    model = with_transposes_folded(model, set(wanted))
     large = model.ByteSize() > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         out = Path(tmp) / "quantized.onnx"

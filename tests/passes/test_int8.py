@@ -105,6 +105,43 @@ def test_lm_head_int8_is_an_option_after_the_last_block(llama, table):
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
 
 
+def test_a_tied_lm_head_runs_int8_on_a_transposed_copy(tmp_path):
+    """An exported head tied to the embedding reads the table through a Transpose: it is offered
+    INT8 all the same, and the quantized model gives the head an INT8 copy of its own while the
+    embedding lookup stays float."""
+    import onnx
+
+    from tailor.backends.export import export_onnx
+    from tailor.passes.registry import offered
+    from tests.conftest import build_model
+
+    model = build_model("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    export_onnx(model, tmp_path / "tied.onnx", encoder=False)
+    # the exporter folds a small table's Transpose into a copy (refllama-16m's 8192 × 384 keeps it):
+    # read the table through a Transpose again, as a large tied model's export does
+    proto = onnx.load(str(tmp_path / "tied.onnx"))
+    table = next(n for n in proto.graph.node if n.op_type == "Gather").input[0]
+    head = [n for n in proto.graph.node if n.op_type == "MatMul"][-1]
+    at = list(proto.graph.node).index(head)
+    proto.graph.node.insert(at, onnx.helper.make_node("Transpose", [table], ["table_t"], perm=[1, 0]))
+    head.input[1] = "table_t"
+    onnx.save(onnx.shape_inference.infer_shapes(proto), str(tmp_path / "model.onnx"))
+    cap = capture(tmp_path / "model.onnx")
+    dense = backend_for(cap)
+    head_node = {n.name: n for n in dense.model.graph}[cap.graph.lm_head.node]
+    assert head_node.inputs[1].producer().op_type == "Transpose"   # the tied form this test is about
+    head = [o for o in offered(dense, None, ["int8"]) if o.choice["branch"] == "lm_head"]
+    assert len(head) == 1
+    variant = apply_options(dense.clone(), head, None)
+    ops = [n.op_type for n in variant.deployed().graph]
+    assert ops.count("MatMulInteger") == 1 and "Gather" in ops
+    ids = ids_for(cap.graph.vocab_size, batch=2, seq=16)
+    ref, out = dense.runnable()(ids).double(), variant.runnable()(ids).double()
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    assert [n.op_type for n in dense.model.graph].count("Transpose") >= 1   # the float model untouched
+
+
 def test_int8_and_pruning_of_one_ffn_combine_and_are_priced_jointly(llama, table):
     """INT8 claims a part of its own: it combines with pruning the same FFN, and the pair's joint
     saving (less than the two savings added) is what the search counts."""
