@@ -1,6 +1,7 @@
 """`tailor eval` and `tailor bench`: an artifact's quality and latency against its reference."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -47,11 +48,17 @@ def probe_retrieval(artifact: Path, lengths: list[int], *, samples: int = 32, re
 def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1, repeats: int = 20,
           runtime: str | None = None) -> dict:
     """Median latency of the artifact (through `runtime`, see tailor.load) and its reference,
-    timed alternately in one process."""
+    timed alternately in one process; the logits of the last position only where the compile
+    priced them so (a torch causal LM, as it is served: Workload.last_logits)."""
     loaded = load(artifact, runtime=runtime)
     vocab = int(loaded.report["model"]["vocab_size"])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    t = time_side_by_side({"reference": open_model(reference), "artifact": loaded.model}, ids, repeats)
+    logits = loaded.report["model"].get("workload", {}).get("logits", "every position")
+    models = {"reference": open_model(reference), "artifact": loaded.model}
+    if logits == "last position":
+        models = {k: functools.partial(m, positions=torch.tensor([seq_len - 1])) for k, m in models.items()}
+    t = time_side_by_side(models, ids, repeats)
     r, a = t["reference"], t["artifact"]
     return {"reference_ms": r * 1e3, "artifact_ms": a * 1e3, "ratio": a / r,
-            "seq_len": seq_len, "batch": batch, "repeats": repeats, "runtime": runtime or "default"}
+            "seq_len": seq_len, "batch": batch, "repeats": repeats, "runtime": runtime or "default",
+            "logits": logits}

@@ -52,6 +52,15 @@ def test_bench_side_by_side(tiny_onnx, tmp_path, capsys):
                  "--repeats", "3", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["reference_ms"] > 0 and r["artifact_ms"] > 0 and r["ratio"] > 0
+    assert r["logits"] == "every position"   # an ONNX export's graph computes every position's
+
+
+@needs_shared
+def test_bench_times_a_torch_causal_lm_as_served(refllama_artifact, capsys):
+    """Its compile priced the head at the last position (Workload.last_logits); bench times so."""
+    assert main(["bench", str(refllama_artifact), "--reference", str(REFLLAMA), "--seq-len", "16",
+                 "--repeats", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["logits"] == "last position"
 
 
 @needs_shared
