@@ -283,6 +283,8 @@ def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict
             raise TailorError(f"the plan's int8 rewrites: {refusal}")
     lengths = shapes.attn_lengths
     grid = default_grid(max(lengths))
+    if dense.graph_kv_cache:  # fixed windows only (Backend.graph_kv_cache)
+        grid = [p for p in grid if p.beta == 0]
     if replayed is None:
         passes = _searchable(dense, passes, asked=passes_given, cost_model=cost_model, grid=grid,
                              lengths=lengths, objective=objective, budget=budget, report=report,

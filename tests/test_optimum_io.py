@@ -114,13 +114,22 @@ def _share(layer, source):
     return {"pass": "kv_share", "layer": layer, "choice": {"source": source}}
 
 
+def _patterns(layer, spans):
+    return {"pass": "attn_pattern", "layer": layer, "choice": {"spans": spans}}
+
+
+# sinks and windows of a few keys: the 8-token prompt and its 12 new tokens run past them, so a
+# decode step that read the whole cache would differ from the prefill of the whole sequence
+NARROW, WIDER = [2, 3.0, 0.0], [1, 5.0, 0.0]
+
+
 def test_decoder_with_past_is_captured_as_a_causal_lm_fed_an_empty_cache(exports):
     cap = capture(exports["llama"])  # the folder: model.onnx beside config.json, no safetensors
     assert cap.source.backend == "onnx" and cap.graph.task == "causal-lm"
     assert cap.graph.num_layers == 4 and all(b.attn.causal for b in cap.graph.blocks)
     assert len(_cache_inputs(exports["llama"] / "model.onnx")) == 8
-    # the block-sparse attention ops take the keys' positions from the queries: not on a decode step
-    assert not OnnxBackend(cap.source.model, cap.graph, cap.source).runs_patterns(0)
+    # its attention has a block-sparse form, a decode step's query reading its pattern's keys only
+    assert OnnxBackend(cap.source.model, cap.graph, cap.source).runs_patterns(0)
     # the runner feeds past length 0: the same logits as the cached path's first step
     logits = OrtModel(exports["llama"] / "model.onnx").run_numpy(np.asarray([PROMPT]))
     _, steps = _greedy(exports["llama"] / "model.onnx", PROMPT, 1, cached=True)
@@ -134,6 +143,10 @@ def test_decoder_with_past_is_captured_as_a_causal_lm_fed_an_empty_cache(exports
     ("drop an attention", [_heads(3, [], [])], 3, [2, 2, 2]),
     ("share a KV cache", [_share(3, 2)], 3, [2, 2, 2]),
     ("all at once", [_skip(0), _share(3, 2), _heads(1, [1], [[1]])], 2, [1, 2]),
+    ("attention patterns, dense and two per layer",
+     [_patterns(1, [NARROW, None]), _patterns(2, [NARROW, WIDER])], 4, [2, 2, 2, 2]),
+    ("patterns beside pruning and sharing", [_patterns(0, [WIDER, WIDER]), _heads(1, [1], [[0, 1]]),
+                                             _share(3, 2)], 3, [2, 1, 2]),
 ])
 def test_rewrites_keep_the_kv_cache_consistent(exports, tmp_path, name, rewrites, caches, kv_heads):
     """Decoding with the cache (present fed back as past) computes what running the whole
@@ -153,6 +166,18 @@ def test_rewrites_keep_the_kv_cache_consistent(exports, tmp_path, name, rewrites
     assert max(np.abs(a - b).max() for a, b in zip(cached_logits, again_logits)) <= 1e-4
     original, _ = _greedy(exports["llama"] / "model.onnx", PROMPT, NEW_TOKENS, cached=True)
     assert cached != original  # the rewrite changed the model: the comparison above is not vacuous
+
+
+def test_a_window_growing_with_the_length_is_refused_with_a_kv_cache(exports):
+    """With it, a decode step from the cache would compute earlier positions under narrower
+    windows than a rerun of the whole sequence: the runtimes and the plan's measurement would
+    disagree. Fixed windows only, in a plan and in the search's grid."""
+    cap = capture_onnx(exports["llama"] / "model.onnx")
+    backend = OnnxBackend(cap.source.model, cap.graph, cap.source)
+    assert backend.graph_kv_cache
+    with pytest.raises(TailorError, match="fixed windows only"):
+        options_from_plan(cap.graph, [_patterns(1, [[1, 2.0, 0.25], None])], "test", backend)
+    assert options_from_plan(cap.graph, [_patterns(1, [NARROW, None])], "test", backend)
 
 
 def test_sharing_the_cache_computes_what_sharing_the_projections_did(exports, tmp_path):
@@ -240,6 +265,8 @@ def test_a_searched_plan_keeps_one_kv_head_count_so_the_clients_can_size_the_cac
 @pytest.mark.parametrize("rewrites, config", [
     ([_heads(i, [1], [[0, 1]]) for i in range(4)], {"num_hidden_layers": 4, "num_key_value_heads": 1}),
     ([_skip(0), _share(3, 2)], {"num_hidden_layers": 3, "num_key_value_heads": 2}),
+    ([_patterns(1, [NARROW, None]), _patterns(2, [WIDER, WIDER])],
+     {"num_hidden_layers": 4, "num_key_value_heads": 2}),
 ])
 def test_optimum_and_genai_load_the_artifact_and_generate_as_tailor_does(exports, tmp_path, monkeypatch,
                                                                           rewrites, config):

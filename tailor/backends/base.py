@@ -404,6 +404,16 @@ class Backend(abc.ABC):
     def runs_patterns(self, layer: int) -> bool:
         """Whether the layer's attention can run per-KV-head patterns."""
 
+    @property
+    def graph_kv_cache(self) -> bool:
+        """Whether the model carries its own KV cache (an ONNX decoder's past inputs and present
+        outputs), which the runtimes loading the artifact decode from. It keeps every key, so
+        attention patterns limit what a step reads, not the cache; and only windows of a fixed
+        size are offered: one growing with the length would make those runtimes (each cached
+        position computed under its own step's window) and a rerun of the whole sequence (the
+        plan's measurement, tailor's check) disagree."""
+        return False
+
     @abc.abstractmethod
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         """Per-KV-head attention patterns (None: dense)."""

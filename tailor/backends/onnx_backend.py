@@ -155,23 +155,21 @@ class OnnxBackend(Backend):
         onnx_kv_cache.read_other_cache(model, own_nodes, source_nodes)
 
     def runs_patterns(self, layer: int) -> bool:
-        """Whether the layer's attention has a block-sparse form: not in a decoder with a KV cache,
-        whose decode step's queries are not its keys' positions (the block-sparse ops take the
-        sequence from the queries)."""
-        if onnx_kv_cache.has_cache(self.model):
-            return False
+        """Whether the layer's attention has a block-sparse form (with a KV cache too: a decode
+        step's query reads its pattern's keys of the cache)."""
         try:
             sparse_core(self.model, self.graph.blocks[layer].attn)
         except TailorError:
             return False
         return True
 
+    @property
+    def graph_kv_cache(self) -> bool:
+        return onnx_kv_cache.has_cache(self.model)
+
     def set_patterns(self, layer: int, patterns: list[Pattern | None]) -> None:
         """The layer's decomposed attention core becomes block-sparse ONNX ops (the products
         cover only the kept blocks: tailor.rewriter.onnx_sparse_attention)."""
-        if onnx_kv_cache.has_cache(self.model) and any(patterns):
-            raise TailorError("attention patterns on an ONNX decoder with a KV cache are not supported yet "
-                              "(the block-sparse ops read the queries' positions as the keys')")
         substitute(self._edit(), self.graph.blocks[layer].attn, patterns)
 
     def int8_refusal(self, projections: list[Projection]) -> str | None:

@@ -109,6 +109,10 @@ class AttnPattern(Pass):
         if not backend.runs_patterns(option.layer):
             raise ValueError(f"this layer's attention cannot run per-head patterns on {backend.format} "
                              f"(it needs transformers' attention interface, or decomposed ONNX attention)")
+        if backend.graph_kv_cache and any(s is not None and s[2] > 0 for s in option.choice["spans"]):
+            raise ValueError("a window growing with the length (beta > 0) on a graph with its own KV cache: "
+                             "runtimes decoding from that cache would compute another model than the "
+                             "plan measured; fixed windows only (beta 0)")
 
     def apply(self, backend: Backend, options: list[Option], signals) -> None:
         for o in options:

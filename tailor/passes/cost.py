@@ -141,8 +141,12 @@ BRANCH_PASSES = NORM_PASSES + ADD_PASSES
 
 
 class CostModel:
-    def __init__(self, graph: TransformerGraph, workload: Workload, target: Target):
+    def __init__(self, graph: TransformerGraph, workload: Workload, target: Target, *,
+                 graph_kv_cache: bool = False):
+        """`graph_kv_cache`: the model carries its own KV cache, which keeps every key whatever
+        the heads' patterns (Backend.graph_kv_cache)."""
         self.graph, self.workload, self.target = graph, workload, target
+        self.graph_kv_cache = graph_kv_cache
         # measured seconds per modelled second of each part a fit can see (fit_to_measured)
         self.scales = dict.fromkeys(FITTED_PARTS, 1.0)
         self.measured_ratios: dict[str, float] = {}
@@ -306,8 +310,10 @@ class CostModel:
                 if blocked:  # the block-sparse ops' copies of q, k and the output, whatever the pattern
                     rows = rows + self._roofline(0.0, tokens * sum(p is not None for p in patterns) *
                                                  queries_per_group * d * e * SPARSE_ROW_PASSES)
-            else:  # decode: every new token reads each head's cache
-                kept = [keys if p is None or decomposed else min(keys, p.span(int(keys))) for p in patterns]
+            else:  # decode: every new token reads each head's cache (a patterned head its pattern's part)
+                kept = [keys if p is None or (decomposed and not blocked) else
+                        min(keys, blocked_keys(p, int(keys), a.causal) if blocked else p.span(int(keys)))
+                        for p in patterns]
                 by = tokens * sum(kept) * 2 * d * e
             flops = 4.0 * tokens * queries_per_group * sum(kept) * d
             step = self._roofline(flops, by, calls=steps)
@@ -317,7 +323,7 @@ class CostModel:
                 total = total + self._roofline(0.0, tokens * queries_per_group * sum(kept) * e * SCORE_PASSES)
         if own_kv and heads > 0:
             length = w.prompt_len + w.gen_len
-            cached = sum(length if p is None else p.span(length) for p in patterns)
+            cached = sum(length if p is None or self.graph_kv_cache else p.span(length) for p in patterns)
             total.kv_bytes = w.batch * cached * 2 * d * e
         return total, rows
 

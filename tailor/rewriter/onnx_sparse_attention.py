@@ -15,6 +15,12 @@ padding past the end, and sink keys repeated in the window are masked; the model
 different patterns (at most two, attn_pattern's rule) run as separate groups and are put back in
 their order. Per query the products touch sink + reach + block keys (twice reach for an encoder's
 two-sided window) instead of all of them: `blocked_keys` is what the cost model prices.
+
+With a KV cache the queries are the last of the keys (a decode step: one query, the whole cache
+as keys): blocks are laid over the queries at their positions, the window is the keys' length's,
+so a step reads the sink and its window of the cache only and computes what the prefill of the
+whole sequence computes for that position. The cache itself keeps every key (present = past +
+this step's); what it holds is the runtime's, not the pattern's.
 """
 from __future__ import annotations
 
@@ -132,7 +138,16 @@ def _scalar(value: ir.Value) -> bool:
 
 
 def _mask_shape_ok(mask: ir.Value) -> bool:
-    return mask.shape is not None and len(mask.shape) == 4 and mask.shape[1] == 1
+    """[batch or 1, 1, queries or 1, keys], the dimensions known or not (a TorchScript export's
+    mask has none: its heads' axis is read at run time, and a mask per head there, read whole,
+    fails loudly where the heads run as two groups rather than mixing heads up)."""
+    return mask.shape is not None and len(mask.shape) == 4 and mask.shape[1] in (1, *_unknown(mask, 1))
+
+
+def _unknown(mask: ir.Value, axis: int) -> tuple:
+    """(the dimension,) where it is not a known number, else ()."""
+    d = mask.shape[axis]
+    return () if isinstance(d, int) else (d,)
 
 
 def sparse_core(model: ir.Model, attn: Attention) -> _Core:
@@ -148,7 +163,9 @@ def substitute(model: ir.Model, attn: Attention, patterns: list[Pattern | None])
     for h in range(attn.num_heads):
         groups.setdefault(patterns[h // per_kv], []).append(h)
     b = _Builder(f"tailor_sparse/{attn.nodes[2]}")
-    seq = b.dim(core.q, 2)
+    # queries and keys: the same positions in a prefill; with a KV cache the keys run on before
+    # the queries (a decode step: one query, every cached key), the queries being the last ones
+    seq_q, seq_k = b.dim(core.q, 2), b.dim(core.kt, 3)
     outs, order = [], []
     for pattern, heads in groups.items():
         split = len(groups) > 1
@@ -157,7 +174,7 @@ def substitute(model: ir.Model, attn: Attention, patterns: list[Pattern | None])
         if pattern is None:
             outs.append(_dense(b, core, q, kt, v))
         else:
-            outs.append(_blocked(b, core, q, kt, v, seq, pattern, attn.causal, attn.head_dim))
+            outs.append(_blocked(b, core, q, kt, v, seq_q, seq_k, pattern, attn.causal, attn.head_dim))
         order += heads
     out = outs[0] if len(outs) == 1 else b.op("Concat", *outs, axis=1)
     if order != sorted(order):
@@ -189,37 +206,42 @@ def _dense(b: _Builder, core: _Core, q, kt, v):
     return _guard(b, core, b.op("MatMul", b.op("Softmax", scores, axis=-1), v))
 
 
-def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, head_dim: int):
+def _blocked(b: _Builder, core: _Core, q, kt, v, seq, seq_k, p: Pattern, causal: bool, head_dim: int):
+    """`seq` queries, the last of `seq_k` keys (equal in a prefill): query row r is at position
+    seq_k - seq + r, so a decode step's one query reads the sink and its window of the cache only."""
     blk = block_size(p)
     c = b.const
     one, zero = c([1]), c([0])
-    # sizes (1-element int64 tensors): blocks, padded length, window at this length, its reach
+    # sizes (1-element int64 tensors): blocks, padded length, window at this length (the keys'),
+    # its reach, and where the queries start among the keys
     n_blocks = b.op("Div", b.op("Add", seq, c([blk - 1])), c([blk]))
     padded = b.op("Mul", n_blocks, c([blk]))
-    length = b.op("Cast", seq, to=ir.DataType.DOUBLE)
+    offset = b.op("Sub", seq_k, seq)
+    length = b.op("Cast", seq_k, to=ir.DataType.DOUBLE)
     window = b.op("Cast", b.op("Floor", b.op("Add", c([p.alpha], np.float64),
                                              b.op("Mul", c([p.beta], np.float64), length))),
                   to=ir.DataType.INT64)
     window = b.op("Max", window, one)
     reach = b.op("Mul", b.op("Div", b.op("Add", window, c([blk - 2])), c([blk])), c([blk]))
     span = b.op("Add", b.op("Mul", reach, c([1 if causal else 2])), c([blk]))
-    sink = b.op("Min", c([p.sink]), seq)
+    sink = b.op("Min", c([p.sink]), seq_k)
     # key index per (block, slot), and the keep mask per (query row, slot)
-    starts = b.op("Sub", b.op("Mul", b.op("Range", c(0), b.op("Squeeze", n_blocks), c(1)), c(blk)),
-                  b.op("Squeeze", reach))
+    block_starts = b.op("Mul", b.op("Range", c(0), b.op("Squeeze", n_blocks), c(1)), c(blk))
+    starts = b.op("Sub", b.op("Add", block_starts, b.op("Squeeze", offset)), b.op("Squeeze", reach))
     keys = b.op("Add", b.op("Unsqueeze", starts, one), b.op("Range", c(0), b.op("Squeeze", span), c(1)))
-    gathered = b.op("Clip", keys, c(0), b.op("Sub", b.op("Squeeze", seq), c(1)))
+    last_key = b.op("Sub", b.op("Squeeze", seq_k), c(1))
+    gathered = b.op("Clip", keys, c(0), last_key)
     rows = b.op("Range", c(0), b.op("Squeeze", padded), c(1))
     row_keys = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", keys, one),
                                      b.op("Concat", n_blocks, c([blk]), span, axis=0)),
                     b.op("Concat", padded, c([-1]), axis=0))               # [padded, span]
-    row_gathered = b.op("Clip", row_keys, c(0), b.op("Sub", b.op("Squeeze", seq), c(1)))
-    query = b.op("Unsqueeze", rows, one)                                   # [padded, 1]
+    row_gathered = b.op("Clip", row_keys, c(0), last_key)
+    query = b.op("Unsqueeze", b.op("Add", rows, b.op("Squeeze", offset)), one)   # [padded, 1]: positions
     dist = b.op("Sub", query, row_keys)
     if not causal:
         dist = b.op("Abs", dist)
     keep = b.op("And", b.op("And", b.op("GreaterOrEqual", row_keys, b.op("Unsqueeze", sink, zero)),
-                            b.op("Less", row_keys, seq)), b.op("Less", dist, window))
+                            b.op("Less", row_keys, seq_k)), b.op("Less", dist, window))
     if causal:
         keep = b.op("And", keep, b.op("LessOrEqual", row_keys, query))
     neg = c(-np.inf, np.float32)
@@ -246,11 +268,14 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
 
     def mask_rows(mask):
         """The model's mask [Bm, 1, rows, keys] with its query rows padded to `padded` (once:
-        the local and the sink part both read it)."""
+        the local and the sink part both read it); rows of unknown number are broadcast to the
+        queries' first."""
         if mask.shape[2] == 1:
             return mask
         if mask not in padded_masks:
-            padded_masks[mask] = b.op("Pad", mask, pads)
+            full = mask if not _unknown(mask, 2) else \
+                b.op("Expand", mask, b.op("Concat", one, one, seq, seq_k, axis=0))
+            padded_masks[mask] = b.op("Pad", full, pads)
         return padded_masks[mask]
 
     def local_mask(mask):
@@ -259,7 +284,8 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, p: Pattern, causal: bool, 
         if mask.shape[2] == 1:
             m = b.op("Gather", b.op("Squeeze", m, c([2])), row_gathered, axis=2)
         else:
-            index = b.op("Expand", row_gathered, b.op("Concat", b.dim(m, 0), one, padded, span, axis=0))
+            heads = b.dim(m, 1) if _unknown(mask, 1) else one
+            index = b.op("Expand", row_gathered, b.op("Concat", b.dim(m, 0), heads, padded, span, axis=0))
             m = b.op("GatherElements", m, index, axis=3)
         return b.op("Add", m, local_bias)
 

@@ -50,7 +50,7 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
     side by side (an all-INT8 one where `int8`, the pass asked for, can run into `formats`). The
     measured ratios are cached (keyed by the model, the table and the workload) so that compiling
     again reaches the same plan."""
-    cost_model = CostModel(cap.graph, workload, get_target(target))
+    cost_model = CostModel(cap.graph, workload, get_target(target), graph_kv_cache=dense.graph_kv_cache)
     if not fit or not cost_model.target.matmul_rates or workload.gen_len:
         return cost_model
     graph = cap.graph

@@ -55,6 +55,19 @@ def test_a_served_causal_lm_prices_its_head_at_the_last_position(tiny_models, ti
     assert seen and all(p is not None and p.tolist() == [15] for p in seen)
 
 
+def test_patterns_shrink_kv_memory_unless_the_graph_keeps_its_own_cache(llama_graph):
+    """A runtime keeping each head's pattern (tailor's) holds sink + window; a graph's own cache
+    I/O (an ONNX decoder's present outputs) keeps every key whatever the pattern."""
+    from tailor.core.patterns import Pattern
+
+    workload, target = Workload(1, 1024, 64), get_target("h100")
+    narrow = Structure.dense(llama_graph)
+    for s in narrow.layers:
+        s.kv_patterns = (Pattern(4, 16.0, 0.0),) * s.kv_groups
+    assert CostModel(llama_graph, workload, target).ratio(narrow, "kv_memory") < 0.05
+    assert CostModel(llama_graph, workload, target, graph_kv_cache=True).ratio(narrow, "kv_memory") == 1.0
+
+
 def test_kv_memory_follows_kv_heads(llama_graph):
     cm = CostModel(llama_graph, Workload(2, 128, 64), get_target("a100"))
     half = Structure.dense(llama_graph)
