@@ -481,15 +481,25 @@ def finish(model: ir.Model) -> ir.Model:
     return model
 
 
+def _placeholder(d) -> bool:
+    """A dimension inference named only to tell it apart (unk__N), not one the graph's inputs name."""
+    return isinstance(d, ir.SymbolicDim) and (d.value is None or d.value.startswith("unk__"))
+
+
 def _with_named_dims(new: ir.Shape | None, old: ir.Shape | None) -> ir.Shape | None:
     """`new` with the named dimensions (batch, sequence) of `old` where inference lost them:
     fusions such as SkipLayerNormalization need both inputs provably of one shape. Rewrites
-    change only literal sizes (heads, channels), never a named dimension."""
-    if new is None or old is None or len(new) != len(old):
-        return new
-    dims = [o if isinstance(o, ir.SymbolicDim) and o.value is not None and isinstance(n, ir.SymbolicDim)
-            and (n.value is None or n.value.startswith("unk__")) else n for n, o in zip(new, old)]
-    return ir.Shape(dims)
+    change only literal sizes (heads, channels), never a named dimension. The placeholders that
+    inference itself makes (unk__N, numbered afresh) become unnamed: the input's own (a
+    TorchScript export's mask is [unk__53, ...]) would otherwise name unrelated sizes alike, which
+    onnxruntime's memory planner takes for equal (a block-sparse core's [1, 2, 20, 4] buffer was
+    reused for a [1, 1, 32, 20] one)."""
+    if new is None:
+        return None
+    if old is None or len(new) != len(old):
+        old = [None] * len(new)
+    return ir.Shape([o if _placeholder(n) and isinstance(o, ir.SymbolicDim) and o.value is not None else
+                     ir.SymbolicDim(None) if _placeholder(n) else n for n, o in zip(new, old)])
 
 
 def clone(model: ir.Model) -> ir.Model:
