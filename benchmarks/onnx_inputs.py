@@ -330,6 +330,7 @@ def run_kind(model: Model, kind: str, work: Path, target: str, threads: int, rep
                   "metric": "embedding cosine" if model.encoder else "perplexity",
                   "quality_input": q["input"], "quality_artifact": q["artifact"],
                   "rewrites": len(opt.plan.rewrites), "clean_ups": opt.report.get("clean_ups"),
+                  "passes": dict(Counter(r["pass"] for r in opt.plan.rewrites)),
                   # whether the prediction came from a fitted cost model (scales, variants left out)
                   "cost_model": opt.report.get("cost_model")}
 
