@@ -68,6 +68,34 @@ def test_patterns_shrink_kv_memory_unless_the_graph_keeps_its_own_cache(llama_gr
     assert CostModel(llama_graph, workload, target, graph_kv_cache=True).ratio(narrow, "kv_memory") == 1.0
 
 
+def test_heads_split_into_two_groups_pay_for_their_copies(tiny_onnx, monkeypatch):
+    """On ONNX a layer whose heads run two patterns (or dense and one) gathers q, k and v per
+    group and puts the outputs back in order: priced on top of what its heads cost, at the
+    block-sparse core's fitted rate for copies of rows; a layer on one pattern pays nothing."""
+    from tailor.core.patterns import Pattern
+    from tailor.passes import cost
+    from tailor.rewriter.capture import capture_onnx
+
+    graph = capture_onnx(tiny_onnx["llama"]).graph
+    cm = CostModel(graph, Workload(1, 256, 0), get_target("h100"))
+    cm.scales["sparse_rows"] = 3.0
+    narrow, wide = Pattern(4, 16.0, 0.0), Pattern(4, 64.0, 0.0)
+    a = graph.blocks[0].attn
+    q_per = a.num_heads // a.num_kv_heads
+    mixed, uniform = [narrow] + [wide] * (a.num_kv_heads - 1), [narrow] * a.num_kv_heads
+    priced = {name: cm.attention_core(a, q_per, p, True).latency
+              for name, p in (("mixed", mixed), ("uniform", uniform), ("dense and one", [None] + mixed[1:]))}
+    monkeypatch.setattr(cost, "GROUP_SPLIT_PASSES", 0)
+    unsplit = {name: cm.attention_core(a, q_per, p, True).latency
+               for name, p in (("mixed", mixed), ("uniform", uniform), ("dense and one", [None] + mixed[1:]))}
+    monkeypatch.undo()
+    split = 3.0 * cm._group_split(a, a.num_heads).latency
+    assert split > 0
+    assert priced["mixed"] == pytest.approx(unsplit["mixed"] + split)
+    assert priced["dense and one"] == pytest.approx(unsplit["dense and one"] + split)
+    assert priced["uniform"] == unsplit["uniform"]
+
+
 def test_kv_memory_follows_kv_heads(llama_graph):
     cm = CostModel(llama_graph, Workload(2, 128, 64), get_target("a100"))
     half = Structure.dense(llama_graph)
