@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import math
 import platform
@@ -85,9 +84,7 @@ def run_model(name: str, source: str, dense: torch.nn.Module, budgets: list[floa
     ids = torch.randint(0, dense.config.vocab_size, (1, prompt_len),
                         generator=torch.Generator().manual_seed(0))
     # served: the head on each prompt's last position only (logits_to_keep=1), as tailor prices it
-    last = torch.tensor([prompt_len - 1])
-    times = time_side_by_side({k: functools.partial(m, positions=last) for k, m in models.items()}, ids,
-                              repeats, warmup=5)
+    times = time_side_by_side(models, ids, repeats, warmup=5, last_logits=True)
     quality = window_quality(models, load_tokenizer(source), prompt_len, eval_windows)
     rows = []
     for k in models:

@@ -1,7 +1,6 @@
 """`tailor eval` and `tailor bench`: an artifact's quality and latency against its reference."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -54,10 +53,8 @@ def bench(artifact: Path, reference: str, *, seq_len: int = 128, batch: int = 1,
     vocab = int(loaded.report["model"]["vocab_size"])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     logits = loaded.report["model"].get("workload", {}).get("logits", "every position")
-    models = {"reference": open_model(reference), "artifact": loaded.model}
-    if logits == "last position":
-        models = {k: functools.partial(m, positions=torch.tensor([seq_len - 1])) for k, m in models.items()}
-    t = time_side_by_side(models, ids, repeats)
+    t = time_side_by_side({"reference": open_model(reference), "artifact": loaded.model}, ids, repeats,
+                          last_logits=logits == "last position")
     r, a = t["reference"], t["artifact"]
     return {"reference_ms": r * 1e3, "artifact_ms": a * 1e3, "ratio": a / r,
             "seq_len": seq_len, "batch": batch, "repeats": repeats, "runtime": runtime or "default",

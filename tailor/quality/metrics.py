@@ -2,6 +2,7 @@
 cosine of hidden states for encoders. And side-by-side latency."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -146,12 +147,17 @@ def _evaluate_lines(reference, candidate, text: Path, tokenizer, count: int, lim
 
 
 def time_side_by_side(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int = 20,
-                      warmup: int = 1, progress: str | None = None) -> dict:
+                      warmup: int = 1, progress: str | None = None, last_logits: bool = False) -> dict:
     """Median seconds per call of each model on `ids`, timed in turn in one process (so that
     machine noise hits them alike), after `warmup` calls each; `progress`: a bar of that title
-    where the timing lasts more than a few seconds (a 135M model's fit on two cores: minutes)."""
+    where the timing lasts more than a few seconds (a 135M model's fit on two cores: minutes);
+    `last_logits`: each sequence's last position's outputs only, as a causal LM is served (the
+    runners' `positions`)."""
     from tqdm import tqdm
 
+    if last_logits:
+        last = torch.tensor([ids.shape[1] - 1])
+        models = {name: functools.partial(m, positions=last) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), tqdm(total=(warmup + repeats) * len(models), desc=progress, unit="call",
                                disable=progress is None, delay=2.0) as bar:

@@ -141,13 +141,12 @@ def _mask_shape_ok(mask: ir.Value) -> bool:
     """[batch or 1, 1, queries or 1, keys], the dimensions known or not (a TorchScript export's
     mask has none: its heads' axis is read at run time, and a mask per head there, read whole,
     fails loudly where the heads run as two groups rather than mixing heads up)."""
-    return mask.shape is not None and len(mask.shape) == 4 and mask.shape[1] in (1, *_unknown(mask, 1))
+    return mask.shape is not None and len(mask.shape) == 4 and (mask.shape[1] == 1 or not _known(mask, 1))
 
 
-def _unknown(mask: ir.Value, axis: int) -> tuple:
-    """(the dimension,) where it is not a known number, else ()."""
-    d = mask.shape[axis]
-    return () if isinstance(d, int) else (d,)
+def _known(mask: ir.Value, axis: int) -> bool:
+    """Whether the mask's dimension `axis` is a known number."""
+    return isinstance(mask.shape[axis], int)
 
 
 def sparse_core(model: ir.Model, attn: Attention) -> _Core:
@@ -273,7 +272,7 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, seq_k, p: Pattern, causal:
         if mask.shape[2] == 1:
             return mask
         if mask not in padded_masks:
-            full = mask if not _unknown(mask, 2) else \
+            full = mask if _known(mask, 2) else \
                 b.op("Expand", mask, b.op("Concat", one, one, seq, seq_k, axis=0))
             padded_masks[mask] = b.op("Pad", full, pads)
         return padded_masks[mask]
@@ -284,7 +283,7 @@ def _blocked(b: _Builder, core: _Core, q, kt, v, seq, seq_k, p: Pattern, causal:
         if mask.shape[2] == 1:
             m = b.op("Gather", b.op("Squeeze", m, c([2])), row_gathered, axis=2)
         else:
-            heads = b.dim(m, 1) if _unknown(mask, 1) else one
+            heads = one if _known(mask, 1) else b.dim(m, 1)
             index = b.op("Expand", row_gathered, b.op("Concat", b.dim(m, 0), heads, padded, span, axis=0))
             m = b.op("GatherElements", m, index, axis=3)
         return b.op("Add", m, local_bias)

@@ -3,7 +3,6 @@ machine, fitted to this model timed here (CostModel.fit_to_measured)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -163,10 +162,9 @@ def time_on_workload(models: dict, graph: TransformerGraph, workload: Workload,
     ids = torch.randint(0, graph.vocab_size, (workload.batch, workload.prompt_len),
                         generator=torch.Generator().manual_seed(0))
     warmup = 20 if any(isinstance(m, OrtModel) for m in models.values()) else 3
-    if workload.last_logits:  # the head on the last position, as the cost model prices it
-        last = torch.tensor([workload.prompt_len - 1])
-        models = {name: functools.partial(m, positions=last) for name, m in models.items()}
-    return time_side_by_side(models, ids, repeats=repeats, warmup=warmup, progress=progress)
+    # the head on the last position where the cost model prices it so
+    return time_side_by_side(models, ids, repeats=repeats, warmup=warmup, progress=progress,
+                             last_logits=workload.last_logits)
 
 
 def pattern_headroom(cost_model: CostModel, graph: TransformerGraph, grid: list[Pattern],
