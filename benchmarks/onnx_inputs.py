@@ -236,7 +236,8 @@ def clients(model: Model, out: Path, path: Path, ids: torch.Tensor) -> dict:
         optimum = json.loads(in_optimum_env("-c", OPTIMUM_CLIENT, str(out), json.dumps(prompt), "decoder",
                                             str(CONTINUATION)).splitlines()[-1])
         row |= {"optimum": "loads", "optimum_equal": optimum == row["tailor_continuation"],
-                "optimum_continuation": optimum}
+                "optimum_continuation": optimum,
+                "optimum_equals_genai": optimum == row.get("genai_continuation")}
     except RuntimeError as e:
         row["optimum"] = client_failure(e)
     return row
@@ -369,17 +370,41 @@ def main() -> None:
           f"onnxruntime {args.threads} threads · budget {args.budget:g}, objective latency, target this CPU "
           f"measured\n")
     print("| model | input kind | works | measured latency vs input | predicted | quality vs input "
-          "| rewrites |")
-    print("|---|---|---|---|---|---|---|")
+          "| rewrites by pass | clients that loaded the artifact | KV cache at 4K: artifact / input "
+          "| compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if not r["works"]:
-            print(f"| {r['model']} | {TITLES[r['kind']]} | refused: {r['said']} | | | | |")
+            print(f"| {r['model']} | {TITLES[r['kind']]} | refused: {r['said']} | | | | | | | |")
             continue
         q = f"{r['metric']} {r['quality_artifact']:.4f}" + \
             ("" if r["metric"] == "embedding cosine" else f" (input {r['quality_input']:.3f})")
+        passes = ", ".join(f"{name} {n}" for name, n in sorted(r["passes"].items()))
         print(f"| {r['model']} | {TITLES[r['kind']]} | works | {r['measured']:.3f} | {r['predicted']:.3f} | "
-              f"{q} | {r['rewrites']} |")
+              f"{q} | {passes} | {client_summary(r)} | {kv_summary(r)} | {r['compile_s']:.0f} s |")
 
+
+def client_summary(row: dict) -> str:
+    """Which clients loaded an artifact and whether they answered as tailor's runtime does."""
+    said = []
+    for client, title in (("optimum", "Optimum"), ("genai", "onnxruntime-genai")):
+        if client not in row:
+            continue
+        if row[client] != "loads":
+            said.append(f"{title}: {row[client]}")
+        elif f"{client}_equal" in row:
+            said.append(f"{title} (greedy 16 {'=' if row[client + '_equal'] else '≠'} tailor's)")
+        else:
+            said.append(f"{title} (max abs Δ {row.get(client + '_max_abs_diff', float('nan')):.1g})")
+    return "; ".join(said) or "(tailor's runtime only: no client for this kind)"
+
+
+def kv_summary(row: dict) -> str:
+    """A decoder's KV cache at 4K tokens, artifact / input, where its graph holds one."""
+    if not row.get("kv_bytes_input"):
+        return ""
+    return (f"{row['kv_bytes_artifact'] / 2**20:.1f} / {row['kv_bytes_input'] / 2**20:.1f} MiB "
+            f"({row['kv_bytes_artifact'] / row['kv_bytes_input']:.3f})")
 
 if __name__ == "__main__":
     main()
