@@ -102,6 +102,40 @@ def _share(layer, source):
     return {"pass": "kv_share", "layer": layer, "choice": {"source": source}, "label": "kv_share"}
 
 
+
+def _int8(layer, branch):
+    return {"pass": "int8", "layer": layer, "choice": {"branch": branch}, "label": "int8"}
+
+
+def test_tailor_decodes_a_decoder_artifact_with_its_cache_as_the_runtimes_do(built, tmp_path, monkeypatch):
+    """INT8 quantizes activations per call, so one token a call (a cached decode) and the whole
+    sequence a call round differently: tailor's generate on a decoder with its cache as inputs
+    runs it as onnxruntime-genai and Optimum do, the prompt once and then one token a step."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    cap = capture(built)
+    rewrites = [_int8(i, branch) for i in range(3) for branch in ("attn", "ffn")] + [_int8(3, "lm_head")]
+    # a table that prices INT8 (what lets a plan name it)
+    table = tmp_path / "int8-cpu.json"
+    table.write_text(json.dumps({"kind": "tailor-target", "version": 1, "name": "int8-cpu",
+                                 "bytes_per_element": 4, "flops_per_s": 1e10, "bytes_per_s": 1e15,
+                                 "matmul": [[1e3, 1e10], [1e12, 1e10]],
+                                 "int8_matmul": [[1e3, 2e10], [1e12, 2e10]]}))
+    plan = Plan(cap.model_hash, 0.5, "latency", {"batch": 1, "prompt_len": 32, "gen_len": 0}, str(table),
+                rewrites)
+    out = tmp_path / "artifact"
+    tailor.compile(built, plan=plan, target=str(table), calib=CALIB, calib_windows=2, calib_len=32).save(out)
+    loaded = tailor.load(out)
+    assert loaded.model.has_cache
+
+    def whole_sequence(*args):
+        raise AssertionError("the whole sequence run again for a token")
+
+    monkeypatch.setattr(OrtModel, "run_numpy", whole_sequence)
+    ours = loaded.generate([PROMPT], NEW_TOKENS)[0]
+    head_size = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    assert ours == _greedy(out / "model.onnx", PROMPT, NEW_TOKENS, True, head_size)
+    assert ours == genai_continuation(out, PROMPT, NEW_TOKENS)
+
 @pytest.mark.parametrize("rewrites, layers, kv_heads", [
     ([_heads(i, [1], [[0, 1]]) for i in range(3)], 3, 1),
     ([_skip(0), _share(2, 1)], 1, 2),

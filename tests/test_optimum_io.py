@@ -280,8 +280,8 @@ def test_optimum_and_genai_load_the_artifact_and_generate_as_tailor_does(exports
                                                                           rewrites, config):
     """The artifact keeps Optimum's folder (config.json updated, model.onnx, tokenizer,
     generation_config.json) and gains genai_config.json: Optimum's ORTModelForCausalLM and
-    onnxruntime-genai, each decoding with the cache, continue a prompt greedily as tailor's own
-    runtime does running the whole sequence again per token."""
+    onnxruntime-genai continue a prompt greedily as tailor's own runtime does (each decoding with
+    the cache; that this equals running the whole sequence again is checked above)."""
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     cap = capture(exports["llama"])
     plan = Plan(cap.model_hash, 0.5, "kv_memory", {"batch": 1, "prompt_len": 64, "gen_len": 0}, "cpu",

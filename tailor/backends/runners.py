@@ -18,7 +18,7 @@ from tailor.core.devices import module_device
 from tailor.core.dispatch import is_dispatched
 from tailor.core.errors import TailorError
 from tailor.rewriter.capture import is_onnx_export, load_gguf, load_hf_directory, load_onnx
-from tailor.rewriter.onnx_check import InputShape, genai_head_size, input_specs, is_past_input
+from tailor.rewriter.onnx_check import InputShape, genai_head_size, input_specs, is_past_input, onnx_feeds
 
 
 class HFModel(torch.nn.Module):
@@ -139,6 +139,25 @@ class OrtModel(NumpyModel):
     def run_numpy(self, input_ids: np.ndarray) -> np.ndarray:
         out, length = self._run(None, input_ids)[0], input_ids.shape[1]
         return out if self.input_shape.length in (None, length) else out[:, :length]  # padded
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether the graph takes its KV cache as inputs (past_key_values.N.*) and returns it."""
+        return any(is_past_input(name) for name, _, _ in self.input_specs)
+
+    def run_cached(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
+                   past_len: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The logits of `input_ids` [B, t] following the `past_len` positions cached in `past`
+        (None: none), and the cache that then holds all of them: the present outputs, fed back as
+        the next call's past, as the runtimes that load a decoder with a cache run it."""
+        if self.input_shape.length is not None:
+            raise TailorError(f"{self.path or 'the model'} takes {self.input_shape.describe()}: "
+                              f"it cannot run one token a step")
+        feeds = onnx_feeds(self.input_specs, input_ids, past=past, past_len=past_len)
+        outputs = [o.name for o in self.session.get_outputs()]
+        out = dict(zip(outputs, self.session.run(None, feeds)))
+        return out[outputs[0]], {name: out[name.replace("past_key_values", "present")]
+                                 for name in feeds if is_past_input(name)}
 
     def _run(self, names: list[str] | None, input_ids: np.ndarray) -> list[np.ndarray]:
         """The outputs on all rows, a fixed batch's rows at a time (the last chunk padded);

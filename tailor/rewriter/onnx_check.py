@@ -51,23 +51,25 @@ def empty_past(shape, batch: int, dtype, head_size: int | None = None) -> np.nda
 
 
 def onnx_feeds(model_inputs: list[tuple[str, Any, Any]], input_ids: np.ndarray,
-               head_size: int | None = None) -> dict[str, np.ndarray]:
+               head_size: int | None = None, past: dict[str, np.ndarray] | None = None,
+               past_len: int = 0) -> dict[str, np.ndarray]:
     """Inputs for an exported transformer from token ids; names as HF exporters write them. A
-    decoder's KV cache inputs are fed empty (past length 0; `head_size`: empty_past)."""
+    decoder's KV cache inputs are fed empty (past length 0; `head_size`: empty_past), or `past`,
+    the cache of `past_len` positions the ids follow (their mask and positions then count those)."""
     b, t = input_ids.shape
     feeds = {}
     for name, shape, dtype in model_inputs:
         if is_past_input(name):
-            feeds[name] = empty_past(shape, b, dtype, head_size)
+            feeds[name] = past[name] if past is not None else empty_past(shape, b, dtype, head_size)
             continue
         if "input_ids" in name:
             arr = input_ids
         elif "attention_mask" in name:
-            arr = np.ones((b, t))
+            arr = np.ones((b, past_len + t))
         elif "token_type" in name:
             arr = np.zeros((b, t))
         elif "position_ids" in name:
-            arr = np.broadcast_to(np.arange(t), (b, t))
+            arr = np.broadcast_to(np.arange(past_len, past_len + t), (b, t))
         else:
             raise TailorError(f"the ONNX model has an input '{name}' tailor does not know how to "
                               f"fill (expected input_ids, attention_mask, token_type_ids, position_ids, "

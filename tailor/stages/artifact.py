@@ -74,9 +74,10 @@ class Compiled:
 
     def _generate_onnx(self, prompts, max_new_tokens: int, *, eos_token_id: int | None = None,
                        **sampling) -> list[list[int]]:
-        """Greedy continuations by onnxruntime, the whole sequence run again for each token (the
-        graph's KV cache, where it has one, is fed empty): slow, and independent of the cache
-        path that the runtimes loading the artifact take, so the two check each other."""
+        """Greedy continuations by onnxruntime: a decoder with its KV cache as inputs and outputs
+        (Optimum's, onnxruntime-genai's) as the runtimes that load it run it, the prompt once and
+        then one token a step with the cache fed back; any other causal graph by running the
+        whole sequence again for each token."""
         if sampling.get("do_sample"):
             raise TailorError("generate() on an ONNX model is greedy only")
         if self.graph is not None and self.graph.task != "causal-lm":
@@ -85,9 +86,14 @@ class Compiled:
             prompts = prompts.tolist()
         out = []
         for prompt in prompts:
-            ids = list(prompt)
+            ids, past = list(prompt), None
             for _ in range(max_new_tokens):
-                logits = self.model.run_numpy(np.asarray([ids], dtype=np.int64))
+                if self.model.has_cache:
+                    step = ids if past is None else ids[-1:]
+                    logits, past = self.model.run_cached(np.asarray([step], dtype=np.int64), past,
+                                                         len(ids) - len(step))
+                else:
+                    logits = self.model.run_numpy(np.asarray([ids], dtype=np.int64))
                 ids.append(int(logits[0, -1].argmax()))
                 if ids[-1] == eos_token_id:
                     break
