@@ -84,11 +84,13 @@ class Compiled:
             raise TailorError(f"generate() continues causal LMs; this model is a {self.graph.task}")
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
+        # a graph of a fixed length runs every call at that length: no step of one token
+        cached = self.model.has_cache and self.model.input_shape.length is None
         out = []
         for prompt in prompts:
             ids, past = list(prompt), None
             for _ in range(max_new_tokens):
-                if self.model.has_cache:
+                if cached:
                     step = ids if past is None else ids[-1:]
                     logits, past = self.model.run_cached(np.asarray([step], dtype=np.int64), past,
                                                          len(ids) - len(step))
