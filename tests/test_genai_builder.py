@@ -136,10 +136,19 @@ def test_tailor_decodes_a_decoder_artifact_with_its_cache_as_the_runtimes_do(bui
     assert ours == _greedy(out / "model.onnx", PROMPT, NEW_TOKENS, True, head_size)
     assert ours == genai_continuation(out, PROMPT, NEW_TOKENS)
 
+def _patterns(layer, spans):
+    return {"pass": "attn_pattern", "layer": layer, "choice": {"spans": spans}, "label": "attn_pattern"}
+
+
+# a sink and window of a few keys: the 8-token prompt and its new tokens run past them
+NARROW, WIDER = [2, 3.0, 0.0], [1, 5.0, 0.0]
+
+
 @pytest.mark.parametrize("rewrites, layers, kv_heads", [
     ([_heads(i, [1], [[0, 1]]) for i in range(3)], 3, 1),
     ([_skip(0), _share(2, 1)], 1, 2),
-], ids=["a KV head pruned in every layer", "a layer skipped, a cache shared"])
+    ([_patterns(1, [NARROW, None]), _patterns(2, [WIDER, WIDER])], 3, 2),
+], ids=["a KV head pruned in every layer", "a layer skipped, a cache shared", "attention patterns"])
 def test_genai_loads_the_artifact_and_generates_as_tailor_does(built, tmp_path, monkeypatch, rewrites, layers,
                                                                kv_heads):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))

@@ -200,7 +200,8 @@ def _repeated(tape: ir.tape.Tape, node: ir.Node, x: ir.Value, heads: int, kv_hea
 
 
 def _causal(tape: ir.tape.Tape, node: ir.Node, past: ir.Value, total: ir.Value) -> ir.Value:
-    """[S, T]: 0 where key position j <= query position past + i, else the lowest float."""
+    """[1, 1, S, T]: 0 where key position j <= query position past + i, else the lowest float
+    (laid out as the scores, [batch, heads, queries, keys], as attention patterns read a mask)."""
     one = _ints(tape, node, "step", 1)
     int64 = ir.TensorType(ir.DataType.INT64)
     queries = tape.op("Range", [tape.op("Squeeze", [past]), tape.op("Squeeze", [total]), one],
@@ -210,8 +211,11 @@ def _causal(tape: ir.tape.Tape, node: ir.Node, past: ir.Value, total: ir.Value) 
     seen = tape.op("LessOrEqual", [tape.op("Unsqueeze", [keys, _ints(tape, node, "axis0", [0])]),
                                    tape.op("Unsqueeze", [queries, _ints(tape, node, "axis1", [1])])],
                    output=ir.Value(type=ir.TensorType(ir.DataType.BOOL)))
+    seen = tape.op("Unsqueeze", [seen, _ints(tape, node, "batch_heads", [0, 1])],
+                   output=ir.Value(type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([1, 1, None, None])))
     like = node.inputs[PAST_KEY]
     lowest = np.finfo(like.dtype.numpy() if like.dtype is not None else np.float32).min
     return tape.op("Where", [seen, constant(tape, node, "zero_score", 0.0, like),
                              constant(tape, node, "lowest", lowest, like)],
-                   output=ir.Value(type=ir.TensorType(like.dtype or ir.DataType.FLOAT)))
+                   output=ir.Value(type=ir.TensorType(like.dtype or ir.DataType.FLOAT),
+                                   shape=ir.Shape([1, 1, None, None])))
