@@ -21,14 +21,14 @@ from tailor.core.errors import TailorError
 from tailor.core.plan import OBJECTIVES, WORKLOAD_KEYS, Plan, check_budget
 from tailor.data.calibration import Calibration
 from tailor.passes.attention_profile import AttentionInfluence
-from tailor.passes.attn_pattern import default_grid
+from tailor.passes.attn_pattern import default_grid, sliding_windows
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel
 from tailor.passes.int8 import int8_refusal
 from tailor.passes.profile import OptionMeter, Profile, neutral_signals, run_profile, store
 from tailor.passes.registry import PASSES, apply_options, offered, options_from_plan
 from tailor.passes.search import check_reachable, price, structure_of
-from tailor.passes.standard import one_cache_shape, sayable, standard_shape, uniform
+from tailor.passes.standard import one_cache_shape, sayable, standard_shape, uniform, unsayable
 from tailor.quality.metrics import evaluate_pair
 from tailor.rewriter.capture import Captured, capture
 from tailor.rewriter.onnx_kv_cache import has_cache
@@ -155,7 +155,9 @@ def compile(model: Any, budget: float = 1.0, *, objective: str = "latency", prom
                 estimated -= set(free.refined)
                 options, same = sayable(options, hf_arch), uniform(graph)
             search, variant, kl = searched_plan(dense, options, prof.signals, cost_model, budget, objective,
-                                                heldout, meter, estimated, prepared.settings["device"], same)
+                                                heldout, meter, estimated, prepared.settings["device"], same,
+                                                allowed=(lambda o: unsayable(o, hf_arch) is None)
+                                                if hf_compatible else None)
             meter.close()
             refined = (free.refined if hf_compatible else {}) | search.refined
             if refined:
@@ -283,6 +285,8 @@ def _prepared(cap: Captured, dense: Backend, cost_model: CostModel, report: dict
             raise TailorError(f"the plan's int8 rewrites: {refusal}")
     lengths = shapes.attn_lengths
     grid = default_grid(max(lengths))
+    if restricted is not None and restricted.sliding:  # the patterns a standard config can say
+        grid += sliding_windows(max(lengths), restricted.sliding_window)
     if dense.graph_kv_cache:  # fixed windows only (Backend.graph_kv_cache)
         grid = [p for p in grid if p.beta == 0]
     if replayed is None:

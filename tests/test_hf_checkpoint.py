@@ -11,13 +11,16 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import tailor
 from tailor.backends.hf_checkpoint import HF_DIR, architecture
 from tailor.cli.main import optimize_main
+from tailor.core.plan import Plan
 from tailor.passes.base import Option
 from tailor.passes.search import REMOVED, Uniform, solve
-from tailor.passes.standard import unsayable
+from tailor.passes.standard import sliding_window, unsayable
+from tailor.rewriter.capture import capture
 from tests.conftest import ids_for
 from tests.test_cli_errors import _fails
 from tests.test_plan_replay import _plan_with
@@ -105,6 +108,60 @@ def test_standard_checkpoint_loads_and_matches_without_tailor(restricted, tiny_h
                                                               report["validation"])
 
 
+def _window(layer: int, window: int, kv_heads: int = 2) -> dict:
+    """Every KV head of the layer on one sliding window without sinks."""
+    return {"pass": "attn_pattern", "layer": layer, "choice": {"spans": [[0, window, 0.0]] * kv_heads}}
+
+
+@pytest.mark.slow  # ~20 s: a child interpreter imports torch and transformers
+def test_sliding_windows_load_without_tailor_where_the_config_lists_layer_kinds(tiny_hf_dirs, tmp_path,
+                                                                                monkeypatch):
+    """Qwen2's config lists each layer's kind: layers whose KV heads all slide by one window
+    become `sliding_attention` layers, and transformers alone computes what tailor's rewritten
+    model does (the CLI's validation compares them too)."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    folder = tiny_hf_dirs["qwen2"]
+    plan = Plan(capture(folder).model_hash, 0.7, "kv_memory", {"batch": 1, "prompt_len": 64, "gen_len": 0},
+                "cpu", [_window(0, 4), _window(2, 4)])
+    (tmp_path / "plan.json").write_text(plan.dumps())
+    out = tmp_path / "art"
+    assert optimize_main([str(folder), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
+                          "--format", "safetensors,hf", *SMALL]) == 0
+    config = json.loads((out / HF_DIR / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert (config["sliding_window"], config["use_sliding_window"]) == (4, True)
+    report = json.loads((out / "report.json").read_text())
+    assert all(c["ok"] for c in report["validation"]) and any(c["name"].startswith("hf_") for c in
+                                                              report["validation"])
+    ids = ids_for()  # 12 tokens: the windows of 4 cut keys
+    with torch.no_grad():
+        ours = tailor.load(out).model(ids).float().numpy()   # tailor's runtime, from model.safetensors
+        dense = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits.numpy()
+    got, _ = _without_tailor(out / HF_DIR, ids, tmp_path)
+    np.testing.assert_allclose(got, ours, atol=1e-5, rtol=1e-5)
+    assert np.abs(got - dense).max() > 1e-3  # the windows changed the model
+
+
+def test_hf_compatible_search_offers_one_sliding_window_where_the_config_can_say_it(tiny_hf_dirs, tmp_path,
+                                                                                    monkeypatch):
+    """Searched with --hf-compatible for KV memory, Qwen2 (whose config cannot say pruning's
+    biases) reaches the budget with sliding windows: one window, on whole layers, no sinks."""
+    monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "art"
+    assert optimize_main([str(tiny_hf_dirs["qwen2"]), "--budget", "0.7", "--objective", "kv_memory",
+                          "--hf-compatible", "-o", str(out), *SMALL]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    windows = {tuple(map(tuple, r["choice"]["spans"])) for r in plan["rewrites"]
+               if r["pass"] == "attn_pattern"}
+    assert len(windows) == 1 and plan["predicted"]["kv_memory"] <= 0.7 + 1e-9
+    (spans,) = windows
+    assert len(set(spans)) == 1 and spans[0][0] == 0 and spans[0][2] == 0
+    config = json.loads((out / HF_DIR / "config.json").read_text())
+    sliding = [r["layer"] for r in plan["rewrites"] if r["pass"] == "attn_pattern"]
+    assert config["sliding_window"] == spans[0][1] and \
+        [i for i, t in enumerate(config["layer_types"]) if t == "sliding_attention"] == sliding
+
+
 def test_unsayable_plan_refused_and_nothing_written(restricted, tiny_hf_dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TAILOR_CACHE", str(tmp_path / "cache"))
     rewrites = [_ffn(0, 48), _ffn(1, 24), {"pass": "ffn_skip", "layer": 2, "choice": {}}]
@@ -165,6 +222,27 @@ def test_uniform_width_is_a_joint_constraint():
     assert chosen(solve(options + [skip], np.append(losses, 0.5), "latency", -0.6, 1.0,
                         (Uniform("FFN width", width, 3),))) == \
         {("ffn_prune", 0, 4), ("ffn_prune", 1, 4), ("layer_skip", 2, REMOVED)}
+
+
+def test_one_sliding_window_joins_the_layers_that_slide_and_leaves_the_others_full():
+    def window(layer: int, w: int, cost: float, loss: float) -> Option:
+        return Option("attn_pattern", layer, {"spans": [[0, w, 0.0]] * 2}, (f"attn:{layer}",),
+                      {"latency": cost}, loss)
+
+    options = [window(0, 4, -0.3, 0.1), window(0, 8, -0.2, 0.3),
+               window(1, 4, -0.3, 1.0), window(1, 8, -0.2, 0.1)]
+    losses = np.array([o.loss for o in options])
+    one = (Uniform("sliding window", sliding_window, 2, every_layer=False),)
+
+    def chosen(result):
+        return sorted((o.layer, o.choice["spans"][0][1]) for o in result)
+
+    assert chosen(solve(options, losses, "latency", -0.4, 1.0)) == [(0, 4), (1, 8)]
+    assert chosen(solve(options, losses, "latency", -0.4, 1.0, one)) == [(0, 8), (1, 8)]
+    # a layer may stay full: one window on layer 0 alone
+    assert chosen(solve(options, losses, "latency", -0.3, 1.0, one)) == [(0, 4)]
+    every = (Uniform("sliding window", sliding_window, 2),)
+    assert chosen(solve(options, losses, "latency", -0.3, 1.0, every)) == [(0, 8), (1, 8)]
 
 
 def test_what_each_architecture_can_say(tiny_models):

@@ -35,6 +35,8 @@ class StandardShape:
     head_dim: int
     out_bias: bool    # attention output projection (head pruning's least-squares refit)
     down_bias: bool   # FFN down projection (FFN pruning's refit)
+    sliding_window: int | None = None     # the one window of the layers that slide
+    sliding_layers: tuple[int, ...] = ()  # kept layers (indices in the input) that slide
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,9 @@ class StandardArchitecture:
     out_bias: bool    # a config can put a bias on every attention output projection
     down_bias: bool   # ... on every FFN down projection
     widths: bool      # the config names the FFN width and the head counts (intermediate_size, ...)
+    # the config lists each layer's kind (layer_types) and one sliding_window for those that slide
+    sliding: bool = False
+    sliding_window: int | None = None   # the window the input's sliding layers already have
 
 
 def _meta_model(config) -> nn.Module:
@@ -91,16 +96,25 @@ def architecture(module: nn.Module) -> StandardArchitecture:
     q, out, down = (_projection(probe, p) for p in ("q_proj", "o_proj", "down_proj"))
     widths = q is not None and down is not None and probe[f"{q}.weight"][0] == kv * head_dim \
         and probe[f"{down}.weight"][1] == PROBE_WIDTH
+    types = getattr(config, "layer_types", None)
+    sliding = isinstance(types, list) and hasattr(config, "sliding_window")
+    window = config.sliding_window if sliding and "sliding_attention" in types else None
     return StandardArchitecture(name, out is not None and f"{out}.bias" in probe,
-                                down is not None and f"{down}.bias" in probe, widths)
+                                down is not None and f"{down}.bias" in probe, widths, sliding, window)
 
 
 def standard_config(module: nn.Module, shape: StandardShape):
     """The input model's config saying the rewritten shape (a copy; the input's is untouched):
-    layers renumbered (each kept layer keeps its kind where the config lists `layer_types`)."""
+    layers renumbered (each kept layer keeps its kind where the config lists `layer_types`, or
+    slides where the plan put a sliding window on it)."""
     config = copy.deepcopy(module.config)
     if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in shape.kept_layers]
+        config.layer_types = ["sliding_attention" if i in shape.sliding_layers else config.layer_types[i]
+                              for i in shape.kept_layers]
+    if shape.sliding_layers:
+        config.sliding_window = shape.sliding_window
+        if hasattr(config, "use_sliding_window"):  # Qwen2's: without it, loading drops the window
+            config.use_sliding_window = True
     config.num_hidden_layers = len(shape.kept_layers)
     config.intermediate_size, config.num_key_value_heads = shape.ffn_width, shape.kv_heads
     config.num_attention_heads, config.head_dim = shape.heads, shape.head_dim

@@ -34,6 +34,15 @@ def default_grid(longest: int) -> list[Pattern]:
     return [Pattern(sink, a, b) for b in (0.0, 0.125, 0.25, 0.5) for a in (sink, 2 * sink, 4 * sink)]
 
 
+def sliding_windows(longest: int, given: int | None = None) -> list[Pattern]:
+    """Windows without sinks, the same at every length, as a standard config's `sliding_window`
+    says them: the model's own where its sliding layers have one, else N/8, N/4 and N/2 of the
+    longest profiled length N."""
+    if given is not None:
+        return [Pattern(0, given, 0.0)] if given < longest else []
+    return [Pattern(0, max(1, longest // d), 0.0) for d in (8, 4, 2)]
+
+
 def head_losses(graph: TransformerGraph, signals) -> tuple[list[Pattern], np.ndarray]:
     """The grid and its loss per [layer, kv_head, pattern] (mean over the profiled lengths)."""
     influence = signals.attention

@@ -26,6 +26,8 @@ its own, dense, value):
                Σ_v z_v ≤ 1
                Σ_{o on layer i giving v} x_o ≤ z_v                      for every layer i, value v
                Σ_{o on layer i giving v or removing i} x_o ≥ z_v        for every layer i, value v
+A Uniform that is not `every_layer` (one sliding window, which any layer may leave full) drops
+the last row: the layers that take a value share it, the others keep their own.
 """
 from __future__ import annotations
 
@@ -50,10 +52,12 @@ REMOVED = "removed"
 @dataclass(frozen=True)
 class Uniform:
     """A per-layer value that every layer not removed must share: `value(option)` is the value the
-    option gives its layer, REMOVED, or None where the option leaves the value alone."""
+    option gives its layer, REMOVED, or None where the option leaves the value alone. Not
+    `every_layer`: the layers given a value share it, and the others may keep their own."""
     name: str
     value: Callable[[Option], Hashable | None]
     layers: int
+    every_layer: bool = True
 
 
 def keeps_uniform(chosen: list[Option], uniform: tuple[Uniform, ...]) -> bool:
@@ -68,7 +72,8 @@ def keeps_uniform(chosen: list[Option], uniform: tuple[Uniform, ...]) -> bool:
         values = {v for vs in given.values() for v in vs} - {REMOVED}
         if len(values) > 1:
             return False
-        if values and any(not given.get(layer, set()) & (values | {REMOVED}) for layer in range(u.layers)):
+        if u.every_layer and values and any(not given.get(layer, set()) & (values | {REMOVED})
+                                            for layer in range(u.layers)):
             return False
     return True
 
@@ -177,9 +182,9 @@ def _uniform_rows(options: list[Option], uniform: tuple[Uniform, ...]) -> tuple[
                 chosen[[j for j in at if given[j] == v]] = 1.0
                 allowed[[j for j in at if given[j] == v or given[j] == REMOVED]] = 1.0
                 chosen[offset + k] = allowed[offset + k] = -1.0
-                rows += [chosen, allowed]
-                lower += [-np.inf, 0.0]
-                upper += [0.0, np.inf]
+                rows.append(chosen), lower.append(-np.inf), upper.append(0.0)
+                if u.every_layer:
+                    rows.append(allowed), lower.append(0.0), upper.append(np.inf)
         offset += len(values)
     if not rows:
         return 0, []

@@ -6,9 +6,13 @@ FFN pruning's least-squares refit adds: tailor.backends.hf_checkpoint probes whi
   - layer_skip: always (the layers are renumbered);
   - ffn_prune, head_prune: where the architecture can say the bias, at one width / one head
     layout on every kept layer: joint constraints (search.Uniform), not a property of one option;
+  - attn_pattern: where the config lists each layer's kind (`layer_types`: Qwen2, Qwen3, Gemma…),
+    a layer whose KV heads all take one sliding window without sinks (`sliding_attention`), the
+    same window on every layer that slides (one `sliding_window`; the input's own where it has
+    sliding layers already): a Uniform that a layer may leave, keeping full attention;
   - ffn_skip (the FFN becomes a constant while attention stays), head_prune of every head (the
-    attention becomes a constant), kv_share and attn_pattern (sink + window: a standard sliding
-    window has no sink) cannot be said.
+    attention becomes a constant), kv_share and other attention patterns (sinks, windows
+    growing with the length, heads of a layer apart) cannot be said.
 
 A decoder exported with its KV cache as graph inputs (Optimum's past_key_values.N.*) is run by
 clients that size every layer's empty cache from one config value, num_key_value_heads
@@ -55,9 +59,24 @@ def one_cache_shape(graph: TransformerGraph) -> tuple[Uniform, ...]:
     return (Uniform("KV heads of a cache", cache_heads, graph.num_layers),)
 
 
+def sliding_window(option: Option):
+    """The window of a layer whose KV heads all slide alike without sinks (a standard config's
+    `sliding_attention`), else None (any other pattern: `unsayable` refuses it)."""
+    if option.pass_name == "layer_skip":
+        return REMOVED
+    if option.pass_name != "attn_pattern":
+        return None
+    spans = {None if s is None else tuple(s) for s in option.choice["spans"]}
+    if len(spans) != 1 or None in spans:
+        return None
+    sink, window, growth = spans.pop()
+    return int(window) if sink == 0 and growth == 0 and window == int(window) else None
+
+
 def uniform(graph: TransformerGraph) -> tuple[Uniform, ...]:
     return (Uniform("FFN width", ffn_width, graph.num_layers),
-            Uniform("head count", head_layout, graph.num_layers))
+            Uniform("head count", head_layout, graph.num_layers),
+            Uniform("sliding window", sliding_window, graph.num_layers, every_layer=False))
 
 
 def unsayable(option: Option, arch: StandardArchitecture) -> str | None:
@@ -78,9 +97,18 @@ def unsayable(option: Option, arch: StandardArchitecture) -> str | None:
             return f"head pruning (a {name} config names no head counts)"
         return None if arch.out_bias else \
             f"head pruning (its refit biases the output projection; a {name} config cannot say that bias)"
+    if option.pass_name == "attn_pattern":
+        window = sliding_window(option)
+        if not arch.sliding:
+            return f"attention patterns (a {name} config has no per-layer sliding window)"
+        if window is None:
+            return ("attention patterns other than one sliding window on all of a layer's KV heads "
+                    "(a standard sliding window has no sink and does not grow)")
+        if arch.sliding_window not in (None, window):
+            return f"a sliding window of {window} (the model's sliding layers have {arch.sliding_window})"
+        return None
     return {"ffn_skip": "FFN skipped while attention stays",
             "kv_share": "KV cache shared across layers",
-            "attn_pattern": "sink + window attention patterns (a standard sliding window has no sink)",
             }.get(option.pass_name, option.pass_name)
 
 
@@ -109,7 +137,8 @@ def standard_shape(graph: TransformerGraph, options: list[Option],
     a = graph.blocks[0].attn
     dense = {"FFN width": lambda i: graph.blocks[i].ffn.width,
              "head count": lambda i: (graph.blocks[i].attn.num_kv_heads,
-                                      graph.blocks[i].attn.num_heads // graph.blocks[i].attn.num_kv_heads)}
+                                      graph.blocks[i].attn.num_heads // graph.blocks[i].attn.num_kv_heads),
+             "sliding window": lambda i: None}   # a layer the plan leaves keeps its own kind
     values = {}
     for u in uniform(graph):
         per_layer = {}
@@ -118,18 +147,22 @@ def standard_shape(graph: TransformerGraph, options: list[Option],
             per_layer[i] = given[0] if given else dense[u.name](i)
         seen: dict = {}
         for i, v in per_layer.items():
-            seen.setdefault(v, []).append(i)
+            if v is not None:
+                seen.setdefault(v, []).append(i)
         if len(seen) > 1:
             problems.append(f"{u.name}s differ across layers (" +
                             "; ".join(f"{_value(v)} on {_layers(ls)}" for v, ls in seen.items()) + ")")
-        values[u.name] = next(iter(seen))
+        values[u.name] = next(iter(seen), None)
+        if u.name == "sliding window":
+            sliding = tuple(i for i, v in per_layer.items() if v is not None)
     if problems:
         raise TailorError("a standard transformers config cannot say this plan: " + "; ".join(problems) +
                           " (search only what it can say with --hf-compatible)")
     kv, per_group = values["head count"]
     return StandardShape(tuple(kept), values["FFN width"], kv, kv * per_group, a.head_dim,
                          out_bias=any(o.pass_name == "head_prune" for o in options),
-                         down_bias=any(o.pass_name == "ffn_prune" for o in options))
+                         down_bias=any(o.pass_name == "ffn_prune" for o in options),
+                         sliding_window=values["sliding window"], sliding_layers=sliding)
 
 
 def _value(v) -> str:

@@ -2,7 +2,7 @@
 on held-out data, and the sequential refit of the plan's model."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -122,12 +122,14 @@ def published_rivals(options: list[Option], cost_model: CostModel, signals, budg
 def searched_plan(dense: Backend, options: list[Option], signals, cost_model: CostModel, budget: float,
                   objective: str, heldout: HeldOut, meter: OptionMeter | None = None,
                   estimated: set[str] = frozenset(), device_kind: str = "cpu",
-                  uniform: tuple[Uniform, ...] = ()) -> tuple[SearchResult, Backend, float]:
+                  uniform: tuple[Uniform, ...] = (),
+                  allowed: Callable[[Option], bool] | None = None) -> tuple[SearchResult, Backend, float]:
     """The search's plan, its rewritten model and that model's held-out divergence (the best
     measured model is kept rather than rebuilt). Options whose key is in `estimated` are
     measured by `meter` once a plan chooses them, within REFINE_SECONDS of work (SearchResult.
     refined); whole plans within PLAN_CHECK_SECONDS. Every plan keeps each `uniform` value the
-    same on all layers (tailor.passes.search.Uniform)."""
+    same on all layers (tailor.passes.search.Uniform), and the published methods' plans measured
+    beside the search's are only those whose every rewrite is `allowed` (a restricted search)."""
     best: dict[str, Any] = {}
     estimated = set(estimated)
     refine_allowance = Allowance(REFINE_SECONDS, device_kind)
@@ -155,9 +157,11 @@ def searched_plan(dense: Backend, options: list[Option], signals, cost_model: Co
         return kl
 
     first = len(heldout.measured)
+    rivals = {name: plan for name, plan in
+              published_rivals(options, cost_model, signals, budget, objective).items()
+              if allowed is None or all(allowed(o) for o in plan)}
     result = search(options, cost_model, budget, objective, measure, max_checks=checks,
-                    refine=refine if meter is not None and estimated else None,
-                    rivals=published_rivals(options, cost_model, signals, budget, objective),
+                    refine=refine if meter is not None and estimated else None, rivals=rivals,
                     uniform=uniform)
     for it, parts in zip(result.iterations, heldout.measured[first:]):  # one measurement each, in order
         it |= parts
