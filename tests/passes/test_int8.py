@@ -16,7 +16,7 @@ from tailor.core.targets import Target, get_target
 from tailor.passes.base import Option
 from tailor.passes.cost import CostModel, Structure, Workload
 from tailor.passes.profile import neutral_signals
-from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan
+from tailor.passes.registry import PASSES, apply_options, candidates_for, options_from_plan, takes
 from tailor.passes.search import pair_costs, price, search, smallest_ratio, solve, structure_of
 from tailor.rewriter.capture import capture
 from tests.conftest import ids_for
@@ -229,6 +229,23 @@ def test_int8_not_offered_where_it_cannot_run(llama, table):
     assert "calibrate-target" in int8_refusal(dense, CostModel(cap.graph, workload, get_target("h100")))
     assert "TVM" in int8_refusal(dense, CostModel(cap.graph, workload, get_target(table)), ("onnx", "tvm"))
     assert not Target("x", 1e9, 1e9, 4).int8_rates
+
+
+def test_int8_not_offered_on_a_float16_graph(tiny_onnx, table, tmp_path):
+    """onnxruntime's DynamicQuantizeLinear quantizes float32 activations only: an fp16 graph (its
+    I/O kept float32) is not offered INT8, rather than failing to load once rewritten."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from tailor.passes.int8 import int8_refusal
+
+    path = tmp_path / "fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(tiny_onnx["llama"])), keep_io_types=True), str(path))
+    cap = capture(path)
+    dense = backend_for(cap)
+    refusal = int8_refusal(dense, CostModel(cap.graph, Workload(1, 64, 0), get_target(table)))
+    assert refusal is not None and "float32 activations" in refusal and "float16" in refusal
+    assert not [o for o in PASSES["int8"].candidates(cap.graph, None) if takes(dense, o)]
 
 
 def test_fit_prices_int8_products_as_the_model_ran_them(llama, table):
