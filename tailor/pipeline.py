@@ -378,6 +378,8 @@ def _compiled(dense: Backend, rewritten: Backend, plan: Plan, report: dict, cap:
                                    "kept_layers": list(standard.kept_layers),
                                    "intermediate_size": standard.ffn_width,
                                    "num_attention_heads": standard.heads,
-                                   "num_key_value_heads": standard.kv_heads}
+                                   "num_key_value_heads": standard.kv_heads,
+                                   "sliding_window": standard.sliding_window,
+                                   "sliding_layers": list(standard.sliding_layers)}
     return Compiled(rewritten.runnable(), plan, report, cap.graph, cap.source, formats, rewritten=rewritten,
                     standard=standard, tune_trials=tune_trials)

@@ -3,6 +3,7 @@ not installed, refused for plans a standard config cannot say; a search restrict
 can say, whose cost against the unrestricted plan the report states."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def test_sliding_windows_load_without_tailor_where_the_config_lists_layer_kinds(
     report = json.loads((out / "report.json").read_text())
     assert all(c["ok"] for c in report["validation"]) and any(c["name"].startswith("hf_") for c in
                                                               report["validation"])
+    written = report["hf_checkpoint"]
+    assert (written["sliding_window"], written["sliding_layers"]) == (4, [0, 2])
     ids = ids_for()  # 12 tokens: the windows of 4 cut keys
     with torch.no_grad():
         ours = tailor.load(out).model(ids).float().numpy()   # tailor's runtime, from model.safetensors
@@ -254,6 +257,22 @@ def test_what_each_architecture_can_say(tiny_models):
     assert unsayable(heads, llama) is None and "Qwen2ForCausalLM config cannot say" in unsayable(heads, qwen2)
     assert unsayable(Option("head_prune", 0, {"kv_heads": [], "queries": []}, ("attn:0",)), llama) == \
         "attention dropped while the FFN stays"
+    # a layer's kind says a sliding window where it changes only the mask (Qwen2's), not in Llama's
+    # config (no kinds) nor Mistral's (its window applies to every layer whatever the kind)
+    window = Option("attn_pattern", 1, {"spans": [[0, 4, 0.0]] * 2}, ("attn:1",))
+    mistral = architecture(tiny_models["mistral"])
+    assert (llama.sliding, qwen2.sliding, mistral.sliding) == (False, True, False)
+    assert unsayable(window, qwen2) is None and "no per-layer sliding window" in unsayable(window, llama)
+    sink = Option("attn_pattern", 1, {"spans": [[2, 4, 0.0]] * 2}, ("attn:1",))
+    assert "has no sink" in unsayable(sink, qwen2)
+    slides = copy.deepcopy(tiny_models["qwen2"])  # layers 1 and 2 slide already, by 8
+    slides.config.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    slides.config.sliding_window = 8
+    arch = architecture(slides)
+    assert (arch.slides, arch.sliding_window) == ((1, 2), 8)
+    assert unsayable(window, arch) == "attention patterns on a layer that slides already"
+    other = Option("attn_pattern", 0, {"spans": [[0, 4, 0.0]] * 2}, ("attn:0",))
+    assert "the model's sliding layers have 8" in unsayable(other, arch)
 
 
 def test_hf_requests_refused(restricted, tiny_hf_dirs, tiny_onnx, tmp_path, capsys):

@@ -22,6 +22,11 @@ from tailor.core.errors import TailorError
 HF_DIR = "hf"
 # the FFN width architecture() builds its probe with
 PROBE_WIDTH = 8
+# architectures whose layer kind (`layer_types`) changes only the attention mask, which a
+# `sliding_attention` layer limits to `sliding_window` keys (read in transformers 5.2x: Gemma3 and
+# Olmo3 also pick a RoPE per kind, Cohere2 applies RoPE on sliding layers only, Mistral and the MoE
+# Qwens slide every layer whatever the kind): there a plan's sliding windows are the same function
+SLIDING_BY_LAYER_KIND = ("qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,11 @@ class StandardArchitecture:
     out_bias: bool    # a config can put a bias on every attention output projection
     down_bias: bool   # ... on every FFN down projection
     widths: bool      # the config names the FFN width and the head counts (intermediate_size, ...)
-    # the config lists each layer's kind (layer_types) and one sliding_window for those that slide
+    # the config lists each layer's kind (layer_types), which changes only the mask, and one
+    # sliding_window for those that slide (SLIDING_BY_LAYER_KIND)
     sliding: bool = False
     sliding_window: int | None = None   # the window the input's sliding layers already have
+    slides: tuple[int, ...] = ()        # the input's layers that slide already
 
 
 def _meta_model(config) -> nn.Module:
@@ -97,10 +104,11 @@ def architecture(module: nn.Module) -> StandardArchitecture:
     widths = q is not None and down is not None and probe[f"{q}.weight"][0] == kv * head_dim \
         and probe[f"{down}.weight"][1] == PROBE_WIDTH
     types = getattr(config, "layer_types", None)
-    sliding = isinstance(types, list) and hasattr(config, "sliding_window")
-    window = config.sliding_window if sliding and "sliding_attention" in types else None
+    sliding = getattr(config, "model_type", None) in SLIDING_BY_LAYER_KIND and isinstance(types, list)
+    slides = tuple(i for i, t in enumerate(types or []) if t == "sliding_attention") if sliding else ()
+    window = config.sliding_window if slides else None
     return StandardArchitecture(name, out is not None and f"{out}.bias" in probe,
-                                down is not None and f"{down}.bias" in probe, widths, sliding, window)
+                                down is not None and f"{down}.bias" in probe, widths, sliding, window, slides)
 
 
 def standard_config(module: nn.Module, shape: StandardShape):

@@ -183,7 +183,8 @@ class OnnxBackend(Backend):
             if node.op_type != "MatMul" or not has_constant_weight(node):
                 # quantize_dynamic's integer ops take MatMul with a constant weight, not Gemm
                 return f"INT8 runs MatMul projections on constant weights; {p.node} is a {node.op_type}"
-            activation = node.inputs[0].dtype
+            # a MatMul's inputs share one type, and the constant weight's is always known
+            activation = node.inputs[0].dtype or node.inputs[1].dtype
             if activation not in (None, ir.DataType.FLOAT):
                 # DynamicQuantizeLinear, which quantizes each call's activations, takes float32 only
                 return f"INT8 quantizes float32 activations; {p.node} reads {activation.name.lower()}"

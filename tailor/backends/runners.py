@@ -142,22 +142,31 @@ class OrtModel(NumpyModel):
 
     @property
     def has_cache(self) -> bool:
-        """Whether the graph takes its KV cache as inputs (past_key_values.N.*) and returns it."""
-        return any(is_past_input(name) for name, _, _ in self.input_specs)
+        """Whether the graph takes its KV cache as inputs (past_key_values.N.*) and returns each
+        as the present output of the same name, and its length is free (a step of one token)."""
+        outputs = {o.name for o in self.session.get_outputs()}
+        past = [name for name, _, _ in self.input_specs if is_past_input(name)]
+        return bool(past) and self.input_shape.length is None and self.input_shape.batch in (None, 1) and \
+            all(name.replace("past_key_values", "present") in outputs for name in past)
 
     def run_cached(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
                    past_len: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The logits of `input_ids` [B, t] following the `past_len` positions cached in `past`
         (None: none), and the cache that then holds all of them: the present outputs, fed back as
         the next call's past, as the runtimes that load a decoder with a cache run it."""
-        if self.input_shape.length is not None:
-            raise TailorError(f"{self.path or 'the model'} takes {self.input_shape.describe()}: "
-                              f"it cannot run one token a step")
+        if not self.has_cache:
+            raise TailorError(f"{self.path or 'the model'} takes no KV cache of its own that a step of "
+                              f"one token can run with")
         feeds = onnx_feeds(self.input_specs, input_ids, past=past, past_len=past_len)
         outputs = [o.name for o in self.session.get_outputs()]
-        out = dict(zip(outputs, self.session.run(None, feeds)))
-        return out[outputs[0]], {name: out[name.replace("past_key_values", "present")]
-                                 for name in feeds if is_past_input(name)}
+        try:
+            out = dict(zip(outputs, self.session.run(None, feeds)))
+        except Exception as e:  # onnxruntime raises its own exception types
+            where = self.path or "the rewritten model"
+            raise TailorError(f"onnxruntime failed on {where} at a cached step of {input_ids.shape[1]} "
+                              f"tokens after {past_len}: {str(e).splitlines()[0]}") from None
+        return out.get("logits", out[outputs[0]]), {name: out[name.replace("past_key_values", "present")]
+                                                    for name in feeds if is_past_input(name)}
 
     def _run(self, names: list[str] | None, input_ids: np.ndarray) -> list[np.ndarray]:
         """The outputs on all rows, a fixed batch's rows at a time (the last chunk padded);

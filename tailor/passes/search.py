@@ -292,7 +292,8 @@ def check_reachable(options: list[Option], cost_model: CostModel, budget: float,
         cost_model.ratio(structure, objective)
     if budget < floor - 1e-9:  # slack: the MILP's own feasibility tolerance
         names = ", ".join(sorted({o.pass_name for o in options})) or "none"
-        same = f" (with {', '.join(u.name for u in uniform)} the same on every layer)" if uniform else ""
+        every = [u.name for u in uniform if u.every_layer]
+        same = f" (with {', '.join(every)} the same on every layer)" if every else ""
         raise TailorError(f"budget {budget:g} is unreachable for objective {objective}: with the passes "
                           f"{names}{same} the smallest reachable budget is {floor:.3f}")
 

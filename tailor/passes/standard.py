@@ -6,8 +6,9 @@ FFN pruning's least-squares refit adds: tailor.backends.hf_checkpoint probes whi
   - layer_skip: always (the layers are renumbered);
   - ffn_prune, head_prune: where the architecture can say the bias, at one width / one head
     layout on every kept layer: joint constraints (search.Uniform), not a property of one option;
-  - attn_pattern: where the config lists each layer's kind (`layer_types`: Qwen2, Qwen3, Gemma…),
-    a layer whose KV heads all take one sliding window without sinks (`sliding_attention`), the
+  - attn_pattern: where the config lists each layer's kind and the kind changes only the mask
+    (`layer_types` of Qwen2, Qwen3: hf_checkpoint.SLIDING_BY_LAYER_KIND), a full layer whose KV
+    heads all take one sliding window without sinks (`sliding_attention`), the
     same window on every layer that slides (one `sliding_window`; the input's own where it has
     sliding layers already): a Uniform that a layer may leave, keeping full attention;
   - ffn_skip (the FFN becomes a constant while attention stays), head_prune of every head (the
@@ -100,7 +101,9 @@ def unsayable(option: Option, arch: StandardArchitecture) -> str | None:
     if option.pass_name == "attn_pattern":
         window = sliding_window(option)
         if not arch.sliding:
-            return f"attention patterns (a {name} config has no per-layer sliding window)"
+            return f"attention patterns (a {name} config says no per-layer sliding window)"
+        if option.layer in arch.slides:
+            return "attention patterns on a layer that slides already"
         if window is None:
             return ("attention patterns other than one sliding window on all of a layer's KV heads "
                     "(a standard sliding window has no sink and does not grow)")
@@ -153,8 +156,10 @@ def standard_shape(graph: TransformerGraph, options: list[Option],
             problems.append(f"{u.name}s differ across layers (" +
                             "; ".join(f"{_value(v)} on {_layers(ls)}" for v, ls in seen.items()) + ")")
         values[u.name] = next(iter(seen), None)
-        if u.name == "sliding window":
-            sliding = tuple(i for i, v in per_layer.items() if v is not None)
+        if u.name == "sliding window":  # the layers the plan slides (the Uniform's values)
+            values["sliding layers"] = tuple(i for i, v in per_layer.items() if v is not None)
+    if not kept:
+        problems.append("every layer removed")
     if problems:
         raise TailorError("a standard transformers config cannot say this plan: " + "; ".join(problems) +
                           " (search only what it can say with --hf-compatible)")
@@ -162,7 +167,7 @@ def standard_shape(graph: TransformerGraph, options: list[Option],
     return StandardShape(tuple(kept), values["FFN width"], kv, kv * per_group, a.head_dim,
                          out_bias=any(o.pass_name == "head_prune" for o in options),
                          down_bias=any(o.pass_name == "ffn_prune" for o in options),
-                         sliding_window=values["sliding window"], sliding_layers=sliding)
+                         sliding_window=values["sliding window"], sliding_layers=values["sliding layers"])
 
 
 def _value(v) -> str:

@@ -84,8 +84,7 @@ class Compiled:
             raise TailorError(f"generate() continues causal LMs; this model is a {self.graph.task}")
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
-        # a graph of a fixed length runs every call at that length: no step of one token
-        cached = self.model.has_cache and self.model.input_shape.length is None
+        cached = self.model.has_cache
         out = []
         for prompt in prompts:
             ids, past = list(prompt), None
