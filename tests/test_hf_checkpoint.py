@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import tailor
-from tailor.backends.hf_checkpoint import HF_DIR, architecture
+from tailor.backends.hf_checkpoint import HF_DIR, StandardShape, architecture, standard_config
 from tailor.cli.main import optimize_main
 from tailor.core.plan import Plan
 from tailor.passes.base import Option
@@ -273,6 +273,22 @@ def test_what_each_architecture_can_say(tiny_models):
     assert unsayable(window, arch) == "attention patterns on a layer that slides already"
     other = Option("attn_pattern", 0, {"spans": [[0, 4, 0.0]] * 2}, ("attn:0",))
     assert "the model's sliding layers have 8" in unsayable(other, arch)
+
+
+def test_max_window_layers_says_sliding_layers_where_they_are_the_last(tiny_models):
+    """Loaders older than `layer_types` slide the layers from `max_window_layers` on: set where
+    the plan's sliding layers are those, left where only `layer_types` can say them."""
+    qwen2 = tiny_models["qwen2"]  # 3 layers
+
+    def config(sliding):
+        return standard_config(qwen2, StandardShape((0, 1, 2), 96, 2, 4, 16, False, False, 4, sliding))
+
+    last = config((1, 2))
+    assert last.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert (last.max_window_layers, last.sliding_window, last.use_sliding_window) == (1, 4, True)
+    first = config((0,))
+    assert first.layer_types[0] == "sliding_attention"
+    assert first.max_window_layers == qwen2.config.max_window_layers
 
 
 def test_hf_requests_refused(restricted, tiny_hf_dirs, tiny_onnx, tmp_path, capsys):

@@ -123,6 +123,12 @@ def standard_config(module: nn.Module, shape: StandardShape):
         config.sliding_window = shape.sliding_window
         if hasattr(config, "use_sliding_window"):  # Qwen2's: without it, loading drops the window
             config.use_sliding_window = True
+        sliding = [i in shape.sliding_layers for i in shape.kept_layers]
+        first = sliding.index(True)
+        if hasattr(config, "max_window_layers") and all(sliding[first:]):
+            # loaders older than layer_types slide the layers from max_window_layers on: where the
+            # plan's are those, they read the same model (elsewhere only layer_types says it)
+            config.max_window_layers = first
     config.num_hidden_layers = len(shape.kept_layers)
     config.intermediate_size, config.num_key_value_heads = shape.ffn_width, shape.kv_heads
     config.num_attention_heads, config.head_dim = shape.heads, shape.head_dim
