@@ -10,6 +10,7 @@ import inspect
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
@@ -93,6 +94,17 @@ class NumpyModel(torch.nn.Module, abc.ABC):
         return out if positions is None else out[:, positions]
 
 
+def runtime_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as onnxruntime runs it and an artifact holds it: without the shapes of its
+    intermediate values (value_info), which tailor's shape inference puts there for its own
+    reading. onnxruntime infers its own, and ran every graph measured with them slower (the
+    same model on 2 CPU threads: MiniLM's dynamo export 8%, its Optimum export 9%, refllama-16m's
+    dynamo and Optimum exports 3%; docs/BENCHMARKS.md)."""
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.value_info[:]
+    return proto
+
+
 class OrtModel(NumpyModel):
     """An ONNX model run by onnxruntime, behind the same nn.Module call: from a file, or from an
     onnx_ir model in memory (a rewrite being measured). A graph exported with a fixed batch runs
@@ -105,7 +117,7 @@ class OrtModel(NumpyModel):
         super().__init__()
         if isinstance(model, ir.Model):
             self.path = None
-            source = ir.serde.serialize_model(model).SerializeToString()
+            source = runtime_proto(model).SerializeToString()
         else:
             self.path = Path(model)
             source = str(model)

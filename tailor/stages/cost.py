@@ -29,7 +29,10 @@ from tailor.rewriter.onnx_sparse_attention import blocked_keys
 # calls of each fit variant timed (after as many warm-up calls): three runs of refllama-16m's
 # fit at 20 gave its half-width variant 0.810, 0.822 and 0.829 of the dense model
 FIT_REPEATS = 30
-# the name under which the fit times the dense model against the ONNX input it was cleaned from
+# the name under which the fit times the dense model against the ONNX input as given: its
+# lossless clean-ups, and the graph as tailor writes it, move its time (the cost model's baseline;
+# timed even where nothing was cleaned up: MiniLM's Optimum export ran 9% slower as tailor wrote it
+# before runners.runtime_proto, and with no clean-up to time, every plan of it measured over its price)
 CLEAN_UP = "clean_up"
 # an ONNX model's attention profile runs the whole model per (layer, KV head, pattern): offered
 # by default only where patterns can pay for it (MiniLM at 128 tokens: 7%, refllama-16m at 512: 22%)
@@ -66,7 +69,7 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
                                      "variants": {n: sorted(o.key for o in v) for n, v in variants.items()}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_dir() / "fits" / f"{key}.json"
-    timed = set(variants) | ({CLEAN_UP} if clean_ups(cap) else set())
+    timed = set(variants) | ({CLEAN_UP} if isinstance(cap.source, OnnxSource) else set())
     ratios = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         if use_cache:
@@ -98,11 +101,11 @@ def cost_model_for(cap: Captured, dense: Backend, workload: Workload, target: st
 
 def _time_variants(cap: Captured, dense: Backend, variants: dict[str, list], workload: Workload,
                    progress: bool = False) -> tuple[dict[str, float], dict[str, str]]:
-    """Each variant's latency / the dense model's, all timed side by side, and where lossless
-    clean-ups changed an ONNX input, the dense model's / the input's as given (CLEAN_UP); beside
-    them, why each variant that could not be built was left out."""
+    """Each variant's latency / the dense model's, all timed side by side, and for an ONNX input
+    the dense model's / the input's as given (CLEAN_UP); beside them, why each variant that could
+    not be built was left out."""
     runnables, left_out = {"original": dense.runnable()}, {}
-    if clean_ups(cap):
+    if isinstance(cap.source, OnnxSource):
         runnables["input"] = OrtModel(cap.source.path)
     for name, options in variants.items():
         try:

@@ -1,0 +1,61 @@
+"""Does onnxruntime run a graph slower with its intermediate values' shapes (value_info) written
+in? Each model: the input file, the dense model as tailor serialized it before
+runners.runtime_proto (the shapes its inference adds, as value_info), and as it serializes it
+now (without them), timed side by side in onnxruntime (2 threads, alternating calls, medians),
+twice.
+
+    python benchmarks/value_info_timing.py [--repeats 30]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from benchmarks.cpu_onnx import REFLLAMA, SHARED
+from benchmarks.onnx_inputs import Model, make_kind
+from tailor.backends import backend_for
+from tailor.backends.runners import OrtModel, runtime_proto
+from tailor.cli.default_model import default_calibration, minilm_directory
+from tailor.passes.cost import Workload
+from tailor.rewriter.capture import capture
+from tailor.stages.cost import time_on_workload
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    models = [Model("MiniLM", minilm_directory(), True, 128, default_calibration(), None),
+              Model("refllama-16m", REFLLAMA, False, 512, SHARED / "data" / "code-calib.txt", 512)]
+    print("| model | export | value_info in the input / as tailor wrote it | tailor's graph with value_info "
+          "/ input | without / input |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for kind in ("dynamo", "optimum"):
+                work = Path(tmp) / kind
+                path, base = make_kind(model, "optimum" if kind == "optimum" else "int8_dynamic", work)
+                path = path if kind == "optimum" else base
+                dense = backend_for(capture(path))
+                with_shapes = ir.serde.serialize_model(dense.model)
+                onnx.save(with_shapes, str(work / f"{model.name}_with.onnx"))
+                onnx.save(runtime_proto(dense.model), str(work / f"{model.name}_without.onnx"))
+                given = len(onnx.load(str(path), load_external_data=False).graph.value_info)
+                ratios = []
+                for _ in range(2):
+                    t = time_on_workload({"input": OrtModel(path, 2),
+                                          "with": OrtModel(work / f"{model.name}_with.onnx", 2),
+                                          "without": OrtModel(work / f"{model.name}_without.onnx", 2)},
+                                         dense.graph, Workload(1, model.prompt_len, 0), repeats=args.repeats)
+                    ratios.append((t["with"] / t["input"], t["without"] / t["input"]))
+                with_, without = (", ".join(f"{r[i]:.3f}" for r in ratios) for i in (0, 1))
+                print(f"| {model.name} | {kind} | {given} / {len(with_shapes.graph.value_info)} | {with_} "
+                      f"| {without} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
