@@ -116,7 +116,7 @@ def test_summary_names_the_winning_plan_and_warns_on_a_large_kl(tmp_path):
 
 
 def test_onnx_models_run_and_are_saved_without_intermediate_shapes(tiny_onnx, tmp_path):
-    """tailor's shape inference writes intermediate shapes (value_info) that onnxruntime ran 3-9%
+    """tailor's shape inference writes intermediate shapes (value_info) that onnxruntime ran 1-3.5%
     slower with (docs/BENCHMARKS.md): the graph onnxruntime runs and the artifact holds leave them
     out, and compute the same outputs; tailor's own model in memory keeps them for its reading."""
     import numpy as np

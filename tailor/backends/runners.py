@@ -97,9 +97,9 @@ class NumpyModel(torch.nn.Module, abc.ABC):
 def runtime_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as onnxruntime runs it and an artifact holds it: without the shapes of its
     intermediate values (value_info), which tailor's shape inference puts there for its own
-    reading. onnxruntime infers its own, and ran every graph measured with them slower (the
-    same model on 2 CPU threads: MiniLM's dynamo export 8%, its Optimum export 9%, refllama-16m's
-    dynamo and Optimum exports 3%; docs/BENCHMARKS.md)."""
+    reading. onnxruntime infers its own, and ran every graph measured 1-3.5% slower with them
+    (2 CPU threads, two sessions of each: MiniLM's dynamo and Optimum exports, refllama-16m's;
+    benchmarks/value_info_timing.py)."""
     proto = ir.serde.serialize_model(model)
     del proto.graph.value_info[:]
     return proto
