@@ -1,8 +1,7 @@
 """Does onnxruntime run a graph slower with its intermediate values' shapes (value_info) written
-in? Each model: the input file, the dense model as tailor serialized it before
-runners.runtime_proto (the shapes its inference adds, as value_info), and as it serializes it
-now (without them), two onnxruntime sessions of each, timed side by side (2 threads, alternating
-calls, medians), against the mean of the input's two.
+in? Each model: the input file, the dense model as tailor serializes it (with the shapes its
+inference adds, as value_info), and the same without them, two onnxruntime sessions of each,
+timed side by side (2 threads, alternating calls, medians), against the mean of the input's two.
 
     python benchmarks/value_info_timing.py [--repeats 30]
 """
@@ -18,7 +17,7 @@ import onnx_ir as ir
 from benchmarks.cpu_onnx import REFLLAMA, SHARED
 from benchmarks.onnx_inputs import Model, make_kind
 from tailor.backends import backend_for
-from tailor.backends.runners import OrtModel, runtime_proto
+from tailor.backends.runners import OrtModel
 from tailor.cli.default_model import default_calibration, minilm_directory
 from tailor.passes.cost import Workload
 from tailor.rewriter.capture import capture
@@ -43,7 +42,9 @@ def main() -> None:
                 dense = backend_for(capture(path))
                 with_shapes = ir.serde.serialize_model(dense.model)
                 onnx.save(with_shapes, str(work / f"{model.name}_with.onnx"))
-                onnx.save(runtime_proto(dense.model), str(work / f"{model.name}_without.onnx"))
+                without = ir.serde.serialize_model(dense.model)
+                del without.graph.value_info[:]
+                onnx.save(without, str(work / f"{model.name}_without.onnx"))
                 given = len(onnx.load(str(path), load_external_data=False).graph.value_info)
                 # two sessions of each file: a session's own speed can differ from another's of
                 # the same file, which one session each would take for the file's

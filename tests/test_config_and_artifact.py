@@ -113,29 +113,3 @@ def test_summary_names_the_winning_plan_and_warns_on_a_large_kl(tmp_path):
             cli.console = saved
         assert "2 (closest: DuoAttention-style plan)" in text
         assert ("warning: KL 0.200" in text) is warned
-
-
-def test_onnx_models_run_and_are_saved_without_intermediate_shapes(tiny_onnx, tmp_path):
-    """tailor's shape inference writes intermediate shapes (value_info) that onnxruntime ran 1-3.5%
-    slower with (docs/BENCHMARKS.md): the graph onnxruntime runs and the artifact holds leave them
-    out, and compute the same outputs; tailor's own model in memory keeps them for its reading."""
-    import numpy as np
-    import onnx
-    import onnx_ir as ir
-
-    from tailor.backends import backend_for
-    from tailor.backends.export import save_onnx
-    from tailor.backends.runners import OrtModel
-    from tailor.rewriter.capture import capture
-    from tests.conftest import ids_for
-
-    cap = capture(tiny_onnx["llama"])
-    dense = backend_for(cap)
-    assert ir.serde.serialize_model(dense.model).graph.value_info
-    save_onnx(dense.model, tmp_path / "model.onnx")
-    assert not onnx.load(str(tmp_path / "model.onnx")).graph.value_info
-    ids = ids_for().numpy()
-    outputs = [m.run_numpy(ids) for m in (OrtModel(tiny_onnx["llama"]), OrtModel(dense.model),
-                                          OrtModel(tmp_path / "model.onnx"))]
-    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(outputs[2], outputs[1])

@@ -6,11 +6,10 @@ import logging
 import warnings
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 
-from tailor.backends.runners import HFModel, runtime_proto
+from tailor.backends.runners import HFModel
 from tailor.rewriter.capture import example_input_ids
 
 # protobuf cannot hold a model over 2 GB; past this size weights go to a side file
@@ -18,16 +17,13 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def save_onnx(model: ir.Model, path: Path) -> None:
-    """The model as onnxruntime runs it (runners.runtime_proto), its weights inline, or in a side
-    file past EXTERNAL_DATA_BYTES (the source may have had external data either way)."""
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                if v.const_value is not None)
-    proto = runtime_proto(model)
     if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+        ir.save(model, path, external_data=path.name + ".data")
     else:
-        onnx.save_model(proto, str(path))
+        # the source may have had external data; write everything inline into the new file
+        ir.save(model, path)
 
 
 def export_onnx(module: torch.nn.Module, path: Path, *, encoder: bool, seq_len: int = 16, batch: int = 2,

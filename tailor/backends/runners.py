@@ -10,7 +10,6 @@ import inspect
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
@@ -94,17 +93,6 @@ class NumpyModel(torch.nn.Module, abc.ABC):
         return out if positions is None else out[:, positions]
 
 
-def runtime_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as onnxruntime runs it and an artifact holds it: without the shapes of its
-    intermediate values (value_info), which tailor's shape inference puts there for its own
-    reading. onnxruntime infers its own, and ran every graph measured 1-3.5% slower with them
-    (2 CPU threads, two sessions of each: MiniLM's dynamo and Optimum exports, refllama-16m's;
-    benchmarks/value_info_timing.py)."""
-    proto = ir.serde.serialize_model(model)
-    del proto.graph.value_info[:]
-    return proto
-
-
 class OrtModel(NumpyModel):
     """An ONNX model run by onnxruntime, behind the same nn.Module call: from a file, or from an
     onnx_ir model in memory (a rewrite being measured). A graph exported with a fixed batch runs
@@ -117,7 +105,7 @@ class OrtModel(NumpyModel):
         super().__init__()
         if isinstance(model, ir.Model):
             self.path = None
-            source = runtime_proto(model).SerializeToString()
+            source = ir.serde.serialize_model(model).SerializeToString()
         else:
             self.path = Path(model)
             source = str(model)

@@ -31,8 +31,9 @@ from tailor.rewriter.onnx_sparse_attention import blocked_keys
 FIT_REPEATS = 30
 # the name under which the fit times the dense model against the ONNX input as given: its
 # lossless clean-ups, and the graph as tailor writes it, move its time (the cost model's baseline;
-# timed even where nothing was cleaned up: MiniLM's Optimum export, which has none, ran 3-9%
-# slower as tailor wrote it before runners.runtime_proto, unpriced, and its plans measured over)
+# timed even where nothing was cleaned up: MiniLM's Optimum export, which has none, runs ~2%
+# slower as tailor holds it, with the intermediate shapes its inference writes (value_info), and
+# its plans measured over their price while that went unpriced)
 CLEAN_UP = "clean_up"
 # an ONNX model's attention profile runs the whole model per (layer, KV head, pattern): offered
 # by default only where patterns can pay for it (MiniLM at 128 tokens: 7%, refllama-16m at 512: 22%)
