@@ -90,6 +90,16 @@ class Model:
         return path
 
 
+def base_models(names: list[str]) -> list[Model]:
+    """The base models asked for ("minilm", "refllama"; refllama-16m where ../shared holds it)."""
+    models = []
+    if "minilm" in names:
+        models.append(Model("MiniLM", minilm_directory(), True, 128, default_calibration(), None))
+    if "refllama" in names and REFLLAMA.is_dir():
+        models.append(Model("refllama-16m", REFLLAMA, False, 512, SHARED / "data" / "code-calib.txt", 512))
+    return models
+
+
 def make_kind(model: Model, kind: str, work: Path) -> tuple[Path, Path]:
     """(the input file of `kind`, the file it was made from: the float, dynamic-axes export)."""
     base = work / model.name / "float" / "model.onnx"
@@ -346,11 +356,7 @@ def main() -> None:
     ap.add_argument("--passes", help="comma list of passes the search may use (default all)")
     ap.add_argument("--budget", type=float, default=0.5)
     args = ap.parse_args()
-    models = []
-    if "minilm" in args.models:
-        models.append(Model("MiniLM", minilm_directory(), True, 128, default_calibration(), None))
-    if "refllama" in args.models and REFLLAMA.is_dir():
-        models.append(Model("refllama-16m", REFLLAMA, False, 512, SHARED / "data" / "code-calib.txt", 512))
+    models = base_models(args.models.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

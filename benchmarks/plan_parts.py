@@ -17,11 +17,9 @@ import tempfile
 from pathlib import Path
 
 import tailor
-from benchmarks.cpu_onnx import REFLLAMA, SHARED
-from benchmarks.onnx_inputs import Model, make_kind
+from benchmarks.onnx_inputs import base_models, make_kind
 from tailor.backends import backend_for
 from tailor.backends.runners import OrtModel
-from tailor.cli.default_model import default_calibration, minilm_directory
 from tailor.passes.cost import Workload
 from tailor.passes.registry import PASSES, apply_options, options_from_plan, takes
 from tailor.passes.search import structure_of
@@ -38,10 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
-    if args.model == "minilm":
-        model = Model("MiniLM", minilm_directory(), True, 128, default_calibration(), None)
-    else:
-        model = Model("refllama-16m", REFLLAMA, False, 512, SHARED / "data" / "code-calib.txt", 512)
+    (model,) = base_models([args.model])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         target = work / "target.json"

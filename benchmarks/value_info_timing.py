@@ -14,11 +14,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from benchmarks.cpu_onnx import REFLLAMA, SHARED
-from benchmarks.onnx_inputs import Model, make_kind
+from benchmarks.onnx_inputs import base_models, make_kind
 from tailor.backends import backend_for
 from tailor.backends.runners import OrtModel
-from tailor.cli.default_model import default_calibration, minilm_directory
 from tailor.passes.cost import Workload
 from tailor.rewriter.capture import capture
 from tailor.stages.cost import time_on_workload
@@ -28,8 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
-    models = [Model("MiniLM", minilm_directory(), True, 128, default_calibration(), None),
-              Model("refllama-16m", REFLLAMA, False, 512, SHARED / "data" / "code-calib.txt", 512)]
+    models = base_models(["minilm", "refllama"])
     print("| model | export | value_info in the input / as tailor wrote it | tailor's graph with value_info "
           "/ input | without / input |")
     print("|---|---|---|---|---|")

@@ -140,7 +140,7 @@ class OrtModel(NumpyModel):
         out, length = self._run(None, input_ids)[0], input_ids.shape[1]
         return out if self.input_shape.length in (None, length) else out[:, :length]  # padded
 
-    @property
+    @functools.cached_property
     def has_cache(self) -> bool:
         """Whether the graph takes its KV cache as inputs (past_key_values.N.*) and returns each
         as the present output of the same name, and its length is free (a step of one token)."""
